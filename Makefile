@@ -1,0 +1,26 @@
+# make demo: set up and train the tiny model on the embedded demo (CPU, ~5 min)
+# make test: set up and run the test suite
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test setup system
+
+demo: $(VENV)/.installed
+	$(PYTHON) train.py
+
+test: system $(VENV)/.installed
+	$(PYTHON) -m pytest
+
+setup: system $(VENV)/.installed
+
+# espeak-ng speaks the test corpora (the demo corpus is committed, so `make demo` does not need it).
+system:
+	@command -v espeak-ng >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y espeak-ng; }
+
+# The venv is made once and reused; it is refreshed when requirements.txt changes.
+$(VENV)/.installed: requirements.txt
+	[ -x $(PYTHON) ] || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install -r requirements.txt
+	touch $@

@@ -1,0 +1,121 @@
+"""The LightningModule: an HF Wav2Vec2ForCTC encoder with its CTC head, trained with AdamW."""
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchmetrics.text import CharErrorRate, WordErrorRate
+from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+from asr import SetupError, schedules
+from asr.text import Vocabulary
+
+
+def check_pretrained(pretrained: str | None) -> str | None:
+    """Why `pretrained` cannot load (with the override that fixes it), or None. Fails in seconds offline."""
+    if pretrained is None or Path(pretrained).is_dir():
+        return None
+    if Path(pretrained).exists() or pretrained.startswith((".", "/", "~")):
+        return f"model.pretrained={pretrained} is not a model directory (config.json and weights)."
+    try:  # in the local HF cache?
+        Wav2Vec2Config.from_pretrained(pretrained, local_files_only=True)
+        return None
+    except OSError:
+        pass
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:  # one quick probe of the hub, without transformers' retries
+        get_hf_file_metadata(hf_hub_url(pretrained, "config.json"), timeout=5)
+        return None
+    except Exception as error:
+        return (f"model.pretrained={pretrained} is neither a local directory nor in the HF cache, and the "
+                f"hub cannot be reached ({type(error).__name__}). Download it where you have a network "
+                f"(huggingface-cli download {pretrained} --local-dir <dir>) and pass model.pretrained=<dir>, "
+                f"or model.pretrained=null for random weights.")
+
+
+def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, config: dict, attn_implementation: str) -> Wav2Vec2ForCTC:
+    """`pretrained` (hub id or directory) with `config` overrides, or random weights from `config` alone."""
+    config = dict(config, vocab_size=len(vocab), pad_token_id=vocab.blank_id,
+                  ctc_loss_reduction="mean",  # per-utterance loss / label length, batch mean (HF recipe)
+                  ctc_zero_infinity=True)  # an infeasible alignment gives 0, not inf
+    if pretrained is None:
+        return Wav2Vec2ForCTC._from_config(Wav2Vec2Config(**config), attn_implementation=attn_implementation)
+    try:
+        return Wav2Vec2ForCTC.from_pretrained(pretrained, attn_implementation=attn_implementation,
+                                              ignore_mismatched_sizes=True, **config)
+    except OSError as error:
+        raise SetupError(check_pretrained(pretrained) or str(error)) from error
+
+
+class CTCModel(L.LightningModule):
+    """Fine-tunes a wav2vec2 encoder with CTC; validation decodes greedily and scores WER and CER.
+
+    vocab: tokens, id = index, last is the blank `[PAD]`. pretrained: hub id or directory, None for
+    random weights. config: Wav2Vec2Config fields (architecture, dropouts, LayerDrop, SpecAugment);
+    with `pretrained` they override its config. optim: lr, betas, eps, weight_decay. sched: name and
+    options of a schedule in `asr.schedules`. All are plain values, so checkpoints load with
+    `weights_only=True`.
+    """
+
+    def __init__(self, vocab: list[str], pretrained: str | None = None, config: dict | None = None,
+                 freeze_feature_encoder: bool = True, gradient_checkpointing: bool = False,
+                 attn_implementation: str = "sdpa", optim: dict | None = None, sched: dict | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.vocab = Vocabulary(vocab)
+        self.model = build_wav2vec2(self.vocab, pretrained, config or {}, attn_implementation)
+        if freeze_feature_encoder:  # the convolutional waveform encoder keeps its pretrained weights
+            self.model.freeze_feature_encoder()
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The full architecture, so a checkpoint rebuilds without the pretrained weights it started from.
+        checkpoint["wav2vec2_config"] = self.model.config.to_dict()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        hparams = dict(checkpoint["hyper_parameters"], pretrained=None, config=checkpoint["wav2vec2_config"])
+        model = cls(**hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+        return model
+
+    def frames(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) encoder output frames of each utterance."""
+        return self.model._get_feat_extract_output_lengths(attention_mask.sum(-1))
+
+    def forward(self, batch: dict):
+        """HF output with `.loss` (CTC, float32 log-probs, when batch has labels) and `.logits` (B, T, V)."""
+        return self.model(batch["audio"], attention_mask=batch["attention_mask"], labels=batch.get("labels"))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train/loss", loss, batch_size=len(batch["ids"]), prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch)
+        hypotheses = self.vocab.greedy_decode(out.logits, self.frames(batch["attention_mask"]))
+        self.val_wer.update(hypotheses, batch["texts"])
+        self.val_cer.update(hypotheses, batch["texts"])
+        size = len(batch["ids"])
+        self.log("val/loss", out.loss, batch_size=size, sync_dist=True)
+        self.log("val/wer", self.val_wer, batch_size=size)
+        self.log("val/cer", self.val_cer, batch_size=size, prog_bar=True)
+
+    def configure_optimizers(self):
+        optim = self.hparams.optim or {}
+        params = [p for p in self.parameters() if p.requires_grad]
+        # As the HF Trainer: no weight decay on biases and layer-norm gains (1-D tensors).
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.get("weight_decay", 0.0)},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=optim.get("lr", 3e-4), betas=tuple(optim.get("betas", (0.9, 0.999))),
+                                      eps=optim.get("eps", 1e-8))
+        sched = dict(self.hparams.sched or {"name": "linear", "warmup_steps": 0})
+        scheduler = schedules.build(optimizer, int(self.trainer.estimated_stepping_batches), **sched)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

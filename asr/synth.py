@@ -1,0 +1,181 @@
+"""Synthetic speech corpora in real release layouts, spoken by espeak-ng.
+
+Used to build the embedded demo (`python -m asr.synth demo/cv-pt`) and, in the tests, corpora
+with planted defects. Nothing here is used by training itself.
+"""
+
+import csv
+import hashlib
+import io
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+
+# Common Voice TSV columns of recent releases (REFERENCE.md, "Data layouts").
+CV_COLUMNS = [
+    "client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes",
+    "down_votes", "age", "gender", "accents", "variant", "locale", "segment",
+]
+CV_EXTRA_TSVS = ["validated.tsv", "other.tsv", "invalidated.tsv"]
+
+
+@dataclass
+class Voice:
+    """One synthetic speaker: an espeak-ng voice with a variant, speed (words/min) and pitch (0-99)."""
+
+    name: str
+    speed: int
+    pitch: int
+
+    @property
+    def client_id(self) -> str:
+        # Common Voice client ids are 128-hex-digit hashes; ours are stable per voice.
+        return hashlib.sha512(f"{self.name}/{self.speed}/{self.pitch}".encode()).hexdigest()
+
+    @property
+    def gender(self) -> str:
+        return "female_feminine" if "+f" in self.name else "male_masculine"
+
+
+def require_espeak() -> str:
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        sys.exit("espeak-ng is not installed: run the README's set-up (apt-get install espeak-ng).")
+    return espeak
+
+
+def speak(text: str, voice: Voice, sample_rate: int = 48_000) -> np.ndarray:
+    """(samples,) float32 speech at `sample_rate` (espeak-ng renders 22.05 kHz; we resample)."""
+    wav = subprocess.run(
+        [require_espeak(), "-v", voice.name, "-s", str(voice.speed), "-p", str(voice.pitch), "--stdout", text],
+        check=True, capture_output=True,
+    ).stdout
+    audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    audio = torchaudio.functional.resample(torch.from_numpy(audio), rate, sample_rate).numpy()
+    return 0.9 * audio / max(1e-3, float(np.abs(audio).max()))
+
+
+def write_mp3(path: Path, audio: np.ndarray, sample_rate: int = 48_000) -> None:
+    # Constant low bitrate keeps the committed demo small; speech stays intelligible.
+    sf.write(path, audio, sample_rate, format="MP3", subtype="MPEG_LAYER_III",
+             compression_level=0.95, bitrate_mode="CONSTANT")
+
+
+def write_common_voice(root: Path, splits: dict[str, list[tuple[str, Voice]]], locale: str,
+                       audio_for=None) -> None:
+    """Write a Common Voice release directory: clips/*.mp3, one TSV per split, clip_durations.tsv.
+
+    `splits` maps a split name (train, dev, test) to (sentence, voice) pairs. `audio_for(i, sentence,
+    voice)` may return the audio of clip i (default: speak it), so tests can plant tones or silence.
+    """
+    root = Path(root)
+    (root / "clips").mkdir(parents=True, exist_ok=True)
+    durations, index = [], 0
+    all_rows = []
+    for split, items in splits.items():
+        rows = []
+        for sentence, voice in items:
+            clip = f"common_voice_{locale}_{40_000_000 + index}.mp3"
+            audio = audio_for(index, sentence, voice) if audio_for else speak(sentence, voice)
+            write_mp3(root / "clips" / clip, audio)
+            durations.append((clip, round(1000 * len(audio) / 48_000)))
+            sentence_id = hashlib.sha256(sentence.encode()).hexdigest()
+            rows.append([voice.client_id, clip, sentence_id, sentence, "", "2", "0", "", voice.gender,
+                         "", "", locale, ""])
+            index += 1
+        write_tsv(root / f"{split}.tsv", CV_COLUMNS, rows)
+        all_rows += rows
+    write_tsv(root / "validated.tsv", CV_COLUMNS, all_rows)
+    for name in ("other.tsv", "invalidated.tsv"):
+        write_tsv(root / name, CV_COLUMNS, [])
+    write_tsv(root / "clip_durations.tsv", ["clip", "duration[ms]"], durations)
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
+    # Common Voice TSVs are unquoted: quote characters are part of the sentences.
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar=None, quotechar=None,
+                            lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo: short Portuguese sentences from a small grammar, so dev and test sentences are new
+# combinations of words the model heard in training.
+
+SUBJECTS = [
+    "o gato", "a menina", "o meu irmão", "a professora", "o vizinho", "a minha avó", "o cão",
+    "o pescador", "a cantora", "o médico", "a família", "o padeiro", "a criança", "o velho marinheiro",
+]
+VERBS = [
+    "come", "vê", "procura", "compra", "leva", "encontra", "pinta", "guarda", "traz", "vende",
+    "lava", "prepara",
+]
+OBJECTS = [
+    "o pão", "uma laranja", "o livro azul", "a bicicleta", "um peixe grande", "as flores",
+    "o chapéu velho", "a caixa de madeira", "um bolo de chocolate", "a carta", "o barco",
+    "as batatas", "um copo de leite", "a chave da porta",
+]
+PLACES = [
+    "na cozinha", "no mercado", "na praia", "no jardim", "na escola", "perto do rio",
+    "na estação", "no quarto", "na aldeia", "debaixo da árvore",
+]
+TIMES = [
+    "hoje", "de manhã", "à noite", "todos os dias", "no domingo", "depois do almoço", "ontem",
+    "às vezes",
+]
+
+# espeak-ng voice variants stand in for speakers; dev and test have speakers of their own, as in
+# Common Voice, but the same two accents (European and Brazilian Portuguese).
+TRAIN_VOICES = [
+    Voice("pt+m1", 150, 45), Voice("pt+f2", 165, 60), Voice("pt-br+m3", 160, 40),
+    Voice("pt-br+f4", 145, 65), Voice("pt+m4", 175, 50), Voice("pt-br+f1", 170, 55),
+    Voice("pt+f5", 155, 70), Voice("pt-br+m2", 150, 35),
+]
+DEV_VOICES = [Voice("pt+m2", 160, 48), Voice("pt-br+f2", 158, 62)]
+TEST_VOICES = [Voice("pt+f3", 162, 58), Voice("pt-br+m4", 155, 42)]
+
+
+def demo_sentences(n: int, rng: random.Random) -> list[str]:
+    sentences: set[str] = set()
+    while len(sentences) < n:
+        words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
+        if rng.random() < 0.7:
+            words.append(rng.choice(PLACES))
+        if rng.random() < 0.4:
+            words.insert(0, rng.choice(TIMES).capitalize() + ",")
+        else:
+            words[0] = words[0].capitalize()
+        sentences.add(" ".join(words) + rng.choice([".", ".", "!", "?"]))
+    return sorted(sentences)
+
+
+def make_demo(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    sentences = demo_sentences(n_train + n_dev + n_test, rng)
+    rng.shuffle(sentences)
+    train, dev, test = (sentences[:n_train], sentences[n_train:n_train + n_dev],
+                        sentences[n_train + n_dev:])
+    splits = {
+        "train": [(s, TRAIN_VOICES[i % len(TRAIN_VOICES)]) for i, s in enumerate(train)],
+        "dev": [(s, DEV_VOICES[i % len(DEV_VOICES)]) for i, s in enumerate(dev)],
+        "test": [(s, TEST_VOICES[i % len(TEST_VOICES)]) for i, s in enumerate(test)],
+    }
+    write_common_voice(root, splits, locale="pt")
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "demo/cv-pt")
+    if out.exists():
+        shutil.rmtree(out)
+    make_demo(out)
+    print(f"wrote {out}")

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real Hydra config, composed and shrunk, and a small espeak-ng corpus in the
+Common Voice release layout."""
+
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import asr
+from asr import synth
+
+CONF = str(asr.REPO_DIR / "conf")
+
+
+def compose_config(name: str = "train", overrides: list[str] = ()):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def cv_corpus(tmp_path_factory) -> Path:
+    """12 train, 4 dev, 4 test utterances of espeak Portuguese in the Common Voice layout."""
+    root = tmp_path_factory.mktemp("cv") / "pt"
+    sentences = synth.demo_sentences(20, random.Random(1))
+    voices = synth.TRAIN_VOICES[:2]
+    splits = {
+        "train": [(s, voices[i % 2]) for i, s in enumerate(sentences[:12])],
+        "dev": [(s, synth.DEV_VOICES[0]) for s in sentences[12:16]],
+        "test": [(s, synth.TEST_VOICES[0]) for s in sentences[16:]],
+    }
+    synth.write_common_voice(root, splits, locale="pt")
+    return root

@@ -1,0 +1,130 @@
+import csv
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from asr import SetupError, audio, corpora, data
+from asr.batching import DurationBatchSampler
+from asr.corpora import Utterance
+from asr.text import Vocabulary
+
+
+def test_collate_pads_audio_and_labels_with_masks():
+    items = [{"id": f"u{n}", "audio": np.ones(n, dtype=np.float32), "text": "ab"[: k], "labels": [1] * k}
+             for n, k in ((16000, 2), (8000, 1))]
+    batch = data.collate(items)
+    assert batch["audio"].shape == (2, 16000) and batch["attention_mask"].shape == (2, 16000)
+    assert batch["attention_mask"].sum(1).tolist() == [16000, 8000]
+    assert batch["audio"][1, 8000:].abs().sum() == 0
+    assert batch["labels"].tolist() == [[1, 1], [1, -100]]
+    assert batch["audio_seconds"] == 1.5 and batch["padded_seconds"] == 2.0
+
+
+def test_encoder_frames_match_the_hf_feature_encoder():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+    model = Wav2Vec2ForCTC(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32, conv_dim=[8] * 7))
+    for samples in (400, 401, 16000, 48_123):
+        expected = model._get_feat_extract_output_lengths(torch.tensor(samples)).item()
+        assert audio.encoder_frames(samples) == expected
+    assert audio.encoder_frames(16000) == 49  # about 50 frames per second
+
+
+def test_ctc_feasibility_counts_blanks_between_repeats():
+    frames = audio.encoder_frames(16000)  # 49
+    assert data.ctc_feasible([1] * 25, 1.0)  # 25 labels + 24 blanks = 49
+    assert not data.ctc_feasible([1] * 26, 1.0)
+    assert data.ctc_feasible(list(range(frames)), 1.0)
+
+
+def test_audio_is_decoded_resampled_and_normalised(tmp_path):
+    t = np.arange(48000) / 48000
+    sf.write(tmp_path / "a.mp3", 0.3 * np.sin(2 * np.pi * 440 * t).astype(np.float32), 48000)
+    x = audio.load(tmp_path / "a.mp3")
+    assert abs(len(x) - 16000) < 1200  # MP3 adds encoder padding
+    y = audio.normalize(x)
+    assert abs(y.mean()) < 1e-4 and abs(y.std() - 1) < 1e-3
+
+
+def test_common_voice_reader_keeps_quotes_and_reads_old_columns(tmp_path):
+    (tmp_path / "clips").mkdir()
+    header = ["client_id", "path", "sentence", "up_votes", "down_votes", "age", "gender", "accent"]  # old release
+    with open(tmp_path / "train.tsv", "w") as f:
+        f.write("\t".join(header) + "\n")
+        f.write('spk1\ta.mp3\tEle disse "olá\tsim"\t2\t0\t\t\t\n'.replace('\tsim"', ' sim"'))
+    utts = corpora.read_common_voice(tmp_path, "train", "pt")
+    assert utts[0].text == 'Ele disse "olá sim"' and utts[0].speaker == "spk1" and utts[0].duration is None
+
+
+def test_common_voice_reader_names_what_is_missing(tmp_path):
+    with pytest.raises(SetupError, match="dev.tsv does not exist"):
+        corpora.read_common_voice(tmp_path, "dev", "pt")
+    (tmp_path / "dev.tsv").write_text("client_id\tfile\tsentence\n")
+    with pytest.raises(SetupError, match=r"lacks the column\(s\) \['path'\]"):
+        corpora.read_common_voice(tmp_path, "dev", "pt")
+
+
+def test_check_split_drops_and_counts(tmp_path):
+    def clip(name, seconds):
+        sf.write(tmp_path / name, np.zeros(int(16000 * seconds), dtype=np.float32), 16000)
+        return str(tmp_path / name)
+    (tmp_path / "corrupt.mp3").write_bytes(b"not audio at all" * 10)
+    utts = [
+        Utterance("ok", clip("ok.wav", 2.0), "Um texto bom.", None, "s", "pt"),
+        Utterance("missing", str(tmp_path / "nope.mp3"), "texto", None, "s", "pt"),
+        Utterance("corrupt", str(tmp_path / "corrupt.mp3"), "texto", None, "s", "pt"),
+        Utterance("long", clip("long.wav", 21.0), "texto", None, "s", "pt"),
+        Utterance("punct", clip("p.wav", 1.0), "?!… —", None, "s", "pt"),
+        Utterance("dense", clip("d.wav", 0.5), "um texto longo demais para meio segundo", None, "s", "pt"),
+    ]
+    vocab = Vocabulary.from_transcripts(["um texto bom longo demais para meio segundo"])
+    kept, report = data.check_split(utts, vocab, min_seconds=0.0, max_seconds=20.0, training=True)
+    assert [u.id for u in kept] == ["ok"] and kept[0].duration == pytest.approx(2.0)
+    assert report["dropped"] == {"missing_file": 1, "unreadable_audio": 1, "too_long": 1,
+                                 "empty_transcript": 1, "transcript_longer_than_frames": 1}
+    # dev/test keep infeasible transcripts (they are scored) and count unseen characters
+    kept, report = data.check_split(utts[4:] + [Utterance("x", utts[0].path, "xyz", None, "s", "pt")],
+                                    vocab, 0.0, 20.0, training=False)
+    assert [u.id for u in kept] == ["dense", "x"] and report["unk_characters"] == 3
+
+
+DURATIONS = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 500).clip(1, 10)
+
+
+def test_sampler_covers_each_clip_once_within_budget():
+    sampler = DurationBatchSampler(DURATIONS, max_batch_seconds=60, seed=1)
+    batches = list(sampler)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(DURATIONS)))
+    for b in batches:
+        assert DURATIONS[b].max() * len(b) <= 60
+    padded = sum(DURATIONS[b].max() * len(b) for b in batches)
+    assert 1 - DURATIONS.sum() / padded < 0.05  # sorting by duration keeps padding small
+
+
+def test_sampler_order_changes_per_epoch_and_repeats_per_seed():
+    a, b = DurationBatchSampler(DURATIONS, 60, seed=3), DurationBatchSampler(DURATIONS, 60, seed=3)
+    epoch0, epoch1 = list(a), list(a)  # the sampler advances its own epoch
+    assert epoch0 != epoch1
+    assert list(b) == epoch0 and list(b) == epoch1
+
+
+def test_sampler_caps_clip_count():
+    assert max(len(b) for b in DurationBatchSampler(DURATIONS, 1000, max_batch_size=8)) == 8
+
+
+def test_sampler_ranks_get_disjoint_batches_and_equal_counts():
+    ranks = [DurationBatchSampler(DURATIONS, 50, seed=0, num_replicas=3, rank=r) for r in range(3)]
+    seen = [list(s) for s in ranks]
+    assert len({len(s) for s in seen}) == 1 and len(seen[0]) == len(ranks[0])
+    indices = [i for s in seen for b in s for i in b]
+    assert len(indices) == len(set(indices))
+    total = len(ranks[0].batches(0))
+    assert len(seen[0]) == total // 3  # the remainder batches sit out this epoch
+
+
+def test_sampler_rejects_a_clip_over_budget():
+    with pytest.raises(ValueError, match="max_batch_seconds"):
+        DurationBatchSampler([5.0, 30.0], max_batch_seconds=20)

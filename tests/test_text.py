@@ -1,0 +1,54 @@
+import random
+
+import torch
+from transformers import Wav2Vec2CTCTokenizer
+
+from asr import text
+from asr.text import PAD, UNK, Vocabulary
+
+
+def test_normalize_removes_the_robust_speech_event_set_and_lowercases():
+    raw = '“Olá,  Mundo!” — disse-me ela; 100% ‘certo’… ok? a–b: "x"'
+    assert text.normalize(raw) == "olá mundo disseme ela 100 certo ok ab x"
+
+
+def test_normalize_keeps_other_characters():
+    assert text.normalize("Ծաղիկ   ՄԵԾ ' é\tç") == "ծաղիկ մեծ ' é ç"
+
+
+def test_vocabulary_follows_hf_conventions():
+    vocab = Vocabulary.from_transcripts(["ab a", "ca"])
+    # sorted characters, space renamed `|` in its place, then [UNK], [PAD] (the blank) last
+    assert vocab.tokens == ["|", "a", "b", "c", UNK, PAD]
+    assert vocab.blank_id == 5 and vocab.unk_id == 4
+    assert vocab.encode("ab z") == [1, 2, 0, 4]
+
+
+def test_vocabulary_round_trips_through_vocab_json(tmp_path):
+    vocab = Vocabulary.from_transcripts(["olá mundo", "ծաղիկ"])
+    vocab.save(tmp_path / "vocab.json")
+    assert Vocabulary.load(tmp_path / "vocab.json").tokens == vocab.tokens
+
+
+def test_greedy_decode_matches_the_hf_tokenizer(tmp_path):
+    vocab = Vocabulary.from_transcripts(["o gato come pão", "a menina vê"])
+    vocab.save(tmp_path / "vocab.json")
+    tokenizer = Wav2Vec2CTCTokenizer(str(tmp_path / "vocab.json"), unk_token=UNK, pad_token=PAD,
+                                     word_delimiter_token="|")
+    rng = random.Random(0)
+    for _ in range(50):
+        # realistic paths: runs of repeated ids and blanks, never [UNK]
+        ids = []
+        for _ in range(rng.randint(1, 30)):
+            ids += [rng.choice([vocab.blank_id, rng.randrange(len(vocab) - 2)])] * rng.randint(1, 3)
+        logits = torch.nn.functional.one_hot(torch.tensor(ids), len(vocab)).float()[None]
+        ours = vocab.greedy_decode(logits, torch.tensor([len(ids)]))[0]
+        assert ours == tokenizer.decode(ids).strip()
+
+
+def test_greedy_decode_collapses_repeats_but_not_across_blanks():
+    vocab = Vocabulary.from_transcripts(["ab"])
+    a, b, blank = vocab.ids["a"], vocab.ids["b"], vocab.blank_id
+    ids = [a, a, blank, a, b, b, blank, blank, 0, b, blank]
+    logits = torch.nn.functional.one_hot(torch.tensor([ids, ids]), len(vocab)).float()
+    assert vocab.greedy_decode(logits, torch.tensor([len(ids), 4])) == ["aab b", "aa"]

@@ -1,0 +1,103 @@
+"""End to end through the real command lines: train on a generated Common Voice corpus, export,
+evaluate; and a model that learns."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+
+import asr
+from asr import data as asr_data
+from asr.model import CTCModel
+from asr.text import Vocabulary
+from tests.conftest import compose_config
+from hydra.utils import instantiate
+
+
+def run(script, *overrides, env=None):
+    result = subprocess.run([sys.executable, script, *overrides], cwd=asr.REPO_DIR, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, **(env or {})))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_export_evaluate(cv_corpus, tmp_path):
+    run_dir = tmp_path / "train"
+    run("train.py", f"data.root={cv_corpus}", "trainer.max_steps=6", "trainer.val_check_interval=3",
+        "data.max_batch_seconds=20", "data.num_workers=1", "logger=wandb", f"hydra.run.dir={run_dir}",
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+
+    for name in ("config.yaml", "vocab.json", "data_report.json", "checkpoints/last.ckpt", "results.md",
+                 "model/config.json", "model/model.safetensors", "model/vocab.json",
+                 "model/preprocessor_config.json", "model/tokenizer_config.json"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+
+    results = json.loads((run_dir / "results.json").read_text())
+    for key in ("val_loss", "val_wer", "val_cer", "step", "train_audio_seconds", "train_seconds", "padding_fraction"):
+        assert key in results, key
+    assert len(results["evaluations"]) == 2 and results["evaluations"][-1]["step"] == 6
+    assert 0 <= results["padding_fraction"] < 0.5 and results["train_audio_seconds"] > 0
+    table = (run_dir / "results.md").read_text().splitlines()
+    assert table[0] == "| Training Loss | Epoch | Step | Validation Loss | Wer    | Cer    |"
+    assert len(table) == 4
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["train"]["kept"] == 12 and report["dev"]["kept"] == 4
+
+    # The exported HF directory loads with plain transformers and gives the checkpoint's logits.
+    best = CTCModel.from_checkpoint(results["best_checkpoint"]).eval()
+    hf_model = Wav2Vec2ForCTC.from_pretrained(run_dir / "model").eval()
+    processor = Wav2Vec2Processor.from_pretrained(run_dir / "model")
+    assert processor.tokenizer.get_vocab() == best.vocab.ids
+    wave = asr_data.audio.load(next((cv_corpus / "clips").glob("*.mp3")))
+    inputs = processor(wave, sampling_rate=16000, return_tensors="pt")
+    batch = asr_data.collate([{"id": "x", "audio": asr_data.audio.normalize(wave), "text": "", "labels": []}])
+    with torch.no_grad():
+        ours = best(batch).logits
+        theirs = hf_model(inputs.input_values, attention_mask=inputs.attention_mask).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+    # Checkpoints hold plain containers: they load with weights_only=True.
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["vocab"] == best.vocab.tokens
+
+    eval_dir = tmp_path / "eval"
+    run("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"data.root={cv_corpus}",
+        "split=test", f"hydra.run.dir={eval_dir}")
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    predictions = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["n_utterances"] == len(predictions) == 4
+    assert {p["id"] for p in predictions} == {
+        line.split("\t")[1] for line in (cv_corpus / "test.tsv").read_text().splitlines()[1:]}
+    assert all(p["reference"] == p["reference"].lower() and "." not in p["reference"] for p in predictions)
+    assert 0 <= metrics["cer"] and metrics["audio_seconds"] > 0
+
+
+def test_default_logger_writes_csv_with_learning_rate(cv_corpus, tmp_path):
+    run("train.py", f"data.root={cv_corpus}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1", "data.max_batch_seconds=20", "data.num_workers=0", f"hydra.run.dir={tmp_path}")
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "lr-AdamW" in header and "train/loss" in header and "val/cer" in header
+
+
+def test_tiny_model_learns_a_batch(cv_corpus):
+    """CTC training works: a few dozen updates on one batch cut its loss to a fraction."""
+    torch.manual_seed(0)
+    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0"])
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    model = instantiate(cfg.model, vocab=dm.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all")
+    batch = asr_data.collate([asr_data.UtteranceDataset(dm.load("train"), dm.vocab)[i] for i in range(4)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = model(batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert isinstance(dm.vocab, Vocabulary)

@@ -1,0 +1,67 @@
+"""Fine-tune a wav2vec2 / XLS-R encoder with CTC.
+
+    python train.py                                        # tiny model on the embedded demo
+    python train.py lang=hy model=xlsr_1b sched=tristage data.root=<cv-corpus/hy-AM>
+
+Writes into the run directory: config.yaml, vocab.json, data_report.json, checkpoints/ (last and
+best by dev CER), model/ (the best model, HF format), results.md and results.json.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from asr import SetupError
+from asr.export import export
+from asr.model import CTCModel, check_pretrained
+from asr.report import RunReport
+
+
+def train(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+
+    data = instantiate(cfg.data)
+    problems = [p for p in (data.check(), check_pretrained(cfg.model.pretrained)) if p]
+    if problems:
+        raise SetupError("\n".join(problems))
+    data.setup("fit")
+    data.vocab.save(run_dir / "vocab.json")
+    data.write_report(run_dir / "data_report.json")
+
+    model = instantiate(cfg.model, vocab=data.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all")
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}",
+                                  auto_insert_metric_name=False, monitor="val/cer", mode="min", save_last=True)
+    report = RunReport(run_dir)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    callbacks = [checkpoints, report] + ([LearningRateMonitor("step")] if logger else [])
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer.fit(model, datamodule=data)
+
+    if not trainer.is_global_zero:
+        return {}
+    best = checkpoints.best_model_path or checkpoints.last_model_path
+    export(CTCModel.from_checkpoint(best), run_dir / "model")
+    return report.write_results(best_checkpoint=best)
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        results = train(cfg)
+    except SetupError as error:
+        sys.exit(f"error: {error}")
+    if results:
+        print(f"dev WER {results.get('val_wer', float('nan')):.4f}  CER {results.get('val_cer', float('nan')):.4f}"
+              f"  after {results['train_seconds']:.0f} s -> {cfg.run_dir}")
+
+
+if __name__ == "__main__":
+    main()
