@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from tqdm import tqdm
 
-from asr import SetupError
+from asr import SetupError, quote_numeric_choices
 from asr.model import CTCModel
 
 
@@ -66,4 +66,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_numeric_choices(sys.argv)
     main()

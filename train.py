@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from asr import SetupError
+from asr import SetupError, quote_numeric_choices
 from asr.export import export
 from asr.model import CTCModel, check_pretrained
 from asr.report import RunReport
@@ -64,4 +64,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_numeric_choices(sys.argv)
     main()

@@ -12,3 +12,15 @@ OmegaConf.register_new_resolver("repo", lambda: str(REPO_DIR), replace=True)
 
 class SetupError(Exception):
     """A problem the user fixes with an override or a file; reported without a traceback."""
+
+
+def quote_numeric_choices(argv: list[str], groups=("precision",)) -> list[str]:
+    """`precision=32` -> `precision='32'`: Hydra parses 32 as an int and rejects it as a group choice
+    (hydra#1401 territory); users type the option names as the docs show them. Sweeps too: 32,bf16."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key.lstrip("+~") in groups:
+            value = ",".join(f"'{v}'" if v.isdigit() else v for v in value.split(","))
+        out.append(f"{key}{eq}{value}")
+    return out

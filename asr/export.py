@@ -16,7 +16,8 @@ def processor(vocab_json: str | Path) -> Wav2Vec2Processor:
         return_attention_mask=True,  # XLS-R (layer-norm feature encoder) is trained with masks
     )
     tokenizer = Wav2Vec2CTCTokenizer(str(vocab_json), unk_token=text.UNK, pad_token=text.PAD,
-                                     word_delimiter_token=text.WORD_DELIMITER)
+                                     word_delimiter_token=text.WORD_DELIMITER,
+                                     bos_token=None, eos_token=None)  # CTC labels have no sentence marks
     return Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
 
@@ -26,5 +27,7 @@ def export(model: CTCModel, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.model.save_pretrained(out_dir)
     model.vocab.save(out_dir / "vocab.json")
-    processor(out_dir / "vocab.json").save_pretrained(out_dir)
+    both = processor(out_dir / "vocab.json")
+    both.save_pretrained(out_dir)  # processor_config.json, tokenizer files (transformers 5)
+    both.feature_extractor.save_pretrained(out_dir)  # preprocessor_config.json, as older releases expect
     return out_dir

@@ -29,8 +29,10 @@ def tristage_factor(step: int, total_steps: int, ratios=(0.1, 0.4, 0.5), init_lr
 
 def build(optimizer: Optimizer, total_steps: int, name: str, **options) -> LambdaLR:
     """The schedule `name` over `total_steps` optimizer updates; options come from conf/sched/<name>.yaml."""
-    if name == "linear":
-        return get_linear_schedule_with_warmup(optimizer, options["warmup_steps"], total_steps)
+    if name == "linear":  # warmup_steps, when set, wins over warmup_ratio (as in HF TrainingArguments)
+        warmup = options.get("warmup_steps")
+        warmup = int(options.get("warmup_ratio", 0.0) * total_steps) if warmup is None else warmup
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
     if name == "tristage":
         return LambdaLR(optimizer, partial(tristage_factor, total_steps=total_steps, **options))
     raise ValueError(f"sched={name} is unknown; expected linear or tristage")

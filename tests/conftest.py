@@ -15,7 +15,7 @@ CONF = str(asr.REPO_DIR / "conf")
 
 def compose_config(name: str = "train", overrides: list[str] = ()):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(name, overrides=list(overrides))
+        return compose(name, overrides=asr.quote_numeric_choices(list(overrides)))
 
 
 @pytest.fixture(scope="session")

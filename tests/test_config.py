@@ -79,7 +79,9 @@ def test_trainer_options(sched, precision, logger, tmp_path, monkeypatch):
     assert (built_logger is False) == (logger == "none")
     trainer = instantiate(cfg.trainer, logger=built_logger)
     expected = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}[precision]
-    assert trainer.precision == expected
+    assert cfg.trainer.precision == expected
+    # Lightning runs fp16 AMP as bf16 on CPU (it says so in a warning); on GPU it is fp16.
+    assert trainer.precision == ("bf16-mixed" if expected == "16-mixed" else expected)
     if built_logger and logger == "wandb":
         built_logger.experiment.finish()
 
@@ -112,3 +114,14 @@ def test_offline_without_weights_or_data_fails_fast_with_a_message(tmp_path):
     assert "Traceback" not in result.stderr
     assert "data.root=" in result.stderr and "model.pretrained=" in result.stderr
     assert time.perf_counter() - started < 60
+
+
+def test_numeric_precision_choices_are_quoted_for_hydra():
+    argv = ["train.py", "precision=32", "++precision=16,bf16", "trainer.devices=2"]
+    assert asr.quote_numeric_choices(argv) == ["train.py", "precision='32'", "++precision='16',bf16", "trainer.devices=2"]
+
+
+@pytest.mark.parametrize("lang", GROUPS["lang"])
+def test_evaluate_config_composes(lang):
+    cfg = compose_config("evaluate", overrides=[f"lang={lang}", "ckpt_path=x.ckpt"])
+    assert instantiate(cfg.data).hparams.lang == lang and cfg.split == "test"

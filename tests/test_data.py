@@ -85,7 +85,7 @@ def test_check_split_drops_and_counts(tmp_path):
     assert report["dropped"] == {"missing_file": 1, "unreadable_audio": 1, "too_long": 1,
                                  "empty_transcript": 1, "transcript_longer_than_frames": 1}
     # dev/test keep infeasible transcripts (they are scored) and count unseen characters
-    kept, report = data.check_split(utts[4:] + [Utterance("x", utts[0].path, "xyz", None, "s", "pt")],
+    kept, report = data.check_split(utts[4:] + [Utterance("x", utts[0].path, "qwy", None, "s", "pt")],
                                     vocab, 0.0, 20.0, training=False)
     assert [u.id for u in kept] == ["dense", "x"] and report["unk_characters"] == 3
 

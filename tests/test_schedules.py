@@ -39,3 +39,8 @@ def test_tristage_follows_fairseq():
 def test_unknown_schedule_is_named():
     with pytest.raises(ValueError, match="sched=cosine"):
         lrs("cosine", 10)
+
+
+def test_linear_warmup_ratio_when_no_warmup_steps():
+    lr = lrs("linear", 200, warmup_steps=None, warmup_ratio=0.1)
+    assert lr[10] == pytest.approx(0.5) and lr[20] == pytest.approx(1.0) and lr[200] == 0

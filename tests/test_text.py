@@ -43,12 +43,14 @@ def test_greedy_decode_matches_the_hf_tokenizer(tmp_path):
             ids += [rng.choice([vocab.blank_id, rng.randrange(len(vocab) - 2)])] * rng.randint(1, 3)
         logits = torch.nn.functional.one_hot(torch.tensor(ids), len(vocab)).float()[None]
         ours = vocab.greedy_decode(logits, torch.tensor([len(ids)]))[0]
-        assert ours == tokenizer.decode(ids).strip()
+        # HF keeps a double space where two delimiters sit either side of a blank; we collapse it,
+        # as in the normalised references, so a stray space is not a character error.
+        assert ours == " ".join(tokenizer.decode(ids).split())
 
 
 def test_greedy_decode_collapses_repeats_but_not_across_blanks():
     vocab = Vocabulary.from_transcripts(["ab"])
     a, b, blank = vocab.ids["a"], vocab.ids["b"], vocab.blank_id
-    ids = [a, a, blank, a, b, b, blank, blank, 0, b, blank]
+    ids = [a, a, blank, a, b, b, blank, blank, vocab.ids["|"], b, blank]
     logits = torch.nn.functional.one_hot(torch.tensor([ids, ids]), len(vocab)).float()
     assert vocab.greedy_decode(logits, torch.tensor([len(ids), 4])) == ["aab b", "aa"]

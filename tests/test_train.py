@@ -32,7 +32,7 @@ def test_train_export_evaluate(cv_corpus, tmp_path):
 
     for name in ("config.yaml", "vocab.json", "data_report.json", "checkpoints/last.ckpt", "results.md",
                  "model/config.json", "model/model.safetensors", "model/vocab.json",
-                 "model/preprocessor_config.json", "model/tokenizer_config.json"):
+                 "model/preprocessor_config.json", "model/processor_config.json", "model/tokenizer_config.json"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
 
@@ -80,11 +80,11 @@ def test_default_logger_writes_csv_with_learning_rate(cv_corpus, tmp_path):
     run("train.py", f"data.root={cv_corpus}", "trainer.max_steps=2", "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1", "data.max_batch_seconds=20", "data.num_workers=0", f"hydra.run.dir={tmp_path}")
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert "lr-AdamW" in header and "train/loss" in header and "val/cer" in header
+    assert any(h.startswith("lr-AdamW") for h in header) and "train/loss" in header and "val/cer" in header
 
 
 def test_tiny_model_learns_a_batch(cv_corpus):
-    """CTC training works: a few dozen updates on one batch cut its loss to a fraction."""
+    """Gradients reach the whole model: 60 updates on one batch cut its CTC loss by more than half."""
     torch.manual_seed(0)
     cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0"])
     dm = instantiate(cfg.data)
