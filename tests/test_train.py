@@ -101,3 +101,12 @@ def test_tiny_model_learns_a_batch(cv_corpus):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert isinstance(dm.vocab, Vocabulary)
+
+
+def test_multirun_sweep_writes_one_run_per_job(cv_corpus, tmp_path):
+    run("train.py", "-m", "sched=linear,tristage", "precision=32", f"data.root={cv_corpus}", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "data.max_batch_seconds=20", "data.num_workers=0", "logger=none",
+        f"hydra.sweep.dir={tmp_path}")
+    runs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
+    assert len(runs) == 2
+    assert {(r / "config.yaml").read_text().split("sched:\n  name: ")[1].split()[0] for r in runs} == {"linear", "tristage"}
