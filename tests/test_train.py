@@ -110,3 +110,14 @@ def test_multirun_sweep_writes_one_run_per_job(cv_corpus, tmp_path):
     runs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
     assert len(runs) == 2
     assert {(r / "config.yaml").read_text().split("sched:\n  name: ")[1].split()[0] for r in runs} == {"linear", "tristage"}
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """Real DDP (gloo): both ranks train on disjoint batches; the report sums their audio."""
+    run("train.py", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=4",
+        "trainer.val_check_interval=2", "data.num_workers=0", "logger=none", f"hydra.run.dir={tmp_path}")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [row["step"] for row in results["evaluations"]] == [2, 4]
+    # 4 updates x 2 ranks of at most 30 s each: more than one rank alone could have seen (4 x 30 s)
+    assert 4 * 30 < results["train_audio_seconds"] <= 2 * 4 * 30
+    assert (tmp_path / "model" / "model.safetensors").is_file()
