@@ -30,18 +30,21 @@ def check_pretrained(pretrained: str | None) -> str | None:
     except Exception as error:
         return (f"model.pretrained={pretrained} is neither a local directory nor in the HF cache, and the "
                 f"hub cannot be reached ({type(error).__name__}). Download it where you have a network "
-                f"(huggingface-cli download {pretrained} --local-dir <dir>) and pass model.pretrained=<dir>, "
+                f"(hf download {pretrained} --local-dir <dir>) and pass model.pretrained=<dir>, "
                 f"or model.pretrained=null for random weights.")
 
 
-def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, config: dict, attn_implementation: str) -> Wav2Vec2ForCTC:
-    """`pretrained` (hub id or directory) with `config` overrides, or random weights from `config` alone."""
+def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config: dict,
+                   attn_implementation: str) -> Wav2Vec2ForCTC:
+    """`pretrained` (hub id or directory; its config.json fixes the architecture), or random weights
+    shaped by `arch`; `config` (dropouts, LayerDrop, SpecAugment) overrides either."""
     config = dict(config, vocab_size=len(vocab), pad_token_id=vocab.blank_id,
                   ctc_loss_reduction="mean",  # per-utterance loss / label length, batch mean (HF recipe)
                   ctc_zero_infinity=True)  # an infeasible alignment gives 0, not inf
     if pretrained is None:
-        return Wav2Vec2ForCTC._from_config(Wav2Vec2Config(**config), attn_implementation=attn_implementation)
-    try:
+        return Wav2Vec2ForCTC._from_config(Wav2Vec2Config(**{**arch, **config}),
+                                           attn_implementation=attn_implementation)
+    try:  # a CTC head of another vocabulary is replaced (mismatched sizes); nothing else may mismatch
         return Wav2Vec2ForCTC.from_pretrained(pretrained, attn_implementation=attn_implementation,
                                               ignore_mismatched_sizes=True, **config)
     except OSError as error:
@@ -52,19 +55,21 @@ class CTCModel(L.LightningModule):
     """Fine-tunes a wav2vec2 encoder with CTC; validation decodes greedily and scores WER and CER.
 
     vocab: tokens, id = index, last is the blank `[PAD]`. pretrained: hub id or directory, None for
-    random weights. config: Wav2Vec2Config fields (architecture, dropouts, LayerDrop, SpecAugment);
-    with `pretrained` they override its config. optim: lr, betas, eps, weight_decay. sched: name and
+    random weights. arch: Wav2Vec2Config architecture fields, used only for random weights (a
+    pretrained model keeps its own). config: Wav2Vec2Config fields applied in both cases (dropouts,
+    LayerDrop, SpecAugment). optim: lr, betas, eps, weight_decay. sched: name and
     options of a schedule in `asr.schedules`. All are plain values, so checkpoints load with
     `weights_only=True`.
     """
 
-    def __init__(self, vocab: list[str], pretrained: str | None = None, config: dict | None = None,
+    def __init__(self, vocab: list[str], pretrained: str | None = None, arch: dict | None = None,
+                 config: dict | None = None,
                  freeze_feature_encoder: bool = True, gradient_checkpointing: bool = False,
                  attn_implementation: str = "sdpa", optim: dict | None = None, sched: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.vocab = Vocabulary(vocab)
-        self.model = build_wav2vec2(self.vocab, pretrained, config or {}, attn_implementation)
+        self.model = build_wav2vec2(self.vocab, pretrained, arch or {}, config or {}, attn_implementation)
         if freeze_feature_encoder:  # the convolutional waveform encoder keeps its pretrained weights
             self.model.freeze_feature_encoder()
         if gradient_checkpointing:
@@ -78,7 +83,7 @@ class CTCModel(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        hparams = dict(checkpoint["hyper_parameters"], pretrained=None, config=checkpoint["wav2vec2_config"])
+        hparams = dict(checkpoint["hyper_parameters"], pretrained=None, arch=checkpoint["wav2vec2_config"])
         model = cls(**hparams)
         model.load_state_dict(checkpoint["state_dict"])
         return model

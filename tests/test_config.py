@@ -89,7 +89,7 @@ def test_trainer_options(sched, precision, logger, tmp_path, monkeypatch):
 def test_paper_command_composes():
     cfg = compose_config(overrides=["lang=hy", "model=xlsr_1b", "sched=tristage"])
     assert cfg.model.pretrained == "facebook/wav2vec2-xls-r-1b"
-    assert cfg.model.config.num_hidden_layers == 48 and cfg.model.config.hidden_size == 1280
+    assert cfg.model.arch.num_hidden_layers == 48 and cfg.model.arch.hidden_size == 1280
     assert cfg.model.config.mask_time_prob == 0.05  # inherited from xlsr_300m
     assert cfg.sched.ratios == [0.1, 0.4, 0.5] and cfg.data.language == "hy"
 
@@ -125,3 +125,10 @@ def test_numeric_precision_choices_are_quoted_for_hydra():
 def test_evaluate_config_composes(lang):
     cfg = compose_config("evaluate", overrides=[f"lang={lang}", "ckpt_path=x.ckpt"])
     assert instantiate(cfg.data).hparams.lang == lang and cfg.split == "test"
+
+
+def test_trainer_overrides_as_users_type_them(tmp_path):
+    cfg = compose_config(overrides=["++trainer.max_steps=7", "++trainer.max_time=00:00:05:00", "lang=pt",
+                                    f"run_dir={tmp_path}"])
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.max_steps == 7 and cfg.trainer.max_time == "00:00:05:00"
