@@ -2,8 +2,9 @@
 
     python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [lang=... data.root=... split=test]
 
-Writes metrics.json (wer, cer, n_utterances, audio_seconds) and predictions.jsonl (id, reference,
-hypothesis per utterance) into the run directory. Streams: one batch of logits in memory at a time.
+Writes metrics.json (wer, cer, and mer for Mandarin; per language tag under by_language when the corpus
+tags utterances, as ASCEND does) and predictions.jsonl (id, language, reference, hypothesis per
+utterance) into the run directory. Streams: one batch of logits in memory at a time.
 """
 
 import json
@@ -14,10 +15,10 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torchmetrics.text import CharErrorRate, WordErrorRate
 from tqdm import tqdm
 
-from asr import SetupError, quote_numeric_choices
+from asr import SetupError, quote_numeric_choices, text
+from asr.metrics import ErrorRates
 from asr.model import CTCModel
 
 
@@ -29,27 +30,34 @@ def evaluate(cfg: DictConfig) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     model = CTCModel.from_checkpoint(cfg.ckpt_path).to(device).eval()
 
-    data = instantiate(cfg.data)
+    data = instantiate(cfg.data, _convert_="all")
     if problem := data.check():
         raise SetupError(problem)
     data.vocab = model.vocab  # labels and [UNK] counts in the model's own vocabulary
     loader = data.dataloader(cfg.split)
-    wer, cer = WordErrorRate(), CharErrorRate()
-    n, seconds = 0, 0.0
+    errors = ErrorRates()
+    seconds, skipped = 0.0, 0
     with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as out, torch.inference_mode():
         for batch in tqdm(loader, desc=f"decoding {cfg.split}", unit="batch"):
+            if batch is None:
+                continue
             mask = batch["attention_mask"].to(device)
             logits = model.model(batch["audio"].to(device), attention_mask=mask).logits
-            hypotheses = model.vocab.greedy_decode(logits, model.frames(mask))
-            wer.update(hypotheses, batch["texts"])
-            cer.update(hypotheses, batch["texts"])
-            for utt_id, reference, hypothesis in zip(batch["ids"], batch["texts"], hypotheses):
-                out.write(json.dumps({"id": utt_id, "reference": reference, "hypothesis": hypothesis},
-                                     ensure_ascii=False) + "\n")
-            n += len(hypotheses)
+            hypotheses = model.transcribe(logits, model.frames(mask))
+            errors.update(batch["texts"], hypotheses, batch["languages"])
+            for utt_id, tag, reference, hypothesis in zip(batch["ids"], batch["languages"], batch["texts"],
+                                                          hypotheses):
+                out.write(json.dumps({"id": utt_id, "language": tag, "reference": reference,
+                                      "hypothesis": hypothesis}, ensure_ascii=False) + "\n")
             seconds += batch["audio_seconds"]
-    metrics = {"wer": wer.compute().item(), "cer": cer.compute().item(), "n_utterances": n,
-               "audio_seconds": seconds, "split": cfg.split, "ckpt_path": str(cfg.ckpt_path),
+            skipped += batch["skipped"]
+    rates = errors.rates()
+    if not text.is_chinese(model.hparams.language):
+        rates.pop("mer")
+    by_language = errors.by_tag()
+    metrics = {**rates, "n_utterances": sum(errors.utterances.values()), "audio_seconds": seconds,
+               "skipped_clips": skipped, "split": cfg.split, "ckpt_path": str(cfg.ckpt_path),
+               **({"by_language": by_language} if len(by_language) > 1 else {}),
                "data_report": data.report[cfg.split]}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
     return metrics
@@ -61,7 +69,8 @@ def main(cfg: DictConfig) -> None:
         metrics = evaluate(cfg)
     except SetupError as error:
         sys.exit(f"error: {error}")
-    print(f"{cfg.split}: WER {metrics['wer']:.4f}  CER {metrics['cer']:.4f}  "
+    mer = f"  MER {metrics['mer']:.4f}" if "mer" in metrics else ""
+    print(f"{cfg.split}: WER {metrics['wer']:.4f}  CER {metrics['cer']:.4f}{mer}  "
           f"({metrics['n_utterances']} utterances) -> {cfg.run_dir}")
 
 

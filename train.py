@@ -28,7 +28,7 @@ def train(cfg: DictConfig) -> dict:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
-    data = instantiate(cfg.data)
+    data = instantiate(cfg.data, _convert_="all")
     problems = [p for p in (data.check(), check_pretrained(cfg.model.pretrained)) if p]
     if problems:
         raise SetupError("\n".join(problems))
@@ -36,7 +36,7 @@ def train(cfg: DictConfig) -> dict:
     data.vocab.save(run_dir / "vocab.json")
     data.write_report(run_dir / "data_report.json")
 
-    model = instantiate(cfg.model, vocab=data.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all")
+    model = instantiate(cfg.model, vocab=data.vocab.tokens, language=cfg.data.language, optim=cfg.optim, sched=cfg.sched, _convert_="all")
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}",
                                   auto_insert_metric_name=False, monitor="val/cer", mode="min", save_last=True)
     report = RunReport(run_dir)

@@ -7,7 +7,7 @@ import torch
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-from asr import SetupError, schedules
+from asr import SetupError, schedules, text
 from asr.text import Vocabulary
 
 
@@ -57,13 +57,14 @@ class CTCModel(L.LightningModule):
     vocab: tokens, id = index, last is the blank `[PAD]`. pretrained: hub id or directory, None for
     random weights. arch: Wav2Vec2Config architecture fields, used only for random weights (a
     pretrained model keeps its own). config: Wav2Vec2Config fields applied in both cases (dropouts,
-    LayerDrop, SpecAugment). optim: lr, betas, eps, weight_decay. sched: name and
+    LayerDrop, SpecAugment). language: the text rules of `asr.text.normalize`, applied to hypotheses
+    (zh-*: no space between Han characters) and deciding whether MER is scored. optim: lr, betas, eps, weight_decay. sched: name and
     options of a schedule in `asr.schedules`. All are plain values, so checkpoints load with
     `weights_only=True`.
     """
 
     def __init__(self, vocab: list[str], pretrained: str | None = None, arch: dict | None = None,
-                 config: dict | None = None,
+                 config: dict | None = None, language: str | None = None,
                  freeze_feature_encoder: bool = True, gradient_checkpointing: bool = False,
                  attn_implementation: str = "sdpa", optim: dict | None = None, sched: dict | None = None):
         super().__init__()
@@ -75,6 +76,8 @@ class CTCModel(L.LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
+        # Mixed error rate (Mandarin by character, English by word): WER over `text.mixed_tokens`.
+        self.val_mer = WordErrorRate() if text.is_chinese(language) else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The full architecture, so a checkpoint rebuilds without the pretrained weights it started from.
@@ -96,20 +99,35 @@ class CTCModel(L.LightningModule):
         """HF output with `.loss` (CTC, float32 log-probs, when batch has labels) and `.logits` (B, T, V)."""
         return self.model(batch["audio"], attention_mask=batch["attention_mask"], labels=batch.get("labels"))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def transcribe(self, logits: torch.Tensor, frames: torch.Tensor) -> list[str]:
+        """Greedy transcripts under the model's text rules. logits: (B, T, V); frames: (B,)."""
+        return [text.normalize(h, self.hparams.language) for h in self.vocab.greedy_decode(logits, frames)]
+
+    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every clip failed to decode (logged by the loader); skip the step
+            return None
         loss = self(batch).loss
-        self.log("train/loss", loss, batch_size=len(batch["ids"]), prog_bar=True)
+        size = len(batch["ids"])
+        self.log("train/loss", loss, batch_size=size, prog_bar=True)
+        if batch["skipped"]:
+            self.log("train/skipped_clips", float(batch["skipped"]), batch_size=size, reduce_fx="sum")
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict | None, batch_idx: int) -> None:
+        if batch is None:  # every clip failed to decode (logged by the loader)
+            return
         out = self(batch)
-        hypotheses = self.vocab.greedy_decode(out.logits, self.frames(batch["attention_mask"]))
+        hypotheses = self.transcribe(out.logits, self.frames(batch["attention_mask"]))
         self.val_wer.update(hypotheses, batch["texts"])
         self.val_cer.update(hypotheses, batch["texts"])
         size = len(batch["ids"])
         self.log("val/loss", out.loss, batch_size=size, sync_dist=True)
         self.log("val/wer", self.val_wer, batch_size=size)
         self.log("val/cer", self.val_cer, batch_size=size, prog_bar=True)
+        if self.val_mer is not None:
+            self.val_mer.update([" ".join(text.mixed_tokens(h)) for h in hypotheses],
+                                [" ".join(text.mixed_tokens(r)) for r in batch["texts"]])
+            self.log("val/mer", self.val_mer, batch_size=size)
 
     def configure_optimizers(self):
         optim = self.hparams.optim or {}

@@ -28,6 +28,7 @@ class RunReport(L.Callback):
         self.run_dir = Path(run_dir)
         self.rows: list[dict] = []
         self.audio_seconds = self.padded_seconds = 0.0
+        self.skipped_clips = 0  # training clips that failed to decode and were left out of their batch
         self.loss_sum, self.loss_count = torch.zeros(()), 0
         self.started = self.train_seconds = None
 
@@ -36,8 +37,13 @@ class RunReport(L.Callback):
         self.loss_sum = torch.zeros((), device=pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch is None:  # every clip of the batch failed to decode; counted by the model
+            return
+        self.skipped_clips += batch["skipped"]
         self.audio_seconds += batch["audio_seconds"]
         self.padded_seconds += batch["padded_seconds"]
+        if outputs is None:
+            return
         self.loss_sum += outputs["loss"].detach().float()  # stays on the device: no sync per step
         self.loss_count += 1
 
@@ -53,6 +59,7 @@ class RunReport(L.Callback):
             "val_loss": metrics["val/loss"].item(),
             "val_wer": metrics["val/wer"].item(),
             "val_cer": metrics["val/cer"].item(),
+            **({"val_mer": metrics["val/mer"].item()} if "val/mer" in metrics else {}),
         })
         self.loss_sum.zero_()
         self.loss_count = 0
@@ -62,8 +69,9 @@ class RunReport(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_seconds = time.perf_counter() - self.started
         totals = trainer.strategy.reduce(
-            torch.tensor([self.audio_seconds, self.padded_seconds], device=pl_module.device), reduce_op="sum")
-        self.audio_seconds, self.padded_seconds = totals.tolist()
+            torch.tensor([self.audio_seconds, self.padded_seconds, self.skipped_clips], device=pl_module.device,
+                         dtype=torch.float64), reduce_op="sum")
+        self.audio_seconds, self.padded_seconds, self.skipped_clips = totals.tolist()
 
     def results(self, **extra) -> dict:
         """The best evaluation by dev CER (the exported model) and the run's totals."""
@@ -74,6 +82,7 @@ class RunReport(L.Callback):
             "train_seconds": self.train_seconds,
             # padded audio / all audio the encoder saw in training batches
             "padding_fraction": 1 - self.audio_seconds / self.padded_seconds if self.padded_seconds else 0.0,
+            "skipped_clips": int(self.skipped_clips),
             "evaluations": self.rows,
             **extra,
         }

@@ -108,6 +108,49 @@ def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
+def write_zeroth(root: Path, parts: dict[str, list[tuple[str, str, np.ndarray]]]) -> None:
+    """Write the OpenSLR 40 (Zeroth-Korean) layout: `<part>/003/<speaker>/<speaker>_003_<NNNN>.flac` at
+    16 kHz and `<speaker>_003.trans.txt`. parts: {"train_data_01": [(speaker, sentence, 16 kHz audio)]}."""
+    for part, items in parts.items():
+        by_speaker: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for speaker, sentence, audio in items:
+            by_speaker.setdefault(speaker, []).append((sentence, audio))
+        for speaker, clips in by_speaker.items():
+            folder = Path(root) / part / "003" / speaker
+            folder.mkdir(parents=True, exist_ok=True)
+            lines = []
+            for n, (sentence, audio) in enumerate(clips):
+                utt_id = f"{speaker}_003_{n:04d}"
+                sf.write(folder / f"{utt_id}.flac", audio, 16_000)
+                lines.append(f"{utt_id} {sentence}\n")
+            (folder / f"{speaker}_003.trans.txt").write_text("".join(lines), encoding="utf-8")
+    (Path(root) / "AUDIO_INFO").write_text("SPEAKERID|NAME|SEX|SCRIPTID|DATASET\n", encoding="utf-8")
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int = 16_000) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def write_hf_dataset(root: Path, splits: dict[str, list[dict]], layout: str = "save_to_disk") -> None:
+    """A local `datasets` copy as users have them: `save_to_disk` (arrow shards, dataset_dict.json) or
+    `hub` (parquet files `main/<split>/0000.parquet`, as the hub's parquet conversion stores them).
+    Rows hold an `audio` column of {"bytes", "path"} (16 kHz WAV bytes embedded) and any other columns."""
+    import datasets
+
+    tables = {}
+    for split, rows in splits.items():
+        table = datasets.Dataset.from_list(rows)
+        tables[split] = table.cast_column("audio", datasets.Audio(sampling_rate=16_000))
+    if layout == "save_to_disk":
+        datasets.DatasetDict(tables).save_to_disk(str(root))
+    else:
+        for split, table in tables.items():
+            (Path(root) / "main" / split).mkdir(parents=True, exist_ok=True)
+            table.to_parquet(str(Path(root) / "main" / split / "0000.parquet"))
+
+
 # ---------------------------------------------------------------------------------------------
 # The demo: short Portuguese sentences from a small grammar, so dev and test sentences are new
 # combinations of words the model heard in training.

@@ -7,6 +7,7 @@ are appended; `[PAD]` is the CTC blank.
 
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -16,16 +17,56 @@ CHARS_TO_IGNORE = [",", "?", ".", "!", "-", ";", ":", '"', "“", "%", "‘", "�
 # re.escape escapes `-` (and the rest) so the set is safe inside a character class.
 _IGNORE = re.compile(f"[{re.escape(''.join(CHARS_TO_IGNORE))}]")
 _SPACES = re.compile(r"\s+")
+# Armenian punctuation (full stop, comma, question, exclamation and emphasis marks) and guillemets.
+_ARMENIAN_PUNCTUATION = re.compile("[\u0589\u055d\u055e\u055c\u055b«»]")
+# Han characters: CJK unified ideographs, extension A, compatibility ideographs, extensions B and on.
+HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_SPACE_BETWEEN_HAN = re.compile(f"(?<=[{HAN}]) (?=[{HAN}])")
+_HAN_NEXT_TO_OTHER = re.compile(f"(?<=[{HAN}])(?=[^\\s{HAN}])|(?<=[^\\s{HAN}])(?=[{HAN}])")
+_MIXED_TOKEN = re.compile(f"[{HAN}]|[^\\s{HAN}]+")
 
 WORD_DELIMITER, UNK, PAD = "|", "[UNK]", "[PAD]"
 
 
-def normalize(text: str, language: str | None = None) -> str:
-    """Remove `CHARS_TO_IGNORE`, lower-case, collapse whitespace. Used for labels and references alike.
+def is_chinese(language: str | None) -> bool:
+    """zh-CN (Common Voice) and zh-en (ASCEND code-switching): scored by character, and by MER."""
+    return bool(language) and language.lower().startswith("zh")
 
-    `language` is the hook for per-language rules; every language uses the HF rules for now.
+
+def _strip_punctuation(text: str) -> str:
+    # Every Unicode punctuation mark but the apostrophe, which English words keep (don't).
+    return "".join(" " if unicodedata.category(c).startswith("P") and c != "'" else c for c in text)
+
+
+def normalize(text: str, language: str | None = None) -> str:
+    """Transcript as the model is trained on it and scored against. Used for labels, references and
+    hypotheses alike.
+
+    Everywhere (the HF recipe): NFC, remove `CHARS_TO_IGNORE`, lower-case, collapse whitespace.
+    Digits are kept as digits and Latin letters as lower-case letters in every language.
+    - hy: also Armenian punctuation (։ ՝ ՞ ՜ ՛) and guillemets; Armenian has case, lower() handles it.
+    - ko: also every other punctuation mark (Hangul syllables stay composed, NFC); spaces delimit words.
+    - zh-*: NFKC first (full-width letters and digits become ASCII), every punctuation mark removed,
+      no space between two Han characters, one space between a Han character and anything else, so
+      English words in code-switched speech keep their letters and boundaries.
     """
-    return _SPACES.sub(" ", _IGNORE.sub("", text).lower()).strip()
+    chinese = is_chinese(language)
+    text = unicodedata.normalize("NFKC" if chinese else "NFC", text)
+    text = _IGNORE.sub("", text)
+    if language == "hy":
+        text = _ARMENIAN_PUNCTUATION.sub("", text)
+    elif chinese or language == "ko":
+        text = _strip_punctuation(text)
+    text = _SPACES.sub(" ", text.lower()).strip()
+    if chinese:
+        text = _HAN_NEXT_TO_OTHER.sub(" ", _SPACE_BETWEEN_HAN.sub("", text))
+    return text
+
+
+def mixed_tokens(text: str) -> list[str]:
+    """Units of the mixed error rate: each Han character, and each space-delimited run of anything else
+    (an English word). For text without Han characters these are its words."""
+    return _MIXED_TOKEN.findall(text)
 
 
 class Vocabulary:

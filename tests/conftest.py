@@ -1,6 +1,7 @@
 """Shared fixtures: the real Hydra config, composed and shrunk, and a small espeak-ng corpus in the
 Common Voice release layout."""
 
+import os
 import random
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import asr
 from asr import synth
 
 CONF = str(asr.REPO_DIR / "conf")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Duration and audio caches of the test corpora stay out of the user's ~/.cache."""
+    os.environ["ASR_CACHE_DIR"] = str(tmp_path_factory.mktemp("asr-cache"))
 
 
 def compose_config(name: str = "train", overrides: list[str] = ()):

@@ -1,0 +1,93 @@
+"""On-disk caches that make a restart cheap: clip durations and a 16 kHz copy of the audio.
+
+Both live under `data.cache_dir`. A clip is known by its path, modification time and size, so a file
+that was replaced is read again. Long passes run in `data.num_workers` processes with a progress bar.
+"""
+
+import hashlib
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from asr import audio
+
+MISSING, UNREADABLE = "missing_file", "unreadable_audio"
+
+
+def _parallel(fn, items: list, workers: int, desc: str):
+    """fn over items, in order, in `workers` processes; a progress bar when the pass is long."""
+    bar = dict(total=len(items), desc=desc, unit="clip", disable=len(items) < 500, mininterval=2)
+    if workers <= 1 or len(items) < 64:
+        yield from tqdm(map(fn, items), **bar)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from tqdm(pool.imap(fn, items, chunksize=32), **bar)
+
+
+def _stamp(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
+def _header_seconds(path: str) -> float | str:
+    try:
+        return sf.info(path).duration
+    except Exception:  # libsndfile raises several types for corrupt files
+        return UNREADABLE
+
+
+def durations(paths: list[str], cache_file: Path, workers: int = 1) -> list[float | str]:
+    """Seconds of each clip from its header, or why it cannot be used (MISSING, UNREADABLE).
+
+    Readable durations are cached in `cache_file` (JSON: path -> [mtime_ns, size, seconds]); only new or
+    changed files are opened. Reading a header costs ~0.1 ms for a Common Voice MP3.
+    """
+    cache_file = Path(cache_file)
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    stamps = [_stamp(p) for p in paths]
+    todo = sorted({p for p, s in zip(paths, stamps) if s and cached.get(p, [None, None])[:2] != s})
+    fresh = dict(zip(todo, _parallel(_header_seconds, todo, workers, "reading clip headers")))
+    for path in todo:
+        if fresh[path] != UNREADABLE:
+            cached[path] = [*_stamp(path), fresh[path]]
+    if todo:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(cached))
+        partial.replace(cache_file)  # ranks or runs sharing a cache never read half a file
+    return [MISSING if s is None else fresh[p] if p in fresh else cached[p][2] for p, s in zip(paths, stamps)]
+
+
+def _convert(job: tuple[str, str]) -> str | None:
+    source, target = job
+    if os.path.isfile(target):
+        return target
+    try:
+        wave = audio.load(source)
+    except Exception:
+        return None
+    # int16 keeps 96 dB; scaling a loud clip into range changes nothing, as audio is normalised per clip.
+    wave = wave / max(1.0, float(np.abs(wave).max(initial=0.0)))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = f"{target}.{os.getpid()}.partial"
+    sf.write(partial, wave, audio.SAMPLE_RATE, subtype="PCM_16", format=Path(target).suffix[1:].upper())
+    os.replace(partial, target)
+    return target
+
+
+def decoded_copies(paths: list[str], cache_dir: Path, workers: int = 1, format: str = "flac") -> list[str | None]:
+    """A 16 kHz mono 16-bit copy of each clip (FLAC or WAV) under `cache_dir`/audio16k, made once;
+    None for a clip that does not decode."""
+    jobs = []
+    for path in paths:
+        key = hashlib.sha1(json.dumps([os.path.abspath(path), _stamp(path)]).encode()).hexdigest()
+        jobs.append((path, str(Path(cache_dir) / "audio16k" / key[:2] / f"{key}.{format}")))
+    return list(_parallel(_convert, jobs, workers, f"converting to 16 kHz {format}"))
