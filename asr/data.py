@@ -90,7 +90,7 @@ def check_split(utterances: list[Utterance], probed: list[float | str], vocab: t
     in dev and test they are scored, as any other utterance, and unseen characters count as `[UNK]`.
 
     Returns the kept utterances (with durations filled in) and a report
-    {"kept": n, "dropped": {reason: n}, "examples": {reason: [ids]}, "unk_characters": n, "hours": h}.
+    {"kept": n, "dropped": {reason: n}, "examples": {reason: [ids]}, "unk_characters": n, "seconds": s}.
     """
     kept, dropped, examples = [], Counter(), defaultdict(list)
     unk = 0
@@ -118,7 +118,7 @@ def check_split(utterances: list[Utterance], probed: list[float | str], vocab: t
             unk += vocab.encode(transcript).count(vocab.unk_id)
             kept.append(replace(utt, duration=seconds))
     report = {"kept": len(kept), "dropped": dict(dropped), "examples": dict(examples), "unk_characters": unk,
-              "hours": round(sum(u.duration for u in kept) / 3600, 3)}
+              "seconds": round(sum(u.duration for u in kept), 2)}
     return kept, report
 
 
@@ -126,7 +126,7 @@ def format_report(report: dict[str, dict]) -> str:
     """The data report as a short table: one row per split, one column per drop reason."""
     reasons = sorted({r for split in report.values() for r in split["dropped"]})
     header = ["split", "kept", "hours", *reasons, "[UNK] chars"]
-    rows = [[split, r["kept"], f"{r['hours']:.2f}", *(r["dropped"].get(k, 0) for k in reasons), r["unk_characters"]]
+    rows = [[split, r["kept"], f"{r['seconds'] / 3600:.2f}", *(r["dropped"].get(k, 0) for k in reasons), r["unk_characters"]]
             for split, r in report.items()]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(line, widths)) for line in [header, *rows])
@@ -232,7 +232,7 @@ class SpeechDataModule(L.LightningDataModule):
             report["examples"].setdefault(cache.UNREADABLE, []).extend(u.id for u in unreadable[:5])
         kept = [replace(u, path=c) for u, c in zip(kept, copies) if c is not None]
         report["kept"] = len(kept)
-        report["hours"] = round(sum(u.duration for u in kept) / 3600, 3)
+        report["seconds"] = round(sum(u.duration for u in kept), 2)
         return kept, report
 
     def setup(self, stage: str | None = None) -> None:

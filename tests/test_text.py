@@ -1,4 +1,5 @@
 import random
+import unicodedata
 
 import torch
 from transformers import Wav2Vec2CTCTokenizer
@@ -54,3 +55,26 @@ def test_greedy_decode_collapses_repeats_but_not_across_blanks():
     ids = [a, a, blank, a, b, b, blank, blank, vocab.ids["|"], b, blank]
     logits = torch.nn.functional.one_hot(torch.tensor([ids, ids]), len(vocab)).float()
     assert vocab.greedy_decode(logits, torch.tensor([len(ids), 4])) == ["aab b", "aa"]
+
+
+def test_armenian_is_lower_cased_without_its_punctuation():
+    assert text.normalize("Բարև, ԻՆՉՊԵ՞Ս ես։ «Լավ» 2024 OK", "hy") == "բարև ինչպես ես լավ 2024 ok"
+
+
+def test_korean_keeps_syllables_and_word_spaces():
+    decomposed = unicodedata.normalize("NFD", "안녕하세요")  # jamo sequences compose back
+    assert text.normalize(f"{decomposed}. 「반갑습니다」 3개 ABC", "ko") == "안녕하세요 반갑습니다 3개 abc"
+
+
+def test_mandarin_has_no_spaces_between_characters_and_keeps_english_words():
+    assert text.normalize("我 想 要 Apple Juice，谢谢！", "zh-en") == "我想要 apple juice 谢谢"
+    assert text.normalize("我想要apple juice谢谢。", "zh-CN") == "我想要 apple juice 谢谢"
+    assert text.normalize("ＡＢＣ１２３ 你好", "zh-CN") == "abc123 你好"  # full-width forms folded
+    assert text.normalize("that's 对的", "zh-en") == "that's 对的"
+    assert text.mixed_tokens("我想要 apple juice 谢谢") == ["我", "想", "要", "apple", "juice", "谢", "谢"]
+    assert text.mixed_tokens("o gato come") == ["o", "gato", "come"]
+
+
+def test_other_languages_follow_the_hf_rules_exactly():
+    raw = "Olá, «mundo»! Ele disse-me: 'sim'."
+    assert text.normalize(raw, "pt") == text.normalize(raw) == "olá «mundo» ele disseme 'sim'"

@@ -1,0 +1,30 @@
+import random
+
+import pytest
+from torchmetrics.functional.text import char_error_rate, word_error_rate
+
+from asr.metrics import ErrorRates
+
+
+def test_corpus_level_rates_equal_torchmetrics_on_random_pairs():
+    rng = random.Random(0)
+    words = ["o", "gato", "come", "pão", "a", "menina", "vê"]
+    refs = [" ".join(rng.choices(words, k=rng.randint(1, 8))) for _ in range(200)]
+    hyps = [" ".join(rng.choices(words, k=rng.randint(0, 8))) for _ in range(200)]
+    errors = ErrorRates()
+    errors.update(refs, hyps)
+    rates = errors.rates()
+    assert rates["wer"] == pytest.approx(word_error_rate(hyps, refs).item(), rel=1e-6)
+    assert rates["cer"] == pytest.approx(char_error_rate(hyps, refs).item(), rel=1e-6)
+    assert rates["mer"] == rates["wer"]  # no Han characters: mixed units are words
+
+
+def test_mixed_error_rate_counts_han_by_character_and_english_by_word():
+    errors = ErrorRates()
+    errors.update(["我想要 apple juice", "see you"], ["我要 apple juices", "see you"], ["mixed", "en"])
+    # mixed: 5 units (我 想 要 apple juice), 2 edits (想 deleted, juice -> juices); en: 2 units, 0 edits
+    assert errors.rates("mixed")["mer"] == pytest.approx(2 / 5)
+    assert errors.rates()["mer"] == pytest.approx(2 / 7)
+    assert errors.rates("mixed")["wer"] == pytest.approx(2 / 3)  # 我想要 is one "word"
+    by_tag = errors.by_tag()
+    assert by_tag["en"] == {"wer": 0.0, "cer": 0.0, "mer": 0.0, "n_utterances": 1}
