@@ -2,6 +2,7 @@
 
     python train.py                                        # tiny model on the embedded demo
     python train.py lang=hy model=xlsr_1b sched=tristage data.root=<cv-corpus/hy-AM>
+    python train.py hydra.run.dir=<run> ckpt_path=last     # resume a run where it stopped
 
 Writes into the run directory: config.yaml, vocab.json, data_report.json, checkpoints/ (last and
 best by dev CER), model/ (the best model, HF format), results.md and results.json.
@@ -43,7 +44,7 @@ def train(cfg: DictConfig) -> dict:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [checkpoints, report] + ([LearningRateMonitor("step")] if logger else [])
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    trainer.fit(model, datamodule=data)
+    trainer.fit(model, datamodule=data, ckpt_path=cfg.ckpt_path)
 
     if not trainer.is_global_zero:
         return {}

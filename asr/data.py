@@ -145,8 +145,8 @@ class SpeechDataModule(L.LightningDataModule):
     def __init__(self, corpus: str, root: str | None, language: str, lang: str = "",
                  train_split: str = "train", dev_split: str | None = "dev", test_split: str = "test",
                  train_extra: list[str] = (), dev_speakers: int = 5, columns: dict | None = None,
-                 max_batch_seconds: float = 200.0, max_batch_size: int | None = None,
-                 min_seconds: float = 0.0, max_seconds: float = 20.0, num_workers: int = 2, seed: int = 0,
+                 max_batch_seconds: float = 200.0, max_batch_size: int | None = None, num_buckets: int = 100,
+                 attention_q: float | None = None, min_seconds: float = 0.0, max_seconds: float = 20.0, num_workers: int = 2, seed: int = 0,
                  cache_dir: str = "~/.cache/asr", decode_cache: bool = False, cache_format: str = "flac"):
         super().__init__()
         self.save_hyperparameters()
@@ -248,21 +248,24 @@ class SpeechDataModule(L.LightningDataModule):
     def dataloader(self, split: str) -> DataLoader:
         utterances = self.load(split)
         training = split == "train"
+        h = self.hparams
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
         sampler = DurationBatchSampler(
-            [u.duration for u in utterances], self.hparams.max_batch_seconds, self.hparams.max_batch_size,
-            shuffle=training, seed=self.hparams.seed, num_replicas=world, rank=rank,
+            [u.duration for u in utterances], h.max_batch_seconds, h.max_batch_size, shuffle=training,
+            seed=h.seed, num_replicas=world, rank=rank, num_buckets=h.num_buckets, attention_q=h.attention_q,
         )
-        workers = self.hparams.num_workers
-        return DataLoader(
-            UtteranceDataset(utterances, self.vocab, self.hparams.language), batch_sampler=sampler, collate_fn=collate,
+        workers = h.num_workers
+        return (ResumableLoader if training else DataLoader)(
+            UtteranceDataset(utterances, self.vocab, h.language), batch_sampler=sampler, collate_fn=collate,
             num_workers=workers, persistent_workers=training and workers > 0,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.dataloader("train")
+        loader = self.dataloader("train")
+        loader.trainer = self.trainer  # its checkpointed position is the loop's count of batches
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("dev")
@@ -272,6 +275,27 @@ class SpeechDataModule(L.LightningDataModule):
 
     def audio_seconds(self, split: str) -> float:
         return float(np.sum([u.duration for u in self.load(split)]))
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, checkpointed with the run: Lightning saves and restores the state of loaders
+    that have `state_dict` / `load_state_dict`, so a run resumed mid-epoch continues with the next batch.
+
+    The position saved is the number of batches the training loop has processed this epoch, which
+    Lightning counts; the batch sampler itself runs ahead by what the workers and Lightning prefetch
+    (and may already be in the next epoch).
+    """
+
+    def state_dict(self) -> dict:
+        state = self.batch_sampler.state_dict()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # the sampler may already be in the next epoch
+            state = {"epoch": trainer.current_epoch,
+                     "position": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 def _one_thread(_worker_id: int) -> None:

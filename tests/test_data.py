@@ -6,7 +6,6 @@ import soundfile as sf
 import torch
 
 from asr import SetupError, audio, cache, corpora, data
-from asr.batching import DurationBatchSampler
 from asr.corpora import Utterance
 from asr.text import Vocabulary
 
@@ -90,43 +89,3 @@ def test_check_split_drops_and_counts(tmp_path):
     kept, report = data.check_split(dev, cache.durations([u.path for u in dev], tmp_path / "cache.json"),
                                     vocab, "pt", 0.0, 20.0, training=False)
     assert [u.id for u in kept] == ["dense", "x"] and report["unk_characters"] == 3
-
-
-DURATIONS = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 500).clip(1, 10)
-
-
-def test_sampler_covers_each_clip_once_within_budget():
-    sampler = DurationBatchSampler(DURATIONS, max_batch_seconds=60, seed=1)
-    batches = list(sampler)
-    flat = sorted(i for b in batches for i in b)
-    assert flat == list(range(len(DURATIONS)))
-    for b in batches:
-        assert DURATIONS[b].max() * len(b) <= 60
-    padded = sum(DURATIONS[b].max() * len(b) for b in batches)
-    assert 1 - DURATIONS.sum() / padded < 0.05  # sorting by duration keeps padding small
-
-
-def test_sampler_order_changes_per_epoch_and_repeats_per_seed():
-    a, b = DurationBatchSampler(DURATIONS, 60, seed=3), DurationBatchSampler(DURATIONS, 60, seed=3)
-    epoch0, epoch1 = list(a), list(a)  # the sampler advances its own epoch
-    assert epoch0 != epoch1
-    assert list(b) == epoch0 and list(b) == epoch1
-
-
-def test_sampler_caps_clip_count():
-    assert max(len(b) for b in DurationBatchSampler(DURATIONS, 1000, max_batch_size=8)) == 8
-
-
-def test_sampler_ranks_get_disjoint_batches_and_equal_counts():
-    ranks = [DurationBatchSampler(DURATIONS, 50, seed=0, num_replicas=3, rank=r) for r in range(3)]
-    seen = [list(s) for s in ranks]
-    assert len({len(s) for s in seen}) == 1 and len(seen[0]) == len(ranks[0])
-    indices = [i for s in seen for b in s for i in b]
-    assert len(indices) == len(set(indices))
-    total = len(ranks[0].batches(0))
-    assert len(seen[0]) == total // 3  # the remainder batches sit out this epoch
-
-
-def test_sampler_rejects_a_clip_over_budget():
-    with pytest.raises(ValueError, match="max_batch_seconds"):
-        DurationBatchSampler([5.0, 30.0], max_batch_seconds=20)
