@@ -1,0 +1,135 @@
+"""Training throughput, ours against the HF Trainer doing the same job, side by side in one run.
+
+    python benchmarks/throughput.py [--steps 150] [--profile]
+
+Same tiny architecture (conf/model/tiny.yaml), same random initialisation, same demo training data,
+same optimizer (AdamW, lr, betas, eps, weight decay, linear schedule with warm-up), gradient clipping
+1.0, float32, the same number of optimizer updates and the same audio per update on average: the HF
+Trainer gets `train_sampling_strategy="group_by_length"` and the clip count per batch that gives as many
+batches per epoch as our `data.max_batch_seconds`. The HF side follows run_speech_recognition_ctc.py:
+audio decoded and normalised once by `datasets.map` before training (not timed), padded by a collator.
+Ours decodes in its loader workers while it trains (timed). Validation is off on both sides.
+
+Prints audio-seconds per second of training (real audio, padding excluded) and the ratio. With
+--profile, also Lightning's simple profiler for our run: where a step's time goes.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from asr import audio  # noqa: E402
+
+OVERRIDES = ["logger=none", "data.num_workers=2", "run_dir=/tmp/throughput-benchmark"]
+
+
+def ours(cfg, steps: int, profile: bool) -> dict:
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from asr.report import RunReport
+
+    L.seed_everything(cfg.seed)
+    data = instantiate(cfg.data, _convert_="all")
+    data.setup("fit")
+    model = instantiate(cfg.model, vocab=data.vocab.tokens, language=cfg.data.language, optim=cfg.optim,
+                        sched=cfg.sched, _convert_="all")
+    report = RunReport(Path("/tmp"))
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[report], max_steps=steps, max_time=None,
+                          limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, profiler="simple" if profile else None)
+    trainer.fit(model, datamodule=data)
+    if profile:
+        print(trainer.profiler.summary())
+    return {"audio_seconds": report.audio_seconds, "seconds": report.train_seconds,
+            "padding": 1 - report.audio_seconds / report.padded_seconds, "model": model, "data": data}
+
+
+def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model) -> dict:
+    """model: the HF Wav2Vec2ForCTC, with our initial weights (feature encoder frozen as in ours)."""
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    utterances = data.load("train")
+    table = datasets.Dataset.from_dict({"path": [u.path for u in utterances], "text": [u.text for u in utterances]})
+
+    def prepare(row):  # as run_speech_recognition_ctc.py: decode, normalise, tokenize, keep the length
+        values = audio.normalize(audio.load(row["path"]))
+        from asr.text import normalize
+        return {"input_values": values, "input_length": len(values),
+                "labels": data.vocab.encode(normalize(row["text"], cfg.data.language))}
+
+    table = table.map(prepare, remove_columns=["path", "text"])
+    seen = {"audio": 0.0, "padded": 0.0}
+
+    def collate(features):  # DataCollatorCTCWithPadding: pad inputs with 0 and mask, labels with -100
+        lengths = [len(f["input_values"]) for f in features]
+        longest = max(lengths)
+        values = torch.zeros(len(features), longest)
+        mask = torch.zeros(len(features), longest, dtype=torch.long)
+        labels = torch.full((len(features), max(len(f["labels"]) for f in features)), -100)
+        for i, f in enumerate(features):
+            values[i, : lengths[i]] = torch.tensor(f["input_values"])
+            mask[i, : lengths[i]] = 1
+            labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
+        seen["audio"] += sum(lengths) / audio.SAMPLE_RATE
+        seen["padded"] += len(features) * longest / audio.SAMPLE_RATE
+        return {"input_values": values, "attention_mask": mask, "labels": labels}
+
+    args = TrainingArguments(
+        output_dir="/tmp/hf-trainer-benchmark", per_device_train_batch_size=clips_per_batch,
+        train_sampling_strategy="group_by_length", length_column_name="input_length",
+        learning_rate=cfg.optim.lr, adam_beta1=cfg.optim.betas[0], adam_beta2=cfg.optim.betas[1],
+        adam_epsilon=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, lr_scheduler_type="linear",
+        warmup_steps=int(cfg.sched.warmup_ratio * steps), max_steps=steps, max_grad_norm=1.0,
+        seed=cfg.seed, report_to="none", save_strategy="no", eval_strategy="no", logging_steps=50,
+        dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=table, data_collator=collate)
+    started = time.perf_counter()
+    trainer.train()
+    return {"audio_seconds": seen["audio"], "seconds": time.perf_counter() - started,
+            "padding": 1 - seen["audio"] / seen["padded"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    from hydra import compose, initialize_config_dir
+
+    import asr
+
+    with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=OVERRIDES)
+    torch.manual_seed(cfg.seed)
+    mine = ours(cfg, args.steps, args.profile)
+    data = mine.pop("data")
+    del mine["model"]
+    # The HF model: the same Wav2Vec2ForCTC class, rebuilt from the seed, so with our initial weights.
+    import lightning as L
+    from hydra.utils import instantiate
+    L.seed_everything(cfg.seed)
+    initial = instantiate(cfg.model, vocab=data.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all")
+    batches = len(data.train_dataloader().batch_sampler)
+    clips_per_batch = round(len(data.load("train")) / batches)
+    theirs = hf_trainer(cfg, args.steps, clips_per_batch, data, initial.model)
+
+    print(f"\n{args.steps} optimizer updates, tiny model, demo train split, {torch.get_num_threads()} threads")
+    print(f"{'':<40} {'audio s':>8} {'wall s':>7} {'audio-s/s':>9} {'padding':>8}")
+    for name, r in ((f"ours (train.py, {cfg.data.max_batch_seconds:.0f} s batches)", mine),
+                    (f"HF Trainer (group_by_length, {clips_per_batch} clips)", theirs)):
+        print(f"{name:<40} {r['audio_seconds']:>8.0f} {r['seconds']:>7.1f} "
+              f"{r['audio_seconds'] / r['seconds']:>9.1f} {r['padding']:>8.1%}")
+    ratio = (mine["audio_seconds"] / mine["seconds"]) / (theirs["audio_seconds"] / theirs["seconds"])
+    print(f"ours / HF Trainer: {ratio:.2f}x audio-seconds per second")
+
+
+if __name__ == "__main__":
+    main()
