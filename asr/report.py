@@ -42,6 +42,11 @@ class RunReport(L.Callback):
         self.skipped_clips += batch["skipped"]
         self.audio_seconds += batch["audio_seconds"]
         self.padded_seconds += batch["padded_seconds"]
+        # host floats: logging them never waits on the GPU. Throughput is this rank's, since fit began.
+        pl_module.log_dict({
+            "train/padding_fraction": 1 - batch["audio_seconds"] / batch["padded_seconds"],
+            "train/audio_seconds_per_second": self.audio_seconds / (time.perf_counter() - self.started),
+        }, batch_size=len(batch["ids"]))
         if outputs is None:
             return
         self.loss_sum += outputs["loss"].detach().float()  # stays on the device: no sync per step

@@ -81,6 +81,7 @@ def test_default_logger_writes_csv_with_learning_rate(cv_corpus, tmp_path):
         "trainer.log_every_n_steps=1", "data.max_batch_seconds=20", "data.num_workers=0", f"hydra.run.dir={tmp_path}")
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert any(h.startswith("lr-AdamW") for h in header) and "train/loss" in header and "val/cer" in header
+    assert "train/padding_fraction" in header and "train/audio_seconds_per_second" in header
 
 
 def test_tiny_model_learns_a_batch(cv_corpus):
