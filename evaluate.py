@@ -43,7 +43,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 continue
             mask = batch["attention_mask"].to(device)
             logits = model.model(batch["audio"].to(device), attention_mask=mask).logits
-            hypotheses = model.transcribe(logits, model.frames(mask))
+            hypotheses = model.transcribe(logits, model.frames(batch["lengths"]))
             errors.update(batch["texts"], hypotheses, batch["languages"])
             for utt_id, tag, reference, hypothesis in zip(batch["ids"], batch["languages"], batch["texts"],
                                                           hypotheses):

@@ -46,7 +46,8 @@ class UtteranceDataset(Dataset):
 
 def collate(items: list[dict | None]) -> dict | None:
     """Pad a batch. audio: (B, S) float32 at 16 kHz; attention_mask: (B, S) 1 on real samples;
-    labels: (B, L) ids padded with -100 (ignored by the CTC loss). Clips that failed to decode (None)
+    labels: (B, L) ids padded with -100 (ignored by the CTC loss). lengths (samples) and label_lengths
+    are host lists, which Lightning leaves on the host: the loss needs them there. Clips that failed to decode (None)
     are left out and counted in `skipped`; a batch of nothing but those is None."""
     skipped = sum(item is None for item in items)
     items = [item for item in items if item is not None]
@@ -64,6 +65,8 @@ def collate(items: list[dict | None]) -> dict | None:
         "audio": batch_audio,
         "attention_mask": mask,
         "labels": labels,
+        "lengths": lengths,
+        "label_lengths": [len(item["labels"]) for item in items],
         "ids": [item["id"] for item in items],
         "texts": [item["text"] for item in items],
         "languages": [item.get("language", "") for item in items],

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+from transformers.modeling_outputs import CausalLMOutput
 
 from asr import SetupError, schedules, text
 from asr.text import Vocabulary
@@ -91,13 +92,28 @@ class CTCModel(L.LightningModule):
         model.load_state_dict(checkpoint["state_dict"])
         return model
 
-    def frames(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) encoder output frames of each utterance."""
-        return self.model._get_feat_extract_output_lengths(attention_mask.sum(-1))
+    def frames(self, samples) -> torch.Tensor:
+        """(B,) encoder output frames of each utterance, from its samples (a host list or a tensor)."""
+        return self.model._get_feat_extract_output_lengths(torch.as_tensor(samples))
 
-    def forward(self, batch: dict):
-        """HF output with `.loss` (CTC, float32 log-probs, when batch has labels) and `.logits` (B, T, V)."""
-        return self.model(batch["audio"], attention_mask=batch["attention_mask"], labels=batch.get("labels"))
+    def forward(self, batch: dict) -> CausalLMOutput:
+        """`.logits` (B, T, V) and `.loss`: CTC on float32 log-probs, each utterance's loss divided by its
+        label length, averaged over the batch (HF `ctc_loss_reduction="mean"`), infeasible ones zeroed.
+
+        The loss is HF's, computed here from the lengths the collator counted on the host: HF's own path
+        (`labels=`) waits on the GPU several times a step (`labels.max()` check, `masked_select` of the
+        labels, lengths copied back for the CTC kernel).
+        """
+        logits = self.model(batch["audio"], attention_mask=batch["attention_mask"]).logits
+        if "labels" not in batch:
+            return CausalLMOutput(logits=logits)
+        log_probs = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+        with torch.backends.cudnn.flags(enabled=False):  # as HF: cuDNN's CTC has other length limits
+            loss = torch.nn.functional.ctc_loss(
+                log_probs, batch["labels"].clamp(min=0),  # -100 padding past each label length is not read
+                self.frames(batch["lengths"]), torch.as_tensor(batch["label_lengths"]),  # host tensors: no sync
+                blank=self.vocab.blank_id, reduction="mean", zero_infinity=True)
+        return CausalLMOutput(loss=loss, logits=logits)
 
     def transcribe(self, logits: torch.Tensor, frames: torch.Tensor) -> list[str]:
         """Greedy transcripts under the model's text rules. logits: (B, T, V); frames: (B,)."""
@@ -117,7 +133,7 @@ class CTCModel(L.LightningModule):
         if batch is None:  # every clip failed to decode (logged by the loader)
             return
         out = self(batch)
-        hypotheses = self.transcribe(out.logits, self.frames(batch["attention_mask"]))
+        hypotheses = self.transcribe(out.logits, self.frames(batch["lengths"]))
         self.val_wer.update(hypotheses, batch["texts"])
         self.val_cer.update(hypotheses, batch["texts"])
         size = len(batch["ids"])

@@ -26,3 +26,27 @@ def test_pretrained_directory_keeps_its_architecture_and_weights(tmp_path):
     for name in ("feature_extractor.conv_layers.0.conv.weight", "encoder.layers.1.attention.q_proj.weight"):
         assert torch.equal(ours[name], theirs[name]), name
     assert not any(p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
+
+
+def test_our_ctc_loss_equals_hf_and_keeps_lengths_on_the_host(cv_corpus):
+    """The loss computed from the collator's host lengths is HF's own (labels= path), and its gradients too."""
+    from asr import data as asr_data
+    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0"])
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, vocab=dm.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all").eval()
+    dataset = asr_data.UtteranceDataset(dm.load("train"), dm.vocab, "pt")
+    batch = asr_data.collate([dataset[i] for i in range(4)])
+    assert isinstance(batch["lengths"], list) and isinstance(batch["label_lengths"], list)
+    batch["labels"][0, 3:] = -100  # an utterance whose label is shorter
+    batch["label_lengths"][0] = 3
+    ours = model(batch).loss
+    theirs = model.model(batch["audio"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, theirs)
+    grad_ours = torch.autograd.grad(ours, model.model.lm_head.weight)[0]
+    grad_theirs = torch.autograd.grad(
+        model.model(batch["audio"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss,
+        model.model.lm_head.weight)[0]
+    torch.testing.assert_close(grad_ours, grad_theirs)
+    assert model.frames(batch["lengths"]).tolist() == [asr_data.audio.encoder_frames(n) for n in batch["lengths"]]
