@@ -17,10 +17,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from asr import SetupError, quote_numeric_choices
+from asr import SetupError, TrainingStopped, quote_numeric_choices
 from asr.export import export
 from asr.model import CTCModel, check_pretrained
-from asr.report import RunReport
+from asr.report import RunReport, framework_versions, model_card
 
 
 def train(cfg: DictConfig) -> dict:
@@ -45,19 +45,28 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [checkpoints, report] + ([LearningRateMonitor("step")] if logger else [])
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     trainer.fit(model, datamodule=data, ckpt_path=cfg.ckpt_path)
+    if model.stop_reason:  # every rank stops alike; the state is kept for a look or a restart
+        stopped = run_dir / "checkpoints" / f"stopped-step{trainer.global_step}.ckpt"
+        trainer.save_checkpoint(stopped)
+        if trainer.is_global_zero:
+            report.write_results(stopped_checkpoint=str(stopped), stop_reason=model.stop_reason)
+        raise TrainingStopped(f"{model.stop_reason} Its state: {stopped}")
 
     if not trainer.is_global_zero:
         return {}
     best = checkpoints.best_model_path or checkpoints.last_model_path
     export(CTCModel.from_checkpoint(best), run_dir / "model")
-    return report.write_results(best_checkpoint=best)
+    results = report.write_results(best_checkpoint=best)
+    card = model_card(OmegaConf.to_container(cfg, resolve=True), results, framework_versions())
+    (run_dir / "model" / "README.md").write_text(card, encoding="utf-8")
+    return results
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         results = train(cfg)
-    except SetupError as error:
+    except (SetupError, TrainingStopped) as error:
         sys.exit(f"error: {error}")
     if results:
         print(f"dev WER {results.get('val_wer', float('nan')):.4f}  CER {results.get('val_cer', float('nan')):.4f}"

@@ -14,6 +14,10 @@ class SetupError(Exception):
     """A problem the user fixes with an override or a file; reported without a traceback."""
 
 
+class TrainingStopped(Exception):
+    """Training could not go on (e.g. non-finite gradients update after update); a checkpoint was kept."""
+
+
 def quote_numeric_choices(argv: list[str], groups=("precision",)) -> list[str]:
     """`precision=32` -> `precision='32'`: Hydra parses 32 as an int and rejects it as a group choice
     (hydra#1401 territory); users type the option names as the docs show them. Sweeps too: 32,bf16."""

@@ -148,7 +148,8 @@ class SpeechDataModule(L.LightningDataModule):
     def __init__(self, corpus: str, root: str | None, language: str, lang: str = "",
                  train_split: str = "train", dev_split: str | None = "dev", test_split: str = "test",
                  train_extra: list[str] = (), dev_speakers: int = 5, columns: dict | None = None,
-                 max_batch_seconds: float = 200.0, max_batch_size: int | None = None, num_buckets: int = 100,
+                 max_batch_seconds: float = 200.0, max_batch_size: int | None = None,
+                 eval_max_batch_size: int | None = None, num_buckets: int = 100,
                  attention_q: float | None = None, min_seconds: float = 0.0, max_seconds: float = 20.0, num_workers: int = 2, seed: int = 0,
                  cache_dir: str = "~/.cache/asr", decode_cache: bool = False, cache_format: str = "flac"):
         super().__init__()
@@ -254,8 +255,9 @@ class SpeechDataModule(L.LightningDataModule):
         h = self.hparams
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
+        size = h.max_batch_size if training or h.eval_max_batch_size is None else h.eval_max_batch_size
         sampler = DurationBatchSampler(
-            [u.duration for u in utterances], h.max_batch_seconds, h.max_batch_size, shuffle=training,
+            [u.duration for u in utterances], h.max_batch_seconds, size, shuffle=training,
             seed=h.seed, num_replicas=world, rank=rank, num_buckets=h.num_buckets, attention_q=h.attention_q,
         )
         workers = h.num_workers

@@ -59,15 +59,20 @@ class CTCModel(L.LightningModule):
     random weights. arch: Wav2Vec2Config architecture fields, used only for random weights (a
     pretrained model keeps its own). config: Wav2Vec2Config fields applied in both cases (dropouts,
     LayerDrop, SpecAugment). language: the text rules of `asr.text.normalize`, applied to hypotheses
-    (zh-*: no space between Han characters) and deciding whether MER is scored. optim: lr, betas, eps, weight_decay. sched: name and
-    options of a schedule in `asr.schedules`. All are plain values, so checkpoints load with
-    `weights_only=True`.
+    (zh-*: no space between Han characters) and deciding whether MER is scored.
+    freeze_finetune_updates: for this many first optimizer updates only the CTC head learns, the
+    encoder stays as pretrained (fairseq's `freeze_finetune_updates`). max_consecutive_skips: updates
+    whose gradients are not finite are skipped (on every rank alike) and counted; after this many in a
+    row the run stops (`stop_reason`). optim: lr, betas, eps, weight_decay, head_lr (the CTC head's own
+    learning rate; None: lr). sched: name and options of a schedule in `asr.schedules`. All are plain
+    values, so checkpoints load with `weights_only=True`.
     """
 
     def __init__(self, vocab: list[str], pretrained: str | None = None, arch: dict | None = None,
                  config: dict | None = None, language: str | None = None,
-                 freeze_feature_encoder: bool = True, gradient_checkpointing: bool = False,
-                 attn_implementation: str = "sdpa", optim: dict | None = None, sched: dict | None = None):
+                 freeze_feature_encoder: bool = True, freeze_finetune_updates: int = 0,
+                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
+                 max_consecutive_skips: int = 25, optim: dict | None = None, sched: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.vocab = Vocabulary(vocab)
@@ -79,6 +84,8 @@ class CTCModel(L.LightningModule):
         self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
         # Mixed error rate (Mandarin by character, English by word): WER over `text.mixed_tokens`.
         self.val_mer = WordErrorRate() if text.is_chinese(language) else None
+        self.skipped_updates, self.consecutive_skips = 0, 0
+        self.stop_reason: str | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The full architecture, so a checkpoint rebuilds without the pretrained weights it started from.
@@ -145,15 +152,42 @@ class CTCModel(L.LightningModule):
                                 [" ".join(text.mixed_tokens(r)) for r in batch["texts"]])
             self.log("val/mer", self.val_mer, batch_size=size)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Once per optimizer update, gradients complete (accumulated, all-reduced, unscaled under fp16),
+        before clipping: skip a non-finite update, hold the encoder during `freeze_finetune_updates`."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        # One host sync per update (GradScaler makes the same one); any rank's verdict is every rank's.
+        skip = self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(norm).item(), all=False)
+        if skip:
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
+            self.skipped_updates += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.hparams.max_consecutive_skips:
+                self.stop_reason = (f"{self.consecutive_skips} updates in a row had non-finite gradients (up to "
+                                    f"update {self.global_step}); lower optim.lr, use precision=bf16 or 32, or "
+                                    f"check the data report; the run stopped.")
+                self.trainer.should_stop = True
+        else:
+            self.consecutive_skips = 0
+        self.log_dict({"train/skipped_updates": float(self.skipped_updates)}, on_step=True, on_epoch=False)
+        if self.global_step < self.hparams.freeze_finetune_updates:
+            for p in self.model.wav2vec2.parameters():  # the encoder; lm_head (the CTC head) learns
+                p.grad = None
+
     def configure_optimizers(self):
         optim = self.hparams.optim or {}
-        params = [p for p in self.parameters() if p.requires_grad]
-        # As the HF Trainer: no weight decay on biases and layer-norm gains (1-D tensors).
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.get("weight_decay", 0.0)},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=optim.get("lr", 3e-4), betas=tuple(optim.get("betas", (0.9, 0.999))),
+        lr = optim.get("lr", 3e-4)
+        head = {id(p) for p in self.model.lm_head.parameters()}
+        groups = []
+        for is_head in (False, True):
+            params = [p for p in self.parameters() if p.requires_grad and (id(p) in head) == is_head]
+            group_lr = (optim.get("head_lr") or lr) if is_head else lr
+            # As the HF Trainer: no weight decay on biases and layer-norm gains (1-D tensors).
+            groups += [{"params": [p for p in params if p.ndim >= 2], "lr": group_lr,
+                        "weight_decay": optim.get("weight_decay", 0.0)},
+                       {"params": [p for p in params if p.ndim < 2], "lr": group_lr, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.get("betas", (0.9, 0.999))),
                                       eps=optim.get("eps", 1e-8))
         sched = dict(self.hparams.sched or {"name": "linear", "warmup_steps": 0})
         scheduler = schedules.build(optimizer, int(self.trainer.estimated_stepping_batches), **sched)

@@ -29,12 +29,14 @@ class RunReport(L.Callback):
         self.rows: list[dict] = []
         self.audio_seconds = self.padded_seconds = 0.0
         self.skipped_clips = 0  # training clips that failed to decode and were left out of their batch
-        self.loss_sum, self.loss_count = torch.zeros(()), 0
+        self.skipped_updates = 0  # optimizer updates skipped for non-finite gradients
+        self.loss_sum = self.loss_count = torch.zeros(())
         self.started = self.train_seconds = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.started = time.perf_counter()
         self.loss_sum = torch.zeros((), device=pl_module.device)
+        self.loss_count = torch.zeros((), device=pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch is None:  # every clip of the batch failed to decode; counted by the model
@@ -49,8 +51,9 @@ class RunReport(L.Callback):
         }, batch_size=len(batch["ids"]))
         if outputs is None:
             return
-        self.loss_sum += outputs["loss"].detach().float()  # stays on the device: no sync per step
-        self.loss_count += 1
+        loss = outputs["loss"].detach().float()  # stays on the device: no sync per step
+        self.loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)  # skipped updates
+        self.loss_count += torch.isfinite(loss)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or "val/cer" not in trainer.callback_metrics:
@@ -58,7 +61,7 @@ class RunReport(L.Callback):
         metrics = trainer.callback_metrics
         steps_per_epoch = max(1, trainer.num_training_batches // trainer.accumulate_grad_batches)
         self.rows.append({
-            "train_loss": (self.loss_sum / max(1, self.loss_count)).item(),
+            "train_loss": (self.loss_sum / self.loss_count.clamp(min=1)).item(),
             "epoch": trainer.global_step / steps_per_epoch,
             "step": trainer.global_step,
             "val_loss": metrics["val/loss"].item(),
@@ -67,12 +70,13 @@ class RunReport(L.Callback):
             **({"val_mer": metrics["val/mer"].item()} if "val/mer" in metrics else {}),
         })
         self.loss_sum.zero_()
-        self.loss_count = 0
+        self.loss_count.zero_()
         if trainer.is_global_zero:
             (self.run_dir / "results.md").write_text(HEADER + "".join(map(table_row, self.rows)))
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_seconds = time.perf_counter() - self.started
+        self.skipped_updates = pl_module.skipped_updates
         totals = trainer.strategy.reduce(
             torch.tensor([self.audio_seconds, self.padded_seconds, self.skipped_clips], device=pl_module.device,
                          dtype=torch.float64), reduce_op="sum")
@@ -88,6 +92,7 @@ class RunReport(L.Callback):
             # padded audio / all audio the encoder saw in training batches
             "padding_fraction": 1 - self.audio_seconds / self.padded_seconds if self.padded_seconds else 0.0,
             "skipped_clips": int(self.skipped_clips),
+            "skipped_updates": self.skipped_updates,
             "evaluations": self.rows,
             **extra,
         }
@@ -96,3 +101,77 @@ class RunReport(L.Callback):
         results = self.results(**extra)
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
         return results
+
+
+def hyperparameters(cfg: dict) -> list[str]:
+    """The card's "Training hyperparameters" list, in the HF Trainer's words, from a resolved run config."""
+    data, trainer, optim, sched = cfg["data"], cfg["trainer"], cfg["optim"], cfg["sched"]
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    devices = trainer.get("devices", 1) if isinstance(trainer.get("devices", 1), int) else 1
+    lines = {"learning_rate": repr(float(optim["lr"]))}
+    if data.get("max_batch_size"):  # clips, as the HF Trainer counts a batch
+        lines["train_batch_size"] = data["max_batch_size"]
+        lines["eval_batch_size"] = data.get("eval_max_batch_size") or data["max_batch_size"]
+    else:
+        lines["train_batch_seconds"] = f"{data['max_batch_seconds']} (padded audio per batch, duration-bucketed)"
+    lines["seed"] = cfg["seed"]
+    if devices > 1:
+        lines["num_devices"] = devices
+    lines["gradient_accumulation_steps"] = accumulate
+    if data.get("max_batch_size"):
+        lines["total_train_batch_size"] = data["max_batch_size"] * accumulate * devices
+    betas = ",".join(str(b) for b in optim["betas"])
+    lines["optimizer"] = (f"AdamW with betas=({betas}) and epsilon={float(optim['eps'])!r}, weight_decay="
+                          f"{optim.get('weight_decay', 0.0)}")
+    if optim.get("head_lr"):
+        lines["ctc_head_learning_rate"] = repr(float(optim["head_lr"]))
+    lines["lr_scheduler_type"] = sched["name"]
+    if sched["name"] == "linear":
+        if sched.get("warmup_steps") is not None:
+            lines["lr_scheduler_warmup_steps"] = sched["warmup_steps"]
+        else:
+            lines["lr_scheduler_warmup_ratio"] = sched["warmup_ratio"]
+    else:
+        lines["lr_scheduler_ratios"] = list(sched["ratios"])
+        lines["lr_scheduler_init_lr_scale"] = sched["init_lr_scale"]
+        lines["lr_scheduler_final_lr_scale"] = sched["final_lr_scale"]
+    if trainer.get("max_steps", -1) > 0:
+        lines["training_steps"] = trainer["max_steps"]
+    else:
+        lines["num_epochs"] = trainer["max_epochs"]
+    if cfg["model"].get("freeze_finetune_updates"):
+        lines["freeze_finetune_updates"] = cfg["model"]["freeze_finetune_updates"]
+    precision = str(trainer.get("precision", "32-true"))
+    if precision.startswith("16"):
+        lines["mixed_precision_training"] = "Native AMP"
+    elif precision.startswith("bf16"):
+        lines["mixed_precision_training"] = "Native AMP (bf16)"
+    return [f"- {key}: {value}" for key, value in lines.items()]
+
+
+def model_card(cfg: dict, results: dict, versions: dict[str, str]) -> str:
+    """README.md of the exported model, in the format of the HF Trainer's cards (shared/seeds/)."""
+    base = cfg["model"].get("pretrained")
+    origin = (f"a fine-tuned version of [{base}](https://huggingface.co/{base})" if base and "/" in base
+              and not base.startswith(("/", ".")) else f"fine-tuned from {base}" if base else "trained from scratch")
+    scores = [("Loss", "val_loss"), ("Wer", "val_wer"), ("Cer", "val_cer"), ("Mer", "val_mer")]
+    lines = [
+        "---", "language:", f"- {cfg['data']['language'] or 'und'}", "tags:", "- automatic-speech-recognition",
+        "- ctc", "- xlsr-ctc", "---", "", f"# {cfg['data']['lang']} ({Path(str(cfg['data']['root'])).name})", "",
+        f"This model is {origin} on {cfg['data']['corpus']} ({cfg['data']['root']}).",
+        "It achieves the following results on the evaluation set:",
+        *(f"- {name}: {results[key]:.4f}" for name, key in scores if key in results), "",
+        "## Training procedure", "", "### Training hyperparameters", "",
+        "The following hyperparameters were used during training:", *hyperparameters(cfg), "",
+        "### Training results", "", HEADER.rstrip("\n"),
+        *(table_row(row).rstrip("\n") for row in results.get("evaluations", [])), "",
+        "### Framework versions", "", *(f"- {name} {version}" for name, version in versions.items()), "",
+    ]
+    return "\n".join(lines)
+
+
+def framework_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(package) for name, package in
+            (("Transformers", "transformers"), ("Pytorch", "torch"), ("Lightning", "lightning"))}
