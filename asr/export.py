@@ -1,5 +1,11 @@
-"""A trained model as an HF directory that `Wav2Vec2ForCTC` and `Wav2Vec2Processor` load."""
+"""A trained model as an HF directory that `Wav2Vec2ForCTC`, `Wav2Vec2Processor` and
+`transformers.pipeline("automatic-speech-recognition")` load.
 
+    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory>
+"""
+
+import json
+import sys
 from pathlib import Path
 
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
@@ -22,7 +28,8 @@ def processor(vocab_json: str | Path) -> Wav2Vec2Processor:
 
 
 def export(model: CTCModel, out_dir: str | Path) -> Path:
-    """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs."""
+    """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
+    (the text rules, `language`, that transcripts follow: `asr.text.normalize`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.model.save_pretrained(out_dir)
@@ -30,4 +37,20 @@ def export(model: CTCModel, out_dir: str | Path) -> Path:
     both = processor(out_dir / "vocab.json")
     both.save_pretrained(out_dir)  # processor_config.json, tokenizer files (transformers 5)
     both.feature_extractor.save_pretrained(out_dir)  # preprocessor_config.json, as older releases expect
+    (out_dir / "asr.json").write_text(json.dumps({"language": model.hparams.language}))
     return out_dir
+
+
+def main(argv: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    args = OmegaConf.from_dotlist(argv)
+    if "ckpt_path" not in args or "out" not in args:
+        sys.exit("usage: python -m asr.export ckpt_path=<checkpoint> out=<directory>")
+    if not Path(args.ckpt_path).is_file():
+        sys.exit(f"error: ckpt_path={args.ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
+    print(f"exported to {export(CTCModel.from_checkpoint(args.ckpt_path), args.out)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -28,3 +28,20 @@ def test_mixed_error_rate_counts_han_by_character_and_english_by_word():
     assert errors.rates("mixed")["wer"] == pytest.approx(2 / 3)  # 我想要 is one "word"
     by_tag = errors.by_tag()
     assert by_tag["en"] == {"wer": 0.0, "cer": 0.0, "mer": 0.0, "n_utterances": 1}
+
+
+def test_rates_equal_jiwer_on_random_pairs_including_mandarin():
+    import jiwer
+
+    from asr.text import mixed_tokens
+    rng = random.Random(1)
+    words = ["o", "gato", "我", "想要", "apple", "juice", "谢谢", "ok"]
+    refs = [" ".join(rng.choices(words, k=rng.randint(1, 9))) for _ in range(300)]
+    hyps = [" ".join(rng.choices(words, k=rng.randint(1, 9))) for _ in range(300)]
+    errors = ErrorRates()
+    errors.update(refs, hyps)
+    rates = errors.rates()
+    assert rates["wer"] == pytest.approx(jiwer.wer(refs, hyps), rel=1e-9)
+    assert rates["cer"] == pytest.approx(jiwer.cer(refs, hyps), rel=1e-9)
+    assert rates["mer"] == pytest.approx(jiwer.wer([" ".join(mixed_tokens(r)) for r in refs],
+                                                   [" ".join(mixed_tokens(h)) for h in hyps]), rel=1e-9)

@@ -1,0 +1,74 @@
+"""The exported model in the transformers pipeline and the transcribe command: the same transcripts as
+evaluate.py, long files in chunks, any sample rate; the export command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+import asr
+from asr import audio
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, *args], cwd=asr.REPO_DIR, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ))
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def barely_trained(cv_corpus, tmp_path_factory):
+    """A run of one update at a tiny learning rate: near-random weights, so transcripts are long and varied
+    (a trained-to-blank model would make every comparison trivially equal)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    run("train.py", f"data.root={cv_corpus}", "trainer.max_steps=1", "trainer.val_check_interval=1",
+        "optim.lr=1e-9", "data.num_workers=0", "data.max_batch_seconds=20", "logger=none", f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def test_transcribe_equals_evaluate_from_checkpoint_and_export(cv_corpus, barely_trained, tmp_path):
+    ckpt = barely_trained / "checkpoints" / "last.ckpt"
+    run("evaluate.py", f"ckpt_path={ckpt}", f"data.root={cv_corpus}", "split=test", "data.num_workers=0",
+        f"hydra.run.dir={tmp_path}/eval")
+    predictions = {p["id"]: p["hypothesis"] for p in map(json.loads, (tmp_path / "eval" / "predictions.jsonl").open())}
+    clips = [str(cv_corpus / "clips" / clip) for clip in sorted(predictions)]
+    assert sum(map(len, predictions.values())) > 20  # not a blank model
+    run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'exported'}")
+    for model in (str(ckpt), str(tmp_path / "exported"), str(barely_trained / "model")):
+        out = [json.loads(line) for line in run("transcribe.py", model, *clips, "--json").stdout.splitlines()]
+        assert [o["text"] for o in out] == [predictions[clip] for clip in sorted(predictions)], model
+
+
+def test_long_file_at_44khz_transcribes_in_chunks(cv_corpus, barely_trained, tmp_path):
+    clips = sorted((cv_corpus / "clips").glob("*.mp3"))[:8]
+    wave = np.concatenate([audio.load(c) for c in clips])  # ~25 s
+    sf.write(tmp_path / "long.wav", torchaudio.functional.resample(torch.from_numpy(wave), 16000, 44100).numpy(),
+             44100)
+    model = str(barely_trained / "model")
+    whole = run("transcribe.py", model, str(tmp_path / "long.wav"), "--chunk-seconds", "60").stdout.strip()
+    chunked = json.loads(run("transcribe.py", model, str(tmp_path / "long.wav"), "--json", "--chunk-seconds", "6",
+                             "--stride-seconds", "1").stdout)
+    assert chunked["seconds"] == pytest.approx(len(wave) / 16000, abs=0.01)
+    # same model, same audio: the chunked transcript covers the file as the whole one does
+    assert 0.8 < len(chunked["text"]) / len(whole) < 1.25
+
+
+def test_transcribe_reports_a_bad_file_and_goes_on(barely_trained, cv_corpus, tmp_path):
+    (tmp_path / "bad.mp3").write_bytes(b"\xff\xfb" + bytes(64))
+    good = str(sorted((cv_corpus / "clips").glob("*.mp3"))[0])
+    result = run("transcribe.py", str(barely_trained / "model"), str(tmp_path / "bad.mp3"), good, "--json")
+    assert "bad.mp3 does not decode" in result.stderr
+    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [good]
+
+
+def test_export_command_names_a_missing_checkpoint(tmp_path):
+    result = run("-m", "asr.export", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"out={tmp_path}", check=False)
+    assert result.returncode == 1 and "nope.ckpt does not exist" in result.stderr
