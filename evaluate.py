@@ -1,8 +1,11 @@
-"""Decode a split greedily with a trained model and score it.
+"""Decode a split with a trained model and score it: greedily, by beam search, or by beam search with
+an n-gram language model (pyctcdecode + KenLM).
 
     python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt [lang=... data.root=... split=test]
+    python evaluate.py ckpt_path=... decoder=beam_lm [lm_path=<arpa>] alpha=0.5 beta=1.0
+    python evaluate.py -m ckpt_path=... split=dev decoder=beam_lm alpha=0.3,0.5,0.8 beta=0,1,2   # a sweep
 
-Writes metrics.json (wer, cer, and mer for Mandarin; per language tag under by_language when the corpus
+Writes metrics.json (wer, cer, and mer for Mandarin; with a beam decoder also the greedy figures; per language tag under by_language when the corpus
 tags utterances, as ASCEND does) and predictions.jsonl (id, language, reference, hypothesis per
 utterance) into the run directory. Streams: one batch of logits in memory at a time.
 """
@@ -17,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from asr import SetupError, quote_numeric_choices, text
+from asr import SetupError, lm, quote_numeric_choices, text
 from asr.metrics import ErrorRates
 from asr.model import CTCModel
 
@@ -35,7 +38,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise SetupError(problem)
     data.vocab = model.vocab  # labels and [UNK] counts in the model's own vocabulary
     loader = data.dataloader(cfg.split)
-    errors = ErrorRates()
+    decoder, lm_path = build_decoder(cfg, model, data, run_dir)
+    errors, greedy_errors = ErrorRates(), ErrorRates()
     seconds, skipped = 0.0, 0
     with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as out, torch.inference_mode():
         for batch in tqdm(loader, desc=f"decoding {cfg.split}", unit="batch"):
@@ -43,24 +47,58 @@ def evaluate(cfg: DictConfig) -> dict:
                 continue
             mask = batch["attention_mask"].to(device)
             logits = model.model(batch["audio"].to(device), attention_mask=mask).logits
-            hypotheses = model.transcribe(logits, model.frames(batch["lengths"]))
+            frames = model.frames(batch["lengths"])
+            greedy = model.transcribe(logits, frames)
+            hypotheses = greedy
+            if decoder is not None:  # one utterance's log-probabilities at a time, on the host
+                log_probs = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+                # decode_beams, as Wav2Vec2ProcessorWithLM and the pipeline call it (decode() prunes history)
+                hypotheses = [text.normalize(decoder.decode_beams(lp[:n], beam_width=cfg.beam_width)[0][0],
+                                             model.hparams.language) for lp, n in zip(log_probs, frames.tolist())]
             errors.update(batch["texts"], hypotheses, batch["languages"])
-            for utt_id, tag, reference, hypothesis in zip(batch["ids"], batch["languages"], batch["texts"],
-                                                          hypotheses):
-                out.write(json.dumps({"id": utt_id, "language": tag, "reference": reference,
-                                      "hypothesis": hypothesis}, ensure_ascii=False) + "\n")
+            greedy_errors.update(batch["texts"], greedy, batch["languages"])
+            for utt_id, tag, reference, hypothesis, best_path in zip(batch["ids"], batch["languages"], batch["texts"],
+                                                                     hypotheses, greedy):
+                line = {"id": utt_id, "language": tag, "reference": reference, "hypothesis": hypothesis}
+                if decoder is not None:
+                    line["greedy_hypothesis"] = best_path
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
             seconds += batch["audio_seconds"]
             skipped += batch["skipped"]
-    rates = errors.rates()
+    rates, greedy_rates = errors.rates(), greedy_errors.rates()
     if not text.is_chinese(model.hparams.language):
         rates.pop("mer")
+        greedy_rates.pop("mer")
     by_language = errors.by_tag()
-    metrics = {**rates, "n_utterances": sum(errors.utterances.values()), "audio_seconds": seconds,
+    decoding = {"decoder": cfg.decoder}
+    if decoder is not None:
+        decoding.update(beam_width=cfg.beam_width, greedy=greedy_rates)
+    if cfg.decoder == "beam_lm":
+        decoding.update(alpha=cfg.alpha, beta=cfg.beta, lm_path=str(lm_path))
+    metrics = {**rates, **decoding, "n_utterances": sum(errors.utterances.values()), "audio_seconds": seconds,
                "skipped_clips": skipped, "split": cfg.split, "ckpt_path": str(cfg.ckpt_path),
                **({"by_language": by_language} if len(by_language) > 1 else {}),
                "data_report": data.report[cfg.split]}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
     return metrics
+
+
+def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
+    """(pyctcdecode decoder or None for greedy, the LM file). Without lm_path, beam_lm builds a
+    `lm_order`-gram model from the training transcripts into the run directory."""
+    if cfg.decoder == "greedy":
+        return None, None
+    if cfg.decoder not in ("beam", "beam_lm"):
+        raise SetupError(f"decoder={cfg.decoder} is unknown; expected greedy, beam or beam_lm")
+    lm_path = None
+    if cfg.decoder == "beam_lm":
+        lm_path = cfg.lm_path
+        if lm_path is None:
+            lm_path = lm.build([u.text for u in data.raw("train")], run_dir / "lm", cfg.lm_order,
+                               data.hparams.language)
+        elif not Path(lm_path).is_file():
+            raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
+    return lm.beam_decoder(model.vocab.tokens, lm_path, cfg.alpha, cfg.beta), lm_path
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
@@ -70,7 +108,9 @@ def main(cfg: DictConfig) -> None:
     except SetupError as error:
         sys.exit(f"error: {error}")
     mer = f"  MER {metrics['mer']:.4f}" if "mer" in metrics else ""
-    print(f"{cfg.split}: WER {metrics['wer']:.4f}  CER {metrics['cer']:.4f}{mer}  "
+    greedy = (f"  (greedy: WER {metrics['greedy']['wer']:.4f}  CER {metrics['greedy']['cer']:.4f})"
+              if "greedy" in metrics else "")
+    print(f"{cfg.split} {cfg.decoder}: WER {metrics['wer']:.4f}  CER {metrics['cer']:.4f}{mer}{greedy}  "
           f"({metrics['n_utterances']} utterances) -> {cfg.run_dir}")
 
 

@@ -1,7 +1,7 @@
 """A trained model as an HF directory that `Wav2Vec2ForCTC`, `Wav2Vec2Processor` and
 `transformers.pipeline("automatic-speech-recognition")` load.
 
-    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory>
+    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> [lm=<arpa> alpha=0.5 beta=1.0]
 """
 
 import json
@@ -27,9 +27,12 @@ def processor(vocab_json: str | Path) -> Wav2Vec2Processor:
     return Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
 
-def export(model: CTCModel, out_dir: str | Path) -> Path:
+def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = None, alpha: float = 0.5,
+           beta: float = 1.0) -> Path:
     """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
-    (the text rules, `language`, that transcripts follow: `asr.text.normalize`)."""
+    (the text rules, `language`, that transcripts follow: `asr.text.normalize`). With `lm_path`, the
+    Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model, alpha, beta):
+    transformers' ASR pipeline then decodes by beam search with the LM."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.model.save_pretrained(out_dir)
@@ -38,6 +41,22 @@ def export(model: CTCModel, out_dir: str | Path) -> Path:
     both.save_pretrained(out_dir)  # processor_config.json, tokenizer files (transformers 5)
     both.feature_extractor.save_pretrained(out_dir)  # preprocessor_config.json, as older releases expect
     (out_dir / "asr.json").write_text(json.dumps({"language": model.hparams.language}))
+    if lm_path is not None:
+        from transformers import Wav2Vec2ProcessorWithLM
+
+        from asr.lm import beam_decoder
+
+        decoder = beam_decoder(model.vocab.tokens, lm_path, alpha, beta)
+        with_lm = Wav2Vec2ProcessorWithLM(feature_extractor=both.feature_extractor, tokenizer=both.tokenizer,
+                                          decoder=decoder)
+        with_lm.save_pretrained(out_dir)
+        # transformers' pipeline attaches the decoder when the feature extractor's config names the
+        # processor class, as releases before 5 wrote it; 5 saves it beside, where the pipeline does not look
+        named = {"processor_class": "Wav2Vec2ProcessorWithLM"}
+        preprocessor, nested = out_dir / "preprocessor_config.json", out_dir / "processor_config.json"
+        preprocessor.write_text(json.dumps({**json.loads(preprocessor.read_text()), **named}, indent=2))
+        config = json.loads(nested.read_text())
+        nested.write_text(json.dumps({**config, "feature_extractor": {**config["feature_extractor"], **named}}, indent=2))
     return out_dir
 
 
@@ -49,7 +68,11 @@ def main(argv: list[str]) -> None:
         sys.exit("usage: python -m asr.export ckpt_path=<checkpoint> out=<directory>")
     if not Path(args.ckpt_path).is_file():
         sys.exit(f"error: ckpt_path={args.ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
-    print(f"exported to {export(CTCModel.from_checkpoint(args.ckpt_path), args.out)}")
+    if args.get("lm") is not None and not Path(args.lm).is_file():
+        sys.exit(f"error: lm={args.lm} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
+    out = export(CTCModel.from_checkpoint(args.ckpt_path), args.out, args.get("lm"), float(args.get("alpha", 0.5)),
+                 float(args.get("beta", 1.0)))
+    print(f"exported to {out}")
 
 
 if __name__ == "__main__":

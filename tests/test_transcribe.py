@@ -13,7 +13,7 @@ import torch
 import torchaudio
 
 import asr
-from asr import audio
+from asr import audio, text  # noqa: F401  (asr.text in the LM test)
 
 
 def run(*args, check=True):
@@ -72,3 +72,27 @@ def test_transcribe_reports_a_bad_file_and_goes_on(barely_trained, cv_corpus, tm
 def test_export_command_names_a_missing_checkpoint(tmp_path):
     result = run("-m", "asr.export", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"out={tmp_path}", check=False)
     assert result.returncode == 1 and "nope.ckpt does not exist" in result.stderr
+
+
+def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, barely_trained, tmp_path):
+    ckpt = barely_trained / "checkpoints" / "last.ckpt"
+    run("evaluate.py", f"ckpt_path={ckpt}", f"data.root={cv_corpus}", "split=test", "data.num_workers=0",
+        "decoder=beam_lm", "alpha=0.8", "beta=2.0", "lm_order=3",
+        f"hydra.run.dir={tmp_path}/eval")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["decoder"] == "beam_lm" and metrics["alpha"] == 0.8 and metrics["beam_width"] == 100
+    assert {"wer", "cer"} <= set(metrics["greedy"]) and metrics["lm_path"].endswith("3gram.arpa")
+    predictions = {p["id"]: p for p in map(json.loads, (tmp_path / "eval" / "predictions.jsonl").open())}
+    assert all("greedy_hypothesis" in p for p in predictions.values())
+    lm_words = {w for line in (cv_corpus / "train.tsv").read_text().splitlines()[1:]
+                for w in asr.text.normalize(line.split("\t")[3], "pt").split()}
+    hypotheses = " ".join(p["hypothesis"] for p in predictions.values()).split()
+    assert hypotheses and sum(w in lm_words for w in hypotheses) / len(hypotheses) > 0.8  # the LM steers to words
+
+    run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'with-lm'}", f"lm={metrics['lm_path']}",
+        "alpha=0.8", "beta=2.0")
+    assert (tmp_path / "with-lm" / "alphabet.json").is_file()
+    assert (tmp_path / "with-lm" / "language_model" / "3gram.arpa").is_file()
+    clips = [str(cv_corpus / "clips" / clip) for clip in sorted(predictions)]
+    out = [json.loads(line) for line in run("transcribe.py", str(tmp_path / "with-lm"), *clips, "--json").stdout.splitlines()]
+    assert [o["text"] for o in out] == [predictions[clip]["hypothesis"] for clip in sorted(predictions)]
