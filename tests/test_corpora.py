@@ -280,3 +280,15 @@ def test_a_clip_that_stops_decoding_is_skipped_and_counted(cv_corpus, tmp_path):
     batch = collate([dataset[0], dataset[1]])
     assert batch["skipped"] == 1 and batch["ids"] == [utts[1].id]
     assert collate([dataset[0]]) is None
+
+
+def test_decode_cache_trains_on_16khz_copies(cv_corpus, tmp_path):
+    data = SpeechDataModule("common_voice", str(cv_corpus), "pt", num_workers=1, decode_cache=True,
+                            cache_format="wav", cache_dir=str(tmp_path))
+    train = data.load("train")
+    assert all(Path(u.path).is_relative_to(tmp_path / "audio16k") and u.path.endswith(".wav") for u in train)
+    assert all(sf.info(u.path).samplerate == 16000 for u in train)
+    original = corpora.read_common_voice(cv_corpus, "train", "pt")[0]
+    assert len(audio.load(train[0].path)) == len(audio.load(original.path))
+    batch = next(iter(data.dataloader("train")))
+    assert batch["audio"].shape[0] >= 1 and batch["skipped"] == 0

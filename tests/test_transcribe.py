@@ -96,3 +96,11 @@ def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, b
     clips = [str(cv_corpus / "clips" / clip) for clip in sorted(predictions)]
     out = [json.loads(line) for line in run("transcribe.py", str(tmp_path / "with-lm"), *clips, "--json").stdout.splitlines()]
     assert [o["text"] for o in out] == [predictions[clip]["hypothesis"] for clip in sorted(predictions)]
+
+
+def test_alpha_beta_sweep_is_a_hydra_multirun(cv_corpus, barely_trained, tmp_path):
+    run("evaluate.py", "-m", f"ckpt_path={barely_trained / 'checkpoints' / 'last.ckpt'}", f"data.root={cv_corpus}",
+        "split=dev", "data.num_workers=0", "decoder=beam_lm", "lm_order=2", "alpha=0.2,1.5", "beta=0.0",
+        f"hydra.sweep.dir={tmp_path}")
+    runs = sorted(json.loads(p.read_text())["alpha"] for p in tmp_path.glob("*/metrics.json"))
+    assert runs == [0.2, 1.5]
