@@ -111,7 +111,12 @@ class CTCModel(L.LightningModule):
         (`labels=`) waits on the GPU several times a step (`labels.max()` check, `masked_select` of the
         labels, lengths copied back for the CTC kernel).
         """
-        logits = self.model(batch["audio"], attention_mask=batch["attention_mask"]).logits
+        if self._encoder_frozen_now():  # only the head learns: no graph through the encoder
+            with torch.no_grad():
+                hidden = self.model.wav2vec2(batch["audio"], attention_mask=batch["attention_mask"])[0]
+            logits = self.model.lm_head(self.model.dropout(hidden))
+        else:
+            logits = self.model(batch["audio"], attention_mask=batch["attention_mask"]).logits
         if "labels" not in batch:
             return CausalLMOutput(logits=logits)
         log_probs = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
@@ -121,6 +126,13 @@ class CTCModel(L.LightningModule):
                 self.frames(batch["lengths"]), torch.as_tensor(batch["label_lengths"]),  # host tensors: no sync
                 blank=self.vocab.blank_id, reduction="mean", zero_infinity=True)
         return CausalLMOutput(loss=loss, logits=logits)
+
+    def _encoder_frozen_now(self) -> bool:
+        """In the first `freeze_finetune_updates` training updates of a single-process run. Under DDP the
+        encoder's gradients are computed and dropped instead (`on_before_optimizer_step`): parameters
+        without gradients would stall DDP's all-reduce."""
+        return (self.training and self._trainer is not None and self.trainer.world_size == 1
+                and self.global_step < self.hparams.freeze_finetune_updates)
 
     def transcribe(self, logits: torch.Tensor, frames: torch.Tensor) -> list[str]:
         """Greedy transcripts under the model's text rules. logits: (B, T, V); frames: (B,)."""
