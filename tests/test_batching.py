@@ -122,6 +122,7 @@ def test_lightning_resume_mid_epoch_continues_with_the_next_batch(cv_corpus, tmp
         model = instantiate(cfg.model, vocab=data.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all")
         record = type("Record", (RecordBatches, L.Callback), {})()
         trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            default_root_dir=tmp_path,
                             enable_model_summary=False, limit_val_batches=0, callbacks=[record, *callbacks])
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
         return trainer, record.ids
