@@ -21,11 +21,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from asr import SetupError, lm, quote_numeric_choices, text
+from asr.config import check_overrides, checked
 from asr.metrics import ErrorRates
 from asr.model import CTCModel
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    cfg = checked(cfg, "evaluate")
     if not Path(cfg.ckpt_path).is_file():
         raise SetupError(f"ckpt_path={cfg.ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
     run_dir = Path(cfg.run_dir)
@@ -116,4 +118,8 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = quote_numeric_choices(sys.argv)
+    try:
+        check_overrides(sys.argv[1:], "evaluate")  # a mistyped key, named with the valid ones
+    except SetupError as error:
+        sys.exit(f"error: {error}")
     main()

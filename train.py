@@ -14,19 +14,20 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from asr import SetupError, TrainingStopped, quote_numeric_choices
+from asr.config import check_overrides, checked
 from asr.export import export
 from asr.model import CTCModel, check_pretrained
 from asr.report import RunReport, framework_versions, model_card
 
 
 def train(cfg: DictConfig) -> dict:
+    cfg = checked(cfg, "train")  # resolved, and every key and type checked against the code
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     L.seed_everything(cfg.seed, workers=True)
 
     data = instantiate(cfg.data, _convert_="all")
@@ -37,12 +38,10 @@ def train(cfg: DictConfig) -> dict:
     data.vocab.save(run_dir / "vocab.json")
     data.write_report(run_dir / "data_report.json")
 
-    model = instantiate(cfg.model, vocab=data.vocab.tokens, language=cfg.data.language, optim=cfg.optim, sched=cfg.sched, _convert_="all")
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-step{step}",
-                                  auto_insert_metric_name=False, monitor="val/cer", mode="min", save_last=True)
+    model = CTCModel.from_config(cfg, data.vocab.tokens)
     report = RunReport(run_dir)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    callbacks = [checkpoints, report] + ([LearningRateMonitor("step")] if logger else [])
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [report]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     trainer.fit(model, datamodule=data, ckpt_path=cfg.ckpt_path)
     if model.stop_reason:  # every rank stops alike; the state is kept for a look or a restart
@@ -54,9 +53,10 @@ def train(cfg: DictConfig) -> dict:
 
     if not trainer.is_global_zero:
         return {}
-    best = checkpoints.best_model_path or checkpoints.last_model_path
-    export(CTCModel.from_checkpoint(best), run_dir / "model")
-    results = report.write_results(best_checkpoint=best)
+    checkpoints = trainer.checkpoint_callback  # callbacks.checkpoint; without it, the final weights
+    best = checkpoints and (checkpoints.best_model_path or checkpoints.last_model_path)
+    export(CTCModel.from_checkpoint(best) if best else model.cpu(), run_dir / "model")
+    results = report.write_results(best_checkpoint=best or None)
     card = model_card(OmegaConf.to_container(cfg, resolve=True), results, framework_versions())
     (run_dir / "model" / "README.md").write_text(card, encoding="utf-8")
     return results
@@ -75,4 +75,8 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = quote_numeric_choices(sys.argv)
+    try:
+        check_overrides(sys.argv[1:], "train")  # a mistyped key, named with the valid ones
+    except SetupError as error:
+        sys.exit(f"error: {error}")
     main()

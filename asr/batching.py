@@ -33,9 +33,8 @@ class DurationBatchSampler(Sampler[list[int]]):
     batch.
     """
 
-    def __init__(self, durations, max_batch_seconds: float, max_batch_size: int | None = None,
-                 shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 num_buckets: int = 100, attention_q: float | None = None):
+    def __init__(self, durations, max_batch_seconds: float, *, max_batch_size: int | None, num_buckets: int,
+                 attention_q: float | None, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
         super().__init__()
         self.durations = np.asarray(durations, dtype=np.float64)
         self.max_batch_seconds, self.max_batch_size, self.attention_q = max_batch_seconds, max_batch_size, attention_q

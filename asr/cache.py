@@ -44,7 +44,7 @@ def _header_seconds(path: str) -> float | str:
         return UNREADABLE
 
 
-def durations(paths: list[str], cache_file: Path, workers: int = 1) -> list[float | str]:
+def durations(paths: list[str], cache_file: Path, workers: int) -> list[float | str]:
     """Seconds of each clip from its header, or why it cannot be used (MISSING, UNREADABLE).
 
     Readable durations are cached in `cache_file` (JSON: path -> [mtime_ns, size, seconds]); only new or
@@ -83,7 +83,7 @@ def _convert(job: tuple[str, str]) -> str | None:
     return target
 
 
-def decoded_copies(paths: list[str], cache_dir: Path, workers: int = 1, format: str = "flac") -> list[str | None]:
+def decoded_copies(paths: list[str], cache_dir: Path, workers: int, format: str) -> list[str | None]:
     """A 16 kHz mono 16-bit copy of each clip (FLAC or WAV) under `cache_dir`/audio16k, made once;
     None for a clip that does not decode."""
     jobs = []

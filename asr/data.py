@@ -142,16 +142,16 @@ class SpeechDataModule(L.LightningDataModule):
     split (Zeroth) gets one carved from train by `dev_speakers` held-out speakers (`dev_split=None`).
     `train_extra` adds release splits to training (Common Voice `validated`) minus dev/test speakers.
     The vocabulary is built from the training transcripts unless one is given (evaluation uses the
-    model's own).
+    model's own). Every argument comes from conf/data/default.yaml and conf/lang/ (their comments say what
+    each does); there are no defaults here.
     """
 
-    def __init__(self, corpus: str, root: str | None, language: str, lang: str = "",
-                 train_split: str = "train", dev_split: str | None = "dev", test_split: str = "test",
-                 train_extra: list[str] = (), dev_speakers: int = 5, columns: dict | None = None,
-                 max_batch_seconds: float = 200.0, max_batch_size: int | None = None,
-                 eval_max_batch_size: int | None = None, num_buckets: int = 100,
-                 attention_q: float | None = None, min_seconds: float = 0.0, max_seconds: float = 20.0, num_workers: int = 2, seed: int = 0,
-                 cache_dir: str = "~/.cache/asr", decode_cache: bool = False, cache_format: str = "flac"):
+    def __init__(self, corpus: str, root: str | None, language: str, lang: str, train_split: str,
+                 dev_split: str | None, test_split: str, train_extra: list[str], dev_speakers: int,
+                 columns: dict | None, max_batch_seconds: float, max_batch_size: int | None,
+                 eval_max_batch_size: int | None, num_buckets: int, attention_q: float | None, min_seconds: float,
+                 max_seconds: float, num_workers: int, seed: int, cache_dir: str, decode_cache: bool,
+                 cache_format: str):
         super().__init__()
         self.save_hyperparameters()
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
@@ -257,8 +257,8 @@ class SpeechDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer else 0
         size = h.max_batch_size if training or h.eval_max_batch_size is None else h.eval_max_batch_size
         sampler = DurationBatchSampler(
-            [u.duration for u in utterances], h.max_batch_seconds, size, shuffle=training,
-            seed=h.seed, num_replicas=world, rank=rank, num_buckets=h.num_buckets, attention_q=h.attention_q,
+            [u.duration for u in utterances], h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
+            attention_q=h.attention_q, seed=h.seed, shuffle=training, num_replicas=world, rank=rank,
         )
         workers = h.num_workers
         return (ResumableLoader if training else DataLoader)(

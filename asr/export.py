@@ -1,7 +1,9 @@
 """A trained model as an HF directory that `Wav2Vec2ForCTC`, `Wav2Vec2Processor` and
 `transformers.pipeline("automatic-speech-recognition")` load.
 
-    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> [lm=<arpa> alpha=0.5 beta=1.0]
+    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> [lm=<arpa> alpha=... beta=...]
+
+alpha and beta default to evaluate.py's (conf/evaluate.yaml); pass the ones your sweep found.
 """
 
 import json
@@ -27,12 +29,12 @@ def processor(vocab_json: str | Path) -> Wav2Vec2Processor:
     return Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
 
-def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = None, alpha: float = 0.5,
-           beta: float = 1.0) -> Path:
+def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = None, alpha: float | None = None,
+           beta: float | None = None) -> Path:
     """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
     (the text rules, `language`, that transcripts follow: `asr.text.normalize`). With `lm_path`, the
-    Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model, alpha, beta):
-    transformers' ASR pipeline then decodes by beam search with the LM."""
+    Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model, `alpha` and
+    `beta`, which it then needs): transformers' ASR pipeline then decodes by beam search with the LM."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.model.save_pretrained(out_dir)
@@ -63,6 +65,8 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
 def main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
+    from asr.config import decoding_defaults
+
     args = OmegaConf.from_dotlist(argv)
     if "ckpt_path" not in args or "out" not in args:
         sys.exit("usage: python -m asr.export ckpt_path=<checkpoint> out=<directory>")
@@ -70,8 +74,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: ckpt_path={args.ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
     if args.get("lm") is not None and not Path(args.lm).is_file():
         sys.exit(f"error: lm={args.lm} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
-    out = export(CTCModel.from_checkpoint(args.ckpt_path), args.out, args.get("lm"), float(args.get("alpha", 0.5)),
-                 float(args.get("beta", 1.0)))
+    defaults = decoding_defaults()  # alpha and beta as evaluate.py's
+    out = export(CTCModel.from_checkpoint(args.ckpt_path), args.out, args.get("lm"),
+                 float(args.get("alpha", defaults.alpha)), float(args.get("beta", defaults.beta)))
     print(f"exported to {out}")
 
 

@@ -6,7 +6,7 @@ were checked: `arpabo` implements Kneser-Ney with one fixed absolute discount an
 not modified Kneser-Ney with discounts estimated from the counts; KenLM's own builder (lmplz) needs a
 C++ build with Boost. Text is normalised with the same rules as the transcripts (`asr.text.normalize`).
 
-    python -m asr.lm text=<file, one sentence per line> out=<dir> [order=5] [language=hy]
+    python -m asr.lm text=<file, one sentence per line> out=<dir> [order=<lm_order of conf/evaluate.yaml>] [language=hy]
 """
 
 import math
@@ -115,7 +115,7 @@ def write_arpa(model: list[dict], path: str | Path) -> Path:
     return path
 
 
-def build(texts, out_dir: str | Path, order: int = 5, language: str | None = None) -> Path:
+def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
     """An ARPA model (and KenLM's binary format when `build_binary` is on the PATH) of the normalised
     `texts` in `out_dir`; returns the path decoders should load."""
     from asr.text import normalize
@@ -137,11 +137,14 @@ def build(texts, out_dir: str | Path, order: int = 5, language: str | None = Non
 def main(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
+    from asr.config import decoding_defaults
+
     args = OmegaConf.from_dotlist(argv)
     if "text" not in args or "out" not in args:
-        sys.exit("usage: python -m asr.lm text=<file, one sentence per line> out=<dir> [order=5] [language=...]")
+        sys.exit("usage: python -m asr.lm text=<file, one sentence per line> out=<dir> [order=N] [language=...]")
     lines = Path(args.text).read_text(encoding="utf-8").splitlines()
-    print(f"wrote {build(lines, args.out, int(args.get('order', 5)), args.get('language'))}")
+    order = int(args.get("order", decoding_defaults().lm_order))
+    print(f"wrote {build(lines, args.out, order, args.get('language'))}")
 
 
 if __name__ == "__main__":
@@ -155,9 +158,10 @@ def ctc_labels(tokens: list[str]) -> list[str]:
     return ["" if t == PAD else " " if t == WORD_DELIMITER else "⁇" if t == UNK else t for t in tokens]
 
 
-def beam_decoder(tokens: list[str], lm_path: str | Path | None = None, alpha: float = 0.5, beta: float = 1.0):
+def beam_decoder(tokens: list[str], lm_path: str | Path | None, alpha: float, beta: float):
     """pyctcdecode's CTC prefix beam search, with a KenLM word model when `lm_path` is given (ARPA, or a
-    KenLM binary with unigrams.txt beside it). alpha weighs the LM, beta is the bonus per word."""
+    KenLM binary with unigrams.txt beside it). alpha weighs the LM, beta is the bonus per word (both unused
+    without an LM)."""
     from pyctcdecode import build_ctcdecoder
 
     unigrams = None

@@ -64,19 +64,18 @@ class CTCModel(L.LightningModule):
     encoder stays as pretrained (fairseq's `freeze_finetune_updates`). max_consecutive_skips: updates
     whose gradients are not finite are skipped (on every rank alike) and counted; after this many in a
     row the run stops (`stop_reason`). optim: lr, betas, eps, weight_decay, head_lr (the CTC head's own
-    learning rate; None: lr). sched: name and options of a schedule in `asr.schedules`. All are plain
-    values, so checkpoints load with `weights_only=True`.
+    learning rate; None: lr), as `adamw` takes them. sched: name and options of a schedule in
+    `asr.schedules`. All are plain values, so checkpoints load with `weights_only=True`. The defaults
+    are in conf/ (train.yaml, model/, sched/).
     """
 
-    def __init__(self, vocab: list[str], pretrained: str | None = None, arch: dict | None = None,
-                 config: dict | None = None, language: str | None = None,
-                 freeze_feature_encoder: bool = True, freeze_finetune_updates: int = 0,
-                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
-                 max_consecutive_skips: int = 25, optim: dict | None = None, sched: dict | None = None):
+    def __init__(self, vocab: list[str], pretrained: str | None, arch: dict, config: dict, language: str | None,
+                 freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
+                 attn_implementation: str, max_consecutive_skips: int, optim: dict, sched: dict):
         super().__init__()
         self.save_hyperparameters()
         self.vocab = Vocabulary(vocab)
-        self.model = build_wav2vec2(self.vocab, pretrained, arch or {}, config or {}, attn_implementation)
+        self.model = build_wav2vec2(self.vocab, pretrained, arch, config, attn_implementation)
         if freeze_feature_encoder:  # the convolutional waveform encoder keeps its pretrained weights
             self.model.freeze_feature_encoder()
         if gradient_checkpointing:
@@ -90,6 +89,15 @@ class CTCModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The full architecture, so a checkpoint rebuilds without the pretrained weights it started from.
         checkpoint["wav2vec2_config"] = self.model.config.to_dict()
+
+    @classmethod
+    def from_config(cls, cfg, vocab: list[str]) -> "CTCModel":
+        """The model of a checked train config (`asr.config.checked`) for `vocab`: the model node, with
+        the text rules of the data and the optim and sched nodes passed at the call site."""
+        from hydra.utils import instantiate
+
+        return instantiate(cfg.model, vocab=vocab, language=cfg.data.language, optim=cfg.optim, sched=cfg.sched,
+                           _convert_="all")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
@@ -188,19 +196,20 @@ class CTCModel(L.LightningModule):
                 p.grad = None
 
     def configure_optimizers(self):
-        optim = self.hparams.optim or {}
-        lr = optim.get("lr", 3e-4)
-        head = {id(p) for p in self.model.lm_head.parameters()}
-        groups = []
-        for is_head in (False, True):
-            params = [p for p in self.parameters() if p.requires_grad and (id(p) in head) == is_head]
-            group_lr = (optim.get("head_lr") or lr) if is_head else lr
-            # As the HF Trainer: no weight decay on biases and layer-norm gains (1-D tensors).
-            groups += [{"params": [p for p in params if p.ndim >= 2], "lr": group_lr,
-                        "weight_decay": optim.get("weight_decay", 0.0)},
-                       {"params": [p for p in params if p.ndim < 2], "lr": group_lr, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.get("betas", (0.9, 0.999))),
-                                      eps=optim.get("eps", 1e-8))
-        sched = dict(self.hparams.sched or {"name": "linear", "warmup_steps": 0})
-        scheduler = schedules.build(optimizer, int(self.trainer.estimated_stepping_batches), **sched)
+        optimizer = adamw(self.model, **self.hparams.optim)
+        scheduler = schedules.build(optimizer, int(self.trainer.estimated_stepping_batches), **self.hparams.sched)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adamw(model: Wav2Vec2ForCTC, lr: float, betas: list[float], eps: float, weight_decay: float,
+          head_lr: float | None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; the CTC head (`lm_head`) at `head_lr` (None: `lr`). As the HF
+    Trainer, no weight decay on biases and layer-norm gains (1-D tensors)."""
+    head = {id(p) for p in model.lm_head.parameters()}
+    groups = []
+    for is_head in (False, True):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in head) == is_head]
+        group_lr = (head_lr or lr) if is_head else lr
+        groups += [{"params": [p for p in params if p.ndim >= 2], "lr": group_lr, "weight_decay": weight_decay},
+                   {"params": [p for p in params if p.ndim < 2], "lr": group_lr, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)

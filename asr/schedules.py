@@ -12,8 +12,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_linear_schedule_with_warmup
 
 
-def tristage_factor(step: int, total_steps: int, ratios=(0.1, 0.4, 0.5), init_lr_scale: float = 0.01,
-                    final_lr_scale: float = 0.01) -> float:
+def tristage_factor(step: int, total_steps: int, ratios: list[float], init_lr_scale: float,
+                    final_lr_scale: float) -> float:
     """lr / peak lr at optimizer update `step`: linear warm-up from init, hold, exponential decay to final."""
     warmup, hold, decay = (int(total_steps * r) for r in ratios)
     if step < warmup:
@@ -27,12 +27,23 @@ def tristage_factor(step: int, total_steps: int, ratios=(0.1, 0.4, 0.5), init_lr
     return final_lr_scale
 
 
+def linear(optimizer: Optimizer, total_steps: int, warmup_steps: int | None, warmup_ratio: float) -> LambdaLR:
+    """HF `linear`: from 0 to lr over the warm-up, then to 0 at `total_steps`. `warmup_steps`, when set,
+    wins over `warmup_ratio` (a fraction of `total_steps`), as in HF TrainingArguments."""
+    warmup = int(warmup_ratio * total_steps) if warmup_steps is None else warmup_steps
+    return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def tristage(optimizer: Optimizer, total_steps: int, ratios: list[float], init_lr_scale: float,
+             final_lr_scale: float) -> LambdaLR:
+    """fairseq `tri_stage` over `total_steps`: `ratios` (warm-up, hold, decay) are fractions of it."""
+    return LambdaLR(optimizer, partial(tristage_factor, total_steps=total_steps, ratios=ratios,
+                                       init_lr_scale=init_lr_scale, final_lr_scale=final_lr_scale))
+
+
 def build(optimizer: Optimizer, total_steps: int, name: str, **options) -> LambdaLR:
     """The schedule `name` over `total_steps` optimizer updates; options come from conf/sched/<name>.yaml."""
-    if name == "linear":  # warmup_steps, when set, wins over warmup_ratio (as in HF TrainingArguments)
-        warmup = options.get("warmup_steps")
-        warmup = int(options.get("warmup_ratio", 0.0) * total_steps) if warmup is None else warmup
-        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    if name == "tristage":
-        return LambdaLR(optimizer, partial(tristage_factor, total_steps=total_steps, **options))
-    raise ValueError(f"sched={name} is unknown; expected linear or tristage")
+    schedules = {"linear": linear, "tristage": tristage}
+    if name not in schedules:
+        raise ValueError(f"sched={name} is unknown; expected linear or tristage")
+    return schedules[name](optimizer, total_steps, **options)

@@ -216,9 +216,57 @@ def make_demo(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50,
     write_common_voice(root, splits, locale="pt")
 
 
+# ---------------------------------------------------------------------------------------------
+# A second corpus, unlike the demo: short sentences (about 2.3 s) of other words, other voices. It
+# checks that a recipe learns on a corpus it was not tuned on (tests, benchmarks/convergence.py).
+
+SHORT_SUBJECTS = [
+    "o comboio", "a janela", "o professor", "a rua", "o telefone", "a porta verde", "o autocarro",
+    "a lua", "o rapaz", "a senhora", "o relógio", "a sopa", "o carro novo", "a ponte",
+]
+SHORT_PREDICATES = [
+    "chega cedo", "está aberta", "fica longe", "parte agora", "faz barulho", "está fria",
+    "é muito bonita", "não funciona", "anda devagar", "volta amanhã", "brilha muito", "dorme bem",
+    "está fechada", "custa caro",
+]
+SHORT_ENDINGS = ["", "", "", "outra vez", "sempre", "também", "de novo"]
+SHORT_TRAIN_VOICES = [
+    Voice("pt+m5", 150, 52), Voice("pt+f1", 155, 66), Voice("pt-br+m1", 145, 38),
+    Voice("pt-br+f3", 160, 58), Voice("pt+m6", 140, 44), Voice("pt-br+f5", 150, 72),
+]
+SHORT_DEV_VOICES = [Voice("pt+m7", 148, 47), Voice("pt-br+f4", 153, 61)]
+SHORT_TEST_VOICES = [Voice("pt+f4", 151, 55), Voice("pt-br+m6", 144, 41)]
+
+
+def short_sentences(n: int, rng: random.Random) -> list[str]:
+    sentences: set[str] = set()
+    while len(sentences) < n:
+        words = [rng.choice(SHORT_SUBJECTS), rng.choice(SHORT_PREDICATES), rng.choice(SHORT_ENDINGS)]
+        sentences.add(" ".join(w for w in words if w).capitalize() + rng.choice([".", "!", "?"]))
+    return sorted(sentences)
+
+
+def make_short(root: Path, n_train: int = 700, n_dev: int = 50, n_test: int = 50, seed: int = 1) -> None:
+    """800 clips of about 2.3 s in the Common Voice layout: a corpus that is not the demo."""
+    rng = random.Random(seed)
+    sentences = short_sentences(n_train + n_dev + n_test, rng)
+    rng.shuffle(sentences)
+    train, dev, test = (sentences[:n_train], sentences[n_train:n_train + n_dev],
+                        sentences[n_train + n_dev:])
+    splits = {
+        "train": [(s, SHORT_TRAIN_VOICES[i % len(SHORT_TRAIN_VOICES)]) for i, s in enumerate(train)],
+        "dev": [(s, SHORT_DEV_VOICES[i % len(SHORT_DEV_VOICES)]) for i, s in enumerate(dev)],
+        "test": [(s, SHORT_TEST_VOICES[i % len(SHORT_TEST_VOICES)]) for i, s in enumerate(test)],
+    }
+    write_common_voice(root, splits, locale="pt")
+
+
+CORPORA = {"demo": make_demo, "short": make_short}
+
 if __name__ == "__main__":
+    # python -m asr.synth <out dir> [demo|short]
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "demo/cv-pt")
     if out.exists():
         shutil.rmtree(out)
-    make_demo(out)
+    CORPORA[sys.argv[2] if len(sys.argv) > 2 else "demo"](out)
     print(f"wrote {out}")

@@ -52,7 +52,8 @@ def main() -> None:
     print(f"{'durations':<22} {'budget s':>8} {'sampler':<34} {'batches':>7} {'clips/b':>7} {'padding':>8} {'fill':>6}")
     for name, durations in (("demo train (520)", demo_durations()), ("CV-like (20,000)", common_voice_like())):
         for budget in (30.0, 200.0):
-            ours = DurationBatchSampler(durations, budget, seed=0).batches(0)  # 100 buckets
+            ours = DurationBatchSampler(durations, budget, max_batch_size=None, num_buckets=100, attention_q=None,
+                                        seed=0).batches(0)
             size = round(len(durations) / len(ours))
             torch.manual_seed(0)
             rows = {
@@ -60,7 +61,8 @@ def main() -> None:
                 f"HF group_by_length, {size} clips": fixed_size(
                     list(LengthGroupedSampler(size, lengths=(durations * 16000).astype(int).tolist())), size),
                 "ours, 100 buckets (default)": ours,
-                "ours, 30 buckets": DurationBatchSampler(durations, budget, seed=0, num_buckets=30).batches(0),
+                "ours, 30 buckets": DurationBatchSampler(durations, budget, max_batch_size=None, num_buckets=30,
+                                                         attention_q=None, seed=0).batches(0),
             }
             for sampler, batches in rows.items():
                 padding, fill = measure(batches, durations, budget if sampler.startswith("ours") else None)

@@ -33,13 +33,13 @@ def ours(cfg, steps: int, profile: bool) -> dict:
     import lightning as L
     from hydra.utils import instantiate
 
+    from asr.model import CTCModel
     from asr.report import RunReport
 
     L.seed_everything(cfg.seed)
     data = instantiate(cfg.data, _convert_="all")
     data.setup("fit")
-    model = instantiate(cfg.model, vocab=data.vocab.tokens, language=cfg.data.language, optim=cfg.optim,
-                        sched=cfg.sched, _convert_="all")
+    model = CTCModel.from_config(cfg, data.vocab.tokens)
     report = RunReport(Path("/tmp"))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[report], max_steps=steps, max_time=None,
                           limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
@@ -108,9 +108,10 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
 
     import asr
+    from asr.config import checked
 
     with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=OVERRIDES + args.overrides)
+        cfg = checked(compose("train", overrides=OVERRIDES + args.overrides))
     torch.manual_seed(cfg.seed)
     mine = ours(cfg, args.steps, args.profile)
     data = mine.pop("data")
@@ -121,9 +122,10 @@ def main() -> None:
         return
     # The HF model: the same Wav2Vec2ForCTC class, rebuilt from the seed, so with our initial weights.
     import lightning as L
-    from hydra.utils import instantiate
+
+    from asr.model import CTCModel
     L.seed_everything(cfg.seed)
-    initial = instantiate(cfg.model, vocab=data.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all")
+    initial = CTCModel.from_config(cfg, data.vocab.tokens)
     batches = len(data.train_dataloader().batch_sampler)
     clips_per_batch = round(len(data.load("train")) / batches)
     theirs = hf_trainer(cfg, args.steps, clips_per_batch, data, initial.model)

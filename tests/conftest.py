@@ -3,13 +3,16 @@ Common Voice release layout."""
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 import asr
 from asr import synth
+from asr.config import checked
 
 CONF = str(asr.REPO_DIR / "conf")
 
@@ -20,9 +23,20 @@ def _cache_dir(tmp_path_factory):
     os.environ["ASR_CACHE_DIR"] = str(tmp_path_factory.mktemp("asr-cache"))
 
 
-def compose_config(name: str = "train", overrides: list[str] = ()):
+def compose_config(name: str = "train", overrides: list[str] = (), check: bool = True):
+    """The real config as the scripts get it: composed, resolved and checked against the code
+    (`asr.config.checked`). Without a run_dir override it is a throwaway directory."""
+    overrides = list(overrides)
+    if not any(o.startswith("run_dir=") for o in overrides):
+        overrides.append(f"run_dir={tempfile.mkdtemp(prefix='run-')}")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(name, overrides=asr.quote_numeric_choices(list(overrides)))
+        cfg = compose(name, overrides=asr.quote_numeric_choices(overrides))
+    return checked(cfg, name) if check else cfg
+
+
+def data_module(*overrides: str):
+    """The SpeechDataModule of the train config with these overrides."""
+    return instantiate(compose_config(overrides=overrides).data, _convert_="all")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from asr.model import CTCModel  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def main(root: str, out_dir: str) -> None:
     data = instantiate(cfg.data, _convert_="all")
     data.setup("fit")
     (out / "durations.json").write_text(json.dumps({u.id: u.duration for u in data.load("train")}))
-    model = instantiate(cfg.model, vocab=data.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all")
+    model = CTCModel.from_config(cfg, data.vocab.tokens)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, use_distributed_sampler=False, callbacks=[WriteRankBatches(out)])

@@ -6,14 +6,21 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from asr.model import CTCModel
 from asr.batching import DurationBatchSampler
 from tests.conftest import compose_config
 
 DURATIONS = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 500).clip(1, 10)
 
 
+def make_sampler(durations, max_batch_seconds, **options) -> DurationBatchSampler:
+    """The sampler with this test's settings: no clip cap, 100 buckets, no attention cost, seed 0."""
+    settings = {"max_batch_size": None, "num_buckets": 100, "attention_q": None, "seed": 0, **options}
+    return DurationBatchSampler(durations, max_batch_seconds, **settings)
+
+
 def test_sampler_covers_each_clip_once_within_budget():
-    sampler = DurationBatchSampler(DURATIONS, max_batch_seconds=60, seed=1)
+    sampler = make_sampler(DURATIONS, max_batch_seconds=60, seed=1)
     batches = list(sampler)
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(len(DURATIONS)))
@@ -24,18 +31,18 @@ def test_sampler_covers_each_clip_once_within_budget():
 
 
 def test_sampler_order_changes_per_epoch_and_repeats_per_seed():
-    a, b = DurationBatchSampler(DURATIONS, 60, seed=3), DurationBatchSampler(DURATIONS, 60, seed=3)
+    a, b = make_sampler(DURATIONS, 60, seed=3), make_sampler(DURATIONS, 60, seed=3)
     epoch0, epoch1 = list(a), list(a)  # the sampler advances its own epoch
     assert epoch0 != epoch1
     assert list(b) == epoch0 and list(b) == epoch1
 
 
 def test_sampler_caps_clip_count():
-    assert max(len(b) for b in DurationBatchSampler(DURATIONS, 1000, max_batch_size=8)) == 8
+    assert max(len(b) for b in make_sampler(DURATIONS, 1000, max_batch_size=8)) == 8
 
 
 def test_sampler_ranks_get_disjoint_batches_and_equal_counts():
-    ranks = [DurationBatchSampler(DURATIONS, 50, seed=0, num_replicas=3, rank=r) for r in range(3)]
+    ranks = [make_sampler(DURATIONS, 50, seed=0, num_replicas=3, rank=r) for r in range(3)]
     seen = [list(s) for s in ranks]
     assert len({len(s) for s in seen}) == 1 and len(seen[0]) == len(ranks[0])
     indices = [i for s in seen for b in s for i in b]
@@ -46,53 +53,53 @@ def test_sampler_ranks_get_disjoint_batches_and_equal_counts():
 
 def test_sampler_rejects_a_clip_over_budget():
     with pytest.raises(ValueError, match="max_batch_seconds"):
-        DurationBatchSampler([5.0, 30.0], max_batch_seconds=20)
+        make_sampler([5.0, 30.0], max_batch_seconds=20)
 
 
 def test_sampler_buckets_come_from_the_corpus_quantiles():
-    sampler = DurationBatchSampler(DURATIONS, 60, num_buckets=10)
+    sampler = make_sampler(DURATIONS, 60, num_buckets=10)
     assert len(sampler.boundaries) == 9
     counts = np.bincount(sampler.bucket)
     assert counts.min() >= 45 and counts.max() <= 55  # equal-count buckets
     padded = sum(DURATIONS[b].max() * len(b) for b in sampler)
-    fine = DurationBatchSampler(DURATIONS, 60, num_buckets=100)
+    fine = make_sampler(DURATIONS, 60, num_buckets=100)
     assert 1 - DURATIONS.sum() / sum(DURATIONS[b].max() * len(b) for b in fine) < 1 - DURATIONS.sum() / padded
 
 
 def test_sampler_attention_cost_gives_long_clips_smaller_batches():
-    sampler = DurationBatchSampler(DURATIONS, 60, attention_q=5.0)
+    sampler = make_sampler(DURATIONS, 60, attention_q=5.0)
     for b in sampler:
         longest = DURATIONS[b].max()
         assert len(b) * (longest + longest**2 / 5.0) <= 60
-    plain = DurationBatchSampler(DURATIONS, 60)
+    plain = make_sampler(DURATIONS, 60)
     assert len(list(sampler)) > len(list(plain))
 
 
 def test_sampler_resumes_mid_epoch_with_the_next_batch():
-    reference = DurationBatchSampler(DURATIONS, 60, seed=5)
+    reference = make_sampler(DURATIONS, 60, seed=5)
     next(iter(reference))  # epoch 0 is not complete: it stays epoch 0
     reference.set_epoch(1)
     expected = list(reference)
-    sampler = DurationBatchSampler(DURATIONS, 60, seed=5)
+    sampler = make_sampler(DURATIONS, 60, seed=5)
     sampler.set_epoch(1)
     it = iter(sampler)
     seen = [next(it) for _ in range(7)]
     state = sampler.state_dict()
     assert state == {"epoch": 1, "position": 7}
-    resumed = DurationBatchSampler(DURATIONS, 60, seed=5)
+    resumed = make_sampler(DURATIONS, 60, seed=5)
     resumed.load_state_dict(state)
     resumed.set_epoch(1)  # as Lightning does at the start of the resumed epoch
     assert seen + list(resumed) == expected
-    assert list(resumed) == DurationBatchSampler(DURATIONS, 60, seed=5).batches(2)  # then the next epoch
-    at_end = DurationBatchSampler(DURATIONS, 60, seed=5)
+    assert list(resumed) == make_sampler(DURATIONS, 60, seed=5).batches(2)  # then the next epoch
+    at_end = make_sampler(DURATIONS, 60, seed=5)
     at_end.load_state_dict({"epoch": 1, "position": len(expected)})
-    assert at_end.epoch == 2 and list(at_end) == DurationBatchSampler(DURATIONS, 60, seed=5).batches(2)
+    assert at_end.epoch == 2 and list(at_end) == make_sampler(DURATIONS, 60, seed=5).batches(2)
 
 
 def test_sampler_is_where_lightning_sets_the_epoch():
     from lightning.fabric.utilities.data import _set_sampler_epoch
     from torch.utils.data import DataLoader
-    sampler = DurationBatchSampler(DURATIONS, 60)
+    sampler = make_sampler(DURATIONS, 60)
     _set_sampler_epoch(DataLoader(range(len(DURATIONS)), batch_sampler=sampler), 4)
     assert sampler.epoch == 4
 
@@ -119,7 +126,7 @@ def test_lightning_resume_mid_epoch_continues_with_the_next_batch(cv_corpus, tmp
         L.seed_everything(0)
         data = instantiate(cfg.data, _convert_="all")
         data.setup("fit")
-        model = instantiate(cfg.model, vocab=data.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all")
+        model = CTCModel.from_config(cfg, data.vocab.tokens)
         record = type("Record", (RecordBatches, L.Callback), {})()
         trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False,
                             default_root_dir=tmp_path,
@@ -151,7 +158,7 @@ def test_real_ddp_ranks_see_disjoint_batches_and_equal_counts(cv_corpus, tmp_pat
                    check=True, capture_output=True, timeout=300)
     ranks = [json.loads((tmp_path / f"ids-rank{r}.json").read_text()) for r in range(2)]
     durations = json.loads((tmp_path / "durations.json").read_text())
-    all_batches = DurationBatchSampler(list(durations.values()), 7, seed=42).batches(0)
+    all_batches = make_sampler(list(durations.values()), 7, seed=42).batches(0)
     assert len(all_batches) % 2 == 1  # so that one batch is left over
     assert len(ranks[0]) == len(ranks[1]) == len(all_batches) // 2
     seen = [clip for rank in ranks for batch in rank for clip in batch]

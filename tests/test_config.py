@@ -1,6 +1,10 @@
-"""Every option of every config group composes and instantiates; the offline failure is a message."""
+"""Every option of every config group composes and instantiates; every default has one home (the YAML),
+each group writes only where train.yaml says, and a wrong key or type stops a run naming the valid keys;
+the offline failure is a message."""
 
+import inspect
 import os
+import re
 import subprocess
 import sys
 import time
@@ -8,9 +12,12 @@ import time
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import asr
-from asr.model import CTCModel, check_pretrained
+from asr import SetupError, config, schedules
+from asr.data import SpeechDataModule
+from asr.model import CTCModel, adamw, check_pretrained
 from tests.conftest import CONF, compose_config
 
 GROUPS = {
@@ -19,6 +26,7 @@ GROUPS = {
     "sched": ["linear", "tristage"],
     "precision": ["32", "16", "bf16"],
     "logger": ["csv", "wandb", "none"],
+    "callbacks": ["default"],
 }
 
 
@@ -54,7 +62,7 @@ def test_model(name, low, high):
     cfg = compose_config(overrides=[f"model={name}", "model.pretrained=null"])
     vocab = list("abc") + ["|", "[UNK]", "[PAD]"]
     with torch.device("meta"):  # the real architecture, without allocating 4 GB for the 1B model
-        model = instantiate(cfg.model, vocab=vocab, optim=cfg.optim, sched=cfg.sched, _convert_="all")
+        model = CTCModel.from_config(cfg, vocab)
     assert isinstance(model, CTCModel)
     assert low < sum(p.numel() for p in model.parameters()) < high
     assert model.model.lm_head.out_features == len(vocab)
@@ -75,7 +83,9 @@ def test_trainer_options(sched, precision, logger, tmp_path, monkeypatch):
     assert cfg.sched.name == sched
     built_logger = instantiate(cfg.logger) if cfg.get("logger") else False
     assert (built_logger is False) == (logger == "none")
-    trainer = instantiate(cfg.trainer, logger=built_logger)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    assert {type(c).__name__ for c in callbacks} == ({"ModelCheckpoint"} | ({"LearningRateMonitor"} if built_logger else set()))
+    trainer = instantiate(cfg.trainer, logger=built_logger, callbacks=callbacks)
     expected = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}[precision]
     assert cfg.trainer.precision == expected
     # Lightning runs fp16 AMP as bf16 on CPU (it says so in a warning); on GPU it is fp16.
@@ -130,3 +140,104 @@ def test_trainer_overrides_as_users_type_them(tmp_path):
                                     f"run_dir={tmp_path}"])
     trainer = instantiate(cfg.trainer, logger=False)
     assert trainer.max_steps == 7 and cfg.trainer.max_time == "00:00:05:00"
+
+
+def leaves(node, prefix: str = "") -> dict:
+    """{dotted key: value} of a YAML file's settings (lists are values)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        if key != "defaults":
+            out |= leaves(value, f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+def option_writes(group: str, option: str) -> dict:
+    """The dotted keys an option's file sets, under its package (`# @package`, else the group)."""
+    path = asr.REPO_DIR / "conf" / group / f"{option}.yaml"
+    text = path.read_text()
+    package = re.search(r"^# @package (\S+)", text, re.M)
+    package = package.group(1) if package else group
+    body = leaves(OmegaConf.to_container(OmegaConf.load(path)))
+    return {k if package == "_global_" else f"{package}.{k}": v for k, v in body.items()}
+
+
+def declared_writes() -> dict[str, list[str]]:
+    """train.yaml's table: group -> the keys it may write."""
+    lines = re.findall(r"^#   (\w+) +-> (.+)$", (asr.REPO_DIR / "conf" / "train.yaml").read_text(), re.M)
+    return {group: [k.strip() for k in keys.split(",")] for group, keys in lines}
+
+
+def test_each_group_writes_only_the_keys_train_yaml_declares():
+    declared = declared_writes()
+    assert set(GROUPS) | {"data"} <= set(declared)
+    for group in [*GROUPS, "data"]:
+        for option in (p.stem for p in (asr.REPO_DIR / "conf" / group).glob("*.yaml")):
+            for key in option_writes(group, option):
+                assert any(key == d or key.startswith(d + ".") for d in declared[group]), (group, option, key)
+
+
+def test_no_python_default_for_a_setting_the_yaml_gives():
+    """The code configured by conf/ takes every setting from it: a default here would be a second home."""
+    for target, skip in [(SpeechDataModule, ()), (CTCModel, ()), (adamw, ("model",)),
+                         (schedules.linear, ()), (schedules.tristage, ()), (config.train_settings, ()),
+                         (config.evaluate_settings, ())]:
+        defaults = [p.name for p in inspect.signature(target).parameters.values()
+                    if p.default is not p.empty and p.name not in skip]
+        assert defaults == [], (target.__qualname__, defaults)
+
+
+def test_experiments_override_only_what_their_card_changed():
+    """Each value an experiment sets differs from what its groups give without it; the card's learning
+    rate is pinned even where it equals the model's (a model's default may change, a card's run not)."""
+    for path in sorted((asr.REPO_DIR / "conf" / "experiment").glob("*.yaml")):
+        groups = [f"{k.removeprefix('override /')}={v}" for item in OmegaConf.load(path).defaults
+                  for k, v in item.items()]
+        base = leaves(OmegaConf.to_container(compose_config(overrides=groups)))
+        for key, value in option_writes("experiment", path.stem).items():
+            assert key == "optim.lr" or base.get(key) != value, f"{path.name} restates {key}: {value}"
+        assert "sched=linear" not in groups, f"{path.name} restates the default schedule"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.max_batch_secs=3", "data.max_batch_secs is not a setting of data (asr.data.SpeechDataModule). "
+                              "Did you mean data.max_batch_seconds? Its settings: attention_q, cache_dir"),
+    ("trainer.max_step=3", "Did you mean trainer.max_steps?"),
+    ("optim.learning_rate=1", "optim.learning_rate is not a setting of optim (asr.model.adamw)."),
+    ("sed=3", "sed is not a setting of train.py. Did you mean seed?"),
+])
+def test_a_mistyped_key_is_named_with_the_valid_ones(override, message):
+    with pytest.raises(SetupError, match=re.escape(message)):
+        config.check_overrides([override], "train")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+data.max_batch_secs=3", "data.max_batch_secs is not a setting of data (asr.data.SpeechDataModule). "
+                               "Did you mean data.max_batch_seconds?"),
+    ("+sched.warmup=3", "sched.warmup is not a setting of sched (asr.schedules.linear). Did you mean "
+                        "sched.warmup_steps? Its settings: warmup_ratio, warmup_steps."),
+    ("data.max_batch_seconds=abc", "data.max_batch_seconds='abc': Value 'abc' of type 'str' could not be "
+                                   "converted to Float"),
+    ("trainer.max_steps=many", "trainer.max_steps='many'"),
+    ("optim.betas=0.9", "optim.betas=0.9"),
+    ("+callbacks.checkpoint.every_n_steps=3", "callbacks.checkpoint.every_n_steps is not a setting"),
+    ("optim.lr=???", "optim needs optim.lr"),
+])
+def test_a_wrong_key_or_type_stops_before_anything_runs(override, message):
+    with pytest.raises(SetupError, match=re.escape(message)):
+        compose_config(overrides=[override])
+
+
+def test_checked_values_take_the_types_of_the_code():
+    cfg = compose_config(overrides=["data.max_batch_seconds=30", "optim.lr=1", "trainer.max_steps=5"])
+    assert isinstance(cfg.data.max_batch_seconds, float) and isinstance(cfg.optim.lr, float)
+    assert cfg.trainer.max_steps == 5
+
+
+def test_train_py_names_the_valid_keys(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "data.max_batch_secs=3", f"hydra.run.dir={tmp_path}"],
+                            cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: data.max_batch_secs is not a setting of data" in result.stderr
+    assert "Did you mean data.max_batch_seconds?" in result.stderr

@@ -13,7 +13,7 @@ import soundfile as sf
 
 import asr
 from asr import SetupError, audio, cache, corpora, synth
-from asr.data import SpeechDataModule
+from tests.conftest import data_module
 
 KOREAN = ["안녕하세요", "감사합니다", "오늘 날씨가 좋네요", "학교에 갑니다", "밥을 먹었어요", "책을 읽어요"]
 # ASCEND-like code-switching: (transcription, language tag)
@@ -44,8 +44,7 @@ def test_zeroth_openslr_layout_reads_and_carves_dev_by_speaker(zeroth_openslr):
     assert len(dev) == 3 and not {u.speaker for u in dev} & {u.speaker for u in rest}
     with pytest.raises(SetupError, match="dev_split=null"):
         corpora.read_split("zeroth", str(zeroth_openslr), "dev", "ko")
-    data = SpeechDataModule("zeroth", str(zeroth_openslr), "ko", "ko", dev_split=None, dev_speakers=1,
-                            num_workers=1)
+    data = data_module("lang=ko", f"data.root={zeroth_openslr}", "data.dev_speakers=1", "data.num_workers=1")
     assert len(data.load("train")) == 9 and len(data.load("dev")) == 3 and len(data.load("test")) == 2
     assert {u.id for u in data.load("train")}.isdisjoint(u.id for u in data.load("dev"))
     assert "감" in data.vocab.tokens and data.report["train"]["dropped"] == {}
@@ -88,9 +87,8 @@ def ascend_rows() -> dict[str, list[dict]]:
 
 def test_ascend_hub_copy_keeps_language_tags(tmp_path, ascend_rows):
     synth.write_hf_dataset(tmp_path / "ascend", ascend_rows, "hub")
-    cfg = dict(corpus="ascend", root=str(tmp_path / "ascend"), language="zh-en", dev_split="validation",
-               num_workers=1, cache_dir=str(tmp_path / "cache"))
-    data = SpeechDataModule(**cfg)
+    data = data_module("lang=zh_en", f"data.root={tmp_path / 'ascend'}", "data.num_workers=1",
+                       f"data.cache_dir={tmp_path / 'cache'}")
     train = data.load("train")
     assert [u.language for u in train] == [tag for _, tag in ASCEND]
     assert train[1].duration == pytest.approx(ascend_rows["train"][1]["duration"])
@@ -149,27 +147,27 @@ def test_duration_cache_reads_each_header_once(tmp_path, monkeypatch):
         sf.write(tmp_path / f"{n}.wav", np.zeros(16000 * (n + 1), dtype=np.float32), 16000)
         clips.append(str(tmp_path / f"{n}.wav"))
     index = tmp_path / "cache" / "durations.json"
-    assert cache.durations(clips + [str(tmp_path / "gone.wav")], index) == [1.0, 2.0, 3.0, cache.MISSING]
+    assert cache.durations(clips + [str(tmp_path / "gone.wav")], index, workers=1) == [1.0, 2.0, 3.0, cache.MISSING]
     opened = []
     monkeypatch.setattr(cache, "_header_seconds", lambda p: opened.append(p) or 9.0)
-    assert cache.durations(clips, index) == [1.0, 2.0, 3.0] and opened == []
+    assert cache.durations(clips, index, workers=1) == [1.0, 2.0, 3.0] and opened == []
     sf.write(clips[1], np.zeros(8000, dtype=np.float32), 16000)  # replaced: new size and time
     os.utime(clips[1], ns=(1, 1))
-    assert cache.durations(clips, index) == [1.0, 9.0, 3.0] and opened == [clips[1]]
+    assert cache.durations(clips, index, workers=1) == [1.0, 9.0, 3.0] and opened == [clips[1]]
 
 
 def test_decode_cache_makes_16khz_copies_once_and_drops_what_does_not_decode(tmp_path):
     t = np.arange(48000 * 2) / 48000
     synth.write_mp3(tmp_path / "a.mp3", (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32))
     (tmp_path / "bad.mp3").write_bytes(b"ID3" + bytes(300))
-    copies = cache.decoded_copies([str(tmp_path / "a.mp3"), str(tmp_path / "bad.mp3")], tmp_path / "c", workers=1)
+    copies = cache.decoded_copies([str(tmp_path / "a.mp3"), str(tmp_path / "bad.mp3")], tmp_path / "c", workers=1, format="flac")
     assert copies[1] is None
     info = sf.info(copies[0])
     assert info.samplerate == 16000 and info.subtype == "PCM_16" and info.format == "FLAC"
     original, copy = audio.load(str(tmp_path / "a.mp3")), audio.load(copies[0])
     assert len(copy) == len(original) and np.abs(copy - original).max() < 1e-3
     stamp = os.stat(copies[0]).st_mtime_ns
-    assert cache.decoded_copies([str(tmp_path / "a.mp3")], tmp_path / "c") == copies[:1]
+    assert cache.decoded_copies([str(tmp_path / "a.mp3")], tmp_path / "c", workers=1, format="flac") == copies[:1]
     assert os.stat(copies[0]).st_mtime_ns == stamp
 
 
@@ -262,7 +260,7 @@ def test_common_voice_validated_adds_training_rows_without_dev_and_test_speakers
         shutil.copy(root / "clips" / rows[0].split("\t")[1], root / "clips" / clip)
         extra.append("\t".join([speaker, clip] + rows[0].split("\t")[2:]))
     (root / "validated.tsv").write_text("\n".join([header, *rows, *extra]) + "\n", encoding="utf-8")
-    data = SpeechDataModule("common_voice", str(root), "pt", train_extra=["validated"], num_workers=1)
+    data = data_module("lang=pt", f"data.root={root}", "data.train_extra=[validated]", "data.num_workers=1")
     train = data.load("train")
     assert len(train) == 13 and train[-1].id == "extra_0.mp3"  # the dev speaker's row stays out
     assert data.report["train"]["added_from"] == {"validated": 1}
@@ -273,7 +271,7 @@ def test_a_clip_that_stops_decoding_is_skipped_and_counted(cv_corpus, tmp_path):
     from asr.data import UtteranceDataset, collate
     root = tmp_path / "pt"
     shutil.copytree(cv_corpus, root)
-    data = SpeechDataModule("common_voice", str(root), "pt", num_workers=1)
+    data = data_module("lang=pt", f"data.root={root}", "data.num_workers=1")
     utts = data.load("dev")
     Path(utts[0].path).write_bytes(b"\xff\xfb" + bytes(100))  # corrupted after the pre-flight pass
     dataset = UtteranceDataset(utts, data.vocab, "pt")
@@ -283,8 +281,8 @@ def test_a_clip_that_stops_decoding_is_skipped_and_counted(cv_corpus, tmp_path):
 
 
 def test_decode_cache_trains_on_16khz_copies(cv_corpus, tmp_path):
-    data = SpeechDataModule("common_voice", str(cv_corpus), "pt", num_workers=1, decode_cache=True,
-                            cache_format="wav", cache_dir=str(tmp_path))
+    data = data_module("lang=pt", f"data.root={cv_corpus}", "data.num_workers=1", "data.decode_cache=true",
+                       "data.cache_format=wav", f"data.cache_dir={tmp_path}")
     train = data.load("train")
     assert all(Path(u.path).is_relative_to(tmp_path / "audio16k") and u.path.endswith(".wav") for u in train)
     assert all(sf.info(u.path).samplerate == 16000 for u in train)

@@ -79,13 +79,13 @@ def test_check_split_drops_and_counts(tmp_path):
         Utterance("dense", clip("d.wav", 0.5), "um texto longo demais para meio segundo", None, "s", "pt"),
     ]
     vocab = Vocabulary.from_transcripts(["um texto bom longo demais para meio segundo"])
-    probed = cache.durations([u.path for u in utts], tmp_path / "cache.json")
+    probed = cache.durations([u.path for u in utts], tmp_path / "cache.json", workers=1)
     kept, report = data.check_split(utts, probed, vocab, "pt", min_seconds=0.0, max_seconds=20.0, training=True)
     assert [u.id for u in kept] == ["ok"] and kept[0].duration == pytest.approx(2.0)
     assert report["dropped"] == {"missing_file": 1, "unreadable_audio": 1, "too_long": 1,
                                  "empty_transcript": 1, "transcript_longer_than_frames": 1}
     # dev/test keep infeasible transcripts (they are scored) and count unseen characters
     dev = utts[4:] + [Utterance("x", utts[0].path, "qwy", None, "s", "pt")]
-    kept, report = data.check_split(dev, cache.durations([u.path for u in dev], tmp_path / "cache.json"),
+    kept, report = data.check_split(dev, cache.durations([u.path for u in dev], tmp_path / "cache.json", workers=1),
                                     vocab, "pt", 0.0, 20.0, training=False)
     assert [u.id for u in kept] == ["dense", "x"] and report["unk_characters"] == 3

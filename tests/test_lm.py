@@ -97,7 +97,7 @@ def test_lm_beam_search_beats_greedy_on_a_word_level_pattern(tmp_path):
     train, test = sentences[:300], sentences[300:]  # test sentences: new combinations of known words
     vocab = Vocabulary.from_transcripts(train)
     decoder = lm.beam_decoder(vocab.tokens, lm.build(train, tmp_path, order=3, language="pt"), alpha=0.5, beta=1.0)
-    plain = lm.beam_decoder(vocab.tokens)
+    plain = lm.beam_decoder(vocab.tokens, None, alpha=0.5, beta=1.0)
     greedy, beam, with_lm = ErrorRates(), ErrorRates(), ErrorRates()
     for sentence in test:
         log_probs = noisy_posteriors(sentence, vocab, rng, flip=0.15)

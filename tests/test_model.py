@@ -2,6 +2,7 @@ import torch
 from hydra.utils import instantiate
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
+from asr.model import CTCModel
 from tests.conftest import compose_config
 
 VOCAB = list("abc") + ["|", "[UNK]", "[PAD]"]
@@ -18,7 +19,7 @@ def test_pretrained_directory_keeps_its_architecture_and_weights(tmp_path):
     pretrained.save_pretrained(tmp_path / "xlsr")
     cfg = compose_config(overrides=["model=xlsr_300m", f"model.pretrained={tmp_path / 'xlsr'}",
                                     "model.config.layerdrop=0.05"])
-    model = instantiate(cfg.model, vocab=VOCAB, optim=cfg.optim, sched=cfg.sched, _convert_="all").model
+    model = CTCModel.from_config(cfg, VOCAB).model
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2  # not xlsr_300m's arch
     assert model.config.layerdrop == 0.05
     assert model.lm_head.out_features == len(VOCAB)
@@ -35,7 +36,7 @@ def test_our_ctc_loss_equals_hf_and_keeps_lengths_on_the_host(cv_corpus):
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("fit")
     torch.manual_seed(0)
-    model = instantiate(cfg.model, vocab=dm.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all").eval()
+    model = CTCModel.from_config(cfg, dm.vocab.tokens).eval()
     dataset = asr_data.UtteranceDataset(dm.load("train"), dm.vocab, "pt")
     batch = asr_data.collate([dataset[i] for i in range(4)])
     assert isinstance(batch["lengths"], list) and isinstance(batch["label_lengths"], list)

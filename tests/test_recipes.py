@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 import asr
 from asr import schedules
 from asr.report import hyperparameters
+from asr.model import CTCModel
 from tests.conftest import compose_config
 
 SEEDS = asr.REPO_DIR.parent / "shared" / "seeds"
@@ -85,8 +86,7 @@ def _tiny_trainer(cv_corpus, tmp_path, overrides=(), **trainer_args):
     L.seed_everything(0)
     data = instantiate(cfg.data, _convert_="all")
     data.setup("fit")
-    model = instantiate(cfg.model, vocab=data.vocab.tokens, language=cfg.data.language, optim=cfg.optim,
-                        sched=cfg.sched, _convert_="all")
+    model = CTCModel.from_config(cfg, data.vocab.tokens)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
                         **trainer_args)

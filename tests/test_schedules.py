@@ -18,7 +18,7 @@ def lrs(name, total, **options):
 
 
 def test_linear_is_the_hf_schedule():
-    lr = lrs("linear", 100, warmup_steps=10)
+    lr = lrs("linear", 100, warmup_steps=10, warmup_ratio=0.5)  # steps win over the ratio
     assert lr[0] == 0 and lr[5] == pytest.approx(0.5) and lr[10] == pytest.approx(1.0)
     assert lr[55] == pytest.approx(0.5) and lr[100] == 0
 
@@ -33,7 +33,7 @@ def test_tristage_follows_fairseq():
     n = W + H + 1000
     assert lr[n] == pytest.approx(math.exp(-(-math.log(final) / D) * 1000))
     assert lr[W + H + D] == pytest.approx(final)
-    assert schedules.tristage_factor(W + H + D + 50, total, final_lr_scale=final) == final
+    assert schedules.tristage_factor(W + H + D + 50, total, [0.1, 0.4, 0.5], init, final) == final
 
 
 def test_unknown_schedule_is_named():

@@ -94,7 +94,7 @@ def test_tiny_model_learns_a_batch(cv_corpus):
     cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0"])
     dm = instantiate(cfg.data)
     dm.setup("fit")
-    model = instantiate(cfg.model, vocab=dm.vocab.tokens, optim=cfg.optim, sched=cfg.sched, _convert_="all")
+    model = CTCModel.from_config(cfg, dm.vocab.tokens)
     batch = asr_data.collate([asr_data.UtteranceDataset(dm.load("train"), dm.vocab)[i] for i in range(4)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []

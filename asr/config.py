@@ -1,0 +1,190 @@
+"""The composed config, checked against the code it configures, before anything runs.
+
+Every default lives in the YAML under conf/. The Python side gives names and types only: a node with a
+`_target_` is checked against the signature of what it builds (`SpeechDataModule`, `CTCModel`,
+`lightning.Trainer`, the logger and callbacks), `optim` against `asr.model.adamw` and `sched` against its
+function in `asr.schedules`. `checked(cfg)` runs right after Hydra composes: a key the code does not take,
+or a value of the wrong type, stops the run with the valid keys named, before any data or weights load.
+"""
+
+import dataclasses
+import difflib
+import inspect
+from functools import lru_cache
+from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from asr import SetupError
+
+# Arguments the scripts pass at the call site (built from other nodes or from the data); never in the YAML.
+CALL_SITE = {
+    "asr.model.CTCModel": ("vocab", "language", "optim", "sched"),
+    "lightning.Trainer": ("callbacks", "logger"),
+}
+
+
+def train_settings(seed: int, run_dir: str, ckpt_path: str | None):
+    """train.py's own top-level settings (conf/train.yaml); its nodes are checked against their code."""
+
+
+def evaluate_settings(ckpt_path: str, seed: int, split: str, device: str, run_dir: str, decoder: str,
+                      beam_width: int, alpha: float, beta: float, lm_path: str | None, lm_order: int):
+    """evaluate.py's own top-level settings (conf/evaluate.yaml)."""
+
+
+NODES = {"train": ("data", "model", "optim", "sched", "trainer", "logger", "callbacks"), "evaluate": ("data",)}
+
+
+def _omegaconf_type(annotation) -> Any:
+    """The annotation if OmegaConf can enforce it, else Any (OmegaConf has no unions of classes)."""
+    if annotation is inspect.Parameter.empty or isinstance(annotation, str):
+        return Any
+    try:
+        OmegaConf.structured(dataclasses.make_dataclass("Probe", [("x", annotation, MISSING)]))
+        return annotation
+    except Exception:  # noqa: BLE001 (unsupported types fail in several ways, forward references too)
+        return Any
+
+
+@lru_cache
+def schema(target: str, skip: tuple[str, ...] = ()) -> tuple[type, bool]:
+    """(a dataclass of `target`'s keyword parameters, whether it takes **kwargs).
+
+    `target` is a dotted path to a class or function. Parameters without a default are required; a default
+    is kept only for third-party code (Lightning's own defaults): ours have none, the YAML gives them.
+    """
+    parameters = inspect.signature(get_object(target)).parameters.values()
+    fields = []
+    for p in parameters:
+        if p.name in skip or p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = MISSING if p.default is p.empty else p.default
+        if isinstance(default, (list, tuple, dict, set)):
+            default = dataclasses.field(default_factory=lambda d=default: d)
+        elif default is not MISSING and not isinstance(default, (str, int, float, bool, type(None))):
+            default = None  # an object default (a Path, an enum): the key exists, its value is free
+        fields.append((p.name, _omegaconf_type(p.annotation), default))
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in parameters)
+    return dataclasses.make_dataclass(target.rsplit(".", 1)[-1], fields), takes_kwargs
+
+
+def check_node(node: dict, path: str, target: str, skip: tuple[str, ...] = ()) -> dict:
+    """`node` with its values converted to the parameters' types; SetupError naming the valid keys if a key
+    is unknown, a required one is missing, or a value does not convert."""
+    cls, takes_kwargs = schema(target, skip)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    valid = sorted(fields)
+    given = {k: v for k, v in node.items() if k != "_target_"}
+    for key in given:
+        if key not in fields and not takes_kwargs:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {path}.{close[0]}?" if close else ""
+            raise SetupError(f"{path}.{key} is not a setting of {path} ({target}).{hint} "
+                             f"Its settings: {', '.join(valid)}.")
+    missing = [k for k, f in fields.items() if f.default is MISSING and f.default_factory is dataclasses.MISSING
+               and (k not in given or given[k] == "???")]
+    if missing:
+        raise SetupError(f"{path} needs {', '.join(f'{path}.{k}' for k in missing)} ({target}); "
+                         f"set it in the YAML or on the command line.")
+    typed = OmegaConf.structured(cls)
+    for key, value in given.items():
+        if key not in fields:
+            continue  # a **kwargs key: the target checks it
+        try:
+            typed[key] = value
+        except OmegaConfBaseException as error:
+            expected = getattr(fields[key].type, "__name__", str(fields[key].type))
+            raise SetupError(f"{path}.{key}={value!r}: {str(error).splitlines()[0]} ({target} takes "
+                             f"{expected}).") from None
+    converted = OmegaConf.to_container(typed)
+    return {**({"_target_": node["_target_"]} if "_target_" in node else {}),
+            **{k: converted[k] if k in fields else v for k, v in given.items()}}
+
+
+def _targeted(node: dict, path: str) -> dict:
+    if "_target_" not in node:
+        raise SetupError(f"{path} has no _target_ (the class it builds).")
+    target = node["_target_"]
+    return check_node(node, path, target, CALL_SITE.get(target, ()))
+
+
+def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
+    """The composed config resolved (interpolations filled in) and checked; SetupError if it does not fit
+    the code. train.py and evaluate.py call this first."""
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    own = [f.name for f in dataclasses.fields(schema(f"asr.config.{script}_settings")[0])]
+    valid = sorted([*own, *NODES[script]])
+    for key in plain:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise SetupError(f"{key} is not a setting of {script}.py.{hint} Its settings: {', '.join(valid)}.")
+    out = check_node({k: plain[k] for k in own if k in plain}, script, f"asr.config.{script}_settings")
+    out["data"] = _targeted(plain["data"], "data")
+    if script == "train":
+        out["model"] = _targeted(plain["model"], "model")
+        out["trainer"] = _targeted(plain["trainer"], "trainer")
+        out["logger"] = _targeted(plain["logger"], "logger") if plain.get("logger") else None
+        out["callbacks"] = {name: _targeted(node, f"callbacks.{name}")
+                            for name, node in (plain.get("callbacks") or {}).items() if node is not None}
+        out["optim"] = check_node(plain["optim"], "optim", "asr.model.adamw", ("model",))
+        sched = dict(plain["sched"])
+        name = sched.pop("name", None)
+        if name not in ("linear", "tristage"):
+            raise SetupError(f"sched.name={name!r}: expected linear or tristage (conf/sched/).")
+        out["sched"] = {"name": name, **check_node(sched, "sched", f"asr.schedules.{name}",
+                                                    ("optimizer", "total_steps"))}
+    result = OmegaConf.create(out)
+    OmegaConf.set_struct(result, True)
+    return result
+
+
+def decoding_defaults() -> DictConfig:
+    """alpha, beta, beam_width and lm_order as conf/evaluate.yaml sets them, for the command-line tools
+    that decode or build LMs outside evaluate.py (`python -m asr.export`, `python -m asr.lm`)."""
+    from asr import REPO_DIR
+
+    settings = OmegaConf.load(REPO_DIR / "conf" / "evaluate.yaml")
+    return OmegaConf.masked_copy(settings, ["alpha", "beta", "beam_width", "lm_order"])
+
+
+def check_overrides(argv: list[str], script: str) -> None:
+    """Command-line overrides whose key the code does not take: SetupError naming the valid keys (Hydra
+    itself would only say "not in struct"). Keys under a dict setting (model.arch.*, model.config.*) and
+    new keys (`+key=`, checked by `checked` after composition) pass here."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from asr import REPO_DIR
+
+    conf = REPO_DIR / "conf"
+    groups = {p.name for p in conf.iterdir() if p.is_dir()}
+    primary = OmegaConf.load(conf / f"{script}.yaml")
+    targets = {"data": (OmegaConf.load(conf / "data" / "default.yaml")._target_, ())}
+    if script == "train":
+        targets |= {"model": (primary.model._target_, CALL_SITE[primary.model._target_]),
+                    "trainer": (primary.trainer._target_, CALL_SITE[primary.trainer._target_]),
+                    "optim": ("asr.model.adamw", ("model",))}
+    own = [f.name for f in dataclasses.fields(schema(f"asr.config.{script}_settings")[0])]
+    top = sorted({*own, *NODES[script], *groups, "hydra"})
+    parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    for override in parsed:
+        if override.is_add() or override.is_force_add() or override.is_delete():
+            continue
+        key = override.key_or_group.split("/")[0]
+        first, *rest = key.split(".")
+        if first not in top:
+            close = difflib.get_close_matches(first, top, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise SetupError(f"{key} is not a setting of {script}.py.{hint} Its settings and groups: {', '.join(top)}.")
+        if rest and first in targets:
+            target, skip = targets[first]
+            fields = {f.name: f for f in dataclasses.fields(schema(target, skip)[0])}
+            if rest[0] not in fields:
+                valid = sorted(fields)
+                close = difflib.get_close_matches(rest[0], valid, n=1)
+                hint = f" Did you mean {first}.{close[0]}?" if close else ""
+                raise SetupError(f"{key} is not a setting of {first} ({target}).{hint} "
+                                 f"Its settings: {', '.join(valid)}.")
