@@ -112,13 +112,7 @@ class CTCModel(L.LightningModule):
         return self.model._get_feat_extract_output_lengths(torch.as_tensor(samples))
 
     def forward(self, batch: dict) -> CausalLMOutput:
-        """`.logits` (B, T, V) and `.loss`: CTC on float32 log-probs, each utterance's loss divided by its
-        label length, averaged over the batch (HF `ctc_loss_reduction="mean"`), infeasible ones zeroed.
-
-        The loss is HF's, computed here from the lengths the collator counted on the host: HF's own path
-        (`labels=`) waits on the GPU several times a step (`labels.max()` check, `masked_select` of the
-        labels, lengths copied back for the CTC kernel).
-        """
+        """`.logits` (B, T, V), and `.loss` (`ctc_loss`) when the batch has labels."""
         if self._encoder_frozen_now():  # only the head learns: no graph through the encoder
             with torch.no_grad():
                 hidden = self.model.wav2vec2(batch["audio"], attention_mask=batch["attention_mask"])[0]
@@ -127,13 +121,21 @@ class CTCModel(L.LightningModule):
             logits = self.model(batch["audio"], attention_mask=batch["attention_mask"]).logits
         if "labels" not in batch:
             return CausalLMOutput(logits=logits)
+        return CausalLMOutput(loss=self.ctc_loss(logits, batch), logits=logits)
+
+    def ctc_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """HF's CTC loss (float32, per-utterance loss / label length, batch mean, infeasible zeroed) from the
+        `lengths` and `label_lengths` the collator counted on the host. No op here reads a value back from
+        the device (no `.item()`, no data-dependent shape; tests/test_model.py counts them), where HF's
+        `labels=` path has three (its `labels.max()` check, a `masked_select` of the labels, the lengths).
+        torch's CUDA CTC kernel still copies the host lengths to the device itself; what that costs on a
+        GPU is not measured here."""
         log_probs = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
         with torch.backends.cudnn.flags(enabled=False):  # as HF: cuDNN's CTC has other length limits
-            loss = torch.nn.functional.ctc_loss(
+            return torch.nn.functional.ctc_loss(
                 log_probs, batch["labels"].clamp(min=0),  # -100 padding past each label length is not read
-                self.frames(batch["lengths"]), torch.as_tensor(batch["label_lengths"]),  # host tensors: no sync
+                self.frames(batch["lengths"]), torch.as_tensor(batch["label_lengths"]),  # host tensors
                 blank=self.vocab.blank_id, reduction="mean", zero_infinity=True)
-        return CausalLMOutput(loss=loss, logits=logits)
 
     def _encoder_frozen_now(self) -> bool:
         """In the first `freeze_finetune_updates` training updates of a single-process run. Under DDP the

@@ -1,4 +1,5 @@
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from hydra.utils import instantiate
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
@@ -29,8 +30,26 @@ def test_pretrained_directory_keeps_its_architecture_and_weights(tmp_path):
     assert not any(p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
 
 
-def test_our_ctc_loss_equals_hf_and_keeps_lengths_on_the_host(cv_corpus):
-    """The loss computed from the collator's host lengths is HF's own (labels= path), and its gradients too."""
+class DeviceReads(TorchDispatchMode):
+    """The ops dispatched while active that read tensor values back to the host: on a GPU each one waits
+    for the device (`.item()`, `bool()`, `tolist()` and data-dependent shapes such as `masked_select`)."""
+
+    READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::equal",
+             "aten::unique_consecutive", "aten::_unique2"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.READS:
+            self.reads.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_our_ctc_loss_equals_hf_and_reads_nothing_back_from_the_device(cv_corpus):
+    """The loss computed from the collator's host lengths is HF's own (labels= path), and its gradients
+    too; ours dispatches no op that reads a value back from the device, HF's does."""
     from asr import data as asr_data
     cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0"])
     dm = instantiate(cfg.data, _convert_="all")
@@ -39,15 +58,17 @@ def test_our_ctc_loss_equals_hf_and_keeps_lengths_on_the_host(cv_corpus):
     model = CTCModel.from_config(cfg, dm.vocab.tokens).eval()
     dataset = asr_data.UtteranceDataset(dm.load("train"), dm.vocab, "pt")
     batch = asr_data.collate([dataset[i] for i in range(4)])
-    assert isinstance(batch["lengths"], list) and isinstance(batch["label_lengths"], list)
     batch["labels"][0, 3:] = -100  # an utterance whose label is shorter
     batch["label_lengths"][0] = 3
-    ours = model(batch).loss
-    theirs = model.model(batch["audio"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    logits = model(batch).logits
+    with DeviceReads() as ours_mode:
+        ours = model.ctc_loss(logits, batch)
+        grad_ours = torch.autograd.grad(ours, model.model.lm_head.weight, retain_graph=True)[0]
+    assert ours_mode.reads == []
+    with DeviceReads() as hf_mode:
+        theirs = model.model(batch["audio"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert "aten::masked_select" in hf_mode.reads and "aten::_local_scalar_dense" in hf_mode.reads
     torch.testing.assert_close(ours, theirs)
-    grad_ours = torch.autograd.grad(ours, model.model.lm_head.weight)[0]
-    grad_theirs = torch.autograd.grad(
-        model.model(batch["audio"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss,
-        model.model.lm_head.weight)[0]
+    grad_theirs = torch.autograd.grad(theirs, model.model.lm_head.weight)[0]
     torch.testing.assert_close(grad_ours, grad_theirs)
     assert model.frames(batch["lengths"]).tolist() == [asr_data.audio.encoder_frames(n) for n in batch["lengths"]]

@@ -173,6 +173,24 @@ def test_a_nan_batch_skips_its_update_and_is_counted(cv_corpus, tmp_path):
     assert trainer.global_step == 4
 
 
+def test_fp16_loss_scaling_skips_an_overflowing_update_and_halves_the_scale(cv_corpus, tmp_path):
+    """precision=16 as on a GPU: fp16 autocast with a real GradScaler (Lightning turns 16-mixed into bf16 on
+    a CPU, so the plugin is given here). A NaN batch: its update is skipped (by the scaler and by us, and
+    counted once), the loss scale halves, and the other updates train."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # low enough that only the NaN batch overflows
+    _, data, model, trainer = _tiny_trainer(
+        cv_corpus, tmp_path, ["model.config.mask_time_prob=0"], max_steps=4,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[PlantNaN({1}), watch := Watch()])
+    trainer.fit(model, datamodule=data)
+    assert trainer.precision == "16-mixed"
+    assert model.skipped_updates == 1 and model.stop_reason is None
+    assert watch.changed[1] == set() and watch.changed[0] and watch.changed[2] and watch.changed[3]
+    assert scaler.get_scale() == 2.0**7  # halved once; it grows back only after 2000 good updates
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_non_finite_updates_in_a_row_stop_the_run_with_a_checkpoint(cv_corpus, tmp_path):
     """lr 1e30 blows the weights up after one update; every later gradient is non-finite."""
     result = subprocess.run(
