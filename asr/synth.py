@@ -205,14 +205,19 @@ def demo_sentences(n: int, rng: random.Random) -> list[str]:
 def make_demo(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50, seed: int = 0) -> None:
     rng = random.Random(seed)
     sentences = demo_sentences(n_train + n_dev + n_test, rng)
+    write_speakers(root, sentences, rng, n_train, n_dev, (TRAIN_VOICES, DEV_VOICES, TEST_VOICES))
+
+
+def write_speakers(root: Path, sentences: list[str], rng: random.Random, n_train: int, n_dev: int,
+                   voices: tuple[list[Voice], list[Voice], list[Voice]]) -> None:
+    """Shuffle `sentences` into train, dev and test (the rest), spoken in turn by each split's own voices,
+    as a Common Voice release in `root`."""
+    sentences = list(sentences)
     rng.shuffle(sentences)
-    train, dev, test = (sentences[:n_train], sentences[n_train:n_train + n_dev],
-                        sentences[n_train + n_dev:])
-    splits = {
-        "train": [(s, TRAIN_VOICES[i % len(TRAIN_VOICES)]) for i, s in enumerate(train)],
-        "dev": [(s, DEV_VOICES[i % len(DEV_VOICES)]) for i, s in enumerate(dev)],
-        "test": [(s, TEST_VOICES[i % len(TEST_VOICES)]) for i, s in enumerate(test)],
-    }
+    parts = {"train": sentences[:n_train], "dev": sentences[n_train:n_train + n_dev],
+             "test": sentences[n_train + n_dev:]}
+    splits = {split: [(s, split_voices[i % len(split_voices)]) for i, s in enumerate(part)]
+              for (split, part), split_voices in zip(parts.items(), voices)}
     write_common_voice(root, splits, locale="pt")
 
 
@@ -250,15 +255,7 @@ def make_short(root: Path, n_train: int = 700, n_dev: int = 50, n_test: int = 50
     """800 clips of about 2.3 s in the Common Voice layout: a corpus that is not the demo."""
     rng = random.Random(seed)
     sentences = short_sentences(n_train + n_dev + n_test, rng)
-    rng.shuffle(sentences)
-    train, dev, test = (sentences[:n_train], sentences[n_train:n_train + n_dev],
-                        sentences[n_train + n_dev:])
-    splits = {
-        "train": [(s, SHORT_TRAIN_VOICES[i % len(SHORT_TRAIN_VOICES)]) for i, s in enumerate(train)],
-        "dev": [(s, SHORT_DEV_VOICES[i % len(SHORT_DEV_VOICES)]) for i, s in enumerate(dev)],
-        "test": [(s, SHORT_TEST_VOICES[i % len(SHORT_TEST_VOICES)]) for i, s in enumerate(test)],
-    }
-    write_common_voice(root, splits, locale="pt")
+    write_speakers(root, sentences, rng, n_train, n_dev, (SHORT_TRAIN_VOICES, SHORT_DEV_VOICES, SHORT_TEST_VOICES))
 
 
 CORPORA = {"demo": make_demo, "short": make_short}
