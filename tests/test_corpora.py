@@ -230,7 +230,8 @@ def test_ascend_run_reports_mer_and_each_language_tag(tmp_path, ascend_rows):
     synth.write_hf_dataset(tmp_path / "ascend", ascend_rows, "save_to_disk")
     common = [f"data.root={tmp_path / 'ascend'}", "lang=zh_en", "data.num_workers=0", "data.max_batch_seconds=20"]
     env = dict(os.environ, WANDB_MODE="offline")
-    train = subprocess.run([sys.executable, "train.py", *common, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/run"],
+    train = subprocess.run([sys.executable, "train.py", *common, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
+                            "trainer.val_check_interval=1.0", f"hydra.run.dir={tmp_path}/run"],
                            cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300, env=env)
     assert train.returncode == 0, train.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
