@@ -160,8 +160,8 @@ def check_overrides(argv: list[str], script: str) -> None:
     from asr import REPO_DIR
 
     conf = REPO_DIR / "conf"
-    groups = {p.name for p in conf.iterdir() if p.is_dir()}
     primary = OmegaConf.load(conf / f"{script}.yaml")
+    groups = {key for item in primary.defaults if isinstance(item, DictConfig) for key in item}
     targets = {"data": (OmegaConf.load(conf / "data" / "default.yaml")._target_, ())}
     if script == "train":
         targets |= {"model": (primary.model._target_, CALL_SITE[primary.model._target_]),
