@@ -23,6 +23,9 @@ from asr import SetupError
 CALL_SITE = {
     "asr.model.CTCModel": ("vocab", "language", "optim", "sched"),
     "lightning.Trainer": ("callbacks", "logger"),
+    "asr.model.adamw": ("model",),
+    "asr.schedules.linear": ("optimizer", "total_steps"),
+    "asr.schedules.tristage": ("optimizer", "total_steps"),
 }
 
 
@@ -38,6 +41,18 @@ def evaluate_settings(ckpt_path: str, seed: int, split: str, device: str, run_di
 NODES = {"train": ("data", "model", "optim", "sched", "trainer", "logger", "callbacks"), "evaluate": ("data",)}
 
 
+def _script_keys(script: str) -> list[str]:
+    """The top-level settings of train.py or evaluate.py (not its nodes)."""
+    return [f.name for f in dataclasses.fields(schema(f"asr.config.{script}_settings")[0])]
+
+
+def _not_a_setting(key: str, owner: str, valid: list[str], prefix: str = "", listed: str = "Its settings") -> SetupError:
+    """The error for a key nobody takes: the closest valid one suggested (as `prefix` + name), all listed."""
+    close = difflib.get_close_matches(key.removeprefix(prefix).split(".")[0], valid, n=1)
+    hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+    return SetupError(f"{key} is not a setting of {owner}.{hint} {listed}: {', '.join(valid)}.")
+
+
 def _omegaconf_type(annotation) -> Any:
     """The annotation if OmegaConf can enforce it, else Any (OmegaConf has no unions of classes)."""
     if annotation is inspect.Parameter.empty or isinstance(annotation, str):
@@ -50,8 +65,9 @@ def _omegaconf_type(annotation) -> Any:
 
 
 @lru_cache
-def schema(target: str, skip: tuple[str, ...] = ()) -> tuple[type, bool]:
-    """(a dataclass of `target`'s keyword parameters, whether it takes **kwargs).
+def schema(target: str) -> tuple[type, bool]:
+    """(a dataclass of `target`'s keyword parameters less those passed at the call site, whether it takes
+    **kwargs).
 
     `target` is a dotted path to a class or function. Parameters without a default are required; a default
     is kept only for third-party code (Lightning's own defaults): ours have none, the YAML gives them.
@@ -59,7 +75,7 @@ def schema(target: str, skip: tuple[str, ...] = ()) -> tuple[type, bool]:
     parameters = inspect.signature(get_object(target)).parameters.values()
     fields = []
     for p in parameters:
-        if p.name in skip or p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if p.name in CALL_SITE.get(target, ()) or p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         default = MISSING if p.default is p.empty else p.default
         if isinstance(default, (list, tuple, dict, set)):
@@ -71,19 +87,15 @@ def schema(target: str, skip: tuple[str, ...] = ()) -> tuple[type, bool]:
     return dataclasses.make_dataclass(target.rsplit(".", 1)[-1], fields), takes_kwargs
 
 
-def check_node(node: dict, path: str, target: str, skip: tuple[str, ...] = ()) -> dict:
+def check_node(node: dict, path: str, target: str) -> dict:
     """`node` with its values converted to the parameters' types; SetupError naming the valid keys if a key
     is unknown, a required one is missing, or a value does not convert."""
-    cls, takes_kwargs = schema(target, skip)
+    cls, takes_kwargs = schema(target)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    valid = sorted(fields)
     given = {k: v for k, v in node.items() if k != "_target_"}
     for key in given:
         if key not in fields and not takes_kwargs:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" Did you mean {path}.{close[0]}?" if close else ""
-            raise SetupError(f"{path}.{key} is not a setting of {path} ({target}).{hint} "
-                             f"Its settings: {', '.join(valid)}.")
+            raise _not_a_setting(f"{path}.{key}", f"{path} ({target})", sorted(fields), prefix=f"{path}.")
     missing = [k for k, f in fields.items() if f.default is MISSING and f.default_factory is dataclasses.MISSING
                and (k not in given or given[k] == "???")]
     if missing:
@@ -107,21 +119,20 @@ def check_node(node: dict, path: str, target: str, skip: tuple[str, ...] = ()) -
 def _targeted(node: dict, path: str) -> dict:
     if "_target_" not in node:
         raise SetupError(f"{path} has no _target_ (the class it builds).")
-    target = node["_target_"]
-    return check_node(node, path, target, CALL_SITE.get(target, ()))
+    return check_node(node, path, node["_target_"])
 
 
 def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
     """The composed config resolved (interpolations filled in) and checked; SetupError if it does not fit
     the code. train.py and evaluate.py call this first."""
+    from asr import schedules  # torch and transformers: not for the command-line tools that only read defaults
+
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    own = [f.name for f in dataclasses.fields(schema(f"asr.config.{script}_settings")[0])]
+    own = _script_keys(script)
     valid = sorted([*own, *NODES[script]])
     for key in plain:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1)
-            hint = f" Did you mean {close[0]}?" if close else ""
-            raise SetupError(f"{key} is not a setting of {script}.py.{hint} Its settings: {', '.join(valid)}.")
+            raise _not_a_setting(key, f"{script}.py", valid)
     out = check_node({k: plain[k] for k in own if k in plain}, script, f"asr.config.{script}_settings")
     out["data"] = _targeted(plain["data"], "data")
     if script == "train":
@@ -130,13 +141,12 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
         out["logger"] = _targeted(plain["logger"], "logger") if plain.get("logger") else None
         out["callbacks"] = {name: _targeted(node, f"callbacks.{name}")
                             for name, node in (plain.get("callbacks") or {}).items() if node is not None}
-        out["optim"] = check_node(plain["optim"], "optim", "asr.model.adamw", ("model",))
+        out["optim"] = check_node(plain["optim"], "optim", "asr.model.adamw")
         sched = dict(plain["sched"])
         name = sched.pop("name", None)
-        if name not in ("linear", "tristage"):
-            raise SetupError(f"sched.name={name!r}: expected linear or tristage (conf/sched/).")
-        out["sched"] = {"name": name, **check_node(sched, "sched", f"asr.schedules.{name}",
-                                                    ("optimizer", "total_steps"))}
+        if name not in schedules.SCHEDULES:
+            raise SetupError(f"sched.name={name!r}: expected {' or '.join(schedules.SCHEDULES)} (conf/sched/).")
+        out["sched"] = {"name": name, **check_node(sched, "sched", f"asr.schedules.{name}")}
     result = OmegaConf.create(out)
     OmegaConf.set_struct(result, True)
     return result
@@ -162,13 +172,10 @@ def check_overrides(argv: list[str], script: str) -> None:
     conf = REPO_DIR / "conf"
     primary = OmegaConf.load(conf / f"{script}.yaml")
     groups = {key for item in primary.defaults if isinstance(item, DictConfig) for key in item}
-    targets = {"data": (OmegaConf.load(conf / "data" / "default.yaml")._target_, ())}
+    targets = {"data": OmegaConf.load(conf / "data" / "default.yaml")._target_}
     if script == "train":
-        targets |= {"model": (primary.model._target_, CALL_SITE[primary.model._target_]),
-                    "trainer": (primary.trainer._target_, CALL_SITE[primary.trainer._target_]),
-                    "optim": ("asr.model.adamw", ("model",))}
-    own = [f.name for f in dataclasses.fields(schema(f"asr.config.{script}_settings")[0])]
-    top = sorted({*own, *NODES[script], *groups, "hydra"})
+        targets |= {"model": primary.model._target_, "trainer": primary.trainer._target_, "optim": "asr.model.adamw"}
+    top = sorted({*_script_keys(script), *NODES[script], *groups, "hydra"})
     parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
     for override in parsed:
         if override.is_add() or override.is_force_add() or override.is_delete():
@@ -176,15 +183,8 @@ def check_overrides(argv: list[str], script: str) -> None:
         key = override.key_or_group.split("/")[0]
         first, *rest = key.split(".")
         if first not in top:
-            close = difflib.get_close_matches(first, top, n=1)
-            hint = f" Did you mean {close[0]}?" if close else ""
-            raise SetupError(f"{key} is not a setting of {script}.py.{hint} Its settings and groups: {', '.join(top)}.")
+            raise _not_a_setting(key, f"{script}.py", top, listed="Its settings and groups")
         if rest and first in targets:
-            target, skip = targets[first]
-            fields = {f.name: f for f in dataclasses.fields(schema(target, skip)[0])}
+            fields = sorted(f.name for f in dataclasses.fields(schema(targets[first])[0]))
             if rest[0] not in fields:
-                valid = sorted(fields)
-                close = difflib.get_close_matches(rest[0], valid, n=1)
-                hint = f" Did you mean {first}.{close[0]}?" if close else ""
-                raise SetupError(f"{key} is not a setting of {first} ({target}).{hint} "
-                                 f"Its settings: {', '.join(valid)}.")
+                raise _not_a_setting(key, f"{first} ({targets[first]})", fields, prefix=f"{first}.")

@@ -41,9 +41,11 @@ def tristage(optimizer: Optimizer, total_steps: int, ratios: list[float], init_l
                                        init_lr_scale=init_lr_scale, final_lr_scale=final_lr_scale))
 
 
+SCHEDULES = {"linear": linear, "tristage": tristage}  # sched.name -> the function; conf/sched/<name>.yaml
+
+
 def build(optimizer: Optimizer, total_steps: int, name: str, **options) -> LambdaLR:
     """The schedule `name` over `total_steps` optimizer updates; options come from conf/sched/<name>.yaml."""
-    schedules = {"linear": linear, "tristage": tristage}
-    if name not in schedules:
-        raise ValueError(f"sched={name} is unknown; expected linear or tristage")
-    return schedules[name](optimizer, total_steps, **options)
+    if name not in SCHEDULES:
+        raise ValueError(f"sched={name} is unknown; expected {' or '.join(SCHEDULES)}")
+    return SCHEDULES[name](optimizer, total_steps, **options)

@@ -188,9 +188,16 @@ DEV_VOICES = [Voice("pt+m2", 160, 48), Voice("pt-br+f2", 158, 62)]
 TEST_VOICES = [Voice("pt+f3", 162, 58), Voice("pt-br+m4", 155, 42)]
 
 
-def demo_sentences(n: int, rng: random.Random) -> list[str]:
+def distinct(n: int, sentence) -> list[str]:
+    """`n` different sentences, drawn one by one from the grammar `sentence()`, sorted."""
     sentences: set[str] = set()
     while len(sentences) < n:
+        sentences.add(sentence())
+    return sorted(sentences)
+
+
+def demo_sentences(n: int, rng: random.Random) -> list[str]:
+    def sentence() -> str:
         words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
         if rng.random() < 0.7:
             words.append(rng.choice(PLACES))
@@ -198,8 +205,9 @@ def demo_sentences(n: int, rng: random.Random) -> list[str]:
             words.insert(0, rng.choice(TIMES).capitalize() + ",")
         else:
             words[0] = words[0].capitalize()
-        sentences.add(" ".join(words) + rng.choice([".", ".", "!", "?"]))
-    return sorted(sentences)
+        return " ".join(words) + rng.choice([".", ".", "!", "?"])
+
+    return distinct(n, sentence)
 
 
 def make_demo(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50, seed: int = 0) -> None:
@@ -244,11 +252,11 @@ SHORT_TEST_VOICES = [Voice("pt+f4", 151, 55), Voice("pt-br+m6", 144, 41)]
 
 
 def short_sentences(n: int, rng: random.Random) -> list[str]:
-    sentences: set[str] = set()
-    while len(sentences) < n:
+    def sentence() -> str:
         words = [rng.choice(SHORT_SUBJECTS), rng.choice(SHORT_PREDICATES), rng.choice(SHORT_ENDINGS)]
-        sentences.add(" ".join(w for w in words if w).capitalize() + rng.choice([".", "!", "?"]))
-    return sorted(sentences)
+        return " ".join(w for w in words if w).capitalize() + rng.choice([".", "!", "?"])
+
+    return distinct(n, sentence)
 
 
 def make_short(root: Path, n_train: int = 700, n_dev: int = 50, n_test: int = 50, seed: int = 1) -> None:

@@ -1,5 +1,6 @@
-"""Callbacks the tests add to real runs (`+callbacks.<name>._target_=tests.callbacks.<Class>`): what each
-rank trained on and what each optimizer update changed, written per rank as JSON."""
+"""A callback the tests add to real runs, in-process or through train.py
+(`+callbacks.record._target_=tests.callbacks.RecordUpdates +callbacks.record.out_dir=<dir>`): what a rank
+trained on and what each optimizer update changed."""
 
 import json
 from pathlib import Path
@@ -9,17 +10,19 @@ import torch
 
 
 class RecordUpdates(L.Callback):
-    """Per rank, into `<out_dir>/rank<r>.json`: the clip ids and audio seconds of each training batch, and
-    for each optimizer update the names of the parameters it changed and the learning rates."""
+    """`ids` and `seconds`: the clip ids and audio seconds of each training batch; `lrs`: per optimizer
+    update, the learning rate of each parameter group; `changed`: per update, the names of the parameters
+    it changed. With `out_dir`, written per rank to `<out_dir>/rank<r>.json` when training ends."""
 
-    def __init__(self, out_dir: str):
-        self.out_dir = Path(out_dir)
+    def __init__(self, out_dir: str | None = None):
+        self.out_dir = Path(out_dir) if out_dir else None
         self.ids, self.seconds, self.changed, self.lrs = [], [], [], []
         self.before = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.ids.append(batch["ids"])
-        self.seconds.append(batch["audio_seconds"])
+        if batch is not None:  # None: every clip of the batch failed to decode
+            self.ids.append(batch["ids"])
+            self.seconds.append(batch["audio_seconds"])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.lrs.append([g["lr"] for g in optimizer.param_groups])
@@ -27,11 +30,13 @@ class RecordUpdates(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.before is not None:  # an optimizer update happened in this batch
-            self.changed.append(sorted(n for n, p in pl_module.named_parameters()
-                                       if not torch.equal(p, self.before[n])))
+            self.changed.append({n for n, p in pl_module.named_parameters() if not torch.equal(p, self.before[n])})
             self.before = None
 
     def on_train_end(self, trainer, pl_module):
+        if self.out_dir is None:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"ids": self.ids, "seconds": self.seconds, "changed": self.changed, "lrs": self.lrs}
+        record = {"ids": self.ids, "seconds": self.seconds, "changed": [sorted(c) for c in self.changed],
+                  "lrs": self.lrs}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

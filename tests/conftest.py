@@ -23,7 +23,7 @@ def _cache_dir(tmp_path_factory):
     os.environ["ASR_CACHE_DIR"] = str(tmp_path_factory.mktemp("asr-cache"))
 
 
-def compose_config(name: str = "train", overrides: list[str] = (), check: bool = True):
+def compose_config(name: str = "train", overrides: list[str] = ()):
     """The real config as the scripts get it: composed, resolved and checked against the code
     (`asr.config.checked`). Without a run_dir override it is a throwaway directory."""
     overrides = list(overrides)
@@ -31,7 +31,7 @@ def compose_config(name: str = "train", overrides: list[str] = (), check: bool =
         overrides.append(f"run_dir={tempfile.mkdtemp(prefix='run-')}")
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(name, overrides=asr.quote_numeric_choices(overrides))
-    return checked(cfg, name) if check else cfg
+    return checked(cfg, name)
 
 
 def data_module(*overrides: str):

@@ -1,5 +1,6 @@
 """Helper of test_batching: one epoch of real DDP on 2 CPU processes (gloo); each rank writes the clip
-ids of its training batches. Lightning's DDP launcher runs this script again for rank 1.
+ids of its training batches (tests.callbacks.RecordUpdates: rank<r>.json). Lightning's DDP launcher runs
+this script again for rank 1.
 
     python tests/ddp_batches.py <common voice root> <out dir>
 """
@@ -13,18 +14,8 @@ from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asr.model import CTCModel  # noqa: E402
+from tests.callbacks import RecordUpdates  # noqa: E402
 from tests.conftest import compose_config  # noqa: E402
-
-
-class WriteRankBatches(L.Callback):
-    def __init__(self, out_dir: Path):
-        self.out_dir, self.ids = out_dir, []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.ids.append(batch["ids"])
-
-    def on_train_end(self, trainer, pl_module):
-        (self.out_dir / f"ids-rank{trainer.global_rank}.json").write_text(json.dumps(self.ids))
 
 
 def main(root: str, out_dir: str) -> None:
@@ -37,7 +28,7 @@ def main(root: str, out_dir: str) -> None:
     model = CTCModel.from_config(cfg, data.vocab.tokens)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[WriteRankBatches(out)])
+                        limit_val_batches=0, use_distributed_sampler=False, callbacks=[RecordUpdates(out_dir)])
     trainer.fit(model, datamodule=data)
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from asr.model import CTCModel
 from asr.batching import DurationBatchSampler
+from asr.model import CTCModel
+from tests.callbacks import RecordUpdates
 from tests.conftest import compose_config
 
 DURATIONS = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 500).clip(1, 10)
@@ -104,16 +105,6 @@ def test_sampler_is_where_lightning_sets_the_epoch():
     assert sampler.epoch == 4
 
 
-class RecordBatches:
-    """Lightning callback: the clip ids of every training batch, in order."""
-
-    def __init__(self):
-        self.ids = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.ids.append(batch["ids"])
-
-
 def test_lightning_resume_mid_epoch_continues_with_the_next_batch(cv_corpus, tmp_path, recwarn):
     """A run checkpointed at step 8 (mid-epoch) and resumed from it sees the batches the uninterrupted run saw."""
     import lightning as L
@@ -127,7 +118,7 @@ def test_lightning_resume_mid_epoch_continues_with_the_next_batch(cv_corpus, tmp
         data = instantiate(cfg.data, _convert_="all")
         data.setup("fit")
         model = CTCModel.from_config(cfg, data.vocab.tokens)
-        record = type("Record", (RecordBatches, L.Callback), {})()
+        record = RecordUpdates()
         trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False,
                             default_root_dir=tmp_path,
                             enable_model_summary=False, limit_val_batches=0, callbacks=[record, *callbacks])
@@ -156,7 +147,7 @@ def test_real_ddp_ranks_see_disjoint_batches_and_equal_counts(cv_corpus, tmp_pat
 
     subprocess.run([sys.executable, "tests/ddp_batches.py", str(cv_corpus), str(tmp_path)], cwd=asr.REPO_DIR,
                    check=True, capture_output=True, timeout=300)
-    ranks = [json.loads((tmp_path / f"ids-rank{r}.json").read_text()) for r in range(2)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["ids"] for r in range(2)]
     durations = json.loads((tmp_path / "durations.json").read_text())
     all_batches = make_sampler(list(durations.values()), 7, seed=42).batches(0)
     assert len(all_batches) % 2 == 1  # so that one batch is left over

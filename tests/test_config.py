@@ -18,7 +18,7 @@ import asr
 from asr import SetupError, config, schedules
 from asr.data import SpeechDataModule
 from asr.model import CTCModel, adamw, check_pretrained
-from tests.conftest import CONF, compose_config
+from tests.conftest import compose_config
 
 GROUPS = {
     "lang": ["demo", "hy", "pt", "zh_cn", "ko", "zh_en", "custom"],

@@ -16,8 +16,9 @@ from omegaconf import OmegaConf
 
 import asr
 from asr import schedules
-from asr.report import hyperparameters
 from asr.model import CTCModel
+from asr.report import hyperparameters
+from tests.callbacks import RecordUpdates
 from tests.conftest import compose_config
 
 SEEDS = asr.REPO_DIR.parent / "shared" / "seeds"
@@ -93,25 +94,9 @@ def _tiny_trainer(cv_corpus, tmp_path, overrides=(), **trainer_args):
     return cfg, data, model, trainer
 
 
-class Watch(L.Callback):
-    """Per optimizer update: the learning rate of each group and which parameters the update changed."""
-
-    def __init__(self):
-        self.lrs, self.changed, self.before = [], [], None
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.lrs.append([g["lr"] for g in optimizer.param_groups])
-        self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.before is not None:
-            self.changed.append({n for n, p in pl_module.named_parameters() if not torch.equal(p, self.before[n])})
-            self.before = None
-
-
 def test_schedule_steps_once_per_optimizer_update_under_accumulation(cv_corpus, tmp_path):
     cfg, data, model, trainer = _tiny_trainer(cv_corpus, tmp_path, ["sched.warmup_steps=2"], max_epochs=3,
-                                              accumulate_grad_batches=2, callbacks=[watch := Watch()])
+                                              accumulate_grad_batches=2, callbacks=[watch := RecordUpdates()])
     trainer.fit(model, datamodule=data)
     batches = trainer.num_training_batches  # 6 micro-batches an epoch
     updates = 3 * -(-batches // 2)
@@ -124,7 +109,7 @@ def test_schedule_steps_once_per_optimizer_update_under_accumulation(cv_corpus, 
 
 def test_tristage_learning_rate_per_update_in_a_run(cv_corpus, tmp_path):
     cfg, data, model, trainer = _tiny_trainer(cv_corpus, tmp_path, ["sched=tristage"], max_steps=10,
-                                              callbacks=[watch := Watch()])
+                                              callbacks=[watch := RecordUpdates()])
     trainer.fit(model, datamodule=data)
     expected = [cfg.optim.lr * schedules.tristage_factor(s, 10, [0.1, 0.4, 0.5], 0.01, 0.05) for s in range(10)]
     assert [g[0] for g in watch.lrs] == pytest.approx(expected)
@@ -133,7 +118,7 @@ def test_tristage_learning_rate_per_update_in_a_run(cv_corpus, tmp_path):
 def test_freeze_finetune_updates_trains_only_the_head_first(cv_corpus, tmp_path):
     _, data, model, trainer = _tiny_trainer(cv_corpus, tmp_path, ["model.freeze_finetune_updates=2",
                                                                   "model.config.mask_time_prob=0"],
-                                            max_steps=4, callbacks=[watch := Watch()])
+                                            max_steps=4, callbacks=[watch := RecordUpdates()])
     trainer.fit(model, datamodule=data)
     head = {"model.lm_head.weight", "model.lm_head.bias"}
     assert watch.changed[0] == head and watch.changed[1] == head
@@ -164,7 +149,7 @@ class PlantNaN(L.Callback):
 
 def test_a_nan_batch_skips_its_update_and_is_counted(cv_corpus, tmp_path):
     _, data, model, trainer = _tiny_trainer(cv_corpus, tmp_path, ["model.config.mask_time_prob=0"], max_steps=4,
-                                            callbacks=[PlantNaN({1}), watch := Watch()])
+                                            callbacks=[PlantNaN({1}), watch := RecordUpdates()])
     trainer.fit(model, datamodule=data)
     assert model.skipped_updates == 1 and model.stop_reason is None
     assert watch.changed[1] == set()  # the update of the NaN batch changed nothing
@@ -182,7 +167,7 @@ def test_fp16_loss_scaling_skips_an_overflowing_update_and_halves_the_scale(cv_c
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # low enough that only the NaN batch overflows
     _, data, model, trainer = _tiny_trainer(
         cv_corpus, tmp_path, ["model.config.mask_time_prob=0"], max_steps=4,
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[PlantNaN({1}), watch := Watch()])
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[PlantNaN({1}), watch := RecordUpdates()])
     trainer.fit(model, datamodule=data)
     assert trainer.precision == "16-mixed"
     assert model.skipped_updates == 1 and model.stop_reason is None
