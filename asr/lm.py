@@ -142,9 +142,14 @@ def main(argv: list[str]) -> None:
     args = OmegaConf.from_dotlist(argv)
     if "text" not in args or "out" not in args:
         sys.exit("usage: python -m asr.lm text=<file, one sentence per line> out=<dir> [order=N] [language=...]")
+    if not Path(args.text).is_file():
+        sys.exit(f"error: text={args.text} does not exist (a text file, one sentence per line)")
     lines = Path(args.text).read_text(encoding="utf-8").splitlines()
     order = int(args.get("order", decoding_defaults().lm_order))
-    print(f"wrote {build(lines, args.out, order, args.get('language'))}")
+    try:
+        print(f"wrote {build(lines, args.out, order, args.get('language'))}")
+    except ValueError as error:  # nothing left after normalisation
+        sys.exit(f"error: {error}: text={args.text} has no words after the text rules")
 
 
 if __name__ == "__main__":

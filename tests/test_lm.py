@@ -109,3 +109,17 @@ def test_lm_beam_search_beats_greedy_on_a_word_level_pattern(tmp_path):
     assert greedy.rates()["wer"] > 0.3
     assert with_lm.rates()["wer"] < 0.3 * greedy.rates()["wer"]
     assert with_lm.rates()["cer"] < 0.3 * greedy.rates()["cer"]
+
+
+def test_lm_command_names_a_missing_or_empty_text(tmp_path):
+    import subprocess
+    import sys
+
+    import asr
+
+    (tmp_path / "empty.txt").write_text("?!\n", encoding="utf-8")
+    for text_file in (tmp_path / "nope.txt", tmp_path / "empty.txt"):
+        result = subprocess.run([sys.executable, "-m", "asr.lm", f"text={text_file}", f"out={tmp_path}"],
+                                cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert "error: " in result.stderr and f"text={text_file}" in result.stderr
