@@ -45,7 +45,8 @@ def evaluate(cfg: DictConfig) -> dict:
     seconds, skipped = 0.0, 0
     with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as out, torch.inference_mode():
         for batch in tqdm(loader, desc=f"decoding {cfg.split}", unit="batch"):
-            if batch is None:
+            data.count_dropped(cfg.split, batch["dropped"])
+            if not batch["ids"]:
                 continue
             mask = batch["attention_mask"].to(device)
             logits = model.model(batch["audio"].to(device), attention_mask=mask).logits

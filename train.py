@@ -53,6 +53,7 @@ def train(cfg: DictConfig) -> dict:
 
     if not trainer.is_global_zero:
         return {}
+    data.write_report(run_dir / "data_report.json")  # with the clips met unreadable while training
     checkpoints = trainer.checkpoint_callback  # callbacks.checkpoint; without it, the final weights
     best = checkpoints and (checkpoints.best_model_path or checkpoints.last_model_path)
     export(CTCModel.from_checkpoint(best) if best else model.cpu(), run_dir / "model")

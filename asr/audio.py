@@ -31,8 +31,9 @@ def duration(path) -> float:
     return sf.info(path).duration
 
 
-def encoder_frames(samples: int) -> int:
-    """Output frames of the wav2vec2 feature encoder for `samples` at 16 kHz (about samples / 320)."""
+def encoder_frames(samples):
+    """Output frames of the wav2vec2 feature encoder for `samples` at 16 kHz (about samples / 320); an int
+    or a numpy array of them."""
     for kernel, stride in CONV_LAYERS:
-        samples = max(0, (samples - kernel) // stride + 1)
+        samples = np.maximum(0, (samples - kernel) // stride + 1)
     return samples

@@ -1,10 +1,14 @@
 """Batches of clips of similar duration, filled to a budget of padded audio seconds.
 
 A batch costs `longest clip x clips` seconds of padded audio (what the encoder computes on). Clips are
-grouped into duration buckets whose boundaries are quantiles of the corpus' durations; each epoch the
-clips within every bucket are shuffled, the buckets are packed in duration order (a bucket's last
-partial batch continues with the next, similar, bucket instead of leaving a half-empty batch), and the
-batch order is shuffled. Padding is then bounded by the buckets' widths.
+grouped into duration buckets whose boundaries are quantiles of the corpus' durations. A bucket's
+batches hold as many clips as the budget allows at the bucket's longest clip, so the batch sizes, and
+the number of batches per epoch, depend on the corpus and the budget only: every epoch has the same
+count (Lightning's count of batches, the schedule's total updates and DDP's equal steps hold exactly,
+and a resumed run plans the same). Each epoch the clips within every bucket are shuffled, the buckets
+are packed in duration order (a bucket's last partial batch continues with the next, longer, bucket
+instead of leaving a half-empty batch), and the batch order is shuffled. Padding is then bounded by
+the buckets' widths. Planning is vectorised: a sort and a split per epoch (~0.2 s for a million clips).
 """
 
 import numpy as np
@@ -24,9 +28,10 @@ class DurationBatchSampler(Sampler[list[int]]):
     moves to the next epoch after a complete pass.
 
     DDP (num_replicas > 1): every rank builds the same batches and takes every num_replicas-th. In
-    training the last `len % num_replicas` batches of each shuffled epoch are left out (a different few
-    each epoch), so every rank runs the same number of steps: unequal counts hang DDP. Evaluation keeps
-    every batch; ranks then differ by at most one batch (no collective runs per validation step).
+    training the epoch is padded to a multiple of num_replicas with its first batches (a different few
+    each epoch), so every rank runs the same number of steps (unequal counts hang DDP) and every clip is
+    trained on. Evaluation keeps every batch once; ranks then differ by at most one batch (no collective
+    runs per validation step).
 
     Resuming: `state_dict()` is (epoch, position); `load_state_dict` makes the next pass over that epoch
     start at batch `position` of this rank, so a run resumed mid-epoch continues with exactly the next
@@ -47,15 +52,36 @@ class DurationBatchSampler(Sampler[list[int]]):
         quantiles = np.linspace(0, 1, num_buckets + 1)[1:-1]
         self.boundaries = np.unique(np.quantile(self.durations, quantiles)) if len(self.durations) else np.array([])
         self.bucket = np.searchsorted(self.boundaries, self.durations, side="right")
+        self.sizes = self._batch_sizes()  # clips per batch, in packing order; the same every epoch
+        self.ends = np.cumsum(self.sizes)
         self.epoch, self.position, self._start = 0, 0, 0
+        self._length = len(self._rank_batches(np.arange(len(self.sizes))))
 
     @property
     def sampler(self) -> "DurationBatchSampler":
         return self  # Lightning's `_set_sampler_epoch` looks for `batch_sampler.sampler.set_epoch`
 
-    def cost(self, longest: float, clips: int) -> float:
+    def cost(self, longest, clips):
         """Budget a batch of `clips` clips padded to `longest` seconds uses."""
         return clips * (longest + longest**2 / self.attention_q if self.attention_q else longest)
+
+    def _batch_sizes(self) -> np.ndarray:
+        counts = np.bincount(self.bucket, minlength=len(self.boundaries) + 1)
+        longest = np.zeros(len(counts))
+        np.maximum.at(longest, self.bucket, self.durations)
+        with np.errstate(divide="ignore"):
+            fits = np.floor(self.max_batch_seconds / self.cost(longest, 1))
+        fits = np.where(counts > 0, fits, 1)
+        fits -= self.cost(longest, fits) > self.max_batch_seconds  # rounding
+        if self.max_batch_size is not None:
+            fits = np.minimum(fits, self.max_batch_size)
+        sizes, carry = [], 0
+        for count, fit in zip(counts.tolist(), fits.astype(int).tolist()):
+            if count:  # the previous buckets' leftover clips are shorter: they fit at this bucket's size
+                pool = carry + count
+                sizes += [fit] * (pool // fit)
+                carry = pool % fit
+        return np.array(sizes + ([carry] if carry else []), dtype=np.int64)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -71,43 +97,36 @@ class DurationBatchSampler(Sampler[list[int]]):
             self.epoch, self._start = self.epoch + 1, 0
         self.position = self._start
 
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(clip order, batch order) of an epoch: batch j holds order[ends[j] - sizes[j] : ends[j]]."""
+        rng = np.random.default_rng([self.seed, epoch])
+        if not self.shuffle:  # evaluation: plain duration order, the least padding
+            return np.argsort(self.durations, kind="stable"), np.arange(len(self.sizes))
+        order = np.lexsort((rng.permutation(len(self.durations)), self.bucket))  # buckets in duration order
+        return order, rng.permutation(len(self.sizes))
+
     def batches(self, epoch: int) -> list[list[int]]:
         """All batches of an epoch, before the split across ranks."""
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.shuffle:  # buckets in duration order, clips shuffled within each
-            order = np.lexsort((rng.permutation(len(self.durations)), self.bucket))
-        else:  # evaluation: plain duration order, the least padding
-            order = np.argsort(self.durations, kind="stable")
-        batches, batch, longest = [], [], 0.0
-        for i in order.tolist():
-            longest_if_added = max(longest, self.durations[i])
-            full = self.max_batch_size is not None and len(batch) >= self.max_batch_size
-            if batch and (full or self.cost(longest_if_added, len(batch) + 1) > self.max_batch_seconds):
-                batches.append(batch)
-                batch, longest_if_added = [], self.durations[i]
-            batch.append(i)
-            longest = longest_if_added
-        if batch:
-            batches.append(batch)
-        if self.shuffle:
-            batches = [batches[j] for j in rng.permutation(len(batches))]
-        return batches
+        order, batch_order = self._order(epoch)
+        return [order[self.ends[j] - self.sizes[j] : self.ends[j]].tolist() for j in batch_order]
 
-    def _rank_batches(self) -> list[list[int]]:
-        batches = self.batches(self.epoch)
-        if self.shuffle:  # training: equal counts per rank
-            batches = batches[: len(batches) // self.num_replicas * self.num_replicas]
-        return batches[self.rank :: self.num_replicas]
+    def _rank_batches(self, batch_order: np.ndarray) -> np.ndarray:
+        if self.shuffle:  # training: equal counts per rank, the epoch's first batches again where short
+            batch_order = np.resize(batch_order, -(-len(batch_order) // self.num_replicas) * self.num_replicas)
+        return batch_order[self.rank :: self.num_replicas]
 
     def __iter__(self):
-        batches = self._rank_batches()
+        order, batch_order = self._order(self.epoch)
+        mine = self._rank_batches(batch_order)
         self.position, self._start = self._start, 0
-        while self.position < len(batches):
+        while self.position < len(mine):
+            j = mine[self.position]
             self.position += 1  # batches handed out this epoch, the one being yielded included
-            yield batches[self.position - 1]
+            yield order[self.ends[j] - self.sizes[j] : self.ends[j]].tolist()
         if self.shuffle:  # a complete pass: the next one is a new epoch, unless set_epoch says otherwise
             self.epoch += 1
             self.position = 0
 
     def __len__(self) -> int:
-        return len(self._rank_batches())
+        """Batches of this rank per epoch: the same every epoch, computed once."""
+        return self._length

@@ -1,7 +1,10 @@
-"""On-disk caches that make a restart cheap: clip durations and a 16 kHz copy of the audio.
+"""On-disk caches that make a restart cheap: prepared split listings (Arrow files), clip durations and
+a 16 kHz copy of the audio.
 
-Both live under `data.cache_dir`. A clip is known by its path, modification time and size, so a file
+All live under `data.cache_dir`. A file is known by its path, modification time and size, so a file
 that was replaced is read again. Long passes run in `data.num_workers` processes with a progress bar.
+Every cache file is written to a temporary name beside it and renamed: ranks or runs sharing a cache
+never read half a file.
 """
 
 import hashlib
@@ -11,6 +14,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import soundfile as sf
 from tqdm import tqdm
 
@@ -29,12 +34,41 @@ def _parallel(fn, items: list, workers: int, desc: str):
         yield from tqdm(pool.imap(fn, items, chunksize=32), **bar)
 
 
-def _stamp(path: str) -> list[int] | None:
+def stamp(path: str) -> list[int] | None:
+    """[modification time (ns), size] of a file, or None if it does not exist."""
     try:
         st = os.stat(path)
     except OSError:
         return None
     return [st.st_mtime_ns, st.st_size]
+
+
+def write_arrow(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    partial.replace(path)
+
+
+def read_arrow(path: Path) -> pa.Table:
+    """The table memory-mapped: pages are read as they are used and shared by every process."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def existing(paths: pa.ChunkedArray) -> np.ndarray:
+    """Whether each file exists, from one listing per directory instead of a `stat` per file."""
+    parents = pc.replace_substring_regex(paths, r"/[^/]*$", "")
+    names = pc.replace_substring_regex(paths, r"^.*/", "")
+    found = np.zeros(len(paths), dtype=bool)
+    for parent in pc.unique(parents).to_pylist():
+        in_dir = pc.equal(parents, parent).to_numpy(zero_copy_only=False)
+        try:
+            listing = pa.array(os.listdir(parent or "/"), pa.string())
+        except OSError:  # no such directory: none of its files exists
+            continue
+        found[in_dir] = pc.is_in(names.filter(pa.array(in_dir)), value_set=listing).to_numpy(zero_copy_only=False)
+    return found
 
 
 def _header_seconds(path: str) -> float | str:
@@ -52,12 +86,12 @@ def durations(paths: list[str], cache_file: Path, workers: int) -> list[float | 
     """
     cache_file = Path(cache_file)
     cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    stamps = [_stamp(p) for p in paths]
+    stamps = [stamp(p) for p in paths]
     todo = sorted({p for p, s in zip(paths, stamps) if s and cached.get(p, [None, None])[:2] != s})
     fresh = dict(zip(todo, _parallel(_header_seconds, todo, workers, "reading clip headers")))
     for path in todo:
         if fresh[path] != UNREADABLE:
-            cached[path] = [*_stamp(path), fresh[path]]
+            cached[path] = [*stamp(path), fresh[path]]
     if todo:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_suffix(f".{os.getpid()}.partial")
@@ -88,6 +122,6 @@ def decoded_copies(paths: list[str], cache_dir: Path, workers: int, format: str)
     None for a clip that does not decode."""
     jobs = []
     for path in paths:
-        key = hashlib.sha1(json.dumps([os.path.abspath(path), _stamp(path)]).encode()).hexdigest()
+        key = hashlib.sha1(json.dumps([os.path.abspath(path), stamp(path)]).encode()).hexdigest()
         jobs.append((path, str(Path(cache_dir) / "audio16k" / key[:2] / f"{key}.{format}")))
     return list(_parallel(_convert, jobs, workers, f"converting to 16 kHz {format}"))

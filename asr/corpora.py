@@ -1,4 +1,4 @@
-"""Corpus readers, one per release layout, all yielding the same `Utterance` record.
+"""Corpus readers, one per release layout, all giving the same columns (`Clips`).
 
 Layouts are those users download (REFERENCE.md, "Data layouts"). A missing directory, split file or
 column raises `SetupError` naming the path and the layout expected. Readers only list utterances;
@@ -8,8 +8,14 @@ column raises `SetupError` naming the path and the layout expected. Readers only
 import csv
 import functools
 import hashlib
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from asr import SetupError
 
@@ -22,6 +28,73 @@ class Utterance:
     duration: float | None  # seconds, when the release states it
     speaker: str
     language: str  # per-utterance language tag (ASCEND: zh, en or mixed; otherwise the corpus language)
+
+
+COLUMNS = [field for field in Utterance.__dataclass_fields__]
+SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("text", pa.string()),
+                    ("duration", pa.float64()), ("speaker", pa.string()), ("language", pa.string())])
+
+
+class Clips:
+    """The utterances of a split in columns: a pyarrow Table (at least the `Utterance` fields; duration is
+    null where the release states none) and the numbers of the rows in use.
+
+    A million clips as Python objects cost ~58 us each per start and are copied into every loader
+    worker as they are touched (reference counts and the garbage collector write to every object);
+    Arrow columns are a few buffers, memory-mapped from the cache where the table comes from one, and
+    selecting clips copies row numbers only. `clips[i]` is one `Utterance`; `clips.column(name)` a whole
+    column of the rows in use (numpy for numbers, a list for strings). `seconds`, once the clips are
+    checked (`asr.data.check_split`), is every clip's duration, from the release or its header.
+    """
+
+    def __init__(self, table: pa.Table, rows: np.ndarray | None = None, seconds: np.ndarray | None = None):
+        self.table = table
+        self.rows = np.arange(table.num_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.seconds = seconds
+
+    @classmethod
+    def from_records(cls, utterances) -> "Clips":
+        return cls(pa.Table.from_pylist([u.__dict__ for u in utterances], schema=SCHEMA))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Utterance:
+        row = int(self.rows[i])
+        utterance = Utterance(**{name: self.table.column(name)[row].as_py() for name in COLUMNS})
+        return utterance if self.seconds is None else replace(utterance, duration=float(self.seconds[i]))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def arrow(self, name: str) -> pa.ChunkedArray:
+        """A column of the rows in use, as Arrow (no Python objects)."""
+        column = self.table.column(name)
+        return column if len(self.rows) == self.table.num_rows and self._all_rows() else column.take(self.rows)
+
+    def column(self, name: str) -> np.ndarray | list:
+        """A column of the rows in use: numbers as numpy (null: NaN), strings as a list."""
+        values = self.arrow(name)
+        if pa.types.is_floating(values.type) or pa.types.is_integer(values.type):
+            return values.to_numpy(zero_copy_only=False)
+        return values.to_pylist()
+
+    def select(self, rows) -> "Clips":
+        """The clips at these positions (indices or a boolean mask), sharing this table."""
+        return Clips(self.table, self.rows[rows], None if self.seconds is None else self.seconds[rows])
+
+    def _all_rows(self) -> bool:
+        return bool(len(self.rows) == 0 or (self.rows[0] == 0 and np.all(np.diff(self.rows) == 1)))
+
+    @staticmethod
+    def concat(parts: list["Clips"]) -> "Clips":
+        """One split of several (their tables share the columns of the first)."""
+        names = parts[0].table.column_names
+        tables = [p.table.select(names) for p in parts]
+        offsets = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
+        return Clips(pa.concat_tables(tables, promote_options="permissive"),
+                     np.concatenate([p.rows + o for p, o in zip(parts, offsets)]))  # before any check: no seconds
 
 
 LAYOUTS = {
@@ -58,7 +131,7 @@ def check_root(corpus: str, root: str | None, lang: str) -> str | None:
 
 
 def read_split(corpus: str, root: str, split: str, language: str, columns: dict | None = None,
-               cache_dir: str | Path = "~/.cache/asr") -> list[Utterance]:
+               cache_dir: str | Path = "~/.cache/asr") -> Clips:
     """Utterances of one split as the release names it (train, dev, validation, test, validated...).
 
     Audio held inside a `datasets` copy is written once to files under `cache_dir` (bytes as stored,
@@ -80,26 +153,75 @@ def read_split(corpus: str, root: str, split: str, language: str, columns: dict 
     return read_hf_dataset(root, split, language, columns, Path(cache_dir).expanduser())
 
 
-def read_common_voice(root: Path, split: str, language: str) -> list[Utterance]:
-    """Rows of `<root>/<split>.tsv`; durations from clip_durations.tsv when the release has it."""
+def sources(corpus: str, root: str, split: str) -> list[Path] | None:
+    """The files a split is listed in (their stamps key `asr.data`'s listing cache), or None where the
+    listing also writes files (a datasets copy's audio is extracted) and is not cached."""
+    root = Path(root)
+    if corpus == "common_voice":
+        return [root / f"{split}.tsv", root / "clip_durations.tsv"]
+    if corpus == "zeroth" and (root / "train_data_01").is_dir() and split in ZEROTH_SPLITS:
+        return sorted((root / ZEROTH_SPLITS[split]).glob("*/*/*.trans.txt"))
+    if corpus == "ascend" and (table := _metadata_csv(root, split)):
+        return [table]
+    return None
+
+
+def read_common_voice(root: Path, split: str, language: str) -> Clips:
+    """Rows of `<root>/<split>.tsv`; durations from clip_durations.tsv when the release has it.
+
+    Read by Arrow's CSV reader (a million rows in about a second) with quoting off: quotes are data.
+    A row with another number of fields than the header is left out and counted (`malformed_rows` in
+    the table's metadata, reported by `asr.data`).
+    """
     tsv = root / f"{split}.tsv"
     if not tsv.is_file():
         raise SetupError(f"{tsv} does not exist: data.root must be {LAYOUTS['common_voice']}.")
-    durations = {}
+    rows = _read_tsv(tsv, ["client_id", "path", "sentence"])
+    paths = rows.column("path")
+    seconds = pa.nulls(len(paths), pa.float64())
     if (root / "clip_durations.tsv").is_file():
-        durations = {row["clip"]: int(row["duration[ms]"]) / 1000
-                     for row in _read_table(root / "clip_durations.tsv", ["clip", "duration[ms]"])}
-    return [
-        Utterance(id=row["path"], path=str(root / "clips" / row["path"]), text=row["sentence"],
-                  duration=durations.get(row["path"]), speaker=row["client_id"], language=language)
-        for row in _read_table(tsv, ["client_id", "path", "sentence"])
-    ]
+        durations = _read_tsv(root / "clip_durations.tsv", ["clip", "duration[ms]"])
+        where = pc.index_in(paths, value_set=durations.column("clip"))  # null: the release states none
+        milliseconds = pc.cast(durations.column("duration[ms]"), pa.float64(), safe=False)
+        seconds = pc.divide(pc.take(milliseconds, where), 1000.0)
+    clips_dir = str(root / "clips") + "/"
+    table = pa.table({
+        "id": paths, "path": pc.binary_join_element_wise(clips_dir, paths, ""), "text": rows.column("sentence"),
+        "duration": seconds, "speaker": rows.column("client_id"),
+        "language": pa.array(np.full(len(paths), language, dtype=object), pa.string()),
+    }, schema=SCHEMA)
+    return Clips(table.replace_schema_metadata(rows.schema.metadata))
+
+
+def _read_tsv(path: Path, required: list[str]) -> pa.Table:
+    """The `required` columns of a Common Voice TSV, all as strings except a duration in ms."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise SetupError(f"{path} lacks the column(s) {missing}; its header is {header}.")
+    malformed = []
+
+    def skip(row) -> str:
+        malformed.append(row.number)
+        return "skip"
+
+    table = pacsv.read_csv(
+        path,
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, escape_char=False,
+                                         invalid_row_handler=skip),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=required,
+            column_types={c: pa.int64() if c == "duration[ms]" else pa.string() for c in required}),
+    )
+    return table.replace_schema_metadata({"malformed_rows": str(len(malformed)),
+                                          "malformed_lines": ",".join(map(str, malformed[:5]))})
 
 
 ZEROTH_SPLITS = {"train": "train_data_01", "test": "test_data_01"}
 
 
-def read_zeroth(root: Path, split: str, language: str) -> list[Utterance]:
+def read_zeroth(root: Path, split: str, language: str) -> Clips:
     """OpenSLR 40: `<part>/003/<speaker>/<speaker>_003.trans.txt` lines `<utterance-id> <text>`, audio
     `<utterance-id>.flac` beside it. Zeroth has train and test only (dev: `data.dev_split=null`)."""
     if split not in ZEROTH_SPLITS:
@@ -117,7 +239,7 @@ def read_zeroth(root: Path, split: str, language: str) -> list[Utterance]:
             if utt_id:
                 utterances.append(Utterance(utt_id, str(trans.parent / f"{utt_id}.flac"), sentence, None,
                                             speaker, language))
-    return utterances
+    return Clips.from_records(utterances)
 
 
 def _metadata_csv(root: Path, split: str) -> Path | None:
@@ -127,15 +249,15 @@ def _metadata_csv(root: Path, split: str) -> Path | None:
     return None
 
 
-def read_csv_folder(root: Path, split: str, language: str, columns: dict) -> list[Utterance]:
+def read_csv_folder(root: Path, split: str, language: str, columns: dict) -> Clips:
     """A folder of audio files with a metadata CSV per split; paths are relative to the CSV's folder."""
     table = _metadata_csv(root, split)
     if table is None:
         raise SetupError(f"{root} has neither {split}.csv nor {split}/metadata.csv: data.root must be "
                          f"{LAYOUTS['ascend']}.")
     path_column = "path"
-    rows = _read_table(table, [path_column, columns["text"]], delimiter=",")
-    return [
+    rows = _read_table(table, [path_column, columns["text"]])
+    return Clips.from_records(
         Utterance(
             id=row.get(columns.get("id"), "") or row[path_column],
             path=str(table.parent / row[path_column]),
@@ -145,7 +267,7 @@ def read_csv_folder(root: Path, split: str, language: str, columns: dict) -> lis
             language=row.get(columns.get("language"), "") or language,
         )
         for row in rows
-    ]
+    )
 
 
 @functools.cache
@@ -163,10 +285,12 @@ def _open_dataset(root: Path):
     return dataset if isinstance(dataset, datasets.DatasetDict) else datasets.DatasetDict(train=dataset)
 
 
-def read_hf_dataset(root: Path, split: str, language: str, columns: dict, cache_dir: Path) -> list[Utterance]:
-    """A local `datasets` copy. columns: audio and text (required), id, speaker, duration, language."""
-    import datasets
+def read_hf_dataset(root: Path, split: str, language: str, columns: dict, cache_dir: Path) -> Clips:
+    """A local `datasets` copy. columns: audio and text (required), id, speaker, duration, language.
 
+    The audio column is read as Arrow: a row's bytes become Python bytes only when its file must be
+    written; a file already extracted (same size) is not read again.
+    """
     dataset = _open_dataset(root)
     if split not in dataset:
         raise SetupError(f"{root} has no split {split!r}; it has {sorted(dataset)}. Name the splits with "
@@ -180,58 +304,67 @@ def read_hf_dataset(root: Path, split: str, language: str, columns: dict, cache_
                          f"Set data.columns.<audio|text>=<column>.")
     present = {key: name for key, name in wanted.items() if name in table.column_names}
     meta = table.select_columns([n for k, n in present.items() if k != "audio"]).to_dict()
-    audio = table.select_columns([present["audio"]]).cast_column(present["audio"], datasets.Audio(decode=False))
+    audio = table.select_columns([present["audio"]]).with_format("arrow")[:][present["audio"]]  # struct<bytes, path>
+    names = pc.struct_field(audio, "path").to_pylist()
+    sizes = pc.binary_length(pc.struct_field(audio, "bytes")).to_pylist()  # None: no bytes stored
     out_dir = cache_dir / "extracted" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16] / split
     utterances = []
-    for i, row in enumerate(audio):
-        path = _audio_file(root, row[present["audio"]], out_dir, i)
+    for i, (name, size) in enumerate(zip(names, sizes)):
+        path = _audio_file(root, name or "", size, lambda i=i: audio[i]["bytes"].as_py(), out_dir, i)
         value = {key: meta[name][i] for key, name in present.items() if key != "audio"}
         utterances.append(Utterance(
             id=str(value.get("id", i)), path=path, text=value["text"] or "",
             duration=float(value["duration"]) if value.get("duration") is not None else None,
             speaker=str(value.get("speaker", "")), language=str(value.get("language") or language),
         ))
-    return utterances
+    return Clips.from_records(utterances)
 
 
-def _audio_file(root: Path, audio: dict, out_dir: Path, index: int) -> str:
-    """The file holding one row's audio: its own path if that exists, else its bytes written once."""
-    name = audio.get("path") or ""
+def _audio_file(root: Path, name: str, size: int | None, read_bytes, out_dir: Path, index: int) -> str:
+    """The file holding one row's audio: its own path if that exists, else its `size` bytes (from
+    `read_bytes()`) written once. The `.partial` name carries the process id: ranks extracting at once
+    never write into one file."""
     for candidate in (Path(name), root / name):
         if name and candidate.is_file():
             return str(candidate)
-    if not audio.get("bytes"):
+    if not size:
         return str(root / name)  # neither file nor bytes: reported as a missing file
     target = out_dir / f"{index:08d}_{Path(name).name or 'audio.wav'}"
-    if not target.is_file() or target.stat().st_size != len(audio["bytes"]):
+    if not target.is_file() or target.stat().st_size != size:
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(target.suffix + ".partial")
-        partial.write_bytes(audio["bytes"])
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        partial.write_bytes(read_bytes())
         partial.replace(target)  # a crash mid-write never leaves a truncated clip behind
     return str(target)
 
 
-def carve_dev(train: list[Utterance], n_speakers: int) -> tuple[list[Utterance], list[Utterance]]:
+def carve_dev(train: Clips, n_speakers: int) -> tuple[Clips, Clips]:
     """(train, dev): the `n_speakers` speakers with the smallest hash of their id are held out for dev.
     Deterministic across runs and machines, independent of file order."""
-    speakers = sorted({u.speaker for u in train}, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+    speakers = sorted(pc.unique(train.arrow("speaker")).to_pylist(),
+                      key=lambda s: hashlib.sha1(s.encode()).hexdigest())
     if len(speakers) <= n_speakers:
         raise SetupError(f"cannot hold out {n_speakers} dev speakers: train has {len(speakers)} speakers. "
                          f"Lower data.dev_speakers or name a dev split with data.dev_split.")
-    held_out = set(speakers[:n_speakers])
-    return [u for u in train if u.speaker not in held_out], [u for u in train if u.speaker in held_out]
+    held_out = _is_in(train.arrow("speaker"), speakers[:n_speakers])
+    return train.select(~held_out), train.select(held_out)
 
 
-def without_speakers(utterances: list[Utterance], speakers: set[str], ids: set[str]) -> list[Utterance]:
+def without_speakers(clips: Clips, speakers: pa.ChunkedArray, ids: pa.ChunkedArray) -> Clips:
     """Extra training rows (Common Voice validated.tsv) minus dev/test speakers and clips already used."""
-    return [u for u in utterances if u.speaker not in speakers and u.id not in ids]
+    return clips.select(~(_is_in(clips.arrow("speaker"), speakers) | _is_in(clips.arrow("id"), ids)))
 
 
-def _read_table(path: Path, required: list[str], delimiter: str = "\t") -> list[dict]:
-    # Quoting off for the TSVs: Common Voice sentences contain quote characters that are data.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+def _is_in(values: pa.ChunkedArray, wanted) -> np.ndarray:
+    wanted = pa.chunked_array([wanted]) if isinstance(wanted, list) else wanted
+    value_set = pa.concat_arrays(wanted.chunks) if wanted.num_chunks else pa.array([], values.type)
+    return pc.fill_null(pc.is_in(values, value_set=value_set), False).to_numpy(zero_copy_only=False)
+
+
+def _read_table(path: Path, required: list[str]) -> list[dict]:
+    """Rows of a metadata CSV (quoting as CSV has it), checked for the `required` columns."""
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+        reader = csv.DictReader(f)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise SetupError(f"{path} lacks the column(s) {missing}; its header is {reader.fieldnames}.")

@@ -3,56 +3,63 @@
 import hashlib
 import json
 import logging
-from collections import Counter, defaultdict
-from dataclasses import replace
+import os
+import re
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from asr import SetupError, audio, cache, corpora, text
 from asr.batching import DurationBatchSampler
-from asr.corpora import Utterance
 
 log = logging.getLogger(__name__)
+LISTING_VERSION = 1  # of the prepared listing's columns; a change makes every cached listing stale
 
 
 class UtteranceDataset(Dataset):
-    """Decodes one clip per item: 16 kHz normalised audio, normalised transcript and its label ids.
+    """Decodes one clip per item: 16 kHz normalised audio, its transcript (normalised when the split was
+    listed, `SpeechDataModule.raw`) and label ids.
 
-    A clip that fails to decode (corrupt past its header) gives None: `collate` leaves it out and
-    counts it, so one bad file never stops a long run.
+    A clip that cannot be read (missing, or corrupt: headers are not read where the release states the
+    durations) gives {"id", "dropped": reason}: `collate` leaves it out and passes the reason on, so one
+    bad file never stops a long run and every one is counted in the data report.
     """
 
-    def __init__(self, utterances: list[Utterance], vocab: text.Vocabulary, language: str | None = None):
-        self.utterances, self.vocab, self.language = utterances, vocab, language
+    def __init__(self, clips: corpora.Clips, vocab: text.Vocabulary):
+        self.clips, self.vocab = clips, vocab
+        self._columns = {name: clips.table.column(name) for name in ("id", "path", "text", "language")}
 
     def __len__(self) -> int:
-        return len(self.utterances)
+        return len(self.clips)
 
-    def __getitem__(self, i: int) -> dict | None:
-        utt = self.utterances[i]
+    def __getitem__(self, i: int) -> dict:
+        row = int(self.clips.rows[i])
+        utt_id, path, transcript, language = (self._columns[n][row].as_py() for n in ("id", "path", "text", "language"))
         try:
-            wave = audio.normalize(audio.load(utt.path))
+            wave = audio.normalize(audio.load(path))
         except Exception as error:  # libsndfile raises several types
-            log.warning("skipping %s: %s does not decode (%s)", utt.id, utt.path, error)
-            return None
-        transcript = text.normalize(utt.text, self.language)
-        return {"id": utt.id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
-                "language": utt.language}
+            reason = cache.UNREADABLE if os.path.exists(path) else cache.MISSING
+            log.warning("skipping %s: %s (%s: %s)", utt_id, path, reason, error)
+            return {"id": utt_id, "dropped": reason}
+        return {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
+                "language": language}
 
 
-def collate(items: list[dict | None]) -> dict | None:
+def collate(items: list[dict]) -> dict:
     """Pad a batch. audio: (B, S) float32 at 16 kHz; attention_mask: (B, S) 1 on real samples;
     labels: (B, L) ids padded with -100 (ignored by the CTC loss). lengths (samples) and label_lengths
-    are host lists, which Lightning leaves on the host: the loss needs them there. Clips that failed to decode (None)
-    are left out and counted in `skipped`; a batch of nothing but those is None."""
-    skipped = sum(item is None for item in items)
-    items = [item for item in items if item is not None]
+    are host lists, which Lightning leaves on the host: the loss needs them there. Clips that could
+    not be read are left out, listed in `dropped` as (id, reason) and counted in `skipped`; a batch of
+    nothing but those has no `audio` and empty `ids`."""
+    dropped = [(item["id"], item["dropped"]) for item in items if "dropped" in item]
+    items = [item for item in items if "dropped" not in item]
     if not items:
-        return None
+        return {"ids": [], "dropped": dropped, "skipped": len(dropped), "audio_seconds": 0.0, "padded_seconds": 0.0}
     lengths = [len(item["audio"]) for item in items]
     batch_audio = torch.zeros(len(items), max(lengths))
     mask = torch.zeros(len(items), max(lengths), dtype=torch.long)
@@ -73,8 +80,17 @@ def collate(items: list[dict | None]) -> dict | None:
         # seconds, as host floats so that logging them never waits on the GPU
         "audio_seconds": sum(lengths) / audio.SAMPLE_RATE,
         "padded_seconds": len(items) * max(lengths) / audio.SAMPLE_RATE,
-        "skipped": skipped,
+        "skipped": len(dropped),
+        "dropped": dropped,
     }
+
+
+_REPEAT = re.compile(r"(.)(?=\1)")  # a character followed by the same one
+
+
+def frames_needed(transcript: str) -> int:
+    """Encoder frames CTC needs for a transcript: one per label, plus a blank between repeated labels."""
+    return len(transcript) + len(_REPEAT.findall(transcript))
 
 
 def ctc_feasible(labels: list[int], seconds: float) -> bool:
@@ -83,46 +99,98 @@ def ctc_feasible(labels: list[int], seconds: float) -> bool:
     return len(labels) + repeats <= audio.encoder_frames(int(seconds * audio.SAMPLE_RATE))
 
 
-def check_split(utterances: list[Utterance], probed: list[float | str], vocab: text.Vocabulary,
-                language: str | None, min_seconds: float, max_seconds: float,
-                training: bool) -> tuple[list[Utterance], dict]:
+def prepare(clips: corpora.Clips, language: str | None) -> pa.Table:
+    """A listing with transcripts normalised once (`text`), the frames CTC needs for each (`frames`), and
+    the characters of all transcripts in the metadata (`characters`, JSON): the vocabulary and every
+    check then work on columns. This is the per-clip Python work of a start (~8 us a clip), which the
+    listing cache saves."""
+    transcripts = [text.normalize(t or "", language) for t in clips.column("text")]
+    table = clips.table.take(clips.rows) if len(clips) != clips.table.num_rows else clips.table
+    table = table.set_column(table.column_names.index("text"), "text", pa.array(transcripts, pa.string()))
+    table = table.append_column("frames", pa.array([frames_needed(t) for t in transcripts], pa.int32()))
+    metadata = {**(table.schema.metadata or {}),
+                b"characters": json.dumps(sorted(set("".join(transcripts))), ensure_ascii=False).encode()}
+    return table.replace_schema_metadata(metadata)
+
+
+def characters(clips: corpora.Clips) -> set[str]:
+    """Characters of the clips' (normalised) transcripts; from the listing's metadata when the clips are
+    the whole listing."""
+    metadata = clips.table.schema.metadata or {}
+    if b"characters" in metadata and len(clips) == clips.table.num_rows and clips._all_rows():
+        return set(json.loads(metadata[b"characters"]))
+    return set("".join(clips.column("text")))
+
+
+def check_split(clips: corpora.Clips, seconds: np.ndarray, problems: dict[int, str], vocab: text.Vocabulary,
+                min_seconds: float, max_seconds: float, training: bool) -> tuple[corpora.Clips, dict]:
     """Drop and count what cannot train or be scored; the run goes on with the rest.
 
-    probed: per utterance, seconds read from its header or why it cannot be read (`asr.cache.durations`).
+    clips: a prepared listing (`prepare`: normalised `text`, `frames`). seconds: per clip, from the
+    release or the header. problems: clip position -> why its audio cannot be used (missing, unreadable).
     Transcripts longer than the encoder's frames (infinite CTC loss) are dropped from training only:
     in dev and test they are scored, as any other utterance, and unseen characters count as `[UNK]`.
 
-    Returns the kept utterances (with durations filled in) and a report
+    Returns the kept clips (with `seconds`) and a report
     {"kept": n, "dropped": {reason: n}, "examples": {reason: [ids]}, "unk_characters": n, "seconds": s}.
     """
-    kept, dropped, examples = [], Counter(), defaultdict(list)
-    unk = 0
-
-    def drop(reason, utt):
-        dropped[reason] += 1
-        if len(examples[reason]) < 5:
-            examples[reason].append(utt.id)
-
-    for utt, header in zip(utterances, probed, strict=True):
-        if isinstance(header, str):  # missing or unreadable
-            drop(header, utt)
-            continue
-        seconds = utt.duration if utt.duration is not None else header  # the release's figure first
-        transcript = text.normalize(utt.text, language)
-        if seconds < min_seconds:
-            drop("too_short", utt)
-        elif seconds > max_seconds:
-            drop("too_long", utt)
-        elif not transcript:
-            drop("empty_transcript", utt)
-        elif training and not ctc_feasible(vocab.encode(transcript), seconds):
-            drop("transcript_longer_than_frames", utt)
-        else:
-            unk += vocab.encode(transcript).count(vocab.unk_id)
-            kept.append(replace(utt, duration=seconds))
-    report = {"kept": len(kept), "dropped": dict(dropped), "examples": dict(examples), "unk_characters": unk,
-              "seconds": round(sum(u.duration for u in kept), 2)}
+    frames = clips.column("frames")
+    samples = (np.nan_to_num(seconds) * audio.SAMPLE_RATE).astype(np.int64)
+    reason = np.full(len(clips), -1, dtype=np.int8)  # index into `reasons`; the first that applies
+    reasons = [cache.MISSING, cache.UNREADABLE, "too_short", "too_long", "empty_transcript",
+               "transcript_longer_than_frames"]
+    checks = [np.zeros(len(clips), bool) for _ in range(2)]
+    for i, problem in problems.items():
+        checks[reasons.index(problem)][i] = True
+    checks += [seconds < min_seconds, seconds > max_seconds, frames == 0,
+               training & (frames > audio.encoder_frames(samples))]
+    for code, failed in reversed(list(enumerate(checks))):
+        reason[failed] = code
+    dropped, examples = {}, {}
+    metadata = clips.table.schema.metadata or {}
+    if int(metadata.get(b"malformed_rows", 0)):
+        dropped["malformed_row"] = int(metadata[b"malformed_rows"])
+        examples["malformed_row"] = [f"line {n}" for n in metadata[b"malformed_lines"].decode().split(",")]
+    ids = clips.arrow("id")
+    for code, name in enumerate(reasons):
+        where = np.flatnonzero(reason == code)
+        if len(where):
+            dropped[name] = len(where)
+            examples[name] = ids.take(where[:5]).to_pylist()
+    kept = clips.select(reason < 0)
+    kept.seconds = seconds[reason < 0]
+    unknown = characters(kept) - {" " if t == text.WORD_DELIMITER else t for t in vocab.tokens}
+    transcripts = kept.column("text") if unknown else []
+    unk = sum(t.count(c) for t in transcripts for c in unknown)
+    report = {"kept": len(kept), "dropped": dropped, "examples": examples, "unk_characters": unk,
+              "seconds": round(float(kept.seconds.sum()), 2)}
     return kept, report
+
+
+def durations(clips: corpora.Clips, cache_file: Path, workers: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Seconds per clip and the clips whose audio cannot be used (position -> reason).
+
+    Where the release states a clip's duration, its header is not read: the clip's file is only
+    looked up in a listing of its directory (one `listdir` per directory, not a `stat` per clip), and a
+    clip corrupt past its name is met, skipped and counted when it is loaded. The other clips' headers
+    are read once and cached in `cache_file` (`asr.cache.durations`).
+    """
+    seconds = clips.column("duration").astype(np.float64)
+    problems = {}
+    stated = ~np.isnan(seconds)
+    if stated.any():
+        paths = clips.arrow("path").filter(pa.array(stated))
+        for i in np.flatnonzero(stated)[~cache.existing(paths)]:
+            problems[int(i)] = cache.MISSING
+    probe = np.flatnonzero(~stated)
+    if len(probe):
+        probed = cache.durations(clips.arrow("path").take(probe).to_pylist(), cache_file, workers)
+        for i, value in zip(probe, probed):
+            if isinstance(value, str):
+                problems[int(i)] = value
+            else:
+                seconds[i] = value
+    return seconds, problems
 
 
 def format_report(report: dict[str, dict]) -> str:
@@ -157,25 +225,46 @@ class SpeechDataModule(L.LightningDataModule):
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
         self.cache_dir = Path(cache_dir).expanduser()
         self.vocab: text.Vocabulary | None = None
-        self.utterances: dict[str, list[Utterance]] = {}
+        self.utterances: dict[str, corpora.Clips] = {}
         self.report: dict[str, dict] = {}
-        self._raw: dict[str, list[Utterance]] = {}
-        self._release: dict[str, list[Utterance]] = {}
+        self._raw: dict[str, corpora.Clips] = {}
+        self._release: dict[str, corpora.Clips] = {}
         self.added: dict[str, int] = {}  # train_extra split -> utterances it added
+        self._met: dict[str, set[str]] = {}  # split -> ids of clips met unreadable while loading
 
     def check(self) -> str | None:
         """Why this data cannot load (with the override that fixes it), or None."""
         return corpora.check_root(self.hparams.corpus, self.hparams.root, self.hparams.lang)
 
-    def _read(self, name: str) -> list[Utterance]:
-        """A split as the release names it, read once."""
+    def _read(self, name: str) -> corpora.Clips:
+        """A split as the release names it, read and prepared (`prepare`) once.
+
+        The prepared listing is cached under cache_dir/listings as an Arrow file, keyed by the files the
+        split is listed in (path, modification time, size) and the text rules: a later start maps it
+        into memory instead of parsing and normalising every row again, and loader workers and ranks
+        share its pages.
+        """
         if name not in self._release:
             h = self.hparams
-            self._release[name] = corpora.read_split(h.corpus, h.root, name, h.language, h.columns, self.cache_dir)
+            files = corpora.sources(h.corpus, h.root, name)
+            cached = None
+            if files is not None:
+                key = json.dumps([LISTING_VERSION, h.corpus, str(Path(h.root).resolve()), name, h.language,
+                                  h.columns, [[str(f), cache.stamp(str(f))] for f in files]])
+                cached = self.cache_dir / "listings" / f"{hashlib.sha1(key.encode()).hexdigest()}.arrow"
+            if cached is None or not cached.is_file():
+                table = prepare(corpora.read_split(h.corpus, h.root, name, h.language, h.columns, self.cache_dir),
+                                h.language)
+                if cached is None:
+                    self._release[name] = corpora.Clips(table)
+                    return self._release[name]
+                cache.write_arrow(table, cached)
+            self._release[name] = corpora.Clips(cache.read_arrow(cached))
         return self._release[name]
 
-    def raw(self, split: str) -> list[Utterance]:
-        """Utterances of `split` (train, dev or test) as the release lists them, before any check."""
+    def raw(self, split: str) -> corpora.Clips:
+        """Clips of `split` (train, dev or test) as the release lists them (transcripts normalised), before
+        any check."""
         if split in self._raw:
             return self._raw[split]
         h = self.hparams
@@ -187,57 +276,80 @@ class SpeechDataModule(L.LightningDataModule):
             if h.dev_split is None:
                 train, _ = corpora.carve_dev(train, h.dev_speakers)
             if h.train_extra:
-                held_out = [u for s in ("dev", "test") for u in self.raw(s)]
-                speakers, ids = {u.speaker for u in held_out}, {u.id for u in held_out + train}
+                held_out = [self.raw(s) for s in ("dev", "test")]
+                speakers = pa.chunked_array([c for part in held_out for c in part.arrow("speaker").chunks])
+                ids = [c for part in [*held_out, train] for c in part.arrow("id").chunks]
+                parts = [train]
                 for name in h.train_extra:
-                    extra = corpora.without_speakers(self._read(name), speakers, ids)
-                    ids |= {u.id for u in extra}
+                    extra = corpora.without_speakers(self._read(name), speakers, pa.chunked_array(ids, pa.string()))
+                    ids += extra.arrow("id").chunks
                     log.info("train: %d utterances added from %s (dev/test speakers and repeats left out)",
                              len(extra), name)
-                    train = train + extra
+                    parts.append(extra)
                     self.added[name] = len(extra)
+                train = corpora.Clips.concat(parts)
             self._raw["train"] = train
         else:
             self._raw[split] = self._read(self.splits[split])
         return self._raw[split]
 
-    def load(self, split: str) -> list[Utterance]:
-        """Checked utterances of `split` (train, dev or test); reads and checks once (durations cached)."""
+    def load(self, split: str) -> corpora.Clips:
+        """Checked clips of `split` (train, dev or test); reads and checks once."""
         if self.vocab is None and split != "train":
             self.load("train")  # the vocabulary comes from the training transcripts
         if split not in self.utterances:
             h = self.hparams
             raw = self.raw(split)
             if split == "train" and self.vocab is None:
-                self.vocab = text.Vocabulary.from_transcripts(
-                    filter(None, (text.normalize(u.text, h.language) for u in raw)))
+                self.vocab = text.Vocabulary.from_transcripts([characters(raw)])
             key = hashlib.sha1(str(Path(h.root).resolve()).encode()).hexdigest()[:16]
-            probed = cache.durations([u.path for u in raw], self.cache_dir / "durations" / f"{key}.json",
-                                     h.num_workers)
-            kept, report = check_split(raw, probed, self.vocab, h.language, h.min_seconds, h.max_seconds,
+            seconds, problems = durations(raw, self.cache_dir / "durations" / f"{key}.json", h.num_workers)
+            kept, report = check_split(raw, seconds, problems, self.vocab, h.min_seconds, h.max_seconds,
                                        training=split == "train")
             if h.decode_cache:
                 kept, report = self._decoded(kept, report)
             if split == "train" and self.added:
                 report["added_from"] = dict(self.added)
             self.utterances[split], self.report[split] = kept, report
-            if not kept:
+            if not len(kept):
                 dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
                 raise SetupError(f"no usable utterance in the {split} split of {h.root} (dropped: {dropped})")
         return self.utterances[split]
 
-    def _decoded(self, kept: list[Utterance], report: dict) -> tuple[list[Utterance], dict]:
-        """Point the kept utterances at 16 kHz copies; drop and count those that do not decode."""
-        copies = cache.decoded_copies([u.path for u in kept], self.cache_dir, self.hparams.num_workers,
+    def _decoded(self, kept: corpora.Clips, report: dict) -> tuple[corpora.Clips, dict]:
+        """Point the kept clips at 16 kHz copies; drop and count those that do not decode."""
+        copies = cache.decoded_copies(kept.column("path"), self.cache_dir, self.hparams.num_workers,
                                       self.hparams.cache_format)
-        unreadable = [u for u, c in zip(kept, copies) if c is None]
-        if unreadable:
-            report["dropped"][cache.UNREADABLE] = report["dropped"].get(cache.UNREADABLE, 0) + len(unreadable)
-            report["examples"].setdefault(cache.UNREADABLE, []).extend(u.id for u in unreadable[:5])
-        kept = [replace(u, path=c) for u, c in zip(kept, copies) if c is not None]
+        readable = np.array([c is not None for c in copies], dtype=bool)
+        if not readable.all():
+            ids = kept.arrow("id").filter(pa.array(~readable)).to_pylist()
+            report["dropped"][cache.UNREADABLE] = report["dropped"].get(cache.UNREADABLE, 0) + len(ids)
+            report["examples"].setdefault(cache.UNREADABLE, []).extend(ids[:5])
+        table = kept.table.take(kept.rows).filter(pa.array(readable))
+        table = table.set_column(table.column_names.index("path"), "path",
+                                 pa.array([c for c in copies if c is not None], pa.string()))
+        kept = corpora.Clips(table, seconds=kept.seconds[readable])
         report["kept"] = len(kept)
-        report["seconds"] = round(sum(u.duration for u in kept), 2)
+        report["seconds"] = round(float(kept.seconds.sum()), 2)
         return kept, report
+
+    def count_dropped(self, split: str, dropped: list[tuple[str, str]]) -> None:
+        """Clips met unreadable while loading (missing, or corrupt past their name where no header was
+        read): each counted once in the split's report, by reason, and taken out of its kept count."""
+        report, seen = self.report[split], self._met.setdefault(split, set())
+        for utt_id, reason in dropped:
+            if utt_id not in seen:
+                seen.add(utt_id)
+                report["dropped"][reason] = report["dropped"].get(reason, 0) + 1
+                examples = report["examples"].setdefault(reason, [])
+                if len(examples) < 5:
+                    examples.append(utt_id)
+                report["kept"] -= 1
+                if split in self.utterances:  # its seconds too (rare: a lookup by id)
+                    clips = self.utterances[split]
+                    where = pc.index(clips.arrow("id"), utt_id).as_py()
+                    report["seconds"] = round(report["seconds"] - float(clips.seconds[where]), 2)
+                report["met_while_loading"] = report.get("met_while_loading", 0) + 1
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
@@ -257,12 +369,12 @@ class SpeechDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer else 0
         size = h.max_batch_size if training or h.eval_max_batch_size is None else h.eval_max_batch_size
         sampler = DurationBatchSampler(
-            [u.duration for u in utterances], h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
+            utterances.seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
             attention_q=h.attention_q, seed=h.seed, shuffle=training, num_replicas=world, rank=rank,
         )
         workers = h.num_workers
         return (ResumableLoader if training else DataLoader)(
-            UtteranceDataset(utterances, self.vocab, h.language), batch_sampler=sampler, collate_fn=collate,
+            UtteranceDataset(utterances, self.vocab), batch_sampler=sampler, collate_fn=collate,
             num_workers=workers, persistent_workers=training and workers > 0,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),
         )
@@ -279,7 +391,7 @@ class SpeechDataModule(L.LightningDataModule):
         return self.dataloader("test")
 
     def audio_seconds(self, split: str) -> float:
-        return float(np.sum([u.duration for u in self.load(split)]))
+        return float(self.load(split).seconds.sum())
 
 
 class ResumableLoader(DataLoader):

@@ -149,7 +149,7 @@ class CTCModel(L.LightningModule):
         return [text.normalize(h, self.hparams.language) for h in self.vocab.greedy_decode(logits, frames)]
 
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:  # every clip failed to decode (logged by the loader); skip the step
+        if not batch["ids"]:  # no clip of the batch could be read (logged by the loader); skip the step
             return None
         loss = self(batch).loss
         size = len(batch["ids"])
@@ -159,7 +159,7 @@ class CTCModel(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict | None, batch_idx: int) -> None:
-        if batch is None:  # every clip failed to decode (logged by the loader)
+        if not batch["ids"]:  # no clip of the batch could be read (logged by the loader)
             return
         out = self(batch)
         hypotheses = self.transcribe(out.logits, self.frames(batch["lengths"]))

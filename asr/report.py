@@ -28,7 +28,8 @@ class RunReport(L.Callback):
         self.run_dir = Path(run_dir)
         self.rows: list[dict] = []
         self.audio_seconds = self.padded_seconds = 0.0
-        self.skipped_clips = 0  # training clips that failed to decode and were left out of their batch
+        self.skipped_clips = 0  # training clips that could not be read and were left out of their batch
+        self.dropped: dict[str, list] = {"train": [], "dev": []}  # (id, reason) of clips that could not be read
         self.skipped_updates = 0  # optimizer updates skipped for non-finite gradients
         self.loss_sum = self.loss_count = torch.zeros(())
         self.started = self.train_seconds = None
@@ -39,9 +40,10 @@ class RunReport(L.Callback):
         self.loss_count = torch.zeros((), device=pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch is None:  # every clip of the batch failed to decode; counted by the model
-            return
+        self.dropped["train"] += batch["dropped"]
         self.skipped_clips += batch["skipped"]
+        if not batch["ids"]:  # no clip of the batch could be read
+            return
         self.audio_seconds += batch["audio_seconds"]
         self.padded_seconds += batch["padded_seconds"]
         # host floats: logging them never waits on the GPU. Throughput is this rank's, since fit began.
@@ -54,6 +56,9 @@ class RunReport(L.Callback):
         loss = outputs["loss"].detach().float()  # stays on the device: no sync per step
         self.loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)  # skipped updates
         self.loss_count += torch.isfinite(loss)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.dropped["dev"] += batch["dropped"]
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or "val/cer" not in trainer.callback_metrics:
@@ -81,6 +86,13 @@ class RunReport(L.Callback):
             torch.tensor([self.audio_seconds, self.padded_seconds, self.skipped_clips], device=pl_module.device,
                          dtype=torch.float64), reduce_op="sum")
         self.audio_seconds, self.padded_seconds, self.skipped_clips = totals.tolist()
+        if trainer.world_size > 1:  # every rank met other clips
+            gathered = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, self.dropped)
+            self.dropped = {split: [d for rank in gathered for d in rank[split]] for split in self.dropped}
+        if trainer.datamodule is not None:
+            for split, dropped in self.dropped.items():
+                trainer.datamodule.count_dropped(split, dropped)
 
     def results(self, **extra) -> dict:
         """The best evaluation by dev CER (the exported model) and the run's totals."""

@@ -20,7 +20,7 @@ class RecordUpdates(L.Callback):
         self.before = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch is not None:  # None: every clip of the batch failed to decode
+        if batch["ids"]:  # empty: no clip of the batch could be read
             self.ids.append(batch["ids"])
             self.seconds.append(batch["audio_seconds"])
 

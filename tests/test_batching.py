@@ -42,14 +42,27 @@ def test_sampler_caps_clip_count():
     assert max(len(b) for b in make_sampler(DURATIONS, 1000, max_batch_size=8)) == 8
 
 
-def test_sampler_ranks_get_disjoint_batches_and_equal_counts():
+def test_sampler_ranks_get_every_batch_and_equal_counts():
     ranks = [make_sampler(DURATIONS, 50, seed=0, num_replicas=3, rank=r) for r in range(3)]
     seen = [list(s) for s in ranks]
     assert len({len(s) for s in seen}) == 1 and len(seen[0]) == len(ranks[0])
-    indices = [i for s in seen for b in s for i in b]
-    assert len(indices) == len(set(indices))
-    total = len(ranks[0].batches(0))
-    assert len(seen[0]) == total // 3  # the remainder batches sit out this epoch
+    epoch = ranks[0].batches(0)
+    assert len(epoch) % 3 and len(seen[0]) == len(epoch) // 3 + 1  # padded with the epoch's first batches
+    by_rank = [b for step in zip(*seen) for b in step]
+    assert by_rank == epoch + epoch[: 3 - len(epoch) % 3]
+    assert sorted({i for b in by_rank for i in b}) == list(range(len(DURATIONS)))  # no clip sits out
+
+
+def test_every_epoch_has_the_same_batches_count_and_no_clip_is_lost():
+    """The count Lightning and the schedule take from len() holds for every epoch, and len() is free."""
+    sampler = make_sampler(DURATIONS, 45, attention_q=20.0, max_batch_size=9)
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(len(DURATIONS)))
+        for b in batches:
+            assert sampler.cost(DURATIONS[b].max(), len(b)) <= 45 and len(b) <= 9
 
 
 def test_sampler_rejects_a_clip_over_budget():
@@ -137,8 +150,9 @@ def test_lightning_resume_mid_epoch_continues_with_the_next_batch(cv_corpus, tmp
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
 
 
-def test_real_ddp_ranks_see_disjoint_batches_and_equal_counts(cv_corpus, tmp_path):
-    """Two CPU processes (gloo) for one epoch: every rank the same number of batches, no clip on both."""
+def test_real_ddp_ranks_see_every_clip_in_equal_counts(cv_corpus, tmp_path):
+    """Two CPU processes (gloo) for one epoch: every rank the same number of batches, every clip trained
+    on, and only the padding batch on both."""
     import json
     import subprocess
     import sys
@@ -151,8 +165,7 @@ def test_real_ddp_ranks_see_disjoint_batches_and_equal_counts(cv_corpus, tmp_pat
     durations = json.loads((tmp_path / "durations.json").read_text())
     all_batches = make_sampler(list(durations.values()), 7, seed=42).batches(0)
     assert len(all_batches) % 2 == 1  # so that one batch is left over
-    assert len(ranks[0]) == len(ranks[1]) == len(all_batches) // 2
-    seen = [clip for rank in ranks for batch in rank for clip in batch]
-    assert len(seen) == len(set(seen))
-    # the remainder batch (an odd count) sits out this epoch
-    assert len(seen) == sum(len(b) for b in all_batches[: len(all_batches) // 2 * 2])
+    assert len(ranks[0]) == len(ranks[1]) == len(all_batches) // 2 + 1
+    ids = list(durations)  # in the order of the split
+    named = [[ids[i] for i in b] for b in all_batches]
+    assert [b for step in zip(*ranks) for b in step] == named + named[:1]  # the first batch pads the epoch

@@ -53,8 +53,10 @@ def test_common_voice_reader_keeps_quotes_and_reads_old_columns(tmp_path):
     with open(tmp_path / "train.tsv", "w") as f:
         f.write("\t".join(header) + "\n")
         f.write('spk1\ta.mp3\tEle disse "olá\tsim"\t2\t0\t\t\t\n'.replace('\tsim"', ' sim"'))
+        f.write("spk2\tb.mp3\tuma linha com campos a mais\t1\t0\t\t\t\t\t\n")  # malformed: left out, counted
     utts = corpora.read_common_voice(tmp_path, "train", "pt")
     assert utts[0].text == 'Ele disse "olá sim"' and utts[0].speaker == "spk1" and utts[0].duration is None
+    assert len(utts) == 1 and utts.table.schema.metadata[b"malformed_rows"] == b"1"
 
 
 def test_common_voice_reader_names_what_is_missing(tmp_path):
@@ -79,13 +81,41 @@ def test_check_split_drops_and_counts(tmp_path):
         Utterance("dense", clip("d.wav", 0.5), "um texto longo demais para meio segundo", None, "s", "pt"),
     ]
     vocab = Vocabulary.from_transcripts(["um texto bom longo demais para meio segundo"])
-    probed = cache.durations([u.path for u in utts], tmp_path / "cache.json", workers=1)
-    kept, report = data.check_split(utts, probed, vocab, "pt", min_seconds=0.0, max_seconds=20.0, training=True)
+
+    def check(utterances, training):
+        clips = corpora.Clips(data.prepare(corpora.Clips.from_records(utterances), "pt"))
+        seconds, problems = data.durations(clips, tmp_path / "cache.json", workers=1)
+        return data.check_split(clips, seconds, problems, vocab, min_seconds=0.0, max_seconds=20.0, training=training)
+
+    kept, report = check(utts, training=True)
     assert [u.id for u in kept] == ["ok"] and kept[0].duration == pytest.approx(2.0)
+    assert kept[0].text == "um texto bom"  # normalised once, when listed
     assert report["dropped"] == {"missing_file": 1, "unreadable_audio": 1, "too_long": 1,
                                  "empty_transcript": 1, "transcript_longer_than_frames": 1}
+    assert report["examples"]["too_long"] == ["long"]
     # dev/test keep infeasible transcripts (they are scored) and count unseen characters
-    dev = utts[4:] + [Utterance("x", utts[0].path, "qwy", None, "s", "pt")]
-    kept, report = data.check_split(dev, cache.durations([u.path for u in dev], tmp_path / "cache.json", workers=1),
-                                    vocab, "pt", 0.0, 20.0, training=False)
+    kept, report = check(utts[4:] + [Utterance("x", utts[0].path, "qwy", None, "s", "pt")], training=False)
     assert [u.id for u in kept] == ["dense", "x"] and report["unk_characters"] == 3
+
+
+def test_stated_durations_are_not_probed_and_unreadable_clips_are_counted_when_met(tmp_path):
+    """With the release's durations no header is read: a missing file is found in its directory's listing,
+    a corrupt one when it is loaded, and both end up in the report by reason."""
+    sf.write(tmp_path / "ok.wav", np.zeros(16000, dtype=np.float32), 16000)
+    (tmp_path / "corrupt.mp3").write_bytes(b"not audio at all" * 10)
+    utts = [Utterance(name, str(tmp_path / name), "texto", 1.0, "s", "pt")
+            for name in ("ok.wav", "corrupt.mp3", "gone.mp3")]
+    clips = corpora.Clips(data.prepare(corpora.Clips.from_records(utts), "pt"))
+    seconds, problems = data.durations(clips, tmp_path / "cache.json", workers=1)
+    assert problems == {2: "missing_file"} and not (tmp_path / "cache.json").exists()  # no header read
+    vocab = Vocabulary.from_transcripts(["texto"])
+    kept, report = data.check_split(clips, seconds, problems, vocab, 0.0, 20.0, training=True)
+    assert [u.id for u in kept] == ["ok.wav", "corrupt.mp3"] and report["dropped"] == {"missing_file": 1}
+    batch = data.collate([data.UtteranceDataset(kept, vocab)[i] for i in range(2)])
+    assert batch["ids"] == ["ok.wav"] and batch["dropped"] == [("corrupt.mp3", "unreadable_audio")]
+    module = data.SpeechDataModule.__new__(data.SpeechDataModule)  # only its report
+    module.report, module._met, module.utterances = {"train": report}, {}, {"train": kept}
+    module.count_dropped("train", batch["dropped"])
+    module.count_dropped("train", batch["dropped"])  # met again next epoch: counted once
+    assert report["dropped"] == {"missing_file": 1, "unreadable_audio": 1} and report["kept"] == 1
+    assert report["seconds"] == 1.0  # the corrupt clip's second is out of the total

@@ -56,7 +56,7 @@ def test_our_ctc_loss_equals_hf_and_reads_nothing_back_from_the_device(cv_corpus
     dm.setup("fit")
     torch.manual_seed(0)
     model = CTCModel.from_config(cfg, dm.vocab.tokens).eval()
-    dataset = asr_data.UtteranceDataset(dm.load("train"), dm.vocab, "pt")
+    dataset = asr_data.UtteranceDataset(dm.load("train"), dm.vocab)
     batch = asr_data.collate([dataset[i] for i in range(4)])
     batch["labels"][0, 3:] = -100  # an utterance whose label is shorter
     batch["label_lengths"][0] = 3
