@@ -7,6 +7,7 @@ Every cache file is written to a temporary name beside it and renamed: ranks or 
 never read half a file.
 """
 
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -56,19 +57,28 @@ def read_arrow(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
-def existing(paths: pa.ChunkedArray) -> np.ndarray:
-    """Whether each file exists, from one listing per directory instead of a `stat` per file."""
-    parents = pc.replace_substring_regex(paths, r"/[^/]*$", "")
-    names = pc.replace_substring_regex(paths, r"^.*/", "")
-    found = np.zeros(len(paths), dtype=bool)
-    for parent in pc.unique(parents).to_pylist():
-        in_dir = pc.equal(parents, parent).to_numpy(zero_copy_only=False)
-        try:
-            listing = pa.array(os.listdir(parent or "/"), pa.string())
-        except OSError:  # no such directory: none of its files exists
-            continue
-        found[in_dir] = pc.is_in(names.filter(pa.array(in_dir)), value_set=listing).to_numpy(zero_copy_only=False)
+def existing(folders: pa.ChunkedArray, names: pa.ChunkedArray) -> np.ndarray:
+    """Whether each file (`folders[i]/names[i]`) exists, from one listing per directory instead of a
+    `stat` per file (a million clips in one directory: ~0.5 s against ~3 s)."""
+    found = np.zeros(len(names), dtype=bool)
+    folders = folders.combine_chunks() if folders.num_chunks != 1 else folders.chunk(0)
+    if not isinstance(folders, pa.DictionaryArray):
+        folders = folders.dictionary_encode()
+    codes = folders.indices.to_numpy(zero_copy_only=False)
+    for code, folder in enumerate(folders.dictionary.to_pylist()):
+        in_dir = codes == code
+        if in_dir.any():
+            listing = _listing(folder or "/", tuple(stamp(folder or "/") or ()))
+            found[in_dir] = pc.is_in(names.filter(pa.array(in_dir)), value_set=listing).to_numpy(zero_copy_only=False)
     return found
+
+
+@functools.lru_cache(maxsize=8)
+def _listing(folder: str, folder_stamp) -> pa.Array:
+    """The names in a directory, listed once per process while it is unchanged (its stamp)."""
+    if not folder_stamp:  # no such directory: none of its files exists
+        return pa.array([], pa.string())
+    return pa.array(os.listdir(folder), pa.string())
 
 
 def _header_seconds(path: str) -> float | str:

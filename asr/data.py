@@ -18,7 +18,7 @@ from asr import SetupError, audio, cache, corpora, text
 from asr.batching import DurationBatchSampler
 
 log = logging.getLogger(__name__)
-LISTING_VERSION = 1  # of the prepared listing's columns; a change makes every cached listing stale
+LISTING_VERSION = 2  # of the prepared listing's columns; a change makes every cached listing stale
 
 
 class UtteranceDataset(Dataset):
@@ -100,14 +100,18 @@ def ctc_feasible(labels: list[int], seconds: float) -> bool:
 
 
 def prepare(clips: corpora.Clips, language: str | None) -> pa.Table:
-    """A listing with transcripts normalised once (`text`), the frames CTC needs for each (`frames`), and
-    the characters of all transcripts in the metadata (`characters`, JSON): the vocabulary and every
-    check then work on columns. This is the per-clip Python work of a start (~8 us a clip), which the
-    listing cache saves."""
+    """A listing with transcripts normalised once (`text`), the frames CTC needs for each (`frames`), each
+    path's directory and file name (`folder`, dictionary-encoded, and `name`: what the check for missing
+    files compares), and the characters of all transcripts in the metadata (`characters`, JSON): the
+    vocabulary and every check then work on columns. This is the per-clip work of a start (~8 us a
+    clip), which the listing cache saves."""
     transcripts = [text.normalize(t or "", language) for t in clips.column("text")]
     table = clips.table.take(clips.rows) if len(clips) != clips.table.num_rows else clips.table
     table = table.set_column(table.column_names.index("text"), "text", pa.array(transcripts, pa.string()))
     table = table.append_column("frames", pa.array([frames_needed(t) for t in transcripts], pa.int32()))
+    paths = table.column("path")
+    table = table.append_column("folder", pc.dictionary_encode(pc.replace_substring_regex(paths, r"/[^/]*$", "")))
+    table = table.append_column("name", pc.replace_substring_regex(paths, r"^.*/", ""))
     metadata = {**(table.schema.metadata or {}),
                 b"characters": json.dumps(sorted(set("".join(transcripts))), ensure_ascii=False).encode()}
     return table.replace_schema_metadata(metadata)
@@ -179,8 +183,9 @@ def durations(clips: corpora.Clips, cache_file: Path, workers: int) -> tuple[np.
     problems = {}
     stated = ~np.isnan(seconds)
     if stated.any():
-        paths = clips.arrow("path").filter(pa.array(stated))
-        for i in np.flatnonzero(stated)[~cache.existing(paths)]:
+        mask = pa.array(stated)
+        found = cache.existing(clips.arrow("folder").filter(mask), clips.arrow("name").filter(mask))
+        for i in np.flatnonzero(stated)[~found]:
             problems[int(i)] = cache.MISSING
     probe = np.flatnonzero(~stated)
     if len(probe):

@@ -292,3 +292,27 @@ def test_decode_cache_trains_on_16khz_copies(cv_corpus, tmp_path):
     assert len(audio.load(train[0].path)) == len(audio.load(original.path))
     batch = next(iter(data.dataloader("train")))
     assert batch["audio"].shape[0] >= 1 and batch["skipped"] == 0
+
+
+def test_a_listing_is_prepared_once_and_again_when_its_files_change(cv_corpus, tmp_path):
+    """The prepared listing is cached under the stamps of the files it comes from: a second start maps the
+    cache instead of parsing and normalising the TSV, and an edited TSV is read anew."""
+    import shutil
+    root, cache_dir = tmp_path / "pt", tmp_path / "cache"
+    shutil.copytree(cv_corpus, root)
+
+    def first_transcript() -> str:
+        return data_module("lang=pt", f"data.root={root}", f"data.cache_dir={cache_dir}").raw("train")[0].text
+
+    before = first_transcript()
+    assert len(list((cache_dir / "listings").glob("*.arrow"))) == 1
+    tsv = root / "train.tsv"
+    header, row, *rows = tsv.read_text(encoding="utf-8").splitlines()
+    fields = row.split("\t")
+    fields[3] = "a" * len(fields[3].encode())  # same size in bytes
+    stamp = tsv.stat()
+    tsv.write_text("\n".join([header, "\t".join(fields), *rows]) + "\n", encoding="utf-8")
+    os.utime(tsv, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert first_transcript() == before  # same stamp: the cached listing answers
+    os.utime(tsv, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    assert first_transcript() == "a" * len(fields[3])  # edited: read and prepared again

@@ -105,6 +105,9 @@ def test_schedule_steps_once_per_optimizer_update_under_accumulation(cv_corpus, 
     expected = [lr * (s / 2 if s < 2 else (updates - s) / (updates - 2)) for s in range(updates)]
     assert [g[0] for g in watch.lrs] == pytest.approx(expected)
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == 0.0  # decayed to 0 at the end
+    clips = sorted(u.id for u in data.load("train"))
+    for epoch in range(3):  # every clip of every epoch trained on: no tail lost
+        assert sorted(i for b in watch.ids[epoch * batches : (epoch + 1) * batches] for i in b) == clips
 
 
 def test_tristage_learning_rate_per_update_in_a_run(cv_corpus, tmp_path):
