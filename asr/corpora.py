@@ -8,6 +8,7 @@ column raises `SetupError` naming the path and the layout expected. Readers only
 import csv
 import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -93,8 +94,11 @@ class Clips:
         names = parts[0].table.column_names
         tables = [p.table.select(names) for p in parts]
         offsets = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
-        return Clips(pa.concat_tables(tables, promote_options="permissive"),
-                     np.concatenate([p.rows + o for p, o in zip(parts, offsets)]))  # before any check: no seconds
+        metadata = [t.schema.metadata or {} for t in tables]  # not the first part's `characters`
+        malformed = {b"malformed_rows": str(sum(int(m.get(b"malformed_rows", 0)) for m in metadata)),
+                     b"malformed_lines": json.dumps([line for m in metadata for line in json.loads(m.get(b"malformed_lines", b"[]"))])}
+        table = pa.concat_tables(tables, promote_options="permissive").replace_schema_metadata(malformed)
+        return Clips(table, np.concatenate([p.rows + o for p, o in zip(parts, offsets)]))  # before any check: no seconds
 
 
 LAYOUTS = {
@@ -147,8 +151,8 @@ def read_split(corpus: str, root: str, split: str, language: str, columns: dict 
     if corpus == "ascend" and _metadata_csv(root, split):
         return read_csv_folder(root, split, language, {**HUB_COLUMNS["ascend"], **(columns or {})})
     if corpus == "hf_dataset" and not columns:
-        raise SetupError(f"data.corpus=hf_dataset needs data.columns (at least audio and text column names); "
-                         f"e.g. data.columns='{{audio: audio, text: sentence}}'.")
+        raise SetupError("data.corpus=hf_dataset needs data.columns (at least audio and text column names); "
+                         "e.g. data.columns='{audio: audio, text: sentence}'.")
     columns = {**HUB_COLUMNS.get(corpus, {}), **(columns or {})}
     return read_hf_dataset(root, split, language, columns, Path(cache_dir).expanduser())
 
@@ -203,7 +207,7 @@ def _read_tsv(path: Path, required: list[str]) -> pa.Table:
     malformed = []
 
     def skip(row) -> str:
-        malformed.append(row.number)
+        malformed.append(f"{path.name}: {row.text[:80]}")  # Arrow knows no row numbers when threaded
         return "skip"
 
     table = pacsv.read_csv(
@@ -215,7 +219,7 @@ def _read_tsv(path: Path, required: list[str]) -> pa.Table:
             column_types={c: pa.int64() if c == "duration[ms]" else pa.string() for c in required}),
     )
     return table.replace_schema_metadata({"malformed_rows": str(len(malformed)),
-                                          "malformed_lines": ",".join(map(str, malformed[:5]))})
+                                          "malformed_lines": json.dumps(malformed[:5], ensure_ascii=False)})
 
 
 ZEROTH_SPLITS = {"train": "train_data_01", "test": "test_data_01"}

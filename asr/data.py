@@ -154,7 +154,7 @@ def check_split(clips: corpora.Clips, seconds: np.ndarray, problems: dict[int, s
     metadata = clips.table.schema.metadata or {}
     if int(metadata.get(b"malformed_rows", 0)):
         dropped["malformed_row"] = int(metadata[b"malformed_rows"])
-        examples["malformed_row"] = [f"line {n}" for n in metadata[b"malformed_lines"].decode().split(",")]
+        examples["malformed_row"] = json.loads(metadata[b"malformed_lines"])[:5]
     ids = clips.arrow("id")
     for code, name in enumerate(reasons):
         where = np.flatnonzero(reason == code)

@@ -3,6 +3,7 @@ update by `python train.py` as a user runs it, cold (empty caches) and warm (cac
 
     python benchmarks/scale.py                       # N = 10k, 100k, 1M (the 1M layout: ~1 min to build)
     python benchmarks/scale.py --clips 100000 --no-train   # only the in-process figures
+    python benchmarks/scale.py --headers     # as if the release stated no durations: headers are read
 
 The layout (TSVs with every release column, clip_durations.tsv, clips/ as hard links to the demo's
 real MP3s, so every file check stays real) is built once under --dir. Each train clip has its own
@@ -157,6 +158,8 @@ def main() -> None:
                         / "corpora" / "scale")
     parser.add_argument("--no-train", action="store_true", help="skip the train.py runs")
     parser.add_argument("--no-process", action="store_true", help="skip the in-process figures")
+    parser.add_argument("--headers", action="store_true",
+                        help="hide clip_durations.tsv during the runs: every duration is read from its clip's header")
     parser.add_argument("--in-process", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process:
@@ -171,18 +174,28 @@ def main() -> None:
         root = build(args.dir / f"cv-{n}", n)
         print(f"N={n:,}: layout {root} ready ({time.perf_counter() - started:.0f} s)", flush=True)
         cache = Path(tempfile.mkdtemp(prefix="scale-cache-", dir=args.dir))
-        if not args.no_train:
-            for name in ("cold", "warm"):
-                r = run_train(root, cache)
-                print(f"  {name}: data report {r['report']:.1f} s, first update done {r['total']:.1f} s, "
-                      f"peak RSS {r['rss_gb']:.2f} GB, {n / r['total']:,.0f} clips/s", flush=True)
-        if not args.no_process:
-            if args.no_train:
-                run_train(root, cache)  # fills the caches
-            # a process of its own, so that one N's memory does not count in the next
-            subprocess.run([sys.executable, __file__, "--in-process", str(root), str(cache)], check=True)
-        shutil.rmtree(cache, ignore_errors=True)
+        stated = root / "clip_durations.tsv"
+        if args.headers:
+            stated.rename(stated.with_suffix(".off"))
+        try:
+            measure(root, cache, n, args)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+            if args.headers:
+                stated.with_suffix(".off").rename(stated)
 
+
+def measure(root: Path, cache: Path, n: int, args) -> None:
+    if not args.no_train:
+        for name in ("cold", "warm"):
+            r = run_train(root, cache)
+            print(f"  {name}: data report {r['report']:.1f} s, first update done {r['total']:.1f} s, "
+                  f"peak RSS {r['rss_gb']:.2f} GB, {n / r['total']:,.0f} clips/s", flush=True)
+    if not args.no_process:
+        if args.no_train:
+            run_train(root, cache)  # fills the caches
+        # a process of its own, so that one N's memory does not count in the next
+        subprocess.run([sys.executable, __file__, "--in-process", str(root), str(cache)], check=True)
 
 if __name__ == "__main__":
     main()

@@ -259,12 +259,15 @@ def test_common_voice_validated_adds_training_rows_without_dev_and_test_speakers
     for n, speaker in enumerate(["new-speaker", dev_speaker]):
         clip = f"extra_{n}.mp3"
         shutil.copy(root / "clips" / rows[0].split("\t")[1], root / "clips" / clip)
-        extra.append("\t".join([speaker, clip] + rows[0].split("\t")[2:]))
+        fields = rows[0].split("\t")
+        fields[:2], fields[3] = [speaker, clip], "Kiwi e yak."  # k, w, y: letters only this row has
+        extra.append("\t".join(fields))
     (root / "validated.tsv").write_text("\n".join([header, *rows, *extra]) + "\n", encoding="utf-8")
     data = data_module("lang=pt", f"data.root={root}", "data.train_extra=[validated]", "data.num_workers=1")
     train = data.load("train")
     assert len(train) == 13 and train[-1].id == "extra_0.mp3"  # the dev speaker's row stays out
     assert data.report["train"]["added_from"] == {"validated": 1}
+    assert {"k", "w", "y"} <= set(data.vocab.tokens)  # the vocabulary covers the added rows
 
 
 def test_a_clip_that_stops_decoding_is_skipped_and_counted(cv_corpus, tmp_path):

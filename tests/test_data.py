@@ -1,11 +1,11 @@
-import csv
+import json
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from asr import SetupError, audio, cache, corpora, data
+from asr import SetupError, audio, corpora, data
 from asr.corpora import Utterance
 from asr.text import Vocabulary
 
@@ -57,6 +57,7 @@ def test_common_voice_reader_keeps_quotes_and_reads_old_columns(tmp_path):
     utts = corpora.read_common_voice(tmp_path, "train", "pt")
     assert utts[0].text == 'Ele disse "olá sim"' and utts[0].speaker == "spk1" and utts[0].duration is None
     assert len(utts) == 1 and utts.table.schema.metadata[b"malformed_rows"] == b"1"
+    assert json.loads(utts.table.schema.metadata[b"malformed_lines"]) == ["train.tsv: " + "spk2\tb.mp3\tuma linha com campos a mais\t1\t0\t\t\t\t\t"]
 
 
 def test_common_voice_reader_names_what_is_missing(tmp_path):
