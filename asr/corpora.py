@@ -72,7 +72,7 @@ class Clips:
     def arrow(self, name: str) -> pa.ChunkedArray:
         """A column of the rows in use, as Arrow (no Python objects)."""
         column = self.table.column(name)
-        return column if len(self.rows) == self.table.num_rows and self._all_rows() else column.take(self.rows)
+        return column if len(self.rows) == self.table.num_rows and self.covers_table() else column.take(self.rows)
 
     def column(self, name: str) -> np.ndarray | list:
         """A column of the rows in use: numbers as numpy (null: NaN), strings as a list."""
@@ -85,7 +85,8 @@ class Clips:
         """The clips at these positions (indices or a boolean mask), sharing this table."""
         return Clips(self.table, self.rows[rows], None if self.seconds is None else self.seconds[rows])
 
-    def _all_rows(self) -> bool:
+    def covers_table(self) -> bool:
+        """Whether the clips are the whole table, in its order."""
         return bool(len(self.rows) == 0 or (self.rows[0] == 0 and np.all(np.diff(self.rows) == 1)))
 
     @staticmethod

@@ -93,12 +93,6 @@ def frames_needed(transcript: str) -> int:
     return len(transcript) + len(_REPEAT.findall(transcript))
 
 
-def ctc_feasible(labels: list[int], seconds: float) -> bool:
-    """CTC needs a frame per label plus a blank between repeated labels."""
-    repeats = sum(a == b for a, b in zip(labels, labels[1:]))
-    return len(labels) + repeats <= audio.encoder_frames(int(seconds * audio.SAMPLE_RATE))
-
-
 def prepare(clips: corpora.Clips, language: str | None) -> pa.Table:
     """A listing with transcripts normalised once (`text`), the frames CTC needs for each (`frames`), each
     path's directory and file name (`folder`, dictionary-encoded, and `name`: what the check for missing
@@ -121,7 +115,7 @@ def characters(clips: corpora.Clips) -> set[str]:
     """Characters of the clips' (normalised) transcripts; from the listing's metadata when the clips are
     the whole listing."""
     metadata = clips.table.schema.metadata or {}
-    if b"characters" in metadata and len(clips) == clips.table.num_rows and clips._all_rows():
+    if b"characters" in metadata and len(clips) == clips.table.num_rows and clips.covers_table():
         return set(json.loads(metadata[b"characters"]))
     return set("".join(clips.column("text")))
 

@@ -32,10 +32,11 @@ def test_encoder_frames_match_the_hf_feature_encoder():
 
 
 def test_ctc_feasibility_counts_blanks_between_repeats():
-    frames = audio.encoder_frames(16000)  # 49
-    assert data.ctc_feasible([1] * 25, 1.0)  # 25 labels + 24 blanks = 49
-    assert not data.ctc_feasible([1] * 26, 1.0)
-    assert data.ctc_feasible(list(range(frames)), 1.0)
+    frames = audio.encoder_frames(16000)  # 49 in one second
+    assert data.frames_needed("a" * 25) == frames  # 25 labels + 24 blanks
+    assert data.frames_needed("a" * 26) == frames + 2
+    assert data.frames_needed("abcdefghij" * 4 + "a b c d e") == frames  # no repeats: one frame a label
+    assert data.frames_needed("aab b") == 6  # the space is a label (`|`) too
 
 
 def test_audio_is_decoded_resampled_and_normalised(tmp_path):
