@@ -108,7 +108,11 @@ class DurationBatchSampler(Sampler[list[int]]):
     def batches(self, epoch: int) -> list[list[int]]:
         """All batches of an epoch, before the split across ranks."""
         order, batch_order = self._order(epoch)
-        return [order[self.ends[j] - self.sizes[j] : self.ends[j]].tolist() for j in batch_order]
+        return [self._batch(order, j) for j in batch_order]
+
+    def _batch(self, order: np.ndarray, j: int) -> list[int]:
+        """Clip indices of batch j of an epoch whose clip order is `order`."""
+        return order[self.ends[j] - self.sizes[j] : self.ends[j]].tolist()
 
     def _rank_batches(self, batch_order: np.ndarray) -> np.ndarray:
         if self.shuffle:  # training: equal counts per rank, the epoch's first batches again where short
@@ -122,7 +126,7 @@ class DurationBatchSampler(Sampler[list[int]]):
         while self.position < len(mine):
             j = mine[self.position]
             self.position += 1  # batches handed out this epoch, the one being yielded included
-            yield order[self.ends[j] - self.sizes[j] : self.ends[j]].tolist()
+            yield self._batch(order, j)
         if self.shuffle:  # a complete pass: the next one is a new epoch, unless set_epoch says otherwise
             self.epoch += 1
             self.position = 0

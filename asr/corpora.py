@@ -31,7 +31,7 @@ class Utterance:
     language: str  # per-utterance language tag (ASCEND: zh, en or mixed; otherwise the corpus language)
 
 
-COLUMNS = [field for field in Utterance.__dataclass_fields__]
+COLUMNS = list(Utterance.__dataclass_fields__)
 SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("text", pa.string()),
                     ("duration", pa.float64()), ("speaker", pa.string()), ("language", pa.string())])
 
@@ -72,7 +72,7 @@ class Clips:
     def arrow(self, name: str) -> pa.ChunkedArray:
         """A column of the rows in use, as Arrow (no Python objects)."""
         column = self.table.column(name)
-        return column if len(self.rows) == self.table.num_rows and self.covers_table() else column.take(self.rows)
+        return column if self.covers_table() else column.take(self.rows)
 
     def column(self, name: str) -> np.ndarray | list:
         """A column of the rows in use: numbers as numpy (null: NaN), strings as a list."""
@@ -87,7 +87,8 @@ class Clips:
 
     def covers_table(self) -> bool:
         """Whether the clips are the whole table, in its order."""
-        return bool(len(self.rows) == 0 or (self.rows[0] == 0 and np.all(np.diff(self.rows) == 1)))
+        n = self.table.num_rows
+        return len(self.rows) == n and (n == 0 or bool(self.rows[0] == 0 and np.all(np.diff(self.rows) == 1)))
 
     @staticmethod
     def concat(parts: list["Clips"]) -> "Clips":
@@ -96,8 +97,9 @@ class Clips:
         tables = [p.table.select(names) for p in parts]
         offsets = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
         metadata = [t.schema.metadata or {} for t in tables]  # not the first part's `characters`
+        lines = [line for m in metadata for line in json.loads(m.get(b"malformed_lines", b"[]"))]
         malformed = {b"malformed_rows": str(sum(int(m.get(b"malformed_rows", 0)) for m in metadata)),
-                     b"malformed_lines": json.dumps([line for m in metadata for line in json.loads(m.get(b"malformed_lines", b"[]"))])}
+                     b"malformed_lines": json.dumps(lines)}
         table = pa.concat_tables(tables, promote_options="permissive").replace_schema_metadata(malformed)
         return Clips(table, np.concatenate([p.rows + o for p, o in zip(parts, offsets)]))  # before any check: no seconds
 
@@ -314,8 +316,8 @@ def read_hf_dataset(root: Path, split: str, language: str, columns: dict, cache_
     sizes = pc.binary_length(pc.struct_field(audio, "bytes")).to_pylist()  # None: no bytes stored
     out_dir = cache_dir / "extracted" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16] / split
     utterances = []
-    for i, (name, size) in enumerate(zip(names, sizes)):
-        path = _audio_file(root, name or "", size, lambda i=i: audio[i]["bytes"].as_py(), out_dir, i)
+    for i, (audio_name, size) in enumerate(zip(names, sizes)):
+        path = _audio_file(root, audio_name or "", size, lambda i=i: audio[i]["bytes"].as_py(), out_dir, i)
         value = {key: meta[name][i] for key, name in present.items() if key != "audio"}
         utterances.append(Utterance(
             id=str(value.get("id", i)), path=path, text=value["text"] or "",

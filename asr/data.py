@@ -100,7 +100,7 @@ def prepare(clips: corpora.Clips, language: str | None) -> pa.Table:
     vocabulary and every check then work on columns. This is the per-clip work of a start (~8 us a
     clip), which the listing cache saves."""
     transcripts = [text.normalize(t or "", language) for t in clips.column("text")]
-    table = clips.table.take(clips.rows) if len(clips) != clips.table.num_rows else clips.table
+    table = clips.table if clips.covers_table() else clips.table.take(clips.rows)
     table = table.set_column(table.column_names.index("text"), "text", pa.array(transcripts, pa.string()))
     table = table.append_column("frames", pa.array([frames_needed(t) for t in transcripts], pa.int32()))
     paths = table.column("path")
@@ -115,7 +115,7 @@ def characters(clips: corpora.Clips) -> set[str]:
     """Characters of the clips' (normalised) transcripts; from the listing's metadata when the clips are
     the whole listing."""
     metadata = clips.table.schema.metadata or {}
-    if b"characters" in metadata and len(clips) == clips.table.num_rows and clips.covers_table():
+    if b"characters" in metadata and clips.covers_table():
         return set(json.loads(metadata[b"characters"]))
     return set("".join(clips.column("text")))
 
@@ -251,14 +251,15 @@ class SpeechDataModule(L.LightningDataModule):
                 key = json.dumps([LISTING_VERSION, h.corpus, str(Path(h.root).resolve()), name, h.language,
                                   h.columns, [[str(f), cache.stamp(str(f))] for f in files]])
                 cached = self.cache_dir / "listings" / f"{hashlib.sha1(key.encode()).hexdigest()}.arrow"
-            if cached is None or not cached.is_file():
+            if cached is not None and cached.is_file():
+                table = cache.read_arrow(cached)
+            else:
                 table = prepare(corpora.read_split(h.corpus, h.root, name, h.language, h.columns, self.cache_dir),
                                 h.language)
-                if cached is None:
-                    self._release[name] = corpora.Clips(table)
-                    return self._release[name]
-                cache.write_arrow(table, cached)
-            self._release[name] = corpora.Clips(cache.read_arrow(cached))
+                if cached is not None:
+                    cache.write_arrow(table, cached)
+                    table = cache.read_arrow(cached)  # mapped, as on a later start: pages shared by workers
+            self._release[name] = corpora.Clips(table)
         return self._release[name]
 
     def raw(self, split: str) -> corpora.Clips:
@@ -344,9 +345,9 @@ class SpeechDataModule(L.LightningDataModule):
                 if len(examples) < 5:
                     examples.append(utt_id)
                 report["kept"] -= 1
-                if split in self.utterances:  # its seconds too (rare: a lookup by id)
-                    clips = self.utterances[split]
-                    where = pc.index(clips.arrow("id"), utt_id).as_py()
+                clips = self.utterances.get(split)
+                where = pc.index(clips.arrow("id"), utt_id).as_py() if clips is not None else -1
+                if where >= 0:  # its seconds too (rare: a lookup by id)
                     report["seconds"] = round(report["seconds"] - float(clips.seconds[where]), 2)
                 report["met_while_loading"] = report.get("met_while_loading", 0) + 1
 

@@ -21,6 +21,7 @@ Printed per N:
 import argparse
 import csv
 import gc
+import hashlib
 import os
 import random
 import re
@@ -77,7 +78,6 @@ def build(root: Path, n: int) -> Path:
 
 
 def hashlib_hex(i: int) -> str:
-    import hashlib
     return hashlib.sha512(str(i).encode()).hexdigest()
 
 
