@@ -3,11 +3,15 @@
     python train.py                                        # tiny model on the embedded demo
     python train.py lang=hy model=xlsr_1b sched=tristage data.root=<cv-corpus/hy-AM>
     python train.py hydra.run.dir=<run> ckpt_path=last     # resume a run where it stopped
+    sbatch slurm/train.sbatch experiment=cv8_hy_1b ...     # on a SLURM cluster (README: several GPUs)
 
 Writes into the run directory: config.yaml, vocab.json, data_report.json, checkpoints/ (last and
-best by dev CER), model/ (the best model, HF format), results.md and results.json.
+best by dev CER), model/ (the best model, HF format), results.md and results.json. A run signalled by
+SLURM saves checkpoints/requeue.ckpt and requeues its job; started again in that directory it resumes.
 """
 
+import hashlib
+import logging
 import sys
 from pathlib import Path
 
@@ -16,15 +20,33 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from asr import SetupError, TrainingStopped, quote_numeric_choices
+from asr import SetupError, TrainingStopped, cluster, quote_numeric_choices
 from asr.config import check_overrides, checked
 from asr.export import export
 from asr.model import CTCModel, check_pretrained
 from asr.report import RunReport, framework_versions, model_card
 
 
+log = logging.getLogger("train")
+
+
+class Requeued(Exception):
+    """The run was signalled, saved where it was and (under SLURM) requeued; see `cluster.Requeue`."""
+
+
+def validation_cadence(cfg: DictConfig, per_update: dict) -> dict:
+    """`val_every_updates` as Lightning counts (batches of one process), or nothing: the trainer's own."""
+    if not cfg.val_every_updates:
+        return {}
+    return {"val_check_interval": cfg.val_every_updates * per_update["accumulate"], "check_val_every_n_epoch": None}
+
+
 def train(cfg: DictConfig) -> dict:
     cfg = checked(cfg, "train")  # resolved, and every key and type checked against the code
+    cluster.check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
+    world = cluster.world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
+    per_update = cluster.batch_per_update(cfg.update_clips, cfg.update_seconds, cfg.trainer.accumulate_grad_batches,
+                                          cfg.data.max_batch_size, cfg.data.max_batch_seconds, world)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -34,7 +56,11 @@ def train(cfg: DictConfig) -> dict:
     problems = [p for p in (data.check(), check_pretrained(cfg.model.pretrained)) if p]
     if problems:
         raise SetupError("\n".join(problems))
-    data.setup("fit")
+    # Ranks started together (srun, torchrun) take turns: the first reads headers, decodes and extracts,
+    # the others then find it all in the cache.
+    lock = hashlib.sha1(str(Path(cfg.data.root or "").resolve()).encode()).hexdigest()[:16]
+    with cluster.one_at_a_time(data.cache_dir / "locks" / f"{lock}.lock"):
+        data.setup("fit")
     data.vocab.save(run_dir / "vocab.json")
     data.write_report(run_dir / "data_report.json")
 
@@ -42,8 +68,21 @@ def train(cfg: DictConfig) -> dict:
     report = RunReport(run_dir)
     logger = instantiate(cfg.logger) if cfg.logger else False
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [report]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    trainer.fit(model, datamodule=data, ckpt_path=cfg.ckpt_path)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=cluster.plugins(),
+                          strategy=cluster.strategy(cfg.trainer.strategy, cfg.model.config.get("layerdrop", 0.0), world),
+                          accumulate_grad_batches=per_update["accumulate"], **validation_cadence(cfg, per_update))
+    if trainer.is_global_zero:
+        print(f"batch: {per_update['text']}", flush=True)
+    if logger:
+        logger.log_hyperparams({"batch_per_update": {k: v for k, v in per_update.items() if k != "text"}})
+    checkpoint_dir = run_dir / "checkpoints"
+    trainer.fit(model, datamodule=data, ckpt_path=cluster.resume_checkpoint(cfg.ckpt_path, checkpoint_dir))
+    requeue = next((c for c in callbacks if isinstance(c, cluster.Requeue) and c.saved), None)
+    if requeue is not None:
+        if trainer.is_global_zero:
+            report.write_results(requeue_checkpoint=str(requeue.saved), batch_per_update=per_update)
+        how = f"SLURM job {requeue.requeued} requeued" if requeue.requeued else "run the same command to resume"
+        raise Requeued(f"signalled at update {trainer.global_step}: saved {requeue.saved}; {how}")
     if model.stop_reason:  # every rank stops alike; the state is kept for a look or a restart
         stopped = run_dir / "checkpoints" / f"stopped-step{trainer.global_step}.ckpt"
         trainer.save_checkpoint(stopped)
@@ -57,7 +96,8 @@ def train(cfg: DictConfig) -> dict:
     checkpoints = trainer.checkpoint_callback  # callbacks.checkpoint; without it, the final weights
     best = checkpoints and (checkpoints.best_model_path or checkpoints.last_model_path)
     export(CTCModel.from_checkpoint(best) if best else model.cpu(), run_dir / "model")
-    results = report.write_results(best_checkpoint=best or None)
+    results = report.write_results(best_checkpoint=best or None, batch_per_update=per_update)
+    (checkpoint_dir / cluster.REQUEUE_CHECKPOINT).unlink(missing_ok=True)  # done: a new start starts afresh
     card = model_card(OmegaConf.to_container(cfg, resolve=True), results, framework_versions())
     (run_dir / "model" / "README.md").write_text(card, encoding="utf-8")
     return results
@@ -69,6 +109,10 @@ def main(cfg: DictConfig) -> None:
         results = train(cfg)
     except (SetupError, TrainingStopped) as error:
         sys.exit(f"error: {error}")
+    except Requeued as stopped:
+        # Exit, not return: under Hydra's submitit launcher a return would report the job finished.
+        print(f"{stopped}", flush=True)
+        sys.exit(0)
     if results:
         print(f"dev WER {results.get('val_wer', float('nan')):.4f}  CER {results.get('val_cer', float('nan')):.4f}"
               f"  after {results['train_seconds']:.0f} s -> {cfg.run_dir}")

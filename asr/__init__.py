@@ -1,5 +1,6 @@
 """Fine-tuning wav2vec2 / XLS-R speech encoders with CTC."""
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -8,6 +9,22 @@ REPO_DIR = Path(__file__).resolve().parent.parent  # where the embedded demo liv
 
 # `${repo:}` in configs: paths inside this checkout, whatever the working directory.
 OmegaConf.register_new_resolver("repo", lambda: str(REPO_DIR), replace=True)
+
+
+def run_name(otherwise: str) -> str:
+    """A run's directory under outputs/ (`${run_name:<otherwise>}` in conf/train.yaml): the SLURM job's, so
+    that every task of the job and the job requeued agree on it; torchrun's rendezvous id; else `otherwise`
+    (Hydra's date and time)."""
+    env = os.environ
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        array = env.get("SLURM_ARRAY_JOB_ID")
+        return f"slurm-{array}_{env['SLURM_ARRAY_TASK_ID']}" if array else f"slurm-{env['SLURM_JOB_ID']}"
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
+    return otherwise
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 class SetupError(Exception):

@@ -22,14 +22,15 @@ from asr import SetupError
 # Arguments the scripts pass at the call site (built from other nodes or from the data); never in the YAML.
 CALL_SITE = {
     "asr.model.CTCModel": ("vocab", "language", "optim", "sched"),
-    "lightning.Trainer": ("callbacks", "logger"),
+    "lightning.Trainer": ("callbacks", "logger", "plugins"),
     "asr.model.adamw": ("model",),
     "asr.schedules.linear": ("optimizer", "total_steps"),
     "asr.schedules.tristage": ("optimizer", "total_steps"),
 }
 
 
-def train_settings(seed: int, run_dir: str, ckpt_path: str | None):
+def train_settings(seed: int, run_dir: str, ckpt_path: str | None, update_clips: int | None,
+                   update_seconds: float | None, val_every_updates: int | None):
     """train.py's own top-level settings (conf/train.yaml); its nodes are checked against their code."""
 
 

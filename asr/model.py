@@ -89,6 +89,13 @@ class CTCModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The full architecture, so a checkpoint rebuilds without the pretrained weights it started from.
         checkpoint["wav2vec2_config"] = self.model.config.to_dict()
+        checkpoint["counters"] = {"skipped_updates": self.skipped_updates,
+                                  "consecutive_skips": self.consecutive_skips}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        counters = checkpoint.get("counters", {})
+        self.skipped_updates = counters.get("skipped_updates", 0)
+        self.consecutive_skips = counters.get("consecutive_skips", 0)
 
     @classmethod
     def from_config(cls, cfg, vocab: list[str]) -> "CTCModel":
@@ -148,15 +155,21 @@ class CTCModel(L.LightningModule):
         """Greedy transcripts under the model's text rules. logits: (B, T, V); frames: (B,)."""
         return [text.normalize(h, self.hparams.language) for h in self.vocab.greedy_decode(logits, frames)]
 
-    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
-        if not batch["ids"]:  # no clip of the batch could be read (logged by the loader); skip the step
-            return None
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if not batch["ids"]:  # no clip of the batch could be read (each logged and counted by the loader)
+            return self.zero_loss()
         loss = self(batch).loss
         size = len(batch["ids"])
         self.log("train/loss", loss, batch_size=size, prog_bar=True)
         if batch["skipped"]:
             self.log("train/skipped_clips", float(batch["skipped"]), batch_size=size, reduce_fx="sum")
         return loss
+
+    def zero_loss(self) -> torch.Tensor:
+        """A loss of 0 with a (zero) gradient for every trainable parameter: a batch with no readable clip
+        is a step like any other on every rank (skipping it on one rank would leave the others waiting in
+        DDP's all-reduce), and it adds nothing to the update."""
+        return sum((p * 0).sum() for p in self.parameters() if p.requires_grad)
 
     def validation_step(self, batch: dict | None, batch_idx: int) -> None:
         if not batch["ids"]:  # no clip of the batch could be read (logged by the loader)

@@ -22,34 +22,61 @@ def table_row(row: dict) -> str:
 
 class RunReport(L.Callback):
     """Counts training audio, padding and time; writes results.md after each evaluation and
-    results.json at the end of fit into `run_dir`."""
+    results.json at the end of fit into `run_dir`.
+
+    Its state is in every checkpoint, so a resumed run (a requeued job, `ckpt_path=last`) keeps the
+    evaluations and totals from before the restart. Totals are per rank and summed at the end: a
+    checkpoint holds rank 0's, which only rank 0 restores (each rank's are not gathered at a save)."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.rows: list[dict] = []
         self.audio_seconds = self.padded_seconds = 0.0
         self.skipped_clips = 0  # training clips that could not be read and were left out of their batch
+        self.empty_batches = 0  # training batches of which no clip could be read: zero-loss steps
         self.dropped: dict[str, list] = {"train": [], "dev": []}  # (id, reason) of clips that could not be read
         self.skipped_updates = 0  # optimizer updates skipped for non-finite gradients
         self.loss_sum = self.loss_count = torch.zeros(())
         self.started = self.train_seconds = None
+        self.seconds_before = 0.0  # training time of the run before it was resumed
+        self.audio_since_start = 0.0  # this process's audio since it started, for its throughput
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "audio_seconds": self.audio_seconds, "padded_seconds": self.padded_seconds,
+                "skipped_clips": self.skipped_clips, "empty_batches": self.empty_batches, "dropped": self.dropped,
+                "loss_sum": float(self.loss_sum), "loss_count": float(self.loss_count),
+                "train_seconds": self.seconds_before + (time.perf_counter() - self.started if self.started else 0.0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = state["rows"]
+        self.seconds_before = state["train_seconds"]
+        self._restored = state
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.started = time.perf_counter()
         self.loss_sum = torch.zeros((), device=pl_module.device)
         self.loss_count = torch.zeros((), device=pl_module.device)
+        restored = getattr(self, "_restored", None)
+        if restored and trainer.is_global_zero:  # rank 0's totals, summed with the others' at the end
+            self.audio_seconds, self.padded_seconds = restored["audio_seconds"], restored["padded_seconds"]
+            self.skipped_clips, self.empty_batches = restored["skipped_clips"], restored["empty_batches"]
+            self.dropped = restored["dropped"]
+            self.loss_sum += restored["loss_sum"]
+            self.loss_count += restored["loss_count"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.dropped["train"] += batch["dropped"]
         self.skipped_clips += batch["skipped"]
-        if not batch["ids"]:  # no clip of the batch could be read
+        if not batch["ids"]:  # no clip of the batch could be read: a zero-loss step
+            self.empty_batches += 1
             return
         self.audio_seconds += batch["audio_seconds"]
         self.padded_seconds += batch["padded_seconds"]
-        # host floats: logging them never waits on the GPU. Throughput is this rank's, since fit began.
+        self.audio_since_start += batch["audio_seconds"]
+        # host floats: logging them never waits on the GPU. Throughput is this rank's, since it started.
         pl_module.log_dict({
             "train/padding_fraction": 1 - batch["audio_seconds"] / batch["padded_seconds"],
-            "train/audio_seconds_per_second": self.audio_seconds / (time.perf_counter() - self.started),
+            "train/audio_seconds_per_second": self.audio_since_start / (time.perf_counter() - self.started),
         }, batch_size=len(batch["ids"]))
         if outputs is None:
             return
@@ -80,12 +107,12 @@ class RunReport(L.Callback):
             (self.run_dir / "results.md").write_text(HEADER + "".join(map(table_row, self.rows)))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.train_seconds = time.perf_counter() - self.started
+        self.train_seconds = self.seconds_before + time.perf_counter() - self.started
         self.skipped_updates = pl_module.skipped_updates
         totals = trainer.strategy.reduce(
-            torch.tensor([self.audio_seconds, self.padded_seconds, self.skipped_clips], device=pl_module.device,
-                         dtype=torch.float64), reduce_op="sum")
-        self.audio_seconds, self.padded_seconds, self.skipped_clips = totals.tolist()
+            torch.tensor([self.audio_seconds, self.padded_seconds, self.skipped_clips, self.empty_batches],
+                         device=pl_module.device, dtype=torch.float64), reduce_op="sum")
+        self.audio_seconds, self.padded_seconds, self.skipped_clips, self.empty_batches = totals.tolist()
         if trainer.world_size > 1:  # every rank met other clips
             gathered = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, self.dropped)
@@ -104,6 +131,7 @@ class RunReport(L.Callback):
             # padded audio / all audio the encoder saw in training batches
             "padding_fraction": 1 - self.audio_seconds / self.padded_seconds if self.padded_seconds else 0.0,
             "skipped_clips": int(self.skipped_clips),
+            "empty_batches": int(self.empty_batches),
             "skipped_updates": self.skipped_updates,
             "evaluations": self.rows,
             **extra,
@@ -117,9 +145,13 @@ class RunReport(L.Callback):
 
 def hyperparameters(cfg: dict) -> list[str]:
     """The card's "Training hyperparameters" list, in the HF Trainer's words, from a resolved run config."""
+    from asr.cluster import batch_per_update
+
     data, trainer, optim, sched = cfg["data"], cfg["trainer"], cfg["optim"], cfg["sched"]
-    accumulate = trainer.get("accumulate_grad_batches", 1)
     devices = trainer.get("devices", 1) if isinstance(trainer.get("devices", 1), int) else 1
+    world = devices * trainer.get("num_nodes", 1)
+    batch = batch_per_update(cfg.get("update_clips"), cfg.get("update_seconds"), trainer.get("accumulate_grad_batches", 1),
+                             data.get("max_batch_size"), data["max_batch_seconds"], world)
     lines = {"learning_rate": repr(float(optim["lr"]))}
     if data.get("max_batch_size"):  # clips, as the HF Trainer counts a batch
         lines["train_batch_size"] = data["max_batch_size"]
@@ -127,11 +159,11 @@ def hyperparameters(cfg: dict) -> list[str]:
     else:
         lines["train_batch_seconds"] = f"{data['max_batch_seconds']} (padded audio per batch, duration-bucketed)"
     lines["seed"] = cfg["seed"]
-    if devices > 1:
-        lines["num_devices"] = devices
-    lines["gradient_accumulation_steps"] = accumulate
-    if data.get("max_batch_size"):
-        lines["total_train_batch_size"] = data["max_batch_size"] * accumulate * devices
+    if world > 1:
+        lines["num_devices"] = world
+    lines["gradient_accumulation_steps"] = batch["accumulate"]
+    if batch["clips"]:
+        lines["total_train_batch_size"] = batch["clips"]
     betas = ",".join(str(b) for b in optim["betas"])
     lines["optimizer"] = (f"AdamW with betas=({betas}) and epsilon={float(optim['eps'])!r}, weight_decay="
                           f"{optim.get('weight_decay', 0.0)}")

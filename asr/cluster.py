@@ -1,0 +1,248 @@
+"""Several processes, nodes and clusters: the batch per update on any number of GPUs, the launcher's
+allocation checked against the config, one-time data work done once, atomic checkpoints, and requeue
+on SLURM's warning signal.
+
+Who owns the signal: this module's `Requeue` callback. SLURM sends a signal before a job's time limit
+(`--signal=USR1@90`) or when it is preempted (`scancel --signal=USR1`). Lightning's own SLURM handler
+saves its checkpoint inside the signal handler, wherever the step happens to be (between two
+micro-batches of an accumulated update, whose gradients a checkpoint does not hold) and starts a
+collective save from it; submitit's handler (USR2) requeues without any checkpoint. `Requeue` only
+notes the signal; at the end of the update in progress every rank agrees (one all-reduce per update
+under DDP), the run saves an exact-resume checkpoint, rank 0 requeues the job, and the requeued job
+resumes from that checkpoint. Lightning's handler is switched off (`plugins`), submitit's is left
+alone on its own signal.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from asr import SetupError
+
+log = logging.getLogger(__name__)
+REQUEUE_CHECKPOINT = "requeue.ckpt"  # in the checkpoint directory; a run that finds it resumes from it
+
+
+def batch_per_update(update_clips: int | None, update_seconds: float | None, accumulate: int,
+                     max_batch_size: int | None, max_batch_seconds: float, world_size: int) -> dict:
+    """What one optimizer update trains on, over all processes and accumulated batches.
+
+    A recipe states its total (`update_clips`: clips, as the HF cards' total_train_batch_size; or
+    `update_seconds`: padded audio-seconds) and the accumulation follows from the world size; without
+    either, `accumulate` (trainer.accumulate_grad_batches) is taken as given and the total grows with the
+    world size. Returns {accumulate, world_size, clips (None without a clip cap), seconds, text}.
+    """
+    if update_clips and update_seconds:
+        raise SetupError(f"update_clips={update_clips} and update_seconds={update_seconds}: set one of them.")
+    stated = ("update_clips", update_clips, max_batch_size, "data.max_batch_size", "clips") if update_clips else \
+        ("update_seconds", update_seconds, max_batch_seconds, "data.max_batch_seconds", "s") if update_seconds else None
+    if stated:
+        key, total, per_batch, batch_key, unit = stated
+        if accumulate != 1:
+            raise SetupError(f"{key}={total} and trainer.accumulate_grad_batches={accumulate}: the accumulation "
+                             f"follows from {key}; drop trainer.accumulate_grad_batches.")
+        if not per_batch:
+            raise SetupError(f"{key}={total} needs {batch_key} (the {unit} of one batch).")
+        ratio = total / (per_batch * world_size)
+        if ratio < 1 or abs(ratio - round(ratio)) > 1e-9:
+            raise SetupError(f"{key}={total} does not divide into {world_size} process(es) x {batch_key}="
+                             f"{per_batch} {unit} per batch; choose a number of GPUs or a {batch_key} that "
+                             f"divides {total}.")
+        accumulate = round(ratio)
+    clips = max_batch_size * accumulate * world_size if max_batch_size else None
+    seconds = max_batch_seconds * accumulate * world_size
+    per = f"{max_batch_size} clips" if max_batch_size else f"{max_batch_seconds:g} s of padded audio"
+    total_text = f"{clips} clips (up to {seconds:g} s of padded audio)" if clips else f"up to {seconds:g} s of padded audio"
+    text = (f"{total_text} per update = {per} per batch x {accumulate} accumulated x {world_size} "
+            f"process{'es' if world_size > 1 else ''}")
+    return {"accumulate": accumulate, "world_size": world_size, "clips": clips, "seconds": seconds, "text": text}
+
+
+def launched_by() -> tuple[str, int, int] | None:
+    """(launcher, processes per node, nodes) of an external launcher (SLURM's srun, torchrun), or None
+    when Lightning starts the processes itself. torchrun wins where both are present (as in Lightning)."""
+    env = os.environ
+    if TorchElasticEnvironment.detect():
+        per_node = int(env.get("LOCAL_WORLD_SIZE", 1))
+        return "torchrun (--nproc-per-node, --nnodes)", per_node, int(env.get("WORLD_SIZE", 1)) // per_node
+    if SLURMEnvironment.detect():
+        nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", 1)))
+        per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        return ("SLURM (--ntasks-per-node, --nodes)",
+                int(per_node) if per_node else int(env["SLURM_NTASKS"]) // nodes, nodes)
+    return None
+
+
+def check_allocation(devices, num_nodes: int) -> None:
+    """SetupError, naming both numbers, when an external launcher started another number of processes per
+    node or nodes than trainer.devices / trainer.num_nodes say."""
+    launched = launched_by()
+    if launched is None:
+        return
+    launcher, per_node, nodes = launched
+    if (isinstance(devices, int) and devices > 0 and devices != per_node) or num_nodes != nodes:
+        raise SetupError(f"{launcher} started {per_node} process(es) per node on {nodes} node(s), but "
+                         f"trainer.devices={devices} and trainer.num_nodes={num_nodes}: pass "
+                         f"trainer.devices={per_node} trainer.num_nodes={nodes} (one process per GPU), "
+                         f"or change the allocation.")
+
+
+def world_size(devices, num_nodes: int) -> int:
+    """Processes of the run, from the config or, under srun/torchrun, from the launcher."""
+    launched = launched_by()
+    if launched is not None:
+        return launched[1] * launched[2]
+    if isinstance(devices, int) and devices > 0:
+        return devices * num_nodes
+    if isinstance(devices, (list, tuple)):
+        return len(devices) * num_nodes
+    return max(1, torch.cuda.device_count()) * num_nodes  # "auto" / -1: every visible GPU
+
+
+def strategy(configured, layerdrop: float, world: int):
+    """DDP that tolerates parameters without gradients when LayerDrop skips layers: a skipped layer gets
+    no gradient on that rank, which plain DDP (find_unused_parameters=False) stops on."""
+    if layerdrop > 0 and world > 1 and configured in ("auto", "ddp"):
+        log.info("model.config.layerdrop=%s under DDP: strategy ddp_find_unused_parameters_true", layerdrop)
+        return "ddp_find_unused_parameters_true"
+    return configured
+
+
+def plugins() -> list:
+    """Atomic checkpoint writes always; under srun (not torchrun) the SLURM environment without Lightning's
+    own requeue handler: `Requeue` owns the signal (module docstring)."""
+    out = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():
+        out.append(SLURMEnvironment(auto_requeue=False))
+    return out
+
+
+@contextmanager
+def one_at_a_time(lock_file: Path):
+    """Holds a file lock: of several processes starting at once (ranks under srun or torchrun, runs of a
+    sweep sharing a cache), one does the one-time data work (duration probe, decode cache, extraction,
+    listing cache) and the others wait, then find it done. Once per node where the cache is node-local;
+    once in all where it is shared."""
+    from filelock import FileLock
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file))
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        log.info("waiting for another process preparing the same data (%s)", lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file in its own directory and renames it into place: whatever
+    kills the process, the path holds the previous checkpoint or the new one, never a truncated file.
+    (Lightning's writer goes through a temporary file in $TMPDIR; where that is another filesystem, a
+    node-local /tmp beside a shared run directory, its final move is a copy that can be cut short.)"""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):  # remote storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a crash of the node
+        finally:
+            os.close(directory)
+
+
+class Requeue(L.Callback):
+    """On `signal` (SLURM's warning before the time limit or a preemption), at the end of the update in
+    progress: save an exact-resume checkpoint (`dirpath`/requeue.ckpt: weights, optimizer, scaler,
+    schedule, loader position, report and counters), requeue the SLURM job (`scontrol requeue`) and stop.
+    train.py resumes from that checkpoint when it finds it in the run directory. Outside SLURM the run
+    saves and stops the same way; running the same command again resumes it.
+
+    `requeued` is then the job id (or "" outside SLURM), `saved` the checkpoint's path.
+    """
+
+    def __init__(self, signal: str, dirpath: str):
+        self.signum = getattr(__import__("signal"), f"SIG{signal.upper().removeprefix('SIG')}")
+        self.path = Path(dirpath) / REQUEUE_CHECKPOINT
+        self.signalled = False
+        self.saved: Path | None = None
+        self.requeued: str | None = None
+        self._step = -1
+        self._previous = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._previous = signal.signal(self.signum, self._on_signal)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("signal %s received: saving at the end of this update, then requeueing",
+                    signal.Signals(signum).name)
+        self.signalled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step:  # within an accumulated update: gradients not in a checkpoint
+            return
+        self._step = trainer.global_step
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):  # any rank's signal
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved = self.path
+        job = os.environ.get("SLURM_JOB_ID")
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        self.requeued = ""
+        if job and trainer.is_global_zero:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if result.returncode:
+                log.error("scontrol requeue %s failed: %s", job, result.stderr.strip())
+                job = None
+            else:
+                log.warning("saved %s at update %d; requeued SLURM job %s", self.path, trainer.global_step, job)
+        self.requeued = job or ""
+        trainer.should_stop = True
+
+
+def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+    """The checkpoint a run starts from: `ckpt_path` when given; else the requeue checkpoint a signalled
+    run left (`Requeue`); else, in a job SLURM restarted without one (a node failed), the last checkpoint."""
+    if ckpt_path:
+        return ckpt_path
+    requeue = checkpoint_dir / REQUEUE_CHECKPOINT
+    if requeue.is_file():
+        log.warning("resuming from %s (saved when the run was signalled)", requeue)
+        return str(requeue)
+    last = checkpoint_dir / "last.ckpt"
+    if int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0) > 0 and last.is_file():
+        log.warning("SLURM restarted this job: resuming from %s", last)
+        return str(last)
+    return None
