@@ -14,9 +14,12 @@ test: system $(VENV)/.installed
 
 setup: system $(VENV)/.installed
 
-# espeak-ng speaks the test corpora (the demo corpus is committed, so `make demo` does not need it).
+# espeak-ng speaks the test corpora (the demo corpus is committed, so `make demo` does not need it);
+# slurm-wlm and munge make the one-node SLURM cluster the tests submit jobs to (slurm/local.sh starts it).
+SYSTEM_PACKAGES := espeak-ng slurmctld slurmd slurm-client munge
 system:
-	@command -v espeak-ng >/dev/null || { $(SUDO) apt-get update && $(SUDO) apt-get install -y espeak-ng; }
+	@command -v espeak-ng >/dev/null && command -v slurmctld >/dev/null && command -v munged >/dev/null || \
+		{ $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); }
 
 # The venv is made once and reused; it is refreshed when requirements.txt or this file changes.
 $(VENV)/.installed: requirements.txt Makefile

@@ -10,6 +10,7 @@ never read half a file.
 import functools
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from asr import audio
 
+log = logging.getLogger(__name__)
 MISSING, UNREADABLE = "missing_file", "unreadable_audio"
 
 
@@ -99,6 +101,7 @@ def durations(paths: list[str], cache_file: Path, workers: int) -> list[float | 
     stamps = [stamp(p) for p in paths]
     todo = sorted({p for p, s in zip(paths, stamps) if s and cached.get(p, [None, None])[:2] != s})
     fresh = dict(zip(todo, _parallel(_header_seconds, todo, workers, "reading clip headers")))
+    log.info("%d clip headers read, %d from the cache (%s)", len(todo), len(paths) - len(todo), cache_file)
     for path in todo:
         if fresh[path] != UNREADABLE:
             cached[path] = [*stamp(path), fresh[path]]

@@ -230,6 +230,7 @@ class SpeechDataModule(L.LightningDataModule):
         self._release: dict[str, corpora.Clips] = {}
         self.added: dict[str, int] = {}  # train_extra split -> utterances it added
         self._met: dict[str, set[str]] = {}  # split -> ids of clips met unreadable while loading
+        self._resume: dict | None = None  # the training loader's position from a checkpoint (load_state_dict)
 
     def check(self) -> str | None:
         """Why this data cannot load (with the override that fixes it), or None."""
@@ -372,17 +373,34 @@ class SpeechDataModule(L.LightningDataModule):
             utterances.seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
             attention_q=h.attention_q, seed=h.seed, shuffle=training, num_replicas=world, rank=rank,
         )
+        if training and self._resume is not None:
+            sampler.load_state_dict(self._resume)
+            self._resume = None
         workers = h.num_workers
-        return (ResumableLoader if training else DataLoader)(
+        return DataLoader(
             UtteranceDataset(utterances, self.vocab), batch_sampler=sampler, collate_fn=collate,
             num_workers=workers, persistent_workers=training and workers > 0,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),
         )
 
+    def state_dict(self) -> dict:
+        """The training loader's position, in every checkpoint: the epoch and the number of batches the
+        training loop has processed in it, which Lightning counts (the sampler itself runs ahead by what
+        the workers and Lightning prefetch, and may already be in the next epoch)."""
+        if self.trainer is None:
+            return {}
+        return {"epoch": self.trainer.current_epoch,
+                "position": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resumed run continues with exactly the next batch. Lightning restores the datamodule before it
+        builds the loaders, so the position is handed to the training sampler when it is made (a loader's
+        own state would come too late: Lightning builds the training loader early, to count the steps of
+        the schedule, and then never applies it)."""
+        self._resume = state or None
+
     def train_dataloader(self) -> DataLoader:
-        loader = self.dataloader("train")
-        loader.trainer = self.trainer  # its checkpointed position is the loop's count of batches
-        return loader
+        return self.dataloader("train")
 
     def val_dataloader(self) -> DataLoader:
         return self.dataloader("dev")
@@ -392,27 +410,6 @@ class SpeechDataModule(L.LightningDataModule):
 
     def audio_seconds(self, split: str) -> float:
         return float(self.load(split).seconds.sum())
-
-
-class ResumableLoader(DataLoader):
-    """The training loader, checkpointed with the run: Lightning saves and restores the state of loaders
-    that have `state_dict` / `load_state_dict`, so a run resumed mid-epoch continues with the next batch.
-
-    The position saved is the number of batches the training loop has processed this epoch, which
-    Lightning counts; the batch sampler itself runs ahead by what the workers and Lightning prefetch
-    (and may already be in the next epoch).
-    """
-
-    def state_dict(self) -> dict:
-        state = self.batch_sampler.state_dict()
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:  # the sampler may already be in the next epoch
-            state = {"epoch": trainer.current_epoch,
-                     "position": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batch_sampler.load_state_dict(state)
 
 
 def _one_thread(_worker_id: int) -> None:

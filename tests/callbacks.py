@@ -3,6 +3,8 @@
 trained on and what each optimizer update changed."""
 
 import json
+import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -12,15 +14,18 @@ import torch
 class RecordUpdates(L.Callback):
     """`ids` and `seconds`: the clip ids and audio seconds of each training batch; `lrs`: per optimizer
     update, the learning rate of each parameter group; `changed`: per update, the names of the parameters
-    it changed. With `out_dir`, written per rank to `<out_dir>/rank<r>.json` when training ends."""
+    it changed; `times`: the wall clock at each batch's start. With `out_dir`, written per rank to
+    `<out_dir>/rank<r>.json` after every batch (a requeued SLURM job is killed, it never ends its training),
+    `rank<r>.restart<n>.json` in a job SLURM restarted."""
 
     def __init__(self, out_dir: str | None = None):
         self.out_dir = Path(out_dir) if out_dir else None
-        self.ids, self.seconds, self.changed, self.lrs = [], [], [], []
+        self.ids, self.seconds, self.changed, self.lrs, self.times = [], [], [], [], []
         self.before = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch["ids"]:  # empty: no clip of the batch could be read
+            self.times.append(time.time())
             self.ids.append(batch["ids"])
             self.seconds.append(batch["audio_seconds"])
 
@@ -32,11 +37,14 @@ class RecordUpdates(L.Callback):
         if self.before is not None:  # an optimizer update happened in this batch
             self.changed.append({n for n, p in pl_module.named_parameters() if not torch.equal(p, self.before[n])})
             self.before = None
+        self.write(trainer)
 
-    def on_train_end(self, trainer, pl_module):
+    def write(self, trainer):
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         record = {"ids": self.ids, "seconds": self.seconds, "changed": [sorted(c) for c in self.changed],
-                  "lrs": self.lrs}
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+                  "lrs": self.lrs, "times": self.times}
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+        name = f"rank{trainer.global_rank}" + (f".restart{restart}" if restart else "")
+        (self.out_dir / f"{name}.json").write_text(json.dumps(record))

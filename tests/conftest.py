@@ -52,3 +52,18 @@ def cv_corpus(tmp_path_factory) -> Path:
     }
     synth.write_common_voice(root, splits, locale="pt")
     return root
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The one-node SLURM cluster of slurm/local.sh, started if it is not running. Its tests skip, with the
+    reason, only where it cannot start (not root, slurm-wlm not installed: `make setup` installs it)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sbatch") and subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                                                 timeout=30).stdout.strip().startswith(("idle", "mixed", "alloc")):
+        return
+    started = subprocess.run([str(asr.REPO_DIR / "slurm" / "local.sh")], capture_output=True, text=True, timeout=180)
+    if started.returncode:
+        pytest.skip(f"no SLURM cluster: {(started.stderr or started.stdout).strip()}")

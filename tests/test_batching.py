@@ -143,8 +143,7 @@ def test_lightning_resume_mid_epoch_continues_with_the_next_batch(cv_corpus, tmp
     batches_per_epoch = trainer.num_training_batches
     assert 8 % batches_per_epoch != 0, "the checkpoint must fall mid-epoch"
     checkpoint = torch.load(tmp_path / "ckpt" / "step=8.ckpt", weights_only=True)
-    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 8 // batches_per_epoch, "position": 8 % batches_per_epoch}]
+    assert checkpoint["SpeechDataModule"] == {"epoch": 8 // batches_per_epoch, "position": 8 % batches_per_epoch}
     _, resumed = fit([], tmp_path / "ckpt" / "step=8.ckpt")
     assert len(uninterrupted) == 12 and resumed == uninterrupted[8:]
     assert not [w for w in recwarn if "not resumable" in str(w.message)]

@@ -1,0 +1,232 @@
+"""Several processes and clusters: the batch per update on any world size, the launcher's allocation,
+atomic checkpoints, DDP with LayerDrop and unreadable batches, and a real one-node SLURM cluster
+(slurm/local.sh): jobs through sbatch and through Hydra's submitit launcher, a preemption that requeues
+and resumes exactly, torchrun with two nodes."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import asr
+from asr import SetupError, cluster
+from asr.batching import DurationBatchSampler
+from asr.model import CTCModel
+from tests.conftest import compose_config, data_module
+
+PY = sys.executable
+DEMO = asr.REPO_DIR / "demo" / "cv-pt"
+
+
+def test_batch_per_update_keeps_a_cards_batch_on_any_number_of_gpus():
+    one = cluster.batch_per_update(128, None, 1, 16, 320, world_size=1)
+    eight = cluster.batch_per_update(128, None, 1, 16, 320, world_size=8)
+    assert (one["accumulate"], one["clips"]) == (8, 128) and (eight["accumulate"], eight["clips"]) == (1, 128)
+    assert "128 clips" in eight["text"] and "x 8 processes" in eight["text"]
+    assert cluster.batch_per_update(None, 240, 1, None, 30, world_size=2)["accumulate"] == 4
+    with pytest.raises(SetupError, match=r"update_clips=128 does not divide into 3 process\(es\) x data.max_batch_size=16"):
+        cluster.batch_per_update(128, None, 1, 16, 320, world_size=3)
+    with pytest.raises(SetupError, match="drop trainer.accumulate_grad_batches"):
+        cluster.batch_per_update(128, None, 8, 16, 320, world_size=1)
+    with pytest.raises(SetupError, match="needs data.max_batch_size"):
+        cluster.batch_per_update(128, None, 1, None, 320, world_size=1)
+    # without a stated total, the batch grows with the world size, as Lightning does it
+    assert cluster.batch_per_update(None, None, 2, 8, 160, world_size=4)["clips"] == 64
+
+
+def test_an_allocation_unlike_the_config_stops_naming_both(monkeypatch):
+    for name in ("SLURM_NTASKS", "SLURM_JOB_NAME", "SLURM_NNODES", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    cluster.check_allocation(1, 1)  # no external launcher: Lightning starts the processes
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2(x2)")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    with pytest.raises(SetupError, match=r"started 2 process\(es\) per node on 2 node\(s\), but trainer.devices=1 "
+                                         r"and trainer.num_nodes=1: pass trainer.devices=2 trainer.num_nodes=2"):
+        cluster.check_allocation(1, 1)
+    cluster.check_allocation(2, 2)
+    assert cluster.world_size(2, 2) == 4
+
+
+SAVE_TWICE = """
+import sys, time, torch
+from asr.cluster import AtomicCheckpointIO
+io, path = AtomicCheckpointIO(), sys.argv[1]
+io.save_checkpoint({"version": 1}, path)
+print("first saved", flush=True)
+io.save_checkpoint({"version": 2, "weights": torch.ones(200_000_000)}, path)  # 800 MB: killed while writing
+"""
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    child = subprocess.Popen([PY, "-c", SAVE_TWICE, str(path)], cwd=asr.REPO_DIR, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "first saved"
+    deadline = time.time() + 60
+    while not any(p.name.endswith(".partial") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
+        assert time.time() < deadline and child.poll() is None, "the second save never started"
+        time.sleep(0.001)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert torch.load(path, weights_only=True) == {"version": 1}
+
+
+def test_ddp_with_layerdrop_an_unreadable_batch_and_validation_equal_to_one_process(cv_corpus, tmp_path):
+    """2 CPU processes through train.py: LayerDrop skips layers (DDP then needs unused-parameter
+    handling), one batch of nothing but an unreadable clip is a zero-loss step on its rank, and the
+    dev WER/CER of the 2 ranks equal one process's on the same weights."""
+    root = tmp_path / "cv"
+    shutil.copytree(cv_corpus, root)
+    bad = sorted((root / "clips").iterdir())[0]
+    bad.write_bytes(b"not audio" * 100)  # its duration is in clip_durations.tsv: met when loaded
+    run_dir = tmp_path / "run"
+    common = [f"data.root={root}", "data.max_batch_size=1", "data.num_workers=0", "trainer.accelerator=cpu"]
+    subprocess.run([PY, "train.py", *common, "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=6",
+                    "trainer.val_check_interval=6", "model.config.layerdrop=0.5", "logger=none",
+                    f"hydra.run.dir={run_dir}"], cwd=asr.REPO_DIR, check=True, capture_output=True, timeout=600)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["empty_batches"] == 1 and results["skipped_clips"] == 1
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["train"]["dropped"] == {"unreadable_audio": 1} and report["train"]["kept"] == 11
+
+    cfg = compose_config(overrides=common)
+    data = instantiate(cfg.data, _convert_="all")
+    data.setup("fit")
+    model = CTCModel.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False).validate(model, datamodule=data, verbose=False)[0]
+    evaluation = results["evaluations"][-1]
+    assert evaluation["step"] == 6
+    assert (evaluation["val_wer"], evaluation["val_cer"]) == (pytest.approx(one["val/wer"], abs=1e-7),
+                                                              pytest.approx(one["val/cer"], abs=1e-7))
+
+
+def test_setup_reads_each_header_once_over_ranks_started_together(cv_corpus, tmp_path):
+    """Two processes started at once (as srun or torchrun start ranks) on a corpus without stated
+    durations: one reads the headers, the other waits for it and reads none."""
+    root = tmp_path / "cv"
+    shutil.copytree(cv_corpus, root)
+    (root / "clip_durations.tsv").unlink()
+    script = "\n".join([
+        "import logging", "from asr import cluster", "from tests.conftest import data_module",
+        "logging.basicConfig(level=logging.INFO)",
+        f"data = data_module('data.root={root}', 'data.num_workers=0')",
+        "with cluster.one_at_a_time(data.cache_dir / 'locks' / 'corpus.lock'):",
+        "    data.setup('fit')"])
+    env = dict(os.environ, ASR_CACHE_DIR=str(tmp_path / "cache"))
+    ranks = [subprocess.Popen([PY, "-c", script], cwd=asr.REPO_DIR, env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    logs = [r.communicate(timeout=300)[1] for r in ranks]
+    assert [r.returncode for r in ranks] == [0, 0], logs
+    reads = [sum(int(n) for n in re.findall(r"(\d+) clip headers read", log)) for log in logs]
+    assert sorted(reads) == [0, 16]  # 12 train and 4 dev clips, read by one process only
+
+
+# ---------------------------------------------------------------- on the one-node SLURM cluster
+
+
+def squeue_empty(job: str) -> bool:
+    return not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+
+
+def wait_for(job: str, timeout: float) -> None:
+    """Until the job left the queue (no sacct here: a finished job is one squeue no longer lists)."""
+    deadline = time.time() + timeout
+    while not squeue_empty(job):
+        if time.time() > deadline:
+            subprocess.run(["scancel", job])
+            pytest.fail(f"SLURM job {job} still queued after {timeout} s")
+        time.sleep(1)
+
+
+def test_a_preempted_slurm_job_requeues_and_resumes_with_the_next_batch(slurm, tmp_path):
+    """sbatch slurm/train.sbatch on 2 tasks; `scancel --signal=USR1` mid-run (what a preemption or the time
+    limit sends): the run saves, requeues, and the requeued job trains on exactly the batches the
+    uninterrupted run would have, with every evaluation from before and after in results.json."""
+    run_dir, record = tmp_path / "run", tmp_path / "record"
+    overrides = ["trainer.accelerator=cpu", "trainer.max_steps=24", "trainer.val_check_interval=4",
+                 "data.num_workers=0", "logger=none", f"hydra.run.dir={run_dir}",
+                 "+callbacks.record._target_=tests.callbacks.RecordUpdates", f"+callbacks.record.out_dir={record}"]
+    job = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", f"--output={tmp_path}/slurm-%j.out",
+                          "slurm/train.sbatch", *overrides], cwd=asr.REPO_DIR, check=True, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHON=PY)).stdout.strip()
+    deadline = time.time() + 300
+    while not (run_dir / "results.md").is_file():  # the first evaluation (update 4) is written
+        assert time.time() < deadline and not squeue_empty(job), (tmp_path / f"slurm-{job}.out").read_text()[-3000:]
+        time.sleep(0.2)
+    signalled = time.time()
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    wait_for(job, 400)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert "requeued SLURM job" in log and "restart 1" in log, log[-3000:]
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [row["step"] for row in results["evaluations"]] == [4, 8, 12, 16, 20, 24]
+    assert not (run_dir / "checkpoints" / cluster.REQUEUE_CHECKPOINT).exists()  # done: no resume left behind
+    data = data_module("data.num_workers=0")
+    train = data.load("train")
+    for rank in range(2):
+        before = json.loads((record / f"rank{rank}.json").read_text())
+        after = json.loads((record / f"rank{rank}.restart1.json").read_text())
+        assert 4 <= len(before["ids"]) < 24 and len(before["ids"]) + len(after["ids"]) == 24
+        sampler = DurationBatchSampler(train.seconds, data.hparams.max_batch_seconds, max_batch_size=None,
+                                       num_buckets=data.hparams.num_buckets, attention_q=None, seed=data.hparams.seed,
+                                       shuffle=True, num_replicas=2, rank=rank)
+        ids, planned = train.column("id"), []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            planned += [[ids[i] for i in batch] for batch in sampler]
+        assert before["ids"] + after["ids"] == planned[:24]
+    print(f"signal to the requeued job's first batch: {after['times'][0] - signalled:.1f} s; "
+          f"updates before the signal: {len(before['ids'])}")
+
+
+def test_a_two_point_sweep_through_the_submitit_launcher_runs_two_jobs_of_two_tasks(slurm, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [PY, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.timeout_min=10",
+         "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3", "trainer.val_check_interval=3",
+         "data.num_workers=0", "logger=none", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"],
+        cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sbatch = next((sweep / ".submitit").glob(".submission_file_*.sh")).read_text()
+    assert "#SBATCH --ntasks-per-node=2" in sbatch and "#SBATCH --signal=USR1@120" in sbatch
+    assert "#SBATCH --array=0-1" in sbatch  # one job per point
+    for job, lr in (("0", 1e-3), ("1", 2e-3)):
+        results = json.loads((sweep / job / "results.json").read_text())
+        assert results["batch_per_update"]["world_size"] == 2 and results["step"] == 3
+        assert f"lr: {lr}" in (sweep / job / "config.yaml").read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_with_two_nodes_on_localhost(tmp_path):
+    """`torchrun --nnodes=2` (here both nodes on this machine): one run directory, a world of 2."""
+    run_dir, port = tmp_path / "run", free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    nodes = [subprocess.Popen(
+        [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+         "--master-addr=127.0.0.1", f"--master-port={port}", "train.py", "trainer.accelerator=cpu",
+         "trainer.num_nodes=2", "trainer.strategy=ddp", "trainer.max_steps=3", "trainer.val_check_interval=3",
+         "data.num_workers=0", "logger=none", f"hydra.run.dir={run_dir}"],
+        cwd=asr.REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["batch_per_update"]["world_size"] == 2 and results["step"] == 3
