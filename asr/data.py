@@ -377,7 +377,7 @@ class SpeechDataModule(L.LightningDataModule):
             sampler.load_state_dict(self._resume)
             self._resume = None
         workers = h.num_workers
-        return DataLoader(
+        return (TrainingLoader if training else DataLoader)(
             UtteranceDataset(utterances, self.vocab), batch_sampler=sampler, collate_fn=collate,
             num_workers=workers, persistent_workers=training and workers > 0,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),
@@ -410,6 +410,18 @@ class SpeechDataModule(L.LightningDataModule):
 
     def audio_seconds(self, split: str) -> float:
         return float(self.load(split).seconds.sum())
+
+
+class TrainingLoader(DataLoader):
+    """The training loader. Its position is checkpointed and restored by the datamodule
+    (`SpeechDataModule.state_dict`); these two methods only tell Lightning that it is resumable, which
+    Lightning otherwise warns that a run resumed mid-epoch is not."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def _one_thread(_worker_id: int) -> None:
