@@ -11,7 +11,6 @@ SLURM saves checkpoints/requeue.ckpt and requeues its job; started again in that
 """
 
 import hashlib
-import logging
 import sys
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from asr.model import CTCModel, check_pretrained
 from asr.report import RunReport, framework_versions, model_card
 
 
-log = logging.getLogger("train")
 
 
 class Requeued(Exception):
@@ -47,6 +45,10 @@ def train(cfg: DictConfig) -> dict:
     world = cluster.world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
     per_update = cluster.batch_per_update(cfg.update_clips, cfg.update_seconds, cfg.trainer.accumulate_grad_batches,
                                           cfg.data.max_batch_size, cfg.data.max_batch_seconds, world)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    for callback in callbacks:
+        if isinstance(callback, cluster.Requeue):
+            callback.listen()  # from the start: SLURM may signal while the data is read
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -66,8 +68,11 @@ def train(cfg: DictConfig) -> dict:
 
     model = CTCModel.from_config(cfg, data.vocab.tokens)
     report = RunReport(run_dir)
-    logger = instantiate(cfg.logger) if cfg.logger else False
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [report]
+    checkpoint_dir = run_dir / "checkpoints"
+    ckpt_path = cluster.resume_checkpoint(cfg.ckpt_path, checkpoint_dir)
+    logger = instantiate(cfg.logger, **cluster.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path))) \
+        if cfg.logger else False
+    callbacks.append(report)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=cluster.plugins(),
                           strategy=cluster.strategy(cfg.trainer.strategy, cfg.model.config.get("layerdrop", 0.0), world),
                           accumulate_grad_batches=per_update["accumulate"], **validation_cadence(cfg, per_update))
@@ -75,8 +80,7 @@ def train(cfg: DictConfig) -> dict:
         print(f"batch: {per_update['text']}", flush=True)
     if logger:
         logger.log_hyperparams({"batch_per_update": {k: v for k, v in per_update.items() if k != "text"}})
-    checkpoint_dir = run_dir / "checkpoints"
-    trainer.fit(model, datamodule=data, ckpt_path=cluster.resume_checkpoint(cfg.ckpt_path, checkpoint_dir))
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     requeue = next((c for c in callbacks if isinstance(c, cluster.Requeue) and c.saved), None)
     if requeue is not None:
         if trainer.is_global_zero:

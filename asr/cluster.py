@@ -192,9 +192,15 @@ class Requeue(L.Callback):
         self._step = -1
         self._previous = None
 
+    def listen(self) -> None:
+        """Note the signal from now on (train.py calls this before reading data: a signal during start-up
+        would otherwise kill the process, USR1's default action, and the job with it)."""
+        if self._previous is None:
+            self._previous = signal.signal(self.signum, self._on_signal)
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
-            self._previous = signal.signal(self.signum, self._on_signal)
+            self.listen()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self._previous is not None:
@@ -230,6 +236,36 @@ class Requeue(L.Callback):
                 log.warning("saved %s at update %d; requeued SLURM job %s", self.path, trainer.global_step, job)
         self.requeued = job or ""
         trainer.should_stop = True
+        trainer.limit_val_batches = 0  # no validation on stopping (Lightning's default): it is not in the checkpoint
+
+
+def logger_resume(logger: dict, run_dir: Path, resuming: bool) -> dict:
+    """What a logger needs to go on where a resumed run (a requeued job, `ckpt_path=last`) stopped.
+
+    W&B: the run id kept in the run directory (`wandb_id`, made by rank 0 on the first start), so that
+    the resumed run continues the same W&B run. CSV: Lightning's writer deletes a `metrics.csv` it finds;
+    a resumed run keeps it as `metrics.<n>.csv` and starts a new one."""
+    target = str(logger.get("_target_", ""))
+    if target.endswith("CSVLogger"):
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        metrics = Path(logger["save_dir"]) / logger.get("name", "") / str(logger.get("version", "")) / "metrics.csv"
+        if resuming and rank_zero_only.rank == 0 and metrics.is_file():
+            n = 1 + sum(1 for _ in metrics.parent.glob("metrics.*.csv"))
+            metrics.rename(metrics.with_name(f"metrics.{n}.csv"))
+        return {}
+    if not target.endswith("WandbLogger") or logger.get("id"):
+        return {}
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    id_file = run_dir / "wandb_id"
+    if not id_file.is_file():
+        if rank_zero_only.rank != 0:  # only rank 0 logs; it writes the id
+            return {}
+        import uuid
+
+        id_file.write_text(uuid.uuid4().hex[:12])  # W&B ids: letters and digits
+    return {"id": id_file.read_text().strip(), "resume": "allow"}
 
 
 def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:

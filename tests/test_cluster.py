@@ -3,6 +3,7 @@ atomic checkpoints, DDP with LayerDrop and unreadable batches, and a real one-no
 (slurm/local.sh): jobs through sbatch and through Hydra's submitit launcher, a preemption that requeues
 and resumes exactly, torchrun with two nodes."""
 
+import csv
 import json
 import os
 import re
@@ -12,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -58,6 +58,30 @@ def test_an_allocation_unlike_the_config_stops_naming_both(monkeypatch):
         cluster.check_allocation(1, 1)
     cluster.check_allocation(2, 2)
     assert cluster.world_size(2, 2) == 4
+
+
+def test_a_restarted_job_finds_its_run_directory_and_checkpoint(monkeypatch, tmp_path):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert asr.run_name("2026-11-22/10-00-00") == "2026-11-22/10-00-00"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "exp7")
+    assert asr.run_name("x") == "torchrun-exp7"  # every node of a torchrun rendezvous agrees
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_JOB_NAME", "asr-train")
+    assert asr.run_name("x") == "slurm-42"  # every task of the job, and the job requeued
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: runs in it are separate
+    assert asr.run_name("x") == "torchrun-exp7"
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    assert cluster.resume_checkpoint(None, checkpoints) is None
+    (checkpoints / "last.ckpt").write_bytes(b"")
+    assert cluster.resume_checkpoint(None, checkpoints) is None  # a new run in an old directory
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM restarted the job without a requeue checkpoint
+    assert cluster.resume_checkpoint(None, checkpoints) == str(checkpoints / "last.ckpt")
+    (checkpoints / cluster.REQUEUE_CHECKPOINT).write_bytes(b"")
+    assert cluster.resume_checkpoint(None, checkpoints) == str(checkpoints / cluster.REQUEUE_CHECKPOINT)
+    assert cluster.resume_checkpoint("x.ckpt", checkpoints) == "x.ckpt"
 
 
 SAVE_TWICE = """
@@ -134,6 +158,33 @@ def test_setup_reads_each_header_once_over_ranks_started_together(cv_corpus, tmp
     assert sorted(reads) == [0, 16]  # 12 train and 4 dev clips, read by one process only
 
 
+def test_a_signalled_run_outside_slurm_saves_stops_and_the_same_command_resumes_it(cv_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [PY, "train.py", f"data.root={cv_corpus}", "data.max_batch_size=1", "data.num_workers=0",
+               "trainer.max_steps=16", "trainer.val_check_interval=4", f"hydra.run.dir={run_dir}"]
+    first = subprocess.Popen(command, cwd=asr.REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "results.md").is_file():
+        assert time.time() < deadline and first.poll() is None
+        time.sleep(0.05)
+    first.send_signal(signal.SIGUSR1)
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and "run the same command to resume" in out, out[-2000:]
+    assert (run_dir / "checkpoints" / cluster.REQUEUE_CHECKPOINT).is_file()
+    stopped_at = json.loads((run_dir / "results.json").read_text())["evaluations"][-1]["step"]
+    assert stopped_at < 16
+
+    subprocess.run(command, cwd=asr.REPO_DIR, check=True, capture_output=True, timeout=600)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [row["step"] for row in results["evaluations"]] == [4, 8, 12, 16]
+    def evaluated(name):  # logger steps (update - 1) with a dev CER
+        with open(run_dir / "csv" / name) as f:
+            return {int(row["step"]) + 1 for row in csv.DictReader(f) if row.get("val/cer")}
+
+    assert set(range(4, stopped_at + 1, 4)) <= evaluated("metrics.1.csv")  # the first start's metrics, kept
+    assert set(range(stopped_at + 4, 17, 4)) <= evaluated("metrics.csv")
+
+
 # ---------------------------------------------------------------- on the one-node SLURM cluster
 
 
@@ -157,11 +208,11 @@ def test_a_preempted_slurm_job_requeues_and_resumes_with_the_next_batch(slurm, t
     uninterrupted run would have, with every evaluation from before and after in results.json."""
     run_dir, record = tmp_path / "run", tmp_path / "record"
     overrides = ["trainer.accelerator=cpu", "trainer.max_steps=24", "trainer.val_check_interval=4",
-                 "data.num_workers=0", "logger=none", f"hydra.run.dir={run_dir}",
+                 "data.num_workers=0", "logger=wandb", f"hydra.run.dir={run_dir}",
                  "+callbacks.record._target_=tests.callbacks.RecordUpdates", f"+callbacks.record.out_dir={record}"]
     job = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", f"--output={tmp_path}/slurm-%j.out",
                           "slurm/train.sbatch", *overrides], cwd=asr.REPO_DIR, check=True, capture_output=True,
-                         text=True, env=dict(os.environ, PYTHON=PY)).stdout.strip()
+                         text=True, env=dict(os.environ, PYTHON=PY, WANDB_MODE="offline")).stdout.strip()
     deadline = time.time() + 300
     while not (run_dir / "results.md").is_file():  # the first evaluation (update 4) is written
         assert time.time() < deadline and not squeue_empty(job), (tmp_path / f"slurm-{job}.out").read_text()[-3000:]
@@ -175,6 +226,8 @@ def test_a_preempted_slurm_job_requeues_and_resumes_with_the_next_batch(slurm, t
     results = json.loads((run_dir / "results.json").read_text())
     assert [row["step"] for row in results["evaluations"]] == [4, 8, 12, 16, 20, 24]
     assert not (run_dir / "checkpoints" / cluster.REQUEUE_CHECKPOINT).exists()  # done: no resume left behind
+    wandb_runs = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert len(wandb_runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in wandb_runs}) == 1  # the same W&B run
     data = data_module("data.num_workers=0")
     train = data.load("train")
     for rank in range(2):
