@@ -223,6 +223,9 @@ class Requeue(L.Callback):
             return
         trainer.save_checkpoint(self.path)
         self.saved = self.path
+        # The state is saved: the SIGTERM a requeue sends may end the process at once. (Lightning's own
+        # SIGTERM handler would broadcast to ranks already gone and hold the job until SLURM's KillWait.)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         job = os.environ.get("SLURM_JOB_ID")
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"

@@ -28,6 +28,7 @@ class RecordUpdates(L.Callback):
             self.times.append(time.time())
             self.ids.append(batch["ids"])
             self.seconds.append(batch["audio_seconds"])
+            self.write(trainer)  # before the batch ends: a requeue may kill the process right after its update
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.lrs.append([g["lr"] for g in optimizer.param_groups])
