@@ -19,7 +19,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from asr import SetupError, TrainingStopped, cluster, quote_numeric_choices
+from asr import SetupError, TrainingStopped, cluster, quote_numeric_choices, tracking
 from asr.config import check_overrides, checked
 from asr.export import export
 from asr.model import CTCModel, check_pretrained
@@ -70,8 +70,8 @@ def train(cfg: DictConfig) -> dict:
     report = RunReport(run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_path = cluster.resume_checkpoint(cfg.ckpt_path, checkpoint_dir)
-    logger = instantiate(cfg.logger, **cluster.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path))) \
-        if cfg.logger else False
+    logger = instantiate(cfg.logger, **cluster.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path)),
+                         **tracking.wandb_init(cfg.logger, tracking.job_context(), "train")) if cfg.logger else False
     callbacks.append(report)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=cluster.plugins(),
                           strategy=cluster.strategy(cfg.trainer.strategy, cfg.model.config.get("layerdrop", 0.0), world),
@@ -79,7 +79,8 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         print(f"batch: {per_update['text']}", flush=True)
     if logger:
-        logger.log_hyperparams({"batch_per_update": {k: v for k, v in per_update.items() if k != "text"}})
+        logger.log_hyperparams(tracking.run_config(cfg, per_update, data.report, framework_versions(),
+                                                   tracking.job_context()["choices"]))
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     requeue = next((c for c in callbacks if isinstance(c, cluster.Requeue) and c.saved), None)
     if requeue is not None:
@@ -101,6 +102,8 @@ def train(cfg: DictConfig) -> dict:
     best = checkpoints and (checkpoints.best_model_path or checkpoints.last_model_path)
     export(CTCModel.from_checkpoint(best) if best else model.cpu(), run_dir / "model")
     results = report.write_results(best_checkpoint=best or None, batch_per_update=per_update)
+    report.write_curves()
+    tracking.summarize(results)
     (checkpoint_dir / cluster.REQUEUE_CHECKPOINT).unlink(missing_ok=True)  # done: a new start starts afresh
     card = model_card(OmegaConf.to_container(cfg, resolve=True), results, framework_versions())
     (run_dir / "model" / "README.md").write_text(card, encoding="utf-8")
@@ -112,11 +115,17 @@ def main(cfg: DictConfig) -> None:
     try:
         results = train(cfg)
     except (SetupError, TrainingStopped) as error:
+        tracking.finish(exit_code=1)
         sys.exit(f"error: {error}")
     except Requeued as stopped:
+        tracking.preempted()
         # Exit, not return: under Hydra's submitit launcher a return would report the job finished.
         print(f"{stopped}", flush=True)
         sys.exit(0)
+    except BaseException:
+        tracking.finish(exit_code=1)  # a crashed job's W&B run is marked failed
+        raise
+    tracking.finish(exit_code=0)  # the next job of a multirun starts its own W&B run
     if results:
         print(f"dev WER {results.get('val_wer', float('nan')):.4f}  CER {results.get('val_cer', float('nan')):.4f}"
               f"  after {results['train_seconds']:.0f} s -> {cfg.run_dir}")

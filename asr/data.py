@@ -220,7 +220,7 @@ class SpeechDataModule(L.LightningDataModule):
                  max_seconds: float, num_workers: int, seed: int, cache_dir: str, decode_cache: bool,
                  cache_format: str):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
         self.cache_dir = Path(cache_dir).expanduser()
         self.vocab: text.Vocabulary | None = None

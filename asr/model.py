@@ -73,7 +73,7 @@ class CTCModel(L.LightningModule):
                  freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
                  attn_implementation: str, max_consecutive_skips: int, optim: dict, sched: dict):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.vocab = Vocabulary(vocab)
         self.model = build_wav2vec2(self.vocab, pretrained, arch, config, attn_implementation)
         if freeze_feature_encoder:  # the convolutional waveform encoder keeps its pretrained weights
@@ -206,6 +206,7 @@ class CTCModel(L.LightningModule):
         else:
             self.consecutive_skips = 0
         self.log_dict({"train/skipped_updates": float(self.skipped_updates)}, on_step=True, on_epoch=False)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)  # a device tensor: read when logged
         if self.global_step < self.hparams.freeze_finetune_updates:
             for p in self.model.wav2vec2.parameters():  # the encoder; lm_head (the CTC head) learns
                 p.grad = None

@@ -40,15 +40,22 @@ class RunReport(L.Callback):
         self.started = self.train_seconds = None
         self.seconds_before = 0.0  # training time of the run before it was resumed
         self.audio_since_start = 0.0  # this process's audio since it started, for its throughput
+        # curves.png: training loss (mean over each log_every_n_steps updates) and learning rate per point
+        self.curve: dict[str, list] = {"step": [], "loss": [], "lr": []}
+        self._pending: list[tuple] = []  # (step, loss on the device, lr): read at the next evaluation
+        self._interval = torch.zeros(2)
+        self._last_step = -1
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "audio_seconds": self.audio_seconds, "padded_seconds": self.padded_seconds,
+        self._read_curve()
+        return {"rows": self.rows, "curve": self.curve, "audio_seconds": self.audio_seconds, "padded_seconds": self.padded_seconds,
                 "skipped_clips": self.skipped_clips, "empty_batches": self.empty_batches, "dropped": self.dropped,
                 "loss_sum": float(self.loss_sum), "loss_count": float(self.loss_count),
                 "train_seconds": self.seconds_before + (time.perf_counter() - self.started if self.started else 0.0)}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = state["rows"]
+        self.curve = state.get("curve", self.curve)
         self.seconds_before = state["train_seconds"]
         self._restored = state
 
@@ -56,6 +63,8 @@ class RunReport(L.Callback):
         self.started = time.perf_counter()
         self.loss_sum = torch.zeros((), device=pl_module.device)
         self.loss_count = torch.zeros((), device=pl_module.device)
+        self._interval = torch.zeros(2, device=pl_module.device)
+        self._last_step = trainer.global_step
         restored = getattr(self, "_restored", None)
         if restored and trainer.is_global_zero:  # rank 0's totals, summed with the others' at the end
             self.audio_seconds, self.padded_seconds = restored["audio_seconds"], restored["padded_seconds"]
@@ -77,12 +86,23 @@ class RunReport(L.Callback):
         pl_module.log_dict({
             "train/padding_fraction": 1 - batch["audio_seconds"] / batch["padded_seconds"],
             "train/audio_seconds_per_second": self.audio_since_start / (time.perf_counter() - self.started),
+            # the allocator's peak, read on the host (no sync)
+            **({"train/gpu_memory_gb": torch.cuda.max_memory_allocated(pl_module.device) / 1e9}
+               if pl_module.device.type == "cuda" else {}),
         }, batch_size=len(batch["ids"]))
         if outputs is None:
             return
         loss = outputs["loss"].detach().float()  # stays on the device: no sync per step
-        self.loss_sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)  # skipped updates
+        finite = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)  # skipped updates
+        self.loss_sum += finite
         self.loss_count += torch.isfinite(loss)
+        self._interval += torch.stack([finite, torch.isfinite(loss).float()])
+        if trainer.global_step != self._last_step:  # an update happened in this batch
+            self._last_step = trainer.global_step
+            if trainer.global_step % trainer.log_every_n_steps == 0:
+                self._pending.append((trainer.global_step, (self._interval[0] / self._interval[1].clamp(min=1)).clone(),
+                                      trainer.optimizers[0].param_groups[0]["lr"]))
+                self._interval.zero_()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.dropped["dev"] += batch["dropped"]
@@ -105,6 +125,21 @@ class RunReport(L.Callback):
         self.loss_count.zero_()
         if trainer.is_global_zero:
             (self.run_dir / "results.md").write_text(HEADER + "".join(map(table_row, self.rows)))
+            self.write_curves()
+
+    def _read_curve(self) -> None:
+        for step, loss, lr in self._pending:  # one read of the device per evaluation, not per step
+            self.curve["step"].append(step)
+            self.curve["loss"].append(float(loss))
+            self.curve["lr"].append(lr)
+        self._pending = []
+
+    def write_curves(self) -> None:
+        """curves.png: training loss, dev CER and learning rate against update."""
+        from asr import plots
+
+        self._read_curve()
+        plots.run_curves(self.run_dir / "curves.png", self.curve, self.rows)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_seconds = self.seconds_before + time.perf_counter() - self.started

@@ -1,0 +1,170 @@
+"""What a run tells its dashboard (W&B): one run per Hydra job, named after the job's overrides, grouped
+by sweep, tagged by its choices, with the whole resolved config; finished when the job ends."""
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+# Overrides that say where, not what: left out of a run's name.
+_WHERE = ("data.root", "run_dir", "ckpt_path", "hydra.", "model.pretrained", "data.cache_dir", "+callbacks.")
+TAGGED_GROUPS = ("lang", "model", "sched", "precision", "experiment")
+
+
+def job_context() -> dict:
+    """The Hydra job's overrides, group choices and sweep directory (empty outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {"overrides": [], "choices": {}, "sweep_dir": None}
+    hydra = HydraConfig.get()
+    multirun = str(hydra.mode) == "RunMode.MULTIRUN"
+    overrides = list(hydra.overrides.task)
+    if multirun:  # the keys the sweep varies, from the sweep's own record of its command line
+        sweep = Path(hydra.sweep.dir) / "multirun.yaml"
+        if sweep.is_file():
+            from hydra.core.override_parser.overrides_parser import OverridesParser
+
+            parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(sweep).hydra.overrides.task))
+            swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+            overrides = [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept]
+    return {"overrides": overrides, "choices": dict(hydra.runtime.choices),
+            "sweep_dir": hydra.sweep.dir if multirun else None}
+
+
+def run_name(overrides: list[str]) -> str | None:
+    """`lr=0.001,sched=tristage`: the job's overrides (last key part; in a sweep, the swept ones),
+    without the paths."""
+    parts = []
+    for override in sorted(overrides):
+        key, _, value = override.partition("=")
+        if not value or key.lstrip("+~").startswith(_WHERE):
+            continue
+        parts.append(f"{key.lstrip('+~').split('.')[-1].split('/')[-1]}={value}")
+    return ",".join(parts) or None
+
+
+def wandb_init(logger: dict, job: dict, job_type: str) -> dict:
+    """wandb.init arguments of a WandbLogger: name, group, job type and tags, where the config leaves
+    them unset. Group: the multirun's sweep directory, else the experiment's name."""
+    if not str(logger.get("_target_", "")).endswith("WandbLogger"):
+        return {}
+    choices = job["choices"]
+    out = {"job_type": logger.get("job_type") or job_type}
+    if not logger.get("name"):
+        out["name"] = run_name(job["overrides"])
+    if not logger.get("group"):
+        out["group"] = job["sweep_dir"] or choices.get("experiment")
+    tags = [f"{group}={choices[group]}" for group in TAGGED_GROUPS if choices.get(group)]
+    out["tags"] = list(dict.fromkeys([*(logger.get("tags") or []), *tags]))
+    return out
+
+
+def run_config(cfg: DictConfig, batch_per_update: dict, data_report: dict, versions: dict, choices: dict) -> dict:
+    """The config a dashboard filters and groups by: the whole resolved config, the group choices (lang,
+    model, sched, precision, experiment), the batch per update and world size, the data report's kept
+    hours and dropped counts per split, framework versions."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["choices"] = {group: choices.get(group) for group in TAGGED_GROUPS}
+    config["batch_per_update"] = {k: v for k, v in batch_per_update.items() if k != "text"}
+    config["world_size"] = batch_per_update["world_size"]
+    config["data_report"] = {split: {"kept": r["kept"], "hours": round(r["seconds"] / 3600, 3),
+                                     "dropped": dict(r["dropped"])} for split, r in data_report.items()}
+    config["versions"] = versions
+    return config
+
+
+def finish(exit_code: int) -> None:
+    """Ends this process's W&B run, if one is open: Lightning's WandbLogger never does, so the next job
+    of a multirun in the same process would log into it. A failed job's run is marked failed."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def preempted() -> None:
+    """The job was requeued: its W&B run is marked preempting (it goes on when the job restarts)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.run.mark_preempting()
+
+
+def summarize(results: dict) -> None:
+    """The W&B run's summary is its best evaluation (what results.json holds), not its last."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is None or wandb.run is None:
+        return
+    best = {f"val/{k[4:]}": v for k, v in results.items() if k.startswith("val_")}
+    wandb.run.summary.update({**best, "best_step": results.get("step"),
+                              **{k: results[k] for k in ("train_audio_seconds", "train_seconds", "padding_fraction",
+                                                         "skipped_clips", "skipped_updates") if k in results}})
+
+
+class PredictionsTable(L.Callback):
+    """After each evaluation, a W&B table (`val/predictions`) of a fixed sample of dev clips (`clips`,
+    drawn once with `seed`): the clip's audio, its reference, the model's greedy hypothesis and its CER,
+    so that a dashboard shows the transcripts improving evaluation by evaluation. Runs on rank 0 only
+    and only with a W&B logger; `seconds` is its wall time per evaluation."""
+
+    def __init__(self, clips: int, seed: int):
+        self.clips, self.seed = clips, seed
+        self.sample: list[dict] | None = None
+        self.seconds: list[float] = []
+
+    def _draw(self, datamodule) -> list[dict]:
+        from asr import audio
+        from asr.data import UtteranceDataset
+
+        dev = datamodule.load("dev")
+        rows = np.random.default_rng(self.seed).choice(len(dev), size=min(self.clips, len(dev)), replace=False)
+        dataset = UtteranceDataset(dev, datamodule.vocab)
+        sample = []
+        for i in sorted(int(r) for r in rows):
+            item = dataset[i]
+            if "dropped" not in item:
+                item["raw"] = audio.load(dev[i].path)
+                sample.append(item)
+        return sample
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        logger = next((x for x in trainer.loggers if isinstance(x, WandbLogger)), None)
+        if trainer.sanity_checking or logger is None or not trainer.is_global_zero:
+            return
+        import wandb
+        from torchmetrics.functional.text import char_error_rate
+
+        from asr.data import collate
+
+        started = time.perf_counter()
+        if self.sample is None:
+            self.sample = self._draw(trainer.datamodule)
+        if not self.sample:
+            return
+        batch = collate(self.sample)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            logits = pl_module.model(batch["audio"].to(pl_module.device),
+                                     attention_mask=batch["attention_mask"].to(pl_module.device)).logits
+        pl_module.train(was_training)
+        hypotheses = pl_module.transcribe(logits, pl_module.frames(batch["lengths"]))
+        table = wandb.Table(columns=["id", "audio", "reference", "hypothesis", "cer"])
+        for item, hypothesis in zip(self.sample, hypotheses):
+            cer = float(char_error_rate(hypothesis, item["text"])) if item["text"] else float(bool(hypothesis))
+            table.add_data(item["id"], wandb.Audio(item["raw"], sample_rate=16000), item["text"], hypothesis, cer)
+        logger.experiment.log({"val/predictions": table, "trainer/global_step": trainer.global_step})
+        self.seconds.append(time.perf_counter() - started)
+        log.info("predictions table of %d dev clips logged in %.2f s", len(self.sample), self.seconds[-1])
