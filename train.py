@@ -10,7 +10,6 @@ best by dev CER), model/ (the best model, HF format), results.md and results.jso
 SLURM saves checkpoints/requeue.ckpt and requeues its job; started again in that directory it resumes.
 """
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -58,11 +57,7 @@ def train(cfg: DictConfig) -> dict:
     problems = [p for p in (data.check(), check_pretrained(cfg.model.pretrained)) if p]
     if problems:
         raise SetupError("\n".join(problems))
-    # Ranks started together (srun, torchrun) take turns: the first reads headers, decodes and extracts,
-    # the others then find it all in the cache.
-    lock = hashlib.sha1(str(Path(cfg.data.root or "").resolve()).encode()).hexdigest()[:16]
-    with cluster.one_at_a_time(data.cache_dir / "locks" / f"{lock}.lock"):
-        data.setup("fit")
+    data.setup("fit")  # one rank at a time: the first fills the caches (SpeechDataModule.setup)
     data.vocab.save(run_dir / "vocab.json")
     data.write_report(run_dir / "data_report.json")
 
@@ -70,8 +65,9 @@ def train(cfg: DictConfig) -> dict:
     report = RunReport(run_dir)
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_path = cluster.resume_checkpoint(cfg.ckpt_path, checkpoint_dir)
+    job = tracking.job_context()
     logger = instantiate(cfg.logger, **cluster.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path)),
-                         **tracking.wandb_init(cfg.logger, tracking.job_context(), "train")) if cfg.logger else False
+                         **tracking.wandb_init(cfg.logger, job, "train")) if cfg.logger else False
     callbacks.append(report)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=cluster.plugins(),
                           strategy=cluster.strategy(cfg.trainer.strategy, cfg.model.config.get("layerdrop", 0.0), world),
@@ -80,7 +76,7 @@ def train(cfg: DictConfig) -> dict:
         print(f"batch: {per_update['text']}", flush=True)
     if logger:
         logger.log_hyperparams(tracking.run_config(cfg, per_update, data.report, framework_versions(),
-                                                   tracking.job_context()["choices"]))
+                                                   job["choices"]))
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     requeue = next((c for c in callbacks if isinstance(c, cluster.Requeue) and c.saved), None)
     if requeue is not None:

@@ -11,14 +11,21 @@ REPO_DIR = Path(__file__).resolve().parent.parent  # where the embedded demo liv
 OmegaConf.register_new_resolver("repo", lambda: str(REPO_DIR), replace=True)
 
 
+def slurm_job_id() -> str | None:
+    """The SLURM job this process runs in, as scontrol names it (`<array job>_<task>` in an array job)."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
 def run_name(otherwise: str) -> str:
     """A run's directory under outputs/ (`${run_name:<otherwise>}` in conf/train.yaml): the SLURM job's, so
     that every task of the job and the job requeued agree on it; torchrun's rendezvous id; else `otherwise`
     (Hydra's date and time)."""
     env = os.environ
     if env.get("SLURM_JOB_ID") and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        array = env.get("SLURM_ARRAY_JOB_ID")
-        return f"slurm-{array}_{env['SLURM_ARRAY_TASK_ID']}" if array else f"slurm-{env['SLURM_JOB_ID']}"
+        return f"slurm-{slurm_job_id()}"
     if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
         return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
     return otherwise

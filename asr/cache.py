@@ -8,6 +8,7 @@ never read half a file.
 """
 
 import functools
+from contextlib import contextmanager
 import hashlib
 import json
 import logging
@@ -81,6 +82,26 @@ def _listing(folder: str, folder_stamp) -> pa.Array:
     if not folder_stamp:  # no such directory: none of its files exists
         return pa.array([], pa.string())
     return pa.array(os.listdir(folder), pa.string())
+
+
+@contextmanager
+def one_at_a_time(lock_file: Path):
+    """Holds a file lock: of several processes starting at once (ranks under srun or torchrun, runs of a
+    sweep sharing a cache), one does the one-time work that fills a cache and the others wait, then find
+    it done. Once per node where the cache is node-local; once in all where it is shared."""
+    from filelock import FileLock
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file))
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        log.info("waiting for another process preparing the same data (%s)", lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _header_seconds(path: str) -> float | str:

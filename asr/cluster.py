@@ -1,6 +1,6 @@
 """Several processes, nodes and clusters: the batch per update on any number of GPUs, the launcher's
-allocation checked against the config, one-time data work done once, atomic checkpoints, and requeue
-on SLURM's warning signal.
+allocation checked against the config, atomic checkpoints, and requeue on SLURM's warning signal.
+(One-time data work done once over ranks: `asr.cache.one_at_a_time`, held by the datamodule's setup.)
 
 Who owns the signal: this module's `Requeue` callback. SLURM sends a signal before a job's time limit
 (`--signal=USR1@90`) or when it is preempted (`scancel --signal=USR1`). Lightning's own SLURM handler
@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -25,9 +24,10 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from asr import SetupError
+from asr import SetupError, slurm_job_id
 
 log = logging.getLogger(__name__)
+_SIGNALS = signal.Signals  # Requeue's argument `signal` shadows the module
 REQUEUE_CHECKPOINT = "requeue.ckpt"  # in the checkpoint directory; a run that finds it resumes from it
 
 
@@ -125,27 +125,6 @@ def plugins() -> list:
     return out
 
 
-@contextmanager
-def one_at_a_time(lock_file: Path):
-    """Holds a file lock: of several processes starting at once (ranks under srun or torchrun, runs of a
-    sweep sharing a cache), one does the one-time data work (duration probe, decode cache, extraction,
-    listing cache) and the others wait, then find it done. Once per node where the cache is node-local;
-    once in all where it is shared."""
-    from filelock import FileLock
-
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_file))
-    try:
-        lock.acquire(timeout=0)
-    except TimeoutError:
-        log.info("waiting for another process preparing the same data (%s)", lock_file)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file in its own directory and renames it into place: whatever
     kills the process, the path holds the previous checkpoint or the new one, never a truncated file.
@@ -184,7 +163,11 @@ class Requeue(L.Callback):
     """
 
     def __init__(self, signal: str, dirpath: str):
-        self.signum = getattr(__import__("signal"), f"SIG{signal.upper().removeprefix('SIG')}")
+        name = f"SIG{signal.upper().removeprefix('SIG')}"
+        if name not in _SIGNALS.__members__:
+            raise SetupError(f"callbacks.requeue.signal={signal!r} is not a signal; give the one SLURM's "
+                             f"--signal names, e.g. USR1.")
+        self.signum = _SIGNALS[name]
         self.path = Path(dirpath) / REQUEUE_CHECKPOINT
         self.signalled = False
         self.saved: Path | None = None
@@ -226,10 +209,7 @@ class Requeue(L.Callback):
         # The state is saved: the SIGTERM a requeue sends may end the process at once. (Lightning's own
         # SIGTERM handler would broadcast to ranks already gone and hold the job until SLURM's KillWait.)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        job = os.environ.get("SLURM_JOB_ID")
-        if os.environ.get("SLURM_ARRAY_JOB_ID"):
-            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        self.requeued = ""
+        job = slurm_job_id()
         if job and trainer.is_global_zero:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             if result.returncode:

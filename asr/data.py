@@ -303,8 +303,8 @@ class SpeechDataModule(L.LightningDataModule):
             raw = self.raw(split)
             if split == "train" and self.vocab is None:
                 self.vocab = text.Vocabulary.from_transcripts([characters(raw)])
-            key = hashlib.sha1(str(Path(h.root).resolve()).encode()).hexdigest()[:16]
-            seconds, problems = durations(raw, self.cache_dir / "durations" / f"{key}.json", h.num_workers)
+            seconds, problems = durations(raw, self.cache_dir / "durations" / f"{self.corpus_key}.json",
+                                          h.num_workers)
             kept, report = check_split(raw, seconds, problems, self.vocab, h.min_seconds, h.max_seconds,
                                        training=split == "train")
             if h.decode_cache:
@@ -352,10 +352,18 @@ class SpeechDataModule(L.LightningDataModule):
                     report["seconds"] = round(report["seconds"] - float(clips.seconds[where]), 2)
                 report["met_while_loading"] = report.get("met_while_loading", 0) + 1
 
+    @property
+    def corpus_key(self) -> str:
+        """The corpus directory's short hash: names its duration cache and its set-up lock."""
+        return hashlib.sha1(str(Path(self.hparams.root).resolve()).encode()).hexdigest()[:16]
+
     def setup(self, stage: str | None = None) -> None:
+        """Reads and checks train and dev. Processes started together (ranks under srun or torchrun) take
+        turns: the first reads headers, decodes and extracts, the others then find it all in the cache."""
         if stage in (None, "fit"):
-            self.load("train")
-            self.load("dev")
+            with cache.one_at_a_time(self.cache_dir / "locks" / f"{self.corpus_key}.lock"):
+                self.load("train")
+                self.load("dev")
 
     def write_report(self, path: str | Path) -> None:
         """data_report.json, and the same as a table in the log."""

@@ -40,6 +40,7 @@ class RunReport(L.Callback):
         self.started = self.train_seconds = None
         self.seconds_before = 0.0  # training time of the run before it was resumed
         self.audio_since_start = 0.0  # this process's audio since it started, for its throughput
+        self._restored: dict | None = None  # a checkpoint's state, applied when training starts
         # curves.png: training loss (mean over each log_every_n_steps updates) and learning rate per point
         self.curve: dict[str, list] = {"step": [], "loss": [], "lr": []}
         self._pending: list[tuple] = []  # (step, loss on the device, lr): read at the next evaluation
@@ -65,7 +66,7 @@ class RunReport(L.Callback):
         self.loss_count = torch.zeros((), device=pl_module.device)
         self._interval = torch.zeros(2, device=pl_module.device)
         self._last_step = trainer.global_step
-        restored = getattr(self, "_restored", None)
+        restored = self._restored
         if restored and trainer.is_global_zero:  # rank 0's totals, summed with the others' at the end
             self.audio_seconds, self.padded_seconds = restored["audio_seconds"], restored["padded_seconds"]
             self.skipped_clips, self.empty_batches = restored["skipped_clips"], restored["empty_batches"]

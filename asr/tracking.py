@@ -79,34 +79,36 @@ def run_config(cfg: DictConfig, batch_per_update: dict, data_report: dict, versi
     return config
 
 
-def finish(exit_code: int) -> None:
-    """Ends this process's W&B run, if one is open: Lightning's WandbLogger never does, so the next job
-    of a multirun in the same process would log into it. A failed job's run is marked failed."""
+def _open_run():
+    """This process's open W&B run, or None (wandb not even imported: no W&B logger ran)."""
     import sys
 
     wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=exit_code)
+    return wandb.run if wandb is not None else None
+
+
+def finish(exit_code: int) -> None:
+    """Ends this process's W&B run, if one is open: Lightning's WandbLogger never does, so the next job
+    of a multirun in the same process would log into it. A failed job's run is marked failed."""
+    run = _open_run()
+    if run is not None:
+        run.finish(exit_code=exit_code)
 
 
 def preempted() -> None:
     """The job was requeued: its W&B run is marked preempting (it goes on when the job restarts)."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.run.mark_preempting()
+    run = _open_run()
+    if run is not None:
+        run.mark_preempting()
 
 
 def summarize(results: dict) -> None:
     """The W&B run's summary is its best evaluation (what results.json holds), not its last."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is None or wandb.run is None:
+    run = _open_run()
+    if run is None:
         return
     best = {f"val/{k[4:]}": v for k, v in results.items() if k.startswith("val_")}
-    wandb.run.summary.update({**best, "best_step": results.get("step"),
+    run.summary.update({**best, "best_step": results.get("step"),
                               **{k: results[k] for k in ("train_audio_seconds", "train_seconds", "padding_fraction",
                                                          "skipped_clips", "skipped_updates") if k in results}})
 
@@ -156,9 +158,8 @@ class PredictionsTable(L.Callback):
         batch = collate(self.sample)
         was_training = pl_module.training
         pl_module.eval()
-        with torch.no_grad():
-            logits = pl_module.model(batch["audio"].to(pl_module.device),
-                                     attention_mask=batch["attention_mask"].to(pl_module.device)).logits
+        with torch.no_grad():  # the model's own forward, without labels: logits only
+            logits = pl_module({k: batch[k].to(pl_module.device) for k in ("audio", "attention_mask")}).logits
         pl_module.train(was_training)
         hypotheses = pl_module.transcribe(logits, pl_module.frames(batch["lengths"]))
         table = wandb.Table(columns=["id", "audio", "reference", "hypothesis", "cer"])

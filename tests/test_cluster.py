@@ -137,25 +137,31 @@ def test_ddp_with_layerdrop_an_unreadable_batch_and_validation_equal_to_one_proc
                                                               pytest.approx(one["val/cer"], abs=1e-7))
 
 
-def test_setup_reads_each_header_once_over_ranks_started_together(cv_corpus, tmp_path):
-    """Two processes started at once (as srun or torchrun start ranks) on a corpus without stated
-    durations: one reads the headers, the other waits for it and reads none."""
-    root = tmp_path / "cv"
-    shutil.copytree(cv_corpus, root)
+def test_setup_reads_each_header_once_over_ranks_started_together(tmp_path):
+    """Two processes set up at the same moment (as srun or torchrun start ranks) on the demo without its
+    stated durations: one reads the 570 headers, the other waits for it and reads none. (Without the
+    lock both read them all: the start is synchronised so that their reads overlap.)"""
+    root = tmp_path / "cv-pt"
+    shutil.copytree(DEMO, root, copy_function=os.link)
     (root / "clip_durations.tsv").unlink()
+    go = tmp_path / "go"
     script = "\n".join([
-        "import logging", "from asr import cluster", "from tests.conftest import data_module",
+        "import logging, os, time", "from tests.conftest import data_module",
         "logging.basicConfig(level=logging.INFO)",
-        f"data = data_module('data.root={root}', 'data.num_workers=0')",
-        "with cluster.one_at_a_time(data.cache_dir / 'locks' / 'corpus.lock'):",
-        "    data.setup('fit')"])
+        f"data = data_module('lang=pt', 'data.root={root}', 'data.num_workers=0')",
+        "print('ready', flush=True)",
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.001)",
+        "data.setup('fit')"])
     env = dict(os.environ, ASR_CACHE_DIR=str(tmp_path / "cache"))
-    ranks = [subprocess.Popen([PY, "-c", script], cwd=asr.REPO_DIR, env=env, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    ranks = [subprocess.Popen([PY, "-c", script], cwd=asr.REPO_DIR, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for rank in ranks:
+        assert rank.stdout.readline().strip() == "ready"
+    go.touch()
     logs = [r.communicate(timeout=300)[1] for r in ranks]
     assert [r.returncode for r in ranks] == [0, 0], logs
     reads = [sum(int(n) for n in re.findall(r"(\d+) clip headers read", log)) for log in logs]
-    assert sorted(reads) == [0, 16]  # 12 train and 4 dev clips, read by one process only
+    assert sorted(reads) == [0, 570]  # 520 train and 50 dev clips, read by one process only
 
 
 def test_a_signalled_run_outside_slurm_saves_stops_and_the_same_command_resumes_it(cv_corpus, tmp_path):
@@ -283,3 +289,9 @@ def test_torchrun_with_two_nodes_on_localhost(tmp_path):
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["batch_per_update"]["world_size"] == 2 and results["step"] == 3
+
+
+def test_a_requeue_signal_that_is_not_one_stops_with_its_name():
+    with pytest.raises(SetupError, match=r"callbacks.requeue.signal='USR9' is not a signal"):
+        cluster.Requeue("USR9", "checkpoints")
+    assert cluster.Requeue("usr1", "checkpoints").signum == signal.SIGUSR1
