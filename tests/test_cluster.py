@@ -295,3 +295,21 @@ def test_a_requeue_signal_that_is_not_one_stops_with_its_name():
     with pytest.raises(SetupError, match=r"callbacks.requeue.signal='USR9' is not a signal"):
         cluster.Requeue("USR9", "checkpoints")
     assert cluster.Requeue("usr1", "checkpoints").signum == signal.SIGUSR1
+
+
+def test_a_cards_batch_and_evaluation_cadence_hold_on_1_and_8_gpus():
+    """experiment=cv8_hy_1b states 128 clips per update and an evaluation every 100 updates: on 1 GPU
+    that is 8 accumulated batches and an evaluation every 800 of them, on 8 GPUs 1 and 100."""
+    from train import validation_cadence
+
+    cfg = compose_config(overrides=["experiment=cv8_hy_1b", "data.root=x"])
+    for world, accumulate in ((1, 8), (8, 1)):
+        batch = cluster.batch_per_update(cfg.update_clips, cfg.update_seconds, cfg.trainer.accumulate_grad_batches,
+                                         cfg.data.max_batch_size, cfg.data.max_batch_seconds, world)
+        assert (batch["accumulate"], batch["clips"]) == (accumulate, 128)
+        assert validation_cadence(cfg, batch) == {"val_check_interval": 100 * accumulate, "check_val_every_n_epoch": None}
+    tiny = compose_config(overrides=["update_seconds=120"])  # 30-second batches on the tiny model
+    batch = cluster.batch_per_update(tiny.update_clips, tiny.update_seconds, tiny.trainer.accumulate_grad_batches,
+                                     tiny.data.max_batch_size, tiny.data.max_batch_seconds, 2)
+    assert (batch["accumulate"], batch["seconds"]) == (2, 120)
+    assert validation_cadence(tiny, batch) == {}
