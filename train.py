@@ -18,7 +18,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from asr import SetupError, TrainingStopped, cluster, quote_numeric_choices, tracking
+from asr import SetupError, TrainingStopped, cluster, quote_numeric_choices, search, tracking
 from asr.config import check_overrides, checked
 from asr.export import export
 from asr.model import CTCModel, check_pretrained
@@ -45,6 +45,7 @@ def train(cfg: DictConfig) -> dict:
     per_update = cluster.batch_per_update(cfg.update_clips, cfg.update_seconds, cfg.trainer.accumulate_grad_batches,
                                           cfg.data.max_batch_size, cfg.data.max_batch_seconds, world)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    pruning = search.for_this_job()  # a trial of a search reports its evaluations to the study
     for callback in callbacks:
         if isinstance(callback, cluster.Requeue):
             callback.listen()  # from the start: SLURM may signal while the data is read
@@ -68,7 +69,7 @@ def train(cfg: DictConfig) -> dict:
     job = tracking.job_context()
     logger = instantiate(cfg.logger, **cluster.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path)),
                          **tracking.wandb_init(cfg.logger, job, "train")) if cfg.logger else False
-    callbacks.append(report)
+    callbacks += [report, *([pruning] if pruning else [])]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=cluster.plugins(),
                           strategy=cluster.strategy(cfg.trainer.strategy, cfg.model.config.get("layerdrop", 0.0), world),
                           accumulate_grad_batches=per_update["accumulate"], **validation_cadence(cfg, per_update))
@@ -97,7 +98,8 @@ def train(cfg: DictConfig) -> dict:
     checkpoints = trainer.checkpoint_callback  # callbacks.checkpoint; without it, the final weights
     best = checkpoints and (checkpoints.best_model_path or checkpoints.last_model_path)
     export(CTCModel.from_checkpoint(best) if best else model.cpu(), run_dir / "model")
-    results = report.write_results(best_checkpoint=best or None, batch_per_update=per_update)
+    results = report.write_results(best_checkpoint=best or None, batch_per_update=per_update,
+                                   **({"pruned_at_step": pruning.pruned_at_step} if pruning else {}))
     report.write_curves()
     tracking.summarize(results)
     (checkpoint_dir / cluster.REQUEUE_CHECKPOINT).unlink(missing_ok=True)  # done: a new start starts afresh
@@ -107,11 +109,14 @@ def train(cfg: DictConfig) -> dict:
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict:
+    """The job's results (a search reads its objective from them)."""
     try:
         results = train(cfg)
     except (SetupError, TrainingStopped) as error:
         tracking.finish(exit_code=1)
+        if tracking.job_context()["sweep_dir"]:
+            raise  # Hydra marks the job failed (with its overrides); a search goes on with its next trial
         sys.exit(f"error: {error}")
     except Requeued as stopped:
         tracking.preempted()
@@ -125,6 +130,7 @@ def main(cfg: DictConfig) -> None:
     if results:
         print(f"dev WER {results.get('val_wer', float('nan')):.4f}  CER {results.get('val_cer', float('nan')):.4f}"
               f"  after {results['train_seconds']:.0f} s -> {cfg.run_dir}")
+    return results
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class DurationBatchSampler(Sampler[list[int]]):
     training the epoch is padded to a multiple of num_replicas with its first batches (a different few
     each epoch), so every rank runs the same number of steps (unequal counts hang DDP) and every clip is
     trained on. Evaluation keeps every batch once; ranks then differ by at most one batch (no collective
-    runs per validation step).
+    runs per validation step). Fewer batches than ranks: the largest are split until each rank has one.
 
     Resuming: `state_dict()` is (epoch, position); `load_state_dict` makes the next pass over that epoch
     start at batch `position` of this rank, so a run resumed mid-epoch continues with exactly the next
@@ -81,7 +81,11 @@ class DurationBatchSampler(Sampler[list[int]]):
                 pool = carry + count
                 sizes += [fit] * (pool // fit)
                 carry = pool % fit
-        return np.array(sizes + ([carry] if carry else []), dtype=np.int64)
+        sizes += [carry] if carry else []
+        while 0 < len(sizes) < self.num_replicas and max(sizes) > 1:  # a rank without a batch would hang DDP
+            i = int(np.argmax(sizes))
+            sizes[i : i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
+        return np.array(sizes, dtype=np.int64)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 # Overrides that say where, not what: left out of a run's name.
 _WHERE = ("data.root", "run_dir", "ckpt_path", "hydra.", "model.pretrained", "data.cache_dir", "+callbacks.")
-TAGGED_GROUPS = ("lang", "model", "sched", "precision", "experiment")
+TAGGED_GROUPS = ("lang", "model", "sched", "precision", "experiment", "search")
 
 
 def job_context() -> dict:
@@ -30,8 +30,10 @@ def job_context() -> dict:
         if sweep.is_file():
             from hydra.core.override_parser.overrides_parser import OverridesParser
 
-            parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(sweep).hydra.overrides.task))
-            swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+            recorded = OmegaConf.load(sweep).hydra
+            parsed = OverridesParser.create().parse_overrides(list(recorded.overrides.task))
+            searched = recorded.sweeper.get("params") or {}  # a search's space (asr.search)
+            swept = {o.key_or_group for o in parsed if o.is_sweep_override()} | set(searched)
             overrides = [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept]
     return {"overrides": overrides, "choices": dict(hydra.runtime.choices),
             "sweep_dir": hydra.sweep.dir if multirun else None}

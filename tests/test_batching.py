@@ -53,6 +53,16 @@ def test_sampler_ranks_get_every_batch_and_equal_counts():
     assert sorted({i for b in by_rank for i in b}) == list(range(len(DURATIONS)))  # no clip sits out
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_fewer_batches_than_ranks_are_split_so_that_every_rank_has_one(shuffle):
+    """4 dev clips fit one batch; on 2 ranks one rank would have no batch and DDP would wait for it."""
+    ranks = [make_sampler(DURATIONS[:4], 1000, num_replicas=2, rank=r, shuffle=shuffle) for r in range(2)]
+    seen = [list(s) for s in ranks]
+    assert [len(s) for s in seen] == [1, 1]
+    assert sorted(i for s in seen for b in s for i in b) == [0, 1, 2, 3]
+    assert len(list(make_sampler(DURATIONS[:4], 1000, shuffle=shuffle))) == 1  # one process: one batch
+
+
 def test_every_epoch_has_the_same_batches_count_and_no_clip_is_lost():
     """The count Lightning and the schedule take from len() holds for every epoch, and len() is free."""
     sampler = make_sampler(DURATIONS, 45, attention_q=20.0, max_batch_size=9)

@@ -27,6 +27,7 @@ GROUPS = {
     "precision": ["32", "16", "bf16"],
     "logger": ["csv", "wandb", "none"],
     "callbacks": ["default"],
+    "search": ["demo_lr"],
 }
 
 
