@@ -7,9 +7,11 @@ an n-gram language model (pyctcdecode + KenLM).
 
 Writes metrics.json (wer, cer, and mer for Mandarin; with a beam decoder also the greedy figures; per language tag under by_language when the corpus
 tags utterances, as ASCEND does) and predictions.jsonl (id, language, reference, hypothesis per
-utterance) into the run directory. Streams: one batch of logits in memory at a time.
+utterance) into the run directory. Streams: one batch of logits in memory at a time. With logger=wandb,
+also a W&B eval run in the training run's group (asr.tracking.log_evaluation).
 """
 
+import heapq
 import json
 import sys
 from pathlib import Path
@@ -18,9 +20,10 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torchmetrics.functional.text import char_error_rate
 from tqdm import tqdm
 
-from asr import SetupError, lm, quote_numeric_choices, text
+from asr import SetupError, lm, quote_numeric_choices, text, tracking
 from asr.config import check_overrides, checked
 from asr.metrics import ErrorRates
 from asr.model import CTCModel
@@ -28,6 +31,8 @@ from asr.model import CTCModel
 
 def evaluate(cfg: DictConfig) -> dict:
     cfg = checked(cfg, "evaluate")
+    if cfg.logger and not str(cfg.logger._target_).endswith("WandbLogger"):
+        raise SetupError("evaluate.py logs to W&B only (logger=wandb); metrics.json holds its figures")
     if not Path(cfg.ckpt_path).is_file():
         raise SetupError(f"ckpt_path={cfg.ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
     run_dir = Path(cfg.run_dir)
@@ -43,6 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
     decoder, lm_path = build_decoder(cfg, model, data, run_dir)
     errors, greedy_errors = ErrorRates(), ErrorRates()
     seconds, skipped = 0.0, 0
+    worst = []  # with a W&B logger: (CER, line) of the worst_utterances highest, as a min-heap
     with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as out, torch.inference_mode():
         for batch in tqdm(loader, desc=f"decoding {cfg.split}", unit="batch"):
             data.count_dropped(cfg.split, batch["dropped"])
@@ -66,6 +72,10 @@ def evaluate(cfg: DictConfig) -> dict:
                 if decoder is not None:
                     line["greedy_hypothesis"] = best_path
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                if cfg.logger:
+                    cer = float(char_error_rate(hypothesis, reference)) if reference else float(bool(hypothesis))
+                    entry = (cer, len(worst), {**line, "cer": cer})
+                    (heapq.heappush if len(worst) < cfg.worst_utterances else heapq.heappushpop)(worst, entry)
             seconds += batch["audio_seconds"]
             skipped += batch["skipped"]
     rates, greedy_rates = errors.rates(), greedy_errors.rates()
@@ -83,6 +93,10 @@ def evaluate(cfg: DictConfig) -> dict:
                **({"by_language": by_language} if len(by_language) > 1 else {}),
                "data_report": data.report[cfg.split]}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
+    if cfg.logger:
+        paths = {u.id: u.path for u in data.load(cfg.split)}
+        tracking.log_evaluation(cfg, metrics, [{**row, "path": paths[row["id"]]}
+                                               for _, _, row in sorted(worst, key=lambda e: -e[0])])
     return metrics
 
 
@@ -109,7 +123,11 @@ def main(cfg: DictConfig) -> None:
     try:
         metrics = evaluate(cfg)
     except SetupError as error:
+        tracking.finish(exit_code=1)
         sys.exit(f"error: {error}")
+    except BaseException:
+        tracking.finish(exit_code=1)
+        raise
     mer = f"  MER {metrics['mer']:.4f}" if "mer" in metrics else ""
     greedy = (f"  (greedy: WER {metrics['greedy']['wer']:.4f}  CER {metrics['greedy']['cer']:.4f})"
               if "greedy" in metrics else "")

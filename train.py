@@ -67,14 +67,17 @@ def train(cfg: DictConfig) -> dict:
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_path = cluster.resume_checkpoint(cfg.ckpt_path, checkpoint_dir)
     job = tracking.job_context()
+    wandb_args = tracking.wandb_init(cfg.logger, job, "train") if cfg.logger else {}
     logger = instantiate(cfg.logger, **cluster.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path)),
-                         **tracking.wandb_init(cfg.logger, job, "train")) if cfg.logger else False
+                         **wandb_args) if cfg.logger else False
     callbacks += [report, *([pruning] if pruning else [])]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=cluster.plugins(),
                           strategy=cluster.strategy(cfg.trainer.strategy, cfg.model.config.get("layerdrop", 0.0), world),
                           accumulate_grad_batches=per_update["accumulate"], **validation_cadence(cfg, per_update))
     if trainer.is_global_zero:
         print(f"batch: {per_update['text']}", flush=True)
+        if group := wandb_args.get("group") or (cfg.logger or {}).get("group"):
+            (run_dir / "wandb_group").write_text(group)  # evaluate.py logs its eval runs into this group
     if logger:
         logger.log_hyperparams(tracking.run_config(cfg, per_update, data.report, framework_versions(),
                                                    job["choices"]))
@@ -92,6 +95,9 @@ def train(cfg: DictConfig) -> dict:
             report.write_results(stopped_checkpoint=str(stopped), stop_reason=model.stop_reason)
         raise TrainingStopped(f"{model.stop_reason} Its state: {stopped}")
 
+    last = next((c for c in trainer.checkpoint_callbacks if c.filename == "last"), None)  # callbacks.last
+    if last is not None and last._last_global_step_saved != trainer.global_step:  # updates after its last save
+        trainer.save_checkpoint(Path(last.dirpath) / "last.ckpt")  # the final state: ckpt_path=last trains on
     if not trainer.is_global_zero:
         return {}
     data.write_report(run_dir / "data_report.json")  # with the clips met unreadable while training

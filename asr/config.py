@@ -35,11 +35,12 @@ def train_settings(seed: int, run_dir: str, ckpt_path: str | None, update_clips:
 
 
 def evaluate_settings(ckpt_path: str, seed: int, split: str, device: str, run_dir: str, decoder: str,
-                      beam_width: int, alpha: float, beta: float, lm_path: str | None, lm_order: int):
+                      beam_width: int, alpha: float, beta: float, lm_path: str | None, lm_order: int,
+                      worst_utterances: int):
     """evaluate.py's own top-level settings (conf/evaluate.yaml)."""
 
 
-NODES = {"train": ("data", "model", "optim", "sched", "trainer", "logger", "callbacks"), "evaluate": ("data",)}
+NODES = {"train": ("data", "model", "optim", "sched", "trainer", "logger", "callbacks"), "evaluate": ("data", "logger")}
 
 
 def _script_keys(script: str) -> list[str]:
@@ -136,10 +137,10 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
             raise _not_a_setting(key, f"{script}.py", valid)
     out = check_node({k: plain[k] for k in own if k in plain}, script, f"asr.config.{script}_settings")
     out["data"] = _targeted(plain["data"], "data")
+    out["logger"] = _targeted(plain["logger"], "logger") if plain.get("logger") else None
     if script == "train":
         out["model"] = _targeted(plain["model"], "model")
         out["trainer"] = _targeted(plain["trainer"], "trainer")
-        out["logger"] = _targeted(plain["logger"], "logger") if plain.get("logger") else None
         out["callbacks"] = {name: _targeted(node, f"callbacks.{name}")
                             for name, node in (plain.get("callbacks") or {}).items() if node is not None}
         out["optim"] = check_node(plain["optim"], "optim", "asr.model.adamw")

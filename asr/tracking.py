@@ -171,3 +171,49 @@ class PredictionsTable(L.Callback):
         logger.experiment.log({"val/predictions": table, "trainer/global_step": trainer.global_step})
         self.seconds.append(time.perf_counter() - started)
         log.info("predictions table of %d dev clips logged in %.2f s", len(self.sample), self.seconds[-1])
+
+
+def log_evaluation(cfg: DictConfig, metrics: dict, worst: list[dict]) -> None:
+    """evaluate.py's W&B run: job type eval, in the group of the training run it evaluates (the group that
+    run kept in `<run>/wandb_group`), with the split's figures as summary and three tables: the decoders
+    side by side (greedy and the chosen one), the figures per language tag, and `worst`, the utterances of
+    highest CER with their audio."""
+    import wandb
+
+    from asr import audio
+
+    logger, train_run = cfg.logger, Path(cfg.ckpt_path).resolve().parent.parent
+    init = wandb_init(logger, job_context(), "eval")
+    group_file = train_run / "wandb_group"
+    group = logger.group or (group_file.read_text().strip() if group_file.is_file() else init.get("group"))
+    config = {**OmegaConf.to_container(cfg, resolve=True), "train_run": str(train_run)}
+    run = wandb.init(project=logger.project, entity=logger.entity, dir=logger.save_dir,
+                     mode="offline" if logger.offline else None, name=init.get("name") or f"{cfg.split} {cfg.decoder}",
+                     group=group, job_type=init["job_type"], tags=init["tags"], config=config)
+    split, rates = cfg.split, ("wer", "cer", "mer")
+    figures = {f"{split}/{k}": metrics[k] for k in rates if k in metrics}
+    figures |= {f"{split}/greedy/{k}": v for k, v in metrics.get("greedy", {}).items() if k in rates}
+    for tag, by_tag in metrics.get("by_language", {}).items():
+        figures |= {f"{split}/{tag}/{k}": v for k, v in by_tag.items() if k in rates}
+    shown = [k for k in rates if k in metrics]
+    decoders = wandb.Table(columns=["decoder", *shown])
+    if "greedy" in metrics:
+        decoders.add_data("greedy", *(metrics["greedy"][k] for k in shown))
+    decoders.add_data(cfg.decoder, *(metrics[k] for k in shown))
+    tables = {f"{split}/decoders": decoders}
+    if metrics.get("by_language"):
+        languages = wandb.Table(columns=["language", "utterances", *shown])
+        for tag, by_tag in metrics["by_language"].items():
+            languages.add_data(tag, by_tag["n_utterances"], *(by_tag.get(k) for k in shown))
+        tables[f"{split}/languages"] = languages
+    columns = ["id", "language", "audio", "reference", "hypothesis", *(["greedy_hypothesis"] if "greedy" in metrics
+                                                                      else []), "cer"]
+    table = wandb.Table(columns=columns)
+    for row in worst:
+        table.add_data(row["id"], row["language"], wandb.Audio(audio.load(row["path"]), sample_rate=16000),
+                       row["reference"], row["hypothesis"], *([row["greedy_hypothesis"]] if "greedy" in metrics
+                                                                else []), row["cer"])
+    tables[f"{split}/worst"] = table
+    run.log({**figures, **tables})
+    run.summary.update({**figures, "n_utterances": metrics["n_utterances"]})
+    run.finish()

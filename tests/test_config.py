@@ -27,7 +27,7 @@ GROUPS = {
     "precision": ["32", "16", "bf16"],
     "logger": ["csv", "wandb", "none"],
     "callbacks": ["default"],
-    "search": ["demo_lr"],
+    "search": ["demo_lr", "cv7_pt_300m_lr"],
 }
 
 

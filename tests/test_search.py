@@ -36,6 +36,20 @@ def test_the_search_space_reads_hydras_sweep_grammar():
         search.distribution(override)
 
 
+@pytest.mark.parametrize("name", ["demo_lr", "cv7_pt_300m_lr"])
+def test_each_search_config_searches_keys_its_run_has(name):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF, compose_config
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        hydra = compose("train", overrides=[f"search={name}"], return_hydra_config=True).hydra
+    space, fixed = search.search_space([f"{k}={v}" for k, v in hydra.sweeper.params.items()])
+    assert space and not fixed and hydra.sweeper.study_name == name
+    cfg = compose_config(overrides=[f"search={name}"])  # the run a trial makes: composed and checked
+    assert all(OmegaConf.select(cfg, key) is not None for key in space)
+
+
 def run_search(corpus, sweep_dir, *overrides) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "train.py", "-m", "search=demo_lr", f"data.root={corpus}", "trainer.max_steps=4",
@@ -102,3 +116,20 @@ def test_a_search_of_ddp_trials_keeps_its_ranks_in_step_and_prunes_them_together
     for trial in study.trials:
         results = json.loads((sweep_dir / f"trial-{trial.number}" / "results.json").read_text())
         assert results["pruned_at_step"] == 2 and results["batch_per_update"]["world_size"] == 2
+
+
+def test_a_search_runs_its_trials_as_slurm_jobs(slurm, cv_corpus, tmp_path):
+    """hydra/launcher=slurm: a batch of n_jobs trials is one array job; each trial reports its evaluations
+    to the journal file from its SLURM job, and the sweeper tells the study what the jobs returned."""
+    sweep_dir = tmp_path / "search"
+    result = run_search(cv_corpus, sweep_dir, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+                        "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.timeout_min=10",
+                        "trainer.accelerator=cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sbatch = next((sweep_dir / ".submitit").glob(".submission_file_*.sh")).read_text()
+    assert "#SBATCH --array=0-1" in sbatch  # the two trials, one array job
+    study = load(sweep_dir)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    for trial in study.trials:
+        results = json.loads((sweep_dir / f"trial-{trial.number}" / "results.json").read_text())
+        assert trial.value == pytest.approx(results["val_cer"]) and list(trial.intermediate_values) == [2, 4]

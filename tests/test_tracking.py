@@ -116,3 +116,26 @@ def test_the_sweep_summary_ranks_the_jobs_and_plots_them(sweep):
     assert matplotlib.image.imread(sweep_dir / "sweep.png").shape[:2] == (500, 800)
     for job in ("0", "1"):  # every run draws its curves: loss, dev CER, learning rate
         assert matplotlib.image.imread(sweep_dir / job / "curves.png").shape[:2] == (800, 700)
+
+
+def test_a_resumed_run_continues_its_wandb_run_without_repeating_a_step(cv_corpus, tmp_path):
+    """ckpt_path=last in the same run directory: the same W&B run id, and the history goes on from the
+    resumed update: every update's loss once, every evaluation once."""
+    run_dir = tmp_path / "run"
+
+    def train(*overrides):
+        result = subprocess.run(
+            [sys.executable, "train.py", "logger=wandb", f"data.root={cv_corpus}", "trainer.val_check_interval=2",
+             "trainer.log_every_n_steps=1", "data.num_workers=0", f"hydra.run.dir={run_dir}", *overrides],
+            cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600, env=wandb_env(tmp_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    train("trainer.max_steps=4")
+    train("trainer.max_steps=8", "ckpt_path=last")
+    runs = [read_run(d) for d in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"] == (run_dir / "wandb_id").read_text().strip()
+    steps = {key: [h["trainer/global_step"] for run in runs for h in run["history"] if key in h]
+             for key in ("train/loss", "val/cer")}
+    # Lightning labels an update's loss with the updates before it: 0..7, evaluations after updates 2, 4, 6, 8.
+    assert steps["train/loss"] == list(range(8)) and steps["val/cer"] == [1, 3, 5, 7]
+    assert [h["trainer/global_step"] for h in runs[1]["history"] if "train/loss" in h][0] == 4

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import torch
+from torchmetrics.functional.text import char_error_rate
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 import asr
@@ -18,6 +19,7 @@ from asr import synth
 from asr.model import CTCModel
 from asr.text import Vocabulary
 from tests.conftest import compose_config
+from tests.wandb_records import read_run, records
 from hydra.utils import instantiate
 
 
@@ -31,7 +33,7 @@ def run(script, *overrides, env=None):
 def test_train_export_evaluate(cv_corpus, tmp_path):
     run_dir = tmp_path / "train"
     run("train.py", f"data.root={cv_corpus}", "trainer.max_steps=6", "trainer.val_check_interval=3",
-        "data.max_batch_seconds=20", "data.num_workers=1", "logger=wandb", f"hydra.run.dir={run_dir}",
+        "data.max_batch_seconds=20", "data.num_workers=1", "logger=wandb", "logger.group=g1", f"hydra.run.dir={run_dir}",
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
 
     for name in ("config.yaml", "vocab.json", "data_report.json", "checkpoints/last.ckpt", "results.md",
@@ -82,6 +84,28 @@ def test_train_export_evaluate(cv_corpus, tmp_path):
         line.split("\t")[1] for line in (cv_corpus / "test.tsv").read_text().splitlines()[1:]}
     assert all(p["reference"] == p["reference"].lower() and "." not in p["reference"] for p in predictions)
     assert 0 <= metrics["cer"] and metrics["audio_seconds"] > 0
+
+    # logger=wandb: an eval run in the training run's group, beam and greedy side by side, the worst clips.
+    wandb_dir = tmp_path / "eval-wandb"
+    run("evaluate.py", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"data.root={cv_corpus}", "split=test",
+        "decoder=beam", "beam_width=8", "logger=wandb", "worst_utterances=3", f"hydra.run.dir={wandb_dir}",
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    metrics = json.loads((wandb_dir / "metrics.json").read_text())
+    [offline] = (wandb_dir / "wandb").glob("offline-run-*")
+    eval_run = read_run(offline)
+    assert eval_run["group"] == "g1" and eval_run["job_type"] == "eval" and eval_run["exit_code"] == 0
+    assert eval_run["summary"]["test/cer"] == pytest.approx(metrics["cer"])
+    assert eval_run["summary"]["test/greedy/cer"] == pytest.approx(metrics["greedy"]["cer"])
+    tables = {a.name: {c.path: c.local_path for c in a.manifest.contents} for a in
+              (r.artifact for r in records(next(offline.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "artifact")
+              if a.type == "run_table"}
+    [worst] = [json.loads(Path(local).read_text()) for name, files in tables.items() if "testworst" in name
+               for path, local in files.items() if path.endswith(".table.json")]
+    cers = [row[-1] for row in worst["data"]]
+    assert len(cers) == 3 and cers == sorted(cers, reverse=True)
+    assert cers[0] == pytest.approx(max(float(char_error_rate(p["hypothesis"], p["reference"])) for p in
+                                        map(json.loads, (wandb_dir / "predictions.jsonl").read_text().splitlines())))
+    assert worst["columns"][2] == "audio" and all(row[2]["_type"] == "audio-file" for row in worst["data"])
 
 
 def test_default_logger_writes_csv_with_learning_rate(cv_corpus, tmp_path):
