@@ -27,6 +27,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
+from omegaconf import OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -108,6 +109,9 @@ class OptunaSweeper(Sweeper):
         if not space:
             raise SetupError("nothing to search: hydra.sweeper.params (or the command line) names no "
                              "interval(), range() or choice() sweep.")
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweeper: the search's record
         study = optuna.create_study(study_name=self.study_name, storage=storage(self.storage),
                                     sampler=self.sampler, pruner=self.pruner, direction=self.direction,
                                     load_if_exists=True)

@@ -3,6 +3,7 @@ jobs, their objective from results.json, a study that reloads from its journal f
 its sweeper left running tried again, and a trial pruned from inside its job."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,7 +55,8 @@ def run_search(corpus, sweep_dir, *overrides) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "train.py", "-m", "search=demo_lr", f"data.root={corpus}", "trainer.max_steps=4",
          "trainer.val_check_interval=2", "data.num_workers=0", f"hydra.sweep.dir={sweep_dir}", *overrides],
-        cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
+        cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DATA_DIR=str(sweep_dir / "wandb-data")))
 
 
 def load(sweep_dir) -> optuna.Study:
@@ -64,10 +66,16 @@ def load(sweep_dir) -> optuna.Study:
 
 def test_a_search_reloads_goes_on_retries_an_interrupted_trial_and_prunes(cv_corpus, tmp_path):
     sweep_dir = tmp_path / "search"
-    result = run_search(cv_corpus, sweep_dir, "hydra.sweeper.n_trials=3")
+    result = run_search(cv_corpus, sweep_dir, "hydra.sweeper.n_trials=3", "logger=wandb")
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(sweep_dir)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    from tests.wandb_records import read_run
+
+    runs = [read_run(d) for t in study.trials for d in (sweep_dir / f"trial-{t.number}" / "wandb").glob("offline-run-*")]
+    assert [r["name"] for r in runs] == [f"lr={t.params['optim.lr']},warmup_ratio={t.params['sched.warmup_ratio']}"
+                                         for t in study.trials]  # what the search varies
+    assert {r["group"] for r in runs} == {str(sweep_dir)} and all("search=demo_lr" in r["tags"] for r in runs)
     for trial in study.trials:  # each trial is the job in trial-<number>: its parameters, its objective
         run = sweep_dir / f"trial-{trial.number}"
         config = OmegaConf.load(run / "config.yaml")
