@@ -20,12 +20,11 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torchmetrics.functional.text import char_error_rate
 from tqdm import tqdm
 
 from asr import SetupError, lm, quote_numeric_choices, text, tracking
 from asr.config import check_overrides, checked
-from asr.metrics import ErrorRates
+from asr.metrics import ErrorRates, utterance_cer
 from asr.model import CTCModel
 
 
@@ -73,7 +72,7 @@ def evaluate(cfg: DictConfig) -> dict:
                     line["greedy_hypothesis"] = best_path
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
                 if cfg.logger:
-                    cer = float(char_error_rate(hypothesis, reference)) if reference else float(bool(hypothesis))
+                    cer = utterance_cer(reference, hypothesis)
                     entry = (cer, len(worst), {**line, "cer": cer})
                     (heapq.heappush if len(worst) < cfg.worst_utterances else heapq.heappushpop)(worst, entry)
             seconds += batch["audio_seconds"]

@@ -14,6 +14,14 @@ from asr.text import mixed_tokens
 UNITS = {"wer": str.split, "cer": list, "mer": mixed_tokens}
 
 
+def utterance_cer(reference: str, hypothesis: str) -> float:
+    """One utterance's CER (character edits / reference characters); an empty reference: 1 if anything
+    was transcribed, else 0."""
+    if not reference:
+        return float(bool(hypothesis))
+    return edit_distance(list(reference), list(hypothesis)) / len(reference)
+
+
 class ErrorRates:
     def __init__(self):
         # (tag, metric) -> [edits, reference units]

@@ -7,9 +7,10 @@ from inside the job, so that the pruner can stop a bad trial early.
     python train.py -m search=cv7_pt_300m_lr hydra/launcher=slurm data.root=...
 
 The study lives in `hydra.sweeper.storage`: by default a journal file in the search directory (Optuna's
-JournalStorage; its file lock works on NFS, where SQLite's does not), or a database URL. Run the same
-command again and the search goes on where it stopped: finished trials count towards `n_trials`, and a
-trial its sweeper left running (the sweeper was killed) is marked failed and its parameters tried again.
+JournalStorage, which Optuna documents for NFS, where SQLite's fcntl locks may fail), or a database URL.
+Run the same command again and the search goes on where it stopped: finished trials count towards
+`n_trials`, and a trial its sweeper left running (the sweeper was killed) is marked failed and its
+parameters tried again.
 
 Why not hydra-optuna-sweeper: its newest release (1.3.0) pins optuna<3 (2.10), which has no journal
 storage, and it tells Optuna only a job's final value, so nothing can be pruned.
@@ -87,6 +88,11 @@ def search_space(overrides: list[str]) -> tuple[dict[str, BaseDistribution], dic
     return space, fixed
 
 
+def _overrides(fixed: dict[str, str], params: dict) -> list[str]:
+    """A trial's job: the fixed overrides, then the trial's parameters."""
+    return [f"{k}={v}" for k, v in (fixed | params).items()]
+
+
 class OptunaSweeper(Sweeper):
     """Asks the study for `n_jobs` trials at a time, launches them as Hydra jobs numbered by trial (their
     run directories `<sweep dir>/trial-<number>`, conf/hydra/sweeper/optuna.yaml), and tells it each
@@ -109,14 +115,14 @@ class OptunaSweeper(Sweeper):
         if not space:
             raise SetupError("nothing to search: hydra.sweeper.params (or the command line) names no "
                              "interval(), range() or choice() sweep.")
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweeper: the search's record
         study = optuna.create_study(study_name=self.study_name, storage=storage(self.storage),
                                     sampler=self.sampler, pruner=self.pruner, direction=self.direction,
                                     load_if_exists=True)
         if os.environ.get("LOCAL_RANK", "0") != "0":
             return self._follow(study, fixed)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # as Hydra's sweeper: the search's record
         self._retry_interrupted(study)
         done = self._done(study)
         log.info("study %s in %s: %d of %d trials done, searching %s", self.study_name, self.storage, done,
@@ -124,8 +130,7 @@ class OptunaSweeper(Sweeper):
         failed, launched = [], 0
         while done < self.n_trials:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
-            overrides = [[*(f"{k}={v}" for k, v in fixed.items()), *(f"{k}={v}" for k, v in t.params.items())]
-                         for t in trials]
+            overrides = [_overrides(fixed, t.params) for t in trials]
             for trial, job, override in zip(trials, self._launch(trials, overrides), overrides):
                 state, value = self._outcome(job)
                 study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
@@ -158,8 +163,7 @@ class OptunaSweeper(Sweeper):
                     return
                 time.sleep(1.0)
                 continue
-            overrides = [*(f"{k}={v}" for k, v in fixed.items()), *(f"{k}={v}" for k, v in trial.params.items())]
-            self.launcher.launch([overrides], initial_job_idx=number)
+            self.launcher.launch([_overrides(fixed, trial.params)], initial_job_idx=number)
             number += 1
 
     def _launch(self, trials: list, overrides: list[list[str]]) -> list:

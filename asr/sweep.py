@@ -3,7 +3,8 @@
     python -m asr.sweep <multirun dir> [--key val_cer]
 
 Prints one row per job (its overrides, best WER and CER, the update of the best (marked if a search
-pruned the job), wall time, audio-seconds per second) and writes <dir>/sweep.png: dev CER against update for every job.
+pruned the job), wall time, audio-seconds per second) and writes <dir>/sweep.png: dev CER against
+update for every job.
 """
 
 import argparse
@@ -52,7 +53,8 @@ def table(found: list[dict]) -> str:
         r = job["results"]
         rows.append([str(i), job["run"], " ".join(names) or "-", f"{r.get('val_wer', math.nan):.4f}",
                      f"{r.get('val_cer', math.nan):.4f}",
-                     str(r.get("step", "-")) + ("(pruned)" if r.get("pruned_at_step") is not None else ""), f"{r.get('train_seconds') or 0:.0f}",
+                     str(r.get("step", "-")) + ("(pruned)" if r.get("pruned_at_step") is not None else ""),
+                     f"{r.get('train_seconds') or 0:.0f}",
                      f"{job['audio_per_second']:.1f}"])
     widths = [max(len(x) for x in column) for column in zip(header, *rows)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header, *rows])

@@ -148,9 +148,8 @@ class PredictionsTable(L.Callback):
         if trainer.sanity_checking or logger is None or not trainer.is_global_zero:
             return
         import wandb
-        from torchmetrics.functional.text import char_error_rate
-
         from asr.data import collate
+        from asr.metrics import utterance_cer
 
         started = time.perf_counter()
         if self.sample is None:
@@ -166,7 +165,7 @@ class PredictionsTable(L.Callback):
         hypotheses = pl_module.transcribe(logits, pl_module.frames(batch["lengths"]))
         table = wandb.Table(columns=["id", "audio", "reference", "hypothesis", "cer"])
         for item, hypothesis in zip(self.sample, hypotheses):
-            cer = float(char_error_rate(hypothesis, item["text"])) if item["text"] else float(bool(hypothesis))
+            cer = utterance_cer(item["text"], hypothesis)
             table.add_data(item["id"], wandb.Audio(item["raw"], sample_rate=16000), item["text"], hypothesis, cer)
         logger.experiment.log({"val/predictions": table, "trainer/global_step": trainer.global_step})
         self.seconds.append(time.perf_counter() - started)
