@@ -7,8 +7,8 @@ Who owns the signal: this module's `Requeue` callback. SLURM sends a signal befo
 saves its checkpoint inside the signal handler, wherever the step happens to be (between two
 micro-batches of an accumulated update, whose gradients a checkpoint does not hold) and starts a
 collective save from it; submitit's handler (USR2) requeues without any checkpoint. `Requeue` only
-notes the signal; at the end of the update in progress every rank agrees (one all-reduce per update
-under DDP), the run saves an exact-resume checkpoint, rank 0 requeues the job, and the requeued job
+notes the signal; at the end of an update every rank agrees (under DDP an all-reduce of a host flag over
+a CPU (gloo) group, started at one update and read at the next: the GPUs never wait for it), the run saves an exact-resume checkpoint, rank 0 requeues the job, and the requeued job
 resumes from that checkpoint. Lightning's handler is switched off (`plugins`), submitit's is left
 alone on its own signal.
 """
@@ -154,7 +154,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class Requeue(L.Callback):
     """On `signal` (SLURM's warning before the time limit or a preemption), at the end of the update in
-    progress: save an exact-resume checkpoint (`dirpath`/requeue.ckpt: weights, optimizer, scaler,
+    progress (under DDP, of the next one: the ranks agree on a host flag while it computes): save an exact-resume checkpoint (`dirpath`/requeue.ckpt: weights, optimizer, scaler,
     schedule, loader position, report and counters), requeue the SLURM job (`scontrol requeue`) and stop.
     train.py resumes from that checkpoint when it finds it in the run directory. Outside SLURM the run
     saves and stops the same way; running the same command again resumes it.
@@ -174,6 +174,9 @@ class Requeue(L.Callback):
         self.requeued: str | None = None
         self._step = -1
         self._previous = None
+        self._group = None  # under DDP: a gloo group for the flag, so that agreeing never waits on a GPU
+        self._flag = torch.zeros(1)
+        self._reduction = None  # the all-reduce started at the previous update
 
     def listen(self) -> None:
         """Note the signal from now on (train.py calls this before reading data: a signal during start-up
@@ -184,8 +187,27 @@ class Requeue(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
             self.listen()
+            if trainer.world_size > 1 and self._group is None:
+                self._group = torch.distributed.new_group(backend="gloo")  # every rank calls it, in order
+
+    def _any_rank_signalled(self) -> bool:
+        """Whether any rank had been signalled by the previous update (one process: this update). Every rank
+        gets the same answer at the same update; the host flag's all-reduce runs while the update computes."""
+        if self._group is None:
+            return self.signalled
+        decided = False
+        if self._reduction is not None:
+            self._reduction.wait()
+            decided = bool(self._flag.item())  # a host tensor: no device involved
+        self._flag.fill_(float(self.signalled))
+        self._reduction = torch.distributed.all_reduce(self._flag, op=torch.distributed.ReduceOp.MAX,
+                                                       group=self._group, async_op=True)
+        return decided
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self._reduction is not None:
+            self._reduction.wait()  # every rank started it; leave none pending
+            self._reduction = None
         if stage == "fit" and self._previous is not None:
             signal.signal(self.signum, self._previous)
             self._previous = None
@@ -202,7 +224,7 @@ class Requeue(L.Callback):
         if trainer.global_step == self._step:  # within an accumulated update: gradients not in a checkpoint
             return
         self._step = trainer.global_step
-        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):  # any rank's signal
+        if not self._any_rank_signalled():
             return
         trainer.save_checkpoint(self.path)
         self.saved = self.path

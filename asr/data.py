@@ -217,7 +217,7 @@ class SpeechDataModule(L.LightningDataModule):
                  dev_split: str | None, test_split: str, train_extra: list[str], dev_speakers: int,
                  columns: dict | None, max_batch_seconds: float, max_batch_size: int | None,
                  eval_max_batch_size: int | None, num_buckets: int, attention_q: float | None, min_seconds: float,
-                 max_seconds: float, num_workers: int, seed: int, cache_dir: str, decode_cache: bool,
+                 max_seconds: float, num_workers: int | str, seed: int, cache_dir: str, decode_cache: bool,
                  cache_format: str):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
@@ -304,7 +304,7 @@ class SpeechDataModule(L.LightningDataModule):
             if split == "train" and self.vocab is None:
                 self.vocab = text.Vocabulary.from_transcripts([characters(raw)])
             seconds, problems = durations(raw, self.cache_dir / "durations" / f"{self.corpus_key}.json",
-                                          h.num_workers)
+                                          self.num_workers)
             kept, report = check_split(raw, seconds, problems, self.vocab, h.min_seconds, h.max_seconds,
                                        training=split == "train")
             if h.decode_cache:
@@ -319,7 +319,7 @@ class SpeechDataModule(L.LightningDataModule):
 
     def _decoded(self, kept: corpora.Clips, report: dict) -> tuple[corpora.Clips, dict]:
         """Point the kept clips at 16 kHz copies; drop and count those that do not decode."""
-        copies = cache.decoded_copies(kept.column("path"), self.cache_dir, self.hparams.num_workers,
+        copies = cache.decoded_copies(kept.column("path"), self.cache_dir, self.num_workers,
                                       self.hparams.cache_format)
         readable = np.array([c is not None for c in copies], dtype=bool)
         if not readable.all():
@@ -353,6 +353,20 @@ class SpeechDataModule(L.LightningDataModule):
                 report["met_while_loading"] = report.get("met_while_loading", 0) + 1
 
     @property
+    def num_workers(self) -> int:
+        """`num_workers`, or for "auto" the CPU cores of this process's share, less one for the training
+        loop, at most 8: the cores of a SLURM task (`--cpus-per-task`), else the cores this process may run
+        on divided among the node's ranks."""
+        if self.hparams.num_workers != "auto":
+            return int(self.hparams.num_workers)
+        if os.environ.get("SLURM_CPUS_PER_TASK"):
+            cores = int(os.environ["SLURM_CPUS_PER_TASK"])
+        else:
+            ranks = self.trainer.num_devices if self.trainer else 1
+            cores = len(os.sched_getaffinity(0)) // max(1, ranks)
+        return max(1, min(8, cores - 1))
+
+    @property
     def corpus_key(self) -> str:
         """The corpus directory's short hash: names its duration cache and its set-up lock."""
         return hashlib.sha1(str(Path(self.hparams.root).resolve()).encode()).hexdigest()[:16]
@@ -384,10 +398,11 @@ class SpeechDataModule(L.LightningDataModule):
         if training and self._resume is not None:
             sampler.load_state_dict(self._resume)
             self._resume = None
-        workers = h.num_workers
+        workers = self.num_workers
         return (TrainingLoader if training else DataLoader)(
             UtteranceDataset(utterances, self.vocab), batch_sampler=sampler, collate_fn=collate,
-            num_workers=workers, persistent_workers=training and workers > 0,
+            # kept between epochs, and between evaluations (Lightning reuses the dev loader)
+            num_workers=workers, persistent_workers=workers > 0,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),
         )
 

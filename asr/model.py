@@ -3,12 +3,15 @@
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStableLayerNorm, _compute_mask_indices
 
 from asr import SetupError, schedules, text
+from asr.speed import LateRead, conv_lengths
 from asr.text import Vocabulary
 
 
@@ -52,6 +55,23 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
         raise SetupError(check_pretrained(pretrained) or str(error)) from error
 
 
+class _Frames:
+    """A host frame mask as HF's `_compute_mask_indices` reads an attention mask (`.detach().sum(-1).tolist()`,
+    its only use): the frame counts, without a torch tensor to read back."""
+
+    def __init__(self, frame_mask: np.ndarray):
+        self.counts = frame_mask.sum(-1).tolist()
+
+    def detach(self):
+        return self
+
+    def sum(self, dim: int):
+        return self
+
+    def tolist(self) -> list[int]:
+        return self.counts
+
+
 class CTCModel(L.LightningModule):
     """Fine-tunes a wav2vec2 encoder with CTC; validation decodes greedily and scores WER and CER.
 
@@ -71,7 +91,7 @@ class CTCModel(L.LightningModule):
 
     def __init__(self, vocab: list[str], pretrained: str | None, arch: dict, config: dict, language: str | None,
                  freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
-                 attn_implementation: str, max_consecutive_skips: int, optim: dict, sched: dict):
+                 attn_implementation: str, compile: bool, max_consecutive_skips: int, optim: dict, sched: dict):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.vocab = Vocabulary(vocab)
@@ -80,22 +100,28 @@ class CTCModel(L.LightningModule):
             self.model.freeze_feature_encoder()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if compile:  # regional: each transformer layer (HF's SpecAugment, drawn on the host, stays eager)
+            for layer in self.model.wav2vec2.encoder.layers:
+                layer.compile(dynamic=True)  # clip lengths vary: one graph for every length
         self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
         # Mixed error rate (Mandarin by character, English by word): WER over `text.mixed_tokens`.
         self.val_mer = WordErrorRate() if text.is_chinese(language) else None
-        self.skipped_updates, self.consecutive_skips = 0, 0
+        self._skipped_before, self.consecutive_skips = 0, 0  # from a checkpoint
+        self._skips: torch.Tensor | None = None  # on the device: [skipped, skipped in a row, before]
+        self._host_skips: LateRead | None = None
         self.stop_reason: str | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The full architecture, so a checkpoint rebuilds without the pretrained weights it started from.
         checkpoint["wav2vec2_config"] = self.model.config.to_dict()
         checkpoint["counters"] = {"skipped_updates": self.skipped_updates,
-                                  "consecutive_skips": self.consecutive_skips}
+                                  "consecutive_skips": int(self._skips[1]) if self._skips is not None else 0}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         counters = checkpoint.get("counters", {})
-        self.skipped_updates = counters.get("skipped_updates", 0)
+        self._skipped_before = counters.get("skipped_updates", 0)
         self.consecutive_skips = counters.get("consecutive_skips", 0)
+        self._skips = None
 
     @classmethod
     def from_config(cls, cfg, vocab: list[str]) -> "CTCModel":
@@ -109,7 +135,7 @@ class CTCModel(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        hparams = dict(checkpoint["hyper_parameters"], pretrained=None, arch=checkpoint["wav2vec2_config"])
+        hparams = dict(checkpoint["hyper_parameters"], pretrained=None, arch=checkpoint["wav2vec2_config"], compile=False)
         model = cls(**hparams)
         model.load_state_dict(checkpoint["state_dict"])
         return model
@@ -122,13 +148,70 @@ class CTCModel(L.LightningModule):
         """`.logits` (B, T, V), and `.loss` (`ctc_loss`) when the batch has labels."""
         if self._encoder_frozen_now():  # only the head learns: no graph through the encoder
             with torch.no_grad():
-                hidden = self.model.wav2vec2(batch["audio"], attention_mask=batch["attention_mask"])[0]
-            logits = self.model.lm_head(self.model.dropout(hidden))
+                hidden = self.encode(batch["audio"], batch["lengths"])
         else:
-            logits = self.model(batch["audio"], attention_mask=batch["attention_mask"]).logits
+            hidden = self.encode(batch["audio"], batch["lengths"])
+        logits = self.model.lm_head(self.model.dropout(hidden))
         if "labels" not in batch:
             return CausalLMOutput(logits=logits)
         return CausalLMOutput(loss=self.ctc_loss(logits, batch), logits=logits)
+
+    def encode(self, audio: torch.Tensor, lengths) -> torch.Tensor:
+        """The encoder's hidden states (B, T, H): HF's `Wav2Vec2Model.forward` with its own modules, but the
+        frame mask made from the host `lengths` (samples) and SpecAugment drawn from it on the host and
+        applied with `torch.where`. HF's own reads the lengths back from the device and masks by boolean
+        indexing: two host syncs per training step. The masks are HF's (its `_compute_mask_indices`, the
+        same numpy draws), so the output equals `Wav2Vec2Model`'s (tests/test_model.py)."""
+        wav2vec2 = self.model.wav2vec2
+        features = wav2vec2.feature_extractor(audio).transpose(1, 2)
+        frames = np.array([conv_lengths(int(n), self.model.config)[-1] for n in lengths])
+        frame_mask = np.arange(features.shape[1])[None, :] < frames[:, None]  # (B, T), numpy: on the host
+        hidden, _ = wav2vec2.feature_projection(features)
+        hidden = self._spec_augment(hidden, frame_mask)
+        hidden = self._transformer(hidden, frame_mask)
+        return hidden if wav2vec2.adapter is None else wav2vec2.adapter(hidden)
+
+    def _transformer(self, hidden: torch.Tensor, frame_mask: np.ndarray) -> torch.Tensor:
+        """HF's `Wav2Vec2EncoderStableLayerNorm.forward` (XLS-R's pre-norm transformer) with its own modules,
+        given the attention mask it would build: transformers' mask builder reads the frame mask back from
+        the device (`padding_mask.all()`, to drop a mask without padding); here the host knows. Without padding
+        no mask is passed, so SDPA may take its fastest kernel. Other encoders run as HF's."""
+        encoder = self.model.wav2vec2.encoder
+        implementation = self.model.config._attn_implementation
+        mask = torch.from_numpy(frame_mask).to(hidden.device, non_blocking=True)
+        if not isinstance(encoder, Wav2Vec2EncoderStableLayerNorm) or implementation not in ("sdpa", "eager"):
+            return encoder(hidden, attention_mask=mask)[0]
+        attention = None
+        if not frame_mask.all():
+            hidden = hidden.masked_fill(~mask[..., None], 0)  # padded frames are 0, as HF's
+            keys = mask[:, None, None, :]  # (B, 1, 1, T): every query attends to the clip's frames
+            attention = keys if implementation == "sdpa" else (~keys).to(hidden.dtype) * torch.finfo(hidden.dtype).min
+        hidden = encoder.dropout(hidden + encoder.pos_conv_embed(hidden))
+        for layer in encoder.layers:
+            if self.training and self.model.config.layerdrop > 0 and torch.rand([]) < self.model.config.layerdrop:
+                continue  # LayerDrop (a host draw, as HF's)
+            hidden = layer(hidden, attention_mask=attention)
+        return encoder.layer_norm(hidden)
+
+    def _spec_augment(self, hidden: torch.Tensor, frame_mask: np.ndarray) -> torch.Tensor:
+        """HF's SpecAugment (`Wav2Vec2Model._mask_hidden_states`) in training: time spans replaced by the
+        learned mask embedding, feature channels zeroed; masks drawn on the host from `frame_mask`."""
+        config = self.model.config
+        if not self.training or not getattr(config, "apply_spec_augment", True):
+            return hidden
+        batch, length, size = hidden.shape
+        if config.mask_time_prob > 0:
+            spans = _compute_mask_indices((batch, length), mask_prob=config.mask_time_prob,
+                                          mask_length=config.mask_time_length, attention_mask=_Frames(frame_mask),
+                                          min_masks=config.mask_time_min_masks)
+            spans = torch.from_numpy(spans).to(hidden.device, non_blocking=True)
+            hidden = torch.where(spans[..., None], self.model.wav2vec2.masked_spec_embed.to(hidden.dtype), hidden)
+        if config.mask_feature_prob > 0:
+            channels = _compute_mask_indices((batch, size), mask_prob=config.mask_feature_prob,
+                                             mask_length=config.mask_feature_length,
+                                             min_masks=config.mask_feature_min_masks)
+            hidden = hidden.masked_fill(torch.from_numpy(channels).to(hidden.device, non_blocking=True)[:, None], 0)
+        return hidden
 
     def ctc_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """HF's CTC loss (float32, per-utterance loss / label length, batch mean, infeasible zeroed) from the
@@ -160,7 +243,7 @@ class CTCModel(L.LightningModule):
             return self.zero_loss()
         loss = self(batch).loss
         size = len(batch["ids"])
-        self.log("train/loss", loss, batch_size=size, prog_bar=True)
+        self.log("train/loss", loss, batch_size=size)  # not on the progress bar: it would read it every batch
         if batch["skipped"]:
             self.log("train/skipped_clips", float(batch["skipped"]), batch_size=size, reduce_fx="sum")
         return loss
@@ -188,28 +271,58 @@ class CTCModel(L.LightningModule):
             self.log("val/mer", self.val_mer, batch_size=size)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Once per optimizer update, gradients complete (accumulated, all-reduced, unscaled under fp16),
-        before clipping: skip a non-finite update, hold the encoder during `freeze_finetune_updates`."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-        # One host sync per update (GradScaler makes the same one); any rank's verdict is every rank's.
-        skip = self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(norm).item(), all=False)
-        if skip:
-            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
-            self.skipped_updates += 1
-            self.consecutive_skips += 1
-            if self.consecutive_skips >= self.hparams.max_consecutive_skips:
-                self.stop_reason = (f"{self.consecutive_skips} updates in a row had non-finite gradients (up to "
-                                    f"update {self.global_step}); lower optim.lr, use precision=bf16 or 32, or "
-                                    f"check the data report; the run stopped.")
-                self.trainer.should_stop = True
-        else:
-            self.consecutive_skips = 0
-        self.log_dict({"train/skipped_updates": float(self.skipped_updates)}, on_step=True, on_epoch=False)
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)  # a device tensor: read when logged
+        """Once per optimizer update, gradients complete (accumulated, all-reduced), before clipping: hold the
+        encoder during `freeze_finetune_updates`, take the gradient norm (clipping reuses it), and skip an
+        update whose gradients are not finite. Nothing here waits for the device: the fused AdamW skips the
+        update on the device (its `found_inf`, as GradScaler uses it), the counters stay device tensors, and
+        the host learns of a run of skips through `LateRead` (on a GPU some updates late)."""
         if self.global_step < self.hparams.freeze_finetune_updates:
             for p in self.model.wav2vec2.parameters():  # the encoder; lm_head (the CTC head) learns
                 p.grad = None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # Lightning leaves a fused optimizer's unscaling to its step: clip unscaled
+        self._grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self._grad_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._grads))) if self._grads
+                           else torch.zeros((), device=self.device))
+        # All-reduced gradients are the same on every rank, so is this verdict: no reduction needed.
+        nonfinite = (~torch.isfinite(self._grad_norm)).float()
+        if self._skips is None:
+            self._skips = torch.tensor([0.0, float(self.consecutive_skips), float(self._skipped_before)], device=self.device)
+            self._host_skips = LateRead(self.device, 2)
+        self._skips[0] += nonfinite
+        self._skips[1] = (self._skips[1] + 1) * nonfinite  # updates skipped in a row
+        if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused: skipped on the device
+            if scaler is None:  # (under fp16 GradScaler sets found_inf itself, from the same gradients)
+                optimizer.found_inf = nonfinite
+        elif nonfinite.item():  # optim.fused=false: one host sync per update
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
+        self._host_skips.offer(self._skips[:2])
+        if (seen := self._host_skips.read()) is not None:
+            in_a_row = int(seen[1])
+            if in_a_row >= self.hparams.max_consecutive_skips and self.stop_reason is None:
+                self.stop_reason = (f"{in_a_row} updates in a row had non-finite gradients (up to update "
+                                    f"{self.global_step}); lower optim.lr, use precision=bf16 or 32, or check "
+                                    f"the data report; the run stopped.")
+                self.trainer.should_stop = True
+        self.log("train/skipped_updates", self._skips[0] + self._skips[2], on_step=True, on_epoch=False)
+        self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)  # device tensors: read when logged
+        if scaler is not None:
+            self.log("train/loss_scale", scaler._scale, on_step=True, on_epoch=False)  # GradScaler's (fp16)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip to `trainer.gradient_clip_val` by the norm `on_before_optimizer_step` took (Lightning's own
+        clipping would compute it a second time)."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        torch.nn.utils.clip_grads_with_norm_(self._grads, gradient_clip_val, self._grad_norm)
+
+    @property
+    def skipped_updates(self) -> int:
+        """Optimizer updates skipped for non-finite gradients over the run (reads the device)."""
+        return self._skipped_before + (int(self._skips[0]) if self._skips is not None else 0)
 
     def configure_optimizers(self):
         optimizer = adamw(self.model, **self.hparams.optim)
@@ -218,9 +331,10 @@ class CTCModel(L.LightningModule):
 
 
 def adamw(model: Wav2Vec2ForCTC, lr: float, betas: list[float], eps: float, weight_decay: float,
-          head_lr: float | None) -> torch.optim.AdamW:
+          head_lr: float | None, fused: bool) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; the CTC head (`lm_head`) at `head_lr` (None: `lr`). As the HF
-    Trainer, no weight decay on biases and layer-norm gains (1-D tensors)."""
+    Trainer, no weight decay on biases and layer-norm gains (1-D tensors). fused: torch's one-kernel
+    implementation, which can also skip a non-finite update without the host's help."""
     head = {id(p) for p in model.lm_head.parameters()}
     groups = []
     for is_head in (False, True):
@@ -228,4 +342,4 @@ def adamw(model: Wav2Vec2ForCTC, lr: float, betas: list[float], eps: float, weig
         group_lr = (head_lr or lr) if is_head else lr
         groups += [{"params": [p for p in params if p.ndim >= 2], "lr": group_lr, "weight_decay": weight_decay},
                    {"params": [p for p in params if p.ndim < 2], "lr": group_lr, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)

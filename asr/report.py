@@ -39,7 +39,6 @@ class RunReport(L.Callback):
         self.loss_sum = self.loss_count = torch.zeros(())
         self.started = self.train_seconds = None
         self.seconds_before = 0.0  # training time of the run before it was resumed
-        self.audio_since_start = 0.0  # this process's audio since it started, for its throughput
         self._restored: dict | None = None  # a checkpoint's state, applied when training starts
         # curves.png: training loss (mean over each log_every_n_steps updates) and learning rate per point
         self.curve: dict[str, list] = {"step": [], "loss": [], "lr": []}
@@ -82,15 +81,6 @@ class RunReport(L.Callback):
             return
         self.audio_seconds += batch["audio_seconds"]
         self.padded_seconds += batch["padded_seconds"]
-        self.audio_since_start += batch["audio_seconds"]
-        # host floats: logging them never waits on the GPU. Throughput is this rank's, since it started.
-        pl_module.log_dict({
-            "train/padding_fraction": 1 - batch["audio_seconds"] / batch["padded_seconds"],
-            "train/audio_seconds_per_second": self.audio_since_start / (time.perf_counter() - self.started),
-            # the allocator's peak, read on the host (no sync)
-            **({"train/gpu_memory_gb": torch.cuda.max_memory_allocated(pl_module.device) / 1e9}
-               if pl_module.device.type == "cuda" else {}),
-        }, batch_size=len(batch["ids"]))
         if outputs is None:
             return
         loss = outputs["loss"].detach().float()  # stays on the device: no sync per step

@@ -160,7 +160,7 @@ class PredictionsTable(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():  # the model's own forward, without labels: logits only
-            logits = pl_module({k: batch[k].to(pl_module.device) for k in ("audio", "attention_mask")}).logits
+            logits = pl_module({"audio": batch["audio"].to(pl_module.device), "lengths": batch["lengths"]}).logits
         pl_module.train(was_training)
         hypotheses = pl_module.transcribe(logits, pl_module.frames(batch["lengths"]))
         table = wandb.Table(columns=["id", "audio", "reference", "hypothesis", "cer"])

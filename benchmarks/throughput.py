@@ -50,8 +50,10 @@ def ours(cfg, steps: int, profile: bool) -> dict:
             "padding": 1 - report.audio_seconds / report.padded_seconds, "model": model, "data": data}
 
 
-def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model) -> dict:
-    """model: the HF Wav2Vec2ForCTC, with our initial weights (feature encoder frozen as in ours)."""
+def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model, callbacks=(), seen=None, flops=None) -> dict:
+    """model: the HF Wav2Vec2ForCTC, with our initial weights (feature encoder frozen as in ours). On the GPU
+    if there is one, in cfg's precision, with its gradient checkpointing. `seen` (audio seconds, and FLOPs by
+    `flops(lengths)`) is counted by the collator; `callbacks` are HF TrainerCallbacks."""
     import datasets
     from transformers import Trainer, TrainingArguments
 
@@ -65,7 +67,8 @@ def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model) -> dict:
                 "labels": data.vocab.encode(normalize(row["text"], cfg.data.language))}
 
     table = table.map(prepare, remove_columns=["path", "text"])
-    seen = {"audio": 0.0, "padded": 0.0}
+    seen = {} if seen is None else seen
+    seen.update(audio=0.0, padded=0.0, flops=0.0)
 
     def collate(features):  # DataCollatorCTCWithPadding: pad inputs with 0 and mask, labels with -100
         lengths = [len(f["input_values"]) for f in features]
@@ -79,6 +82,8 @@ def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model) -> dict:
             labels[i, : len(f["labels"])] = torch.tensor(f["labels"])
         seen["audio"] += sum(lengths) / audio.SAMPLE_RATE
         seen["padded"] += len(features) * longest / audio.SAMPLE_RATE
+        if flops is not None:
+            seen["flops"] += flops(lengths)
         return {"input_values": values, "attention_mask": mask, "labels": labels}
 
     args = TrainingArguments(
@@ -88,9 +93,12 @@ def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model) -> dict:
         adam_epsilon=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, lr_scheduler_type="linear",
         warmup_steps=int(cfg.sched.warmup_ratio * steps), max_steps=steps, max_grad_norm=1.0,
         seed=cfg.seed, report_to="none", save_strategy="no", eval_strategy="no", logging_steps=50,
-        dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        remove_unused_columns=False, bf16=cfg.trainer.precision.startswith("bf16"),
+        fp16=cfg.trainer.precision.startswith("16"),
+        **({"gradient_checkpointing": True} if cfg.model.gradient_checkpointing else {}),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=table, data_collator=collate)
+    trainer = Trainer(model=model, args=args, train_dataset=table, data_collator=collate, callbacks=list(callbacks))
     started = time.perf_counter()
     trainer.train()
     return {"audio_seconds": seen["audio"], "seconds": time.perf_counter() - started,
