@@ -148,8 +148,9 @@ class SpeedMonitor(L.Callback):
             metrics["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 1e9
         self.last = metrics
         if trainer.is_global_zero:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's own rows get
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
         self._reset(now)
 
 
