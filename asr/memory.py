@@ -9,6 +9,7 @@ error there stops the run at once, naming the batch and the overrides that make 
 """
 
 import logging
+import os
 import random
 from contextlib import nullcontext
 
@@ -102,3 +103,202 @@ def _adam_room(optimizers, pl_module) -> list[torch.Tensor]:
     if any(opt.state for opt in optimizers):
         return []  # resumed: the moments exist
     return [torch.empty_like(p) for p in pl_module.parameters() if p.requires_grad for _ in range(2)]
+
+
+# The planner: python -m asr.memory [--cards] [overrides]
+
+PLAN_USAGE = """Memory of the worst training batch for a composed train config, on the device at hand.
+
+    python -m asr.memory model=xlsr_1b precision=bf16            # the largest data.max_batch_seconds that fits
+    python -m asr.memory --cards                                 # each conf/experiment/ card's batch: fits?
+
+Random weights of the config's architecture; a batch of the worst shape the config allows: clips of
+data.max_seconds, as many as data.max_batch_seconds (and data.max_batch_size) hold; labels of 15
+characters per second; forward and backward in training mode with the config's precision, with AdamW's
+moments allocated. On CUDA, the allocator's peak; the budget that fits is the largest whose peak stays
+under (1 - --margin) of the device's memory. On a CPU (the tiny model, or a look at the arithmetic),
+the growth of the process's peak resident memory, measured on budgets in increasing order only."""
+
+
+def _autocast(precision: str, device: torch.device):
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def synthetic_batch(clips: int, seconds: float, vocab_size: int, device: torch.device) -> dict:
+    """`clips` clips of `seconds` of noise with labels of 15 characters per second, as `asr.data.collate`
+    lays a batch out."""
+    samples = int(seconds * 16_000)
+    label_length = max(1, int(15 * seconds))
+    generator = torch.Generator().manual_seed(0)
+    return {"ids": [str(i) for i in range(clips)], "audio": torch.randn(clips, samples, generator=generator).to(device),
+            "attention_mask": torch.ones(clips, samples, dtype=torch.long, device=device),
+            "lengths": [samples] * clips, "label_lengths": [label_length] * clips,
+            "labels": torch.randint(0, vocab_size - 1, (clips, label_length), generator=generator).to(device)}
+
+
+class Probe:
+    """A model of the config's architecture on `device`, with AdamW's moments, that measures the peak
+    memory of one training step on a batch."""
+
+    def __init__(self, cfg, device: torch.device):
+        from asr import text
+        from asr.model import CTCModel, adamw
+
+        from omegaconf import OmegaConf
+        cfg = OmegaConf.merge(cfg, {"model": {"pretrained": None, "compile": False}})
+        tokens = [*"abcdefghijklmnopqrstuvwxyz'", text.WORD_DELIMITER, text.UNK, text.PAD]
+        self.device, self.precision = device, cfg.trainer.precision
+        self.model = CTCModel.from_config(cfg, tokens).to(device).train()
+        self.vocab_size = len(tokens)
+        optimizer = adamw(self.model.model, **cfg.optim)
+        self._moments = [torch.zeros_like(p) for g in optimizer.param_groups for p in g["params"] for _ in range(2)]
+
+    def peak_gb(self, clips: int, seconds: float) -> float | None:
+        """Peak memory (GB) of forward and backward on `clips` clips of `seconds`; None: out of memory."""
+        import resource
+
+        batch = synthetic_batch(clips, seconds, self.vocab_size, self.device)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            with _autocast(self.precision, self.device):
+                loss = self.model(batch).loss
+            loss.backward()
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            batch = loss = None
+        if cuda:
+            return torch.cuda.max_memory_allocated(self.device) / 1e9
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB: the process's peak
+
+
+def capacity_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1] / 1e9
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def batch_of(budget: float, max_seconds: float, max_batch_size: int | None) -> int:
+    """Clips of the longest allowed duration a budget of padded seconds holds."""
+    clips = max(1, int(budget // max_seconds))
+    return min(clips, max_batch_size) if max_batch_size else clips
+
+
+def plan(cfg, device: torch.device, margin: float, limit: float = 6400.0) -> dict:
+    """Budgets of padded audio (doubling from one longest clip), each's peak, and the largest that fits."""
+    probe = Probe(cfg, device)
+    longest, size = cfg.data.max_seconds, cfg.data.max_batch_size
+    allowed = (1 - margin) * capacity_gb(device)
+    rows, budget, fit, failed = [], longest, None, None
+    while budget <= limit:
+        clips = batch_of(budget, longest, size)
+        if rows and rows[-1]["peak_gb"] * clips / rows[-1]["clips"] > 1.5 * allowed:
+            failed = budget  # far past the limit by the last rung's rate: not run (a CPU would swap or be killed)
+            break
+        peak = probe.peak_gb(clips, longest)
+        rows.append({"max_batch_seconds": budget, "clips": clips, "peak_gb": peak})
+        if peak is None or peak > allowed:
+            failed = budget
+            break
+        fit = budget
+        if size and clips >= size:
+            break  # data.max_batch_size binds: a larger budget gives the same batch
+        budget *= 2
+    if device.type == "cuda" and fit is not None and failed is not None:  # bisect to one clip
+        low, high = fit, failed
+        while high - low > longest:
+            middle = (low + high) // longest // 2 * longest
+            if middle <= low:
+                break
+            peak = probe.peak_gb(batch_of(middle, longest, size), longest)
+            rows.append({"max_batch_seconds": middle, "clips": batch_of(middle, longest, size), "peak_gb": peak})
+            low, high = (middle, high) if peak is not None and peak <= allowed else (low, middle)
+        fit = low
+    return {"rows": sorted(rows, key=lambda r: r["max_batch_seconds"]), "fits": fit, "allowed_gb": allowed,
+            "capacity_gb": capacity_gb(device)}
+
+
+def cards(device: torch.device, margin: float, overrides: list[str]) -> list[dict]:
+    """Each experiment's card batch (data.max_batch_size clips of data.max_seconds, its precision): its
+    peak, whether it fits, and where not the first of these that does with the same audio per update:
+    gradient checkpointing, then half the clips per batch (update_clips keeps the update)."""
+    from hydra import compose, initialize_config_dir
+
+    import asr
+    from asr.config import checked
+
+    rows = []
+    for path in sorted((asr.REPO_DIR / "conf" / "experiment").glob("*.yaml")):
+        tried = [[], ["model.gradient_checkpointing=true"]]
+        with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
+            cfg = checked(compose("train", overrides=[f"experiment={path.stem}", *overrides]))
+        size = cfg.data.max_batch_size
+        while size and size > 1:
+            size //= 2
+            tried.append(["model.gradient_checkpointing=true", f"data.max_batch_size={size}",
+                          f"data.max_batch_seconds={size * cfg.data.max_seconds:g}"])
+        row = {"experiment": path.stem, "model": cfg.model.arch.hidden_size, "precision": cfg.trainer.precision,
+               "clips": cfg.data.max_batch_size, "seconds": cfg.data.max_seconds}
+        for extra in tried:
+            with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
+                run = checked(compose("train", overrides=[f"experiment={path.stem}", *overrides, *extra]))
+            probe = Probe(run, device)
+            peak = probe.peak_gb(run.data.max_batch_size or 1, run.data.max_seconds)
+            del probe
+            fits = peak is not None and peak <= (1 - margin) * capacity_gb(device)
+            row.setdefault("peak_gb", peak)
+            row.setdefault("fits", fits)
+            if fits:
+                row["override"] = " ".join(extra) or "-"
+                row["override_peak_gb"] = peak
+                break
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    from hydra import compose, initialize_config_dir
+
+    import asr
+    from asr.config import checked
+
+    parser = argparse.ArgumentParser(description=PLAN_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cards", action="store_true", help="each experiment's card batch")
+    parser.add_argument("--margin", type=float, default=0.1, help="memory left free (fraction of the device's)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (peak resident memory)"
+    if args.cards:
+        rows = cards(device, args.margin, [*args.overrides, "run_dir=/tmp/asr-memory"])
+        print(f"\nthe cards' batches on {where}, {capacity_gb(device):.0f} GB, {args.margin:.0%} kept free")
+        print(f"{'experiment':<16} {'precision':<10} {'batch':>12} {'peak GB':>8} {'fits':>5}  override that fits (same audio per update)")
+        for r in rows:
+            peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "OOM"
+            print(f"{r['experiment']:<16} {r['precision']:<10} {r['clips']:>4} x {r['seconds']:>4.0f} s {peak:>8} "
+                  f"{'yes' if r['fits'] else 'no':>5}  {r.get('override', 'none found') if not r['fits'] else '-'}")
+        return rows
+    with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
+        cfg = checked(compose("train", overrides=[*args.overrides, "run_dir=/tmp/asr-memory"]))
+    result = plan(cfg, device, args.margin)
+    print(f"\n{' '.join(args.overrides) or 'defaults'} on {where}: {result['capacity_gb']:.1f} GB, "
+          f"{result['allowed_gb']:.1f} GB usable ({args.margin:.0%} kept free); clips of {cfg.data.max_seconds:g} s")
+    print(f"{'max_batch_seconds':>17} {'clips':>5} {'peak GB':>8}")
+    for r in result["rows"]:
+        print(f"{r['max_batch_seconds']:>17g} {r['clips']:>5} {r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)!s:>8}")
+    print(f"largest that fits: data.max_batch_seconds={result['fits']:g}" if result["fits"] else
+          "not even one clip of data.max_seconds fits: model.gradient_checkpointing=true, precision=bf16, or a "
+          "lower data.max_seconds")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -90,3 +90,10 @@ def test_evaluate_on_the_gpu_agrees_with_the_cpu(tmp_path):
                        timeout=900)
         out[device] = json.loads((tmp_path / device / "metrics.json").read_text())
     assert out["cuda"]["cer"] == pytest.approx(out["cpu"]["cer"], abs=0.01)
+
+
+def test_the_cards_memory_table_runs_on_the_gpu():
+    result = subprocess.run([sys.executable, "-m", "asr.memory", "--cards"], cwd=asr.REPO_DIR, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sum(line.startswith(("ascend", "cv", "zeroth")) for line in result.stdout.splitlines()) == 5

@@ -59,3 +59,24 @@ def test_worst_batches_are_the_most_padded_and_the_most_attention():
 def test_a_probe_setting_that_is_not_one_is_named():
     with pytest.raises(SetupError, match="worst_batch_first.when='yes'"):
         WorstBatchFirst(when="yes")
+
+
+def test_the_memory_planner_finds_the_largest_budget_that_fits():
+    """On the CPU (peak resident memory) with the tiny model: budgets double from one longest clip until
+    data.max_batch_size binds; with 99% kept free not even one clip fits, and it says so."""
+    import subprocess
+    import sys
+
+    import asr
+
+    command = [sys.executable, "-m", "asr.memory", "--device", "cpu", "data.max_seconds=2", "data.max_batch_size=8"]
+    out = subprocess.run(command, cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300, check=True).stdout
+    lines = out.splitlines()
+    rows = [line.split() for line in lines[lines.index(next(x for x in lines if "peak GB" in x)) + 1:-1]]
+    assert [(r[0], r[1]) for r in rows] == [("2", "1"), ("4", "2"), ("8", "4"), ("16", "8")]
+    peaks = [float(r[2]) for r in rows]
+    assert peaks == sorted(peaks) and peaks[0] > 0
+    assert lines[-1] == "largest that fits: data.max_batch_seconds=16"
+    out = subprocess.run([*command, "--margin", "0.99"], cwd=asr.REPO_DIR, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert out.splitlines()[-1].startswith("not even one clip of data.max_seconds fits")
