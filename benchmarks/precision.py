@@ -1,0 +1,92 @@
+"""Training loss in fp32, bf16 and fp16 side by side: same model, data, seed and batches.
+
+    python benchmarks/precision.py --steps 300                    # tiny model on the demo (CPU or GPU)
+    python benchmarks/precision.py --model xlsr_300m --steps 300 data.max_batch_seconds=100   # on a GPU
+
+Prints the mean training loss per window of updates for each precision, and per precision the skipped
+updates, non-finite losses and (fp16) the final loss scale. On a CPU, fp16 runs with an explicit fp16
+autocast and GradScaler (Lightning would turn `16-mixed` into bf16 there); on a GPU each precision is
+what `precision=<p>` gives train.py. Any Hydra override of the run follows the options.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+def run(cfg, steps: int, precision: str) -> dict:
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from asr.model import CTCModel
+
+    class Losses(L.Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(outputs["loss"].detach().float())  # read at the end: no sync per step
+
+    L.seed_everything(cfg.seed)
+    data = instantiate(cfg.data, _convert_="all")
+    data.setup("fit")
+    model = CTCModel.from_config(cfg, data.vocab.tokens)
+    cuda = torch.cuda.is_available()
+    plugins = []
+    if precision == "16" and not cuda:  # Lightning would run bf16 on a CPU
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+    losses = Losses()
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[losses], max_steps=steps, max_time=None,
+                          limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, plugins=plugins,
+                          precision=None if plugins else PRECISIONS[precision])
+    trainer.fit(model, datamodule=data)
+    values = torch.stack(losses.losses).cpu()
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return {"losses": values, "skipped": model.skipped_updates, "nonfinite": int((~torch.isfinite(values)).sum()),
+            "scale": scaler.get_scale() if scaler is not None else None, "precision": trainer.precision}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--every", type=int, default=25, help="updates per printed window")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from hydra import compose, initialize_config_dir
+
+    from asr.config import checked
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = checked(compose("train", overrides=[f"model={args.model}", "logger=none",
+                                                  "run_dir=/tmp/precision-benchmark", *args.overrides]))
+    results = {p: run(cfg, args.steps, p) for p in args.precisions}
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{args.model}, {args.steps} updates, seed {cfg.seed}, {device}: mean training loss per {args.every} updates")
+    print(f"{'updates':>9} " + " ".join(f"{results[p]['precision']:>10}" for p in args.precisions))
+    for start in range(0, args.steps, args.every):
+        cells = []
+        for p in args.precisions:
+            window = results[p]["losses"][start:start + args.every]
+            finite = window[torch.isfinite(window)]
+            cells.append(f"{finite.mean().item():>10.4f}" if len(finite) else f"{'-':>10}")
+        print(f"{start + 1:>4}-{min(start + args.every, args.steps):<4} " + " ".join(cells))
+    for p in args.precisions:
+        r = results[p]
+        print(f"{r['precision']:>10}: skipped updates {r['skipped']}, non-finite losses {r['nonfinite']}"
+              + (f", final loss scale {r['scale']:g}" if r["scale"] is not None else ""))
+    return results
+
+
+if __name__ == "__main__":
+    main()
