@@ -77,9 +77,9 @@ class WorstBatchFirst(L.Callback):
         try:
             if pl_module.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(pl_module.device)
-            with no_sync, trainer.precision_plugin.forward_context():
-                loss = pl_module(batch).loss
             with no_sync:
+                with trainer.precision_plugin.forward_context():
+                    loss = pl_module(batch).loss
                 loss.backward()
             if pl_module.device.type == "cuda":
                 what["peak_gb"] = round(torch.cuda.max_memory_allocated(pl_module.device) / 1e9, 2)

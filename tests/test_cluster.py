@@ -110,7 +110,8 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
 def test_ddp_with_layerdrop_an_unreadable_batch_and_validation_equal_to_one_process(cv_corpus, tmp_path):
     """2 CPU processes through train.py: LayerDrop skips layers (DDP then needs unused-parameter
     handling), one batch of nothing but an unreadable clip is a zero-loss step on its rank, and the
-    dev WER/CER of the 2 ranks equal one process's on the same weights."""
+    dev WER/CER of the 2 ranks equal one process's on the same weights. The worst-batch probe runs first
+    on each rank (outside DDP's all-reduce)."""
     root = tmp_path / "cv"
     shutil.copytree(cv_corpus, root)
     bad = sorted((root / "clips").iterdir())[0]
@@ -119,7 +120,8 @@ def test_ddp_with_layerdrop_an_unreadable_batch_and_validation_equal_to_one_proc
     common = [f"data.root={root}", "data.max_batch_size=1", "data.num_workers=0", "trainer.accelerator=cpu"]
     subprocess.run([PY, "train.py", *common, "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=6",
                     "trainer.val_check_interval=6", "model.config.layerdrop=0.5", "logger=none",
-                    f"hydra.run.dir={run_dir}"], cwd=asr.REPO_DIR, check=True, capture_output=True, timeout=600)
+                    "callbacks.worst_batch_first.when=true", f"hydra.run.dir={run_dir}"],
+                   cwd=asr.REPO_DIR, check=True, capture_output=True, timeout=600)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["empty_batches"] == 1 and results["skipped_clips"] == 1
     report = json.loads((run_dir / "data_report.json").read_text())

@@ -176,6 +176,7 @@ def test_fp16_loss_scaling_skips_an_overflowing_update_and_halves_the_scale(cv_c
     assert model.skipped_updates == 1 and model.stop_reason is None
     assert watch.changed[1] == set() and watch.changed[0] and watch.changed[2] and watch.changed[3]
     assert scaler.get_scale() == 2.0**7  # halved once; it grows back only after 2000 good updates
+    assert trainer.callback_metrics["train/loss_scale"] == 2.0**7  # logged per update
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
