@@ -282,9 +282,9 @@ class CTCModel(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)  # Lightning leaves a fused optimizer's unscaling to its step: clip unscaled
-        self._grads = [p.grad for p in self.parameters() if p.grad is not None]
-        self._grad_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._grads))) if self._grads
-                           else torch.zeros((), device=self.device))
+        self._with_grads = [p for p in self.parameters() if p.grad is not None]
+        self._grad_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self._with_grads])))
+                           if self._with_grads else torch.zeros((), device=self.device))
         # All-reduced gradients are the same on every rank, so is this verdict: no reduction needed.
         nonfinite = (~torch.isfinite(self._grad_norm)).float()
         if self._skips is None:
@@ -317,7 +317,7 @@ class CTCModel(L.LightningModule):
             return
         if gradient_clip_algorithm not in (None, "norm"):
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        torch.nn.utils.clip_grads_with_norm_(self._grads, gradient_clip_val, self._grad_norm)
+        torch.nn.utils.clip_grads_with_norm_(self._with_grads, gradient_clip_val, self._grad_norm)  # parameters
 
     @property
     def skipped_updates(self) -> int:

@@ -195,3 +195,23 @@ def test_non_finite_updates_in_a_row_stop_the_run_with_a_checkpoint(cv_corpus, t
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["skipped_updates"] == 3 and results["stopped_checkpoint"] == str(stopped[0])
     assert torch.load(stopped[0], weights_only=True)["global_step"] < 40
+
+
+class PostClipNorm(L.Callback):
+    """The gradient norm after clipping (the update's gradients stay until the next batch zeroes them)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+def test_gradients_are_clipped_to_the_trainers_norm(cv_corpus, tmp_path):
+    """trainer.gradient_clip_val, by the norm the skip check took (train/grad_norm, before clipping)."""
+    _, data, model, trainer = _tiny_trainer(cv_corpus, tmp_path, max_steps=3, gradient_clip_val=0.01,
+                                            callbacks=[post := PostClipNorm()])
+    trainer.fit(model, datamodule=data)
+    assert trainer.callback_metrics["train/grad_norm"] > 0.01  # there was something to clip
+    assert post.norms and all(n == pytest.approx(0.01, rel=1e-4) for n in post.norms)
