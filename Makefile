@@ -1,16 +1,19 @@
 # make demo: set up and train the tiny model on the embedded demo (CPU, ~5 min)
-# make test: set up and run the test suite
+# make test: set up and run the test suite (all but the tests marked slow; make slow runs those)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup system
+.PHONY: demo test slow setup system
 
 demo: $(VENV)/.installed
 	$(PYTHON) train.py
 
 test: system $(VENV)/.installed
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not slow"
+
+slow: system $(VENV)/.installed
+	$(PYTHON) -m pytest -m slow
 
 setup: system $(VENV)/.installed
 
