@@ -83,8 +83,9 @@ class CTCModel(L.LightningModule):
     freeze_finetune_updates: for this many first optimizer updates only the CTC head learns, the
     encoder stays as pretrained (fairseq's `freeze_finetune_updates`). max_consecutive_skips: updates
     whose gradients are not finite are skipped (on every rank alike) and counted; after this many in a
-    row the run stops (`stop_reason`). optim: lr, betas, eps, weight_decay, head_lr (the CTC head's own
-    learning rate; None: lr), as `adamw` takes them. sched: name and options of a schedule in
+    row the run stops (`stop_reason`; on a GPU the host learns of it a few updates late). compile:
+    torch.compile each transformer layer. optim: lr, betas, eps, weight_decay, head_lr (the CTC head's
+    own learning rate; None: lr), fused, as `adamw` takes them. sched: name and options of a schedule in
     `asr.schedules`. All are plain values, so checkpoints load with `weights_only=True`. The defaults
     are in conf/ (train.yaml, model/, sched/).
     """
@@ -115,7 +116,8 @@ class CTCModel(L.LightningModule):
         # The full architecture, so a checkpoint rebuilds without the pretrained weights it started from.
         checkpoint["wav2vec2_config"] = self.model.config.to_dict()
         checkpoint["counters"] = {"skipped_updates": self.skipped_updates,
-                                  "consecutive_skips": int(self._skips[1]) if self._skips is not None else 0}
+                                  "consecutive_skips": int(self._skips[1]) if self._skips is not None
+                                  else self.consecutive_skips}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         counters = checkpoint.get("counters", {})
