@@ -17,7 +17,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from asr import SetupError
+from asr import SetupError, audio
+from asr.speed import PRECISION_DTYPE
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class WorstBatchFirst(L.Callback):
     def _probe(self, trainer, pl_module, batch: dict) -> None:
         if not batch["ids"]:
             return
-        longest = max(batch["lengths"]) / 16_000
+        longest = max(batch["lengths"]) / audio.SAMPLE_RATE
         what = {"clips": len(batch["ids"]), "longest_seconds": round(longest, 2),
                 "padded_seconds": round(batch["padded_seconds"], 1)}
         batch = trainer.strategy.batch_to_device(batch)
@@ -121,14 +122,15 @@ the growth of the process's peak resident memory, measured on budgets in increas
 
 
 def _autocast(precision: str, device: torch.device):
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    """The autocast of a mixed precision (`bf16-mixed`, `16-mixed`); nothing for the others."""
+    mixed = str(precision).endswith("-mixed")
+    return torch.autocast(device.type, dtype=PRECISION_DTYPE[str(precision)]) if mixed else nullcontext()
 
 
 def synthetic_batch(clips: int, seconds: float, vocab_size: int, device: torch.device) -> dict:
     """`clips` clips of `seconds` of noise with labels of 15 characters per second, as `asr.data.collate`
     lays a batch out."""
-    samples = int(seconds * 16_000)
+    samples = int(seconds * audio.SAMPLE_RATE)
     label_length = max(1, int(15 * seconds))
     generator = torch.Generator().manual_seed(0)
     return {"ids": [str(i) for i in range(clips)], "audio": torch.randn(clips, samples, generator=generator).to(device),
@@ -142,17 +144,17 @@ class Probe:
     memory of one training step on a batch."""
 
     def __init__(self, cfg, device: torch.device):
-        from asr import text
-        from asr.model import CTCModel, adamw
-
         from omegaconf import OmegaConf
+
+        from asr import text
+        from asr.model import CTCModel
+
         cfg = OmegaConf.merge(cfg, {"model": {"pretrained": None, "compile": False}})
         tokens = [*"abcdefghijklmnopqrstuvwxyz'", text.WORD_DELIMITER, text.UNK, text.PAD]
         self.device, self.precision = device, cfg.trainer.precision
         self.model = CTCModel.from_config(cfg, tokens).to(device).train()
         self.vocab_size = len(tokens)
-        optimizer = adamw(self.model.model, **cfg.optim)
-        self._moments = [torch.zeros_like(p) for g in optimizer.param_groups for p in g["params"] for _ in range(2)]
+        self._moments = _adam_room([], self.model)
 
     def peak_gb(self, clips: int, seconds: float) -> float | None:
         """Peak memory (GB) of forward and backward on `clips` clips of `seconds`; None: out of memory."""

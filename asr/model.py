@@ -11,7 +11,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStableLayerNorm, _compute_mask_indices
 
 from asr import SetupError, schedules, text
-from asr.speed import LateRead, conv_lengths
+from asr.speed import LateRead
 from asr.text import Vocabulary
 
 
@@ -108,7 +108,7 @@ class CTCModel(L.LightningModule):
         # Mixed error rate (Mandarin by character, English by word): WER over `text.mixed_tokens`.
         self.val_mer = WordErrorRate() if text.is_chinese(language) else None
         self._skipped_before, self.consecutive_skips = 0, 0  # from a checkpoint
-        self._skips: torch.Tensor | None = None  # on the device: [skipped, skipped in a row, before]
+        self._skips: torch.Tensor | None = None  # on the device: [skipped since the start, skipped in a row]
         self._host_skips: LateRead | None = None
         self.stop_reason: str | None = None
 
@@ -163,10 +163,10 @@ class CTCModel(L.LightningModule):
         frame mask made from the host `lengths` (samples) and SpecAugment drawn from it on the host and
         applied with `torch.where`. HF's own reads the lengths back from the device and masks by boolean
         indexing: two host syncs per training step. The masks are HF's (its `_compute_mask_indices`, the
-        same numpy draws), so the output equals `Wav2Vec2Model`'s (tests/test_model.py)."""
+        same numpy draws), so the output equals `Wav2Vec2Model`'s (tests/test_speed.py)."""
         wav2vec2 = self.model.wav2vec2
         features = wav2vec2.feature_extractor(audio).transpose(1, 2)
-        frames = np.array([conv_lengths(int(n), self.model.config)[-1] for n in lengths])
+        frames = self.frames(lengths).numpy()  # host lengths, host frames
         frame_mask = np.arange(features.shape[1])[None, :] < frames[:, None]  # (B, T), numpy: on the host
         hidden, _ = wav2vec2.feature_projection(features)
         hidden = self._spec_augment(hidden, frame_mask)
@@ -290,7 +290,7 @@ class CTCModel(L.LightningModule):
         # All-reduced gradients are the same on every rank, so is this verdict: no reduction needed.
         nonfinite = (~torch.isfinite(self._grad_norm)).float()
         if self._skips is None:
-            self._skips = torch.tensor([0.0, float(self.consecutive_skips), float(self._skipped_before)], device=self.device)
+            self._skips = torch.tensor([0.0, float(self.consecutive_skips)], device=self.device)
             self._host_skips = LateRead(self.device, 2)
         self._skips[0] += nonfinite
         self._skips[1] = (self._skips[1] + 1) * nonfinite  # updates skipped in a row
@@ -299,7 +299,7 @@ class CTCModel(L.LightningModule):
                 optimizer.found_inf = nonfinite
         elif nonfinite.item():  # optim.fused=false: one host sync per update
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
-        self._host_skips.offer(self._skips[:2])
+        self._host_skips.offer(self._skips)
         if (seen := self._host_skips.read()) is not None:
             in_a_row = int(seen[1])
             if in_a_row >= self.hparams.max_consecutive_skips and self.stop_reason is None:
@@ -307,7 +307,7 @@ class CTCModel(L.LightningModule):
                                     f"{self.global_step}); lower optim.lr, use precision=bf16 or 32, or check "
                                     f"the data report; the run stopped.")
                 self.trainer.should_stop = True
-        self.log("train/skipped_updates", self._skips[0] + self._skips[2], on_step=True, on_epoch=False)
+        self.log("train/skipped_updates", self._skips[0] + self._skipped_before, on_step=True, on_epoch=False)
         self.log("train/grad_norm", self._grad_norm, on_step=True, on_epoch=False)  # device tensors: read when logged
         if scaler is not None:
             self.log("train/loss_scale", scaler._scale, on_step=True, on_epoch=False)  # GradScaler's (fp16)

@@ -89,6 +89,7 @@ class SpeedMonitor(L.Callback):
     def __init__(self, peak_tflops: float | None):
         self.peak_tflops = peak_tflops
         self.peak: float | None = None
+        self.last: dict[str, float] = {}  # the latest window's figures
         self._config = None
         self._conv_trained = False
         self._reset(time.perf_counter())

@@ -126,10 +126,8 @@ def hf(cfg, steps: int, warmup: int, data, model, peak) -> dict:
                 self.started, seen["audio"], seen["flops"] = time.perf_counter(), 0.0, 0.0
 
     seen = {}
-    batches = len(data.train_dataloader().batch_sampler)
-    clips = max(1, round(len(data.load("train")) / batches))
     timer = Timer()
-    result = throughput.hf_trainer(cfg, warmup + steps, clips, data, model.model, callbacks=[timer], seen=seen,
+    result = throughput.hf_trainer(cfg, warmup + steps, throughput.clips_per_batch(data), data, model.model, callbacks=[timer], seen=seen,
                                    flops=lambda lengths: speed.training_flops(model.model.config, lengths, cfg.model.freeze_feature_encoder is False))
     if torch.cuda.is_available():
         torch.cuda.synchronize()

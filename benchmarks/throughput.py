@@ -50,6 +50,11 @@ def ours(cfg, steps: int, profile: bool) -> dict:
             "padding": 1 - report.audio_seconds / report.padded_seconds, "model": model, "data": data}
 
 
+def clips_per_batch(data) -> int:
+    """The HF Trainer's clips per batch that make as many batches per epoch as our batch budget."""
+    return max(1, round(len(data.load("train")) / len(data.train_dataloader().batch_sampler)))
+
+
 def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model, callbacks=(), seen=None, flops=None) -> dict:
     """model: the HF Wav2Vec2ForCTC, with our initial weights (feature encoder frozen as in ours). On the GPU
     if there is one, in cfg's precision, with its gradient checkpointing. `seen` (audio seconds, and FLOPs by
@@ -133,14 +138,13 @@ def main() -> None:
     from asr.model import CTCModel
     L.seed_everything(cfg.seed)
     initial = CTCModel.from_config(cfg, data.vocab.tokens)
-    batches = len(data.train_dataloader().batch_sampler)
-    clips_per_batch = round(len(data.load("train")) / batches)
-    theirs = hf_trainer(cfg, args.steps, clips_per_batch, data, initial.model)
+    clips = clips_per_batch(data)
+    theirs = hf_trainer(cfg, args.steps, clips, data, initial.model)
 
     print(f"\n{args.steps} optimizer updates, tiny model, demo train split, {torch.get_num_threads()} threads")
     print(f"{'':<40} {'audio s':>8} {'wall s':>7} {'audio-s/s':>9} {'padding':>8}")
     for name, r in ((f"ours (train.py, {cfg.data.max_batch_seconds:.0f} s batches)", mine),
-                    (f"HF Trainer (group_by_length, {clips_per_batch} clips)", theirs)):
+                    (f"HF Trainer (group_by_length, {clips} clips)", theirs)):
         print(f"{name:<40} {r['audio_seconds']:>8.0f} {r['seconds']:>7.1f} "
               f"{r['audio_seconds'] / r['seconds']:>9.1f} {r['padding']:>8.1%}")
     ratio = (mine["audio_seconds"] / mine["seconds"]) / (theirs["audio_seconds"] / theirs["seconds"])
