@@ -121,3 +121,20 @@ def test_stated_durations_are_not_probed_and_unreadable_clips_are_counted_when_m
     module.count_dropped("train", batch["dropped"])  # met again next epoch: counted once
     assert report["dropped"] == {"missing_file": 1, "unreadable_audio": 1} and report["kept"] == 1
     assert report["seconds"] == 1.0  # the corrupt clip's second is out of the total
+
+
+def test_num_workers_auto_is_the_ranks_cores_less_one(monkeypatch):
+    """data.num_workers=auto: the cores this process may use, less one for the training loop, at most 8;
+    under SLURM the task's --cpus-per-task."""
+    import os
+
+    from tests.conftest import data_module
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert data_module("data.num_workers=auto").num_workers == max(1, min(8, cores - 1))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert data_module("data.num_workers=auto").num_workers == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
+    assert data_module("data.num_workers=auto").num_workers == 8
+    assert data_module("data.num_workers=2").num_workers == 2

@@ -5,6 +5,7 @@ non-finite updates skipped, counted, and stopping the run when they do not end."
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -150,8 +151,10 @@ class PlantNaN(L.Callback):
             batch["audio"][0, :100] = float("nan")
 
 
-def test_a_nan_batch_skips_its_update_and_is_counted(cv_corpus, tmp_path):
-    _, data, model, trainer = _tiny_trainer(cv_corpus, tmp_path, ["model.config.mask_time_prob=0"], max_steps=4,
+@pytest.mark.parametrize("fused", [True, False])  # skipped on the device (found_inf), or decided on the host
+def test_a_nan_batch_skips_its_update_and_is_counted(cv_corpus, tmp_path, fused):
+    _, data, model, trainer = _tiny_trainer(cv_corpus, tmp_path, ["model.config.mask_time_prob=0",
+                                                                  f"optim.fused={fused}"], max_steps=4,
                                             callbacks=[PlantNaN({1}), watch := RecordUpdates()])
     trainer.fit(model, datamodule=data)
     assert model.skipped_updates == 1 and model.stop_reason is None
@@ -215,3 +218,19 @@ def test_gradients_are_clipped_to_the_trainers_norm(cv_corpus, tmp_path):
     trainer.fit(model, datamodule=data)
     assert trainer.callback_metrics["train/grad_norm"] > 0.01  # there was something to clip
     assert post.norms and all(n == pytest.approx(0.01, rel=1e-4) for n in post.norms)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler")
+def test_compiled_layers_train_and_compute_what_the_eager_ones_do(cv_corpus, tmp_path):
+    """model.compile=true: every transformer layer is compiled, 2 updates train through them (forward and
+    backward), and their logits are the eager model's on the same weights."""
+    cfg, data, model, trainer = _tiny_trainer(cv_corpus, tmp_path, ["model.compile=true"], max_steps=2)
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2
+    assert all(layer._compiled_call_impl is not None for layer in model.model.wav2vec2.encoder.layers)
+    eager = CTCModel.from_config(compose_config(overrides=[f"data.root={cv_corpus}", "model.compile=false"]),
+                                 data.vocab.tokens)
+    eager.load_state_dict(model.state_dict())
+    batch = next(iter(data.val_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(batch).logits, eager.eval()(batch).logits, atol=1e-4, rtol=1e-4)
