@@ -358,6 +358,9 @@ class SpeechDataModule(L.LightningDataModule):
         loop, at most 8: the cores of a SLURM task (`--cpus-per-task`), else the cores this process may run
         on divided among the node's ranks."""
         if self.hparams.num_workers != "auto":
+            if not str(self.hparams.num_workers).isdigit():
+                raise SetupError(f"data.num_workers={self.hparams.num_workers!r}: give a number of loader "
+                                 f"processes per rank (0: load in the training process) or auto.")
             return int(self.hparams.num_workers)
         if os.environ.get("SLURM_CPUS_PER_TASK"):
             cores = int(os.environ["SLURM_CPUS_PER_TASK"])

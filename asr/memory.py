@@ -55,16 +55,24 @@ class WorstBatchFirst(L.Callback):
         seconds = dataset.clips.seconds
         states = (random.getstate(), np.random.get_state())
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        failure = None
         with torch.random.fork_rng(devices=devices):
             moments = _adam_room(trainer.optimizers, pl_module)
             try:
                 for indices in worst_batches(sampler, seconds):
                     self._probe(trainer, pl_module, collate([dataset[i] for i in indices]))
+            except SetupError as error:  # out of memory: every rank has to hear of it (below)
+                failure = error
             finally:
                 del moments
                 pl_module.zero_grad(set_to_none=True)
                 random.setstate(states[0])
                 np.random.set_state(states[1])
+        # Under DDP a rank that ran out alone would leave the others waiting in the first all-reduce:
+        # all agree (one reduction, once per run), and every rank stops.
+        if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
+            raise failure or SetupError("another rank ran out of memory on its worst batch (its message names "
+                                        "the batch and the overrides that make it fit).")
 
     def _probe(self, trainer, pl_module, batch: dict) -> None:
         if not batch["ids"]:

@@ -138,3 +138,5 @@ def test_num_workers_auto_is_the_ranks_cores_less_one(monkeypatch):
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
     assert data_module("data.num_workers=auto").num_workers == 8
     assert data_module("data.num_workers=2").num_workers == 2
+    with pytest.raises(SetupError, match=r"data.num_workers='many': give a number of loader processes"):
+        data_module("data.num_workers=many").num_workers
