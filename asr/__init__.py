@@ -38,6 +38,10 @@ class SetupError(Exception):
     """A problem the user fixes with an override or a file; reported without a traceback."""
 
 
+class Requeued(Exception):
+    """The run was signalled, saved where it was and (under SLURM) requeued; see `asr.cluster.Requeue`."""
+
+
 class TrainingStopped(Exception):
     """Training could not go on (e.g. non-finite gradients update after update); a checkpoint was kept."""
 

@@ -1,5 +1,6 @@
 """Several processes, nodes and clusters: the batch per update on any number of GPUs, the launcher's
-allocation checked against the config, atomic checkpoints, and requeue on SLURM's warning signal.
+allocation checked against the config, and requeue on SLURM's warning signal (checkpoints written
+atomically, and which one a run resumes from: `asr.checkpoints`).
 (One-time data work done once over ranks: `asr.cache.one_at_a_time`, held by the datamodule's setup.)
 
 Who owns the signal: this module's `Requeue` callback. SLURM sends a signal before a job's time limit
@@ -22,13 +23,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from asr import SetupError, slurm_job_id
+from asr.checkpoints import REQUEUE_CHECKPOINT, AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 _SIGNALS = signal.Signals  # Requeue's argument `signal` shadows the module
-REQUEUE_CHECKPOINT = "requeue.ckpt"  # in the checkpoint directory; a run that finds it resumes from it
 
 
 def batch_per_update(update_clips: int | None, update_seconds: float | None, accumulate: int,
@@ -64,6 +64,14 @@ def batch_per_update(update_clips: int | None, update_seconds: float | None, acc
     text = (f"{total_text} per update = {per} per batch x {accumulate} accumulated x {world_size} "
             f"process{'es' if world_size > 1 else ''}")
     return {"accumulate": accumulate, "world_size": world_size, "clips": clips, "seconds": seconds, "text": text}
+
+
+def batch_of(cfg) -> dict:
+    """`batch_per_update` of a run config on the run's world size (the launcher's, else the trainer's): the one
+    computation the trainer's accumulation, the logs, results.json and the model card all read."""
+    return batch_per_update(cfg.update_clips, cfg.update_seconds, cfg.trainer.accumulate_grad_batches,
+                            cfg.data.max_batch_size, cfg.data.max_batch_seconds,
+                            world_size(cfg.trainer.devices, cfg.trainer.num_nodes))
 
 
 def launched_by() -> tuple[str, int, int] | None:
@@ -123,33 +131,6 @@ def plugins() -> list:
     if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():
         out.append(SLURMEnvironment(auto_requeue=False))
     return out
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file in its own directory and renames it into place: whatever
-    kills the process, the path holds the previous checkpoint or the new one, never a truncated file.
-    (Lightning's writer goes through a temporary file in $TMPDIR; where that is another filesystem, a
-    node-local /tmp beside a shared run directory, its final move is a copy that can be cut short.)"""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        if "://" in str(path):  # remote storage: fsspec's own transaction
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a crash of the node
-        finally:
-            os.close(directory)
 
 
 class Requeue(L.Callback):
@@ -242,48 +223,3 @@ class Requeue(L.Callback):
         self.requeued = job or ""
         trainer.should_stop = True
         trainer.limit_val_batches = 0  # no validation on stopping (Lightning's default): it is not in the checkpoint
-
-
-def logger_resume(logger: dict, run_dir: Path, resuming: bool) -> dict:
-    """What a logger needs to go on where a resumed run (a requeued job, `ckpt_path=last`) stopped.
-
-    W&B: the run id kept in the run directory (`wandb_id`, made by rank 0 on the first start), so that
-    the resumed run continues the same W&B run. CSV: Lightning's writer deletes a `metrics.csv` it finds;
-    a resumed run keeps it as `metrics.<n>.csv` and starts a new one."""
-    target = str(logger.get("_target_", ""))
-    if target.endswith("CSVLogger"):
-        from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-        metrics = Path(logger["save_dir"]) / logger.get("name", "") / str(logger.get("version", "")) / "metrics.csv"
-        if resuming and rank_zero_only.rank == 0 and metrics.is_file():
-            n = 1 + sum(1 for _ in metrics.parent.glob("metrics.*.csv"))
-            metrics.rename(metrics.with_name(f"metrics.{n}.csv"))
-        return {}
-    if not target.endswith("WandbLogger") or logger.get("id"):
-        return {}
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    id_file = run_dir / "wandb_id"
-    if not id_file.is_file():
-        if rank_zero_only.rank != 0:  # only rank 0 logs; it writes the id
-            return {}
-        import uuid
-
-        id_file.write_text(uuid.uuid4().hex[:12])  # W&B ids: letters and digits
-    return {"id": id_file.read_text().strip(), "resume": "allow"}
-
-
-def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
-    """The checkpoint a run starts from: `ckpt_path` when given; else the requeue checkpoint a signalled
-    run left (`Requeue`); else, in a job SLURM restarted without one (a node failed), the last checkpoint."""
-    if ckpt_path:
-        return ckpt_path
-    requeue = checkpoint_dir / REQUEUE_CHECKPOINT
-    if requeue.is_file():
-        log.warning("resuming from %s (saved when the run was signalled)", requeue)
-        return str(requeue)
-    last = checkpoint_dir / "last.ckpt"
-    if int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0) > 0 and last.is_file():
-        log.warning("SLURM restarted this job: resuming from %s", last)
-        return str(last)
-    return None

@@ -169,15 +169,11 @@ class RunReport(L.Callback):
         return results
 
 
-def hyperparameters(cfg: dict) -> list[str]:
-    """The card's "Training hyperparameters" list, in the HF Trainer's words, from a resolved run config."""
-    from asr.cluster import batch_per_update
-
+def hyperparameters(cfg: dict, batch: dict) -> list[str]:
+    """The card's "Training hyperparameters" list, in the HF Trainer's words, from a resolved run config and
+    its batch per update (`asr.cluster.batch_per_update`, as the run computed it)."""
     data, trainer, optim, sched = cfg["data"], cfg["trainer"], cfg["optim"], cfg["sched"]
-    devices = trainer.get("devices", 1) if isinstance(trainer.get("devices", 1), int) else 1
-    world = devices * trainer.get("num_nodes", 1)
-    batch = batch_per_update(cfg.get("update_clips"), cfg.get("update_seconds"), trainer.get("accumulate_grad_batches", 1),
-                             data.get("max_batch_size"), data["max_batch_seconds"], world)
+    world = batch["world_size"]
     lines = {"learning_rate": repr(float(optim["lr"]))}
     if data.get("max_batch_size"):  # clips, as the HF Trainer counts a batch
         lines["train_batch_size"] = data["max_batch_size"]
@@ -219,7 +215,7 @@ def hyperparameters(cfg: dict) -> list[str]:
     return [f"- {key}: {value}" for key, value in lines.items()]
 
 
-def model_card(cfg: dict, results: dict, versions: dict[str, str]) -> str:
+def model_card(cfg: dict, batch: dict, results: dict, versions: dict[str, str]) -> str:
     """README.md of the exported model, in the format of the HF Trainer's cards (shared/seeds/)."""
     base = cfg["model"].get("pretrained")
     origin = (f"a fine-tuned version of [{base}](https://huggingface.co/{base})" if base and "/" in base
@@ -232,7 +228,7 @@ def model_card(cfg: dict, results: dict, versions: dict[str, str]) -> str:
         "It achieves the following results on the evaluation set:",
         *(f"- {name}: {results[key]:.4f}" for name, key in scores if key in results), "",
         "## Training procedure", "", "### Training hyperparameters", "",
-        "The following hyperparameters were used during training:", *hyperparameters(cfg), "",
+        "The following hyperparameters were used during training:", *hyperparameters(cfg, batch), "",
         "### Training results", "", HEADER.rstrip("\n"),
         *(table_row(row).rstrip("\n") for row in results.get("evaluations", [])), "",
         "### Framework versions", "", *(f"- {name} {version}" for name, version in versions.items()), "",

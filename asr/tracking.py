@@ -115,6 +115,35 @@ def summarize(results: dict) -> None:
                                                          "skipped_clips", "skipped_updates") if k in results}})
 
 
+def logger_resume(logger: dict, run_dir: Path, resuming: bool) -> dict:
+    """What a logger needs to go on where a resumed run (a requeued job, `ckpt_path=last`) stopped.
+
+    W&B: the run id kept in the run directory (`wandb_id`, made by rank 0 on the first start), so that
+    the resumed run continues the same W&B run. CSV: Lightning's writer deletes a `metrics.csv` it finds;
+    a resumed run keeps it as `metrics.<n>.csv` and starts a new one."""
+    target = str(logger.get("_target_", ""))
+    if target.endswith("CSVLogger"):
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        metrics = Path(logger["save_dir"]) / logger.get("name", "") / str(logger.get("version", "")) / "metrics.csv"
+        if resuming and rank_zero_only.rank == 0 and metrics.is_file():
+            n = 1 + sum(1 for _ in metrics.parent.glob("metrics.*.csv"))
+            metrics.rename(metrics.with_name(f"metrics.{n}.csv"))
+        return {}
+    if not target.endswith("WandbLogger") or logger.get("id"):
+        return {}
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    id_file = run_dir / "wandb_id"
+    if not id_file.is_file():
+        if rank_zero_only.rank != 0:  # only rank 0 logs; it writes the id
+            return {}
+        import uuid
+
+        id_file.write_text(uuid.uuid4().hex[:12])  # W&B ids: letters and digits
+    return {"id": id_file.read_text().strip(), "resume": "allow"}
+
+
 class PredictionsTable(L.Callback):
     """After each evaluation, a W&B table (`val/predictions`) of a fixed sample of dev clips (`clips`,
     drawn once with `seed`): the clip's audio, its reference, the model's greedy hypothesis and its CER,

@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 
 import asr
-from asr import SetupError, cluster
+from asr import SetupError, checkpoints, cluster
 from asr.batching import DurationBatchSampler
 from asr.model import CTCModel
 from tests.conftest import compose_config, data_module
@@ -74,19 +74,19 @@ def test_a_restarted_job_finds_its_run_directory_and_checkpoint(monkeypatch, tmp
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    assert cluster.resume_checkpoint(None, checkpoints) is None
+    assert checkpoints.resume_checkpoint(None, checkpoints) is None
     (checkpoints / "last.ckpt").write_bytes(b"")
-    assert cluster.resume_checkpoint(None, checkpoints) is None  # a new run in an old directory
+    assert checkpoints.resume_checkpoint(None, checkpoints) is None  # a new run in an old directory
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM restarted the job without a requeue checkpoint
-    assert cluster.resume_checkpoint(None, checkpoints) == str(checkpoints / "last.ckpt")
-    (checkpoints / cluster.REQUEUE_CHECKPOINT).write_bytes(b"")
-    assert cluster.resume_checkpoint(None, checkpoints) == str(checkpoints / cluster.REQUEUE_CHECKPOINT)
-    assert cluster.resume_checkpoint("x.ckpt", checkpoints) == "x.ckpt"
+    assert checkpoints.resume_checkpoint(None, checkpoints) == str(checkpoints / "last.ckpt")
+    (checkpoints / checkpoints.REQUEUE_CHECKPOINT).write_bytes(b"")
+    assert checkpoints.resume_checkpoint(None, checkpoints) == str(checkpoints / checkpoints.REQUEUE_CHECKPOINT)
+    assert checkpoints.resume_checkpoint("x.ckpt", checkpoints) == "x.ckpt"
 
 
 SAVE_TWICE = """
 import sys, time, torch
-from asr.cluster import AtomicCheckpointIO
+from asr.checkpoints import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 io.save_checkpoint({"version": 1}, path)
 print("first saved", flush=True)
@@ -178,7 +178,7 @@ def test_a_signalled_run_outside_slurm_saves_stops_and_the_same_command_resumes_
     first.send_signal(signal.SIGUSR1)
     out = first.communicate(timeout=300)[0]
     assert first.returncode == 0 and "run the same command to resume" in out, out[-2000:]
-    assert (run_dir / "checkpoints" / cluster.REQUEUE_CHECKPOINT).is_file()
+    assert (run_dir / "checkpoints" / checkpoints.REQUEUE_CHECKPOINT).is_file()
     stopped_at = json.loads((run_dir / "results.json").read_text())["evaluations"][-1]["step"]
     assert stopped_at < 16
 
@@ -233,7 +233,7 @@ def test_a_preempted_slurm_job_requeues_and_resumes_with_the_next_batch(slurm, t
 
     results = json.loads((run_dir / "results.json").read_text())
     assert [row["step"] for row in results["evaluations"]] == [4, 8, 12, 16]
-    assert not (run_dir / "checkpoints" / cluster.REQUEUE_CHECKPOINT).exists()  # done: no resume left behind
+    assert not (run_dir / "checkpoints" / checkpoints.REQUEUE_CHECKPOINT).exists()  # done: no resume left behind
     wandb_runs = sorted(run_dir.glob("wandb/offline-run-*"))
     assert len(wandb_runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in wandb_runs}) == 1  # the same W&B run
     data = data_module("data.num_workers=0")
@@ -302,7 +302,7 @@ def test_a_requeue_signal_that_is_not_one_stops_with_its_name():
 def test_a_cards_batch_and_evaluation_cadence_hold_on_1_and_8_gpus():
     """experiment=cv8_hy_1b states 128 clips per update and an evaluation every 100 updates: on 1 GPU
     that is 8 accumulated batches and an evaluation every 800 of them, on 8 GPUs 1 and 100."""
-    from train import validation_cadence
+    from asr.run import validation_cadence
 
     cfg = compose_config(overrides=["experiment=cv8_hy_1b", "data.root=x"])
     for world, accumulate in ((1, 8), (8, 1)):

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import asr
-from asr import schedules
+from asr import cluster, schedules
 from asr.model import CTCModel
 from asr.report import hyperparameters
 from tests.callbacks import RecordUpdates
@@ -65,7 +65,7 @@ def test_experiment_pins_its_cards_hyperparameters(experiment):
     card, lang, pretrained = EXPERIMENTS[experiment]
     cfg = compose_config(overrides=[f"experiment={experiment}", "run_dir=/tmp/unused"])
     assert cfg.data.lang == lang and cfg.model.pretrained == pretrained and cfg.seed == 42
-    ours = [line[2:] for line in hyperparameters(OmegaConf.to_container(cfg, resolve=True))]
+    ours = [line[2:] for line in hyperparameters(OmegaConf.to_container(cfg, resolve=True), cluster.batch_of(cfg))]
     expected = CARD_LINES[card]
     if (SEEDS / card).is_file():  # the card itself, where shared/ sits beside the repository
         text = (SEEDS / card).read_text()
