@@ -1,16 +1,16 @@
-"""The LightningModule: an HF Wav2Vec2ForCTC encoder with its CTC head, trained with AdamW."""
+"""The LightningModule around the network (`asr.encoder.SyncFreeWav2Vec2ForCTC`): training and evaluation
+steps, the CTC loss, WER/CER/MER, the guard against non-finite updates, AdamW and its schedule."""
 
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torchmetrics.text import CharErrorRate, WordErrorRate
-from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+from transformers import Wav2Vec2Config
 from transformers.modeling_outputs import CausalLMOutput
-from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStableLayerNorm, _compute_mask_indices
 
 from asr import SetupError, schedules, text
+from asr.encoder import SyncFreeWav2Vec2ForCTC
 from asr.speed import LateRead
 from asr.text import Vocabulary
 
@@ -39,37 +39,20 @@ def check_pretrained(pretrained: str | None) -> str | None:
 
 
 def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config: dict,
-                   attn_implementation: str) -> Wav2Vec2ForCTC:
+                   attn_implementation: str) -> SyncFreeWav2Vec2ForCTC:
     """`pretrained` (hub id or directory; its config.json fixes the architecture), or random weights
     shaped by `arch`; `config` (dropouts, LayerDrop, SpecAugment) overrides either."""
     config = dict(config, vocab_size=len(vocab), pad_token_id=vocab.blank_id,
                   ctc_loss_reduction="mean",  # per-utterance loss / label length, batch mean (HF recipe)
                   ctc_zero_infinity=True)  # an infeasible alignment gives 0, not inf
     if pretrained is None:
-        return Wav2Vec2ForCTC._from_config(Wav2Vec2Config(**{**arch, **config}),
+        return SyncFreeWav2Vec2ForCTC._from_config(Wav2Vec2Config(**{**arch, **config}),
                                            attn_implementation=attn_implementation)
     try:  # a CTC head of another vocabulary is replaced (mismatched sizes); nothing else may mismatch
-        return Wav2Vec2ForCTC.from_pretrained(pretrained, attn_implementation=attn_implementation,
+        return SyncFreeWav2Vec2ForCTC.from_pretrained(pretrained, attn_implementation=attn_implementation,
                                               ignore_mismatched_sizes=True, **config)
     except OSError as error:
         raise SetupError(check_pretrained(pretrained) or str(error)) from error
-
-
-class _Frames:
-    """A host frame mask as HF's `_compute_mask_indices` reads an attention mask (`.detach().sum(-1).tolist()`,
-    its only use): the frame counts, without a torch tensor to read back."""
-
-    def __init__(self, frame_mask: np.ndarray):
-        self.counts = frame_mask.sum(-1).tolist()
-
-    def detach(self):
-        return self
-
-    def sum(self, dim: int):
-        return self
-
-    def tolist(self) -> list[int]:
-        return self.counts
 
 
 class CTCModel(L.LightningModule):
@@ -144,76 +127,15 @@ class CTCModel(L.LightningModule):
 
     def frames(self, samples) -> torch.Tensor:
         """(B,) encoder output frames of each utterance, from its samples (a host list or a tensor)."""
-        return self.model._get_feat_extract_output_lengths(torch.as_tensor(samples))
+        return self.model.frames(samples)
 
     def forward(self, batch: dict) -> CausalLMOutput:
-        """`.logits` (B, T, V), and `.loss` (`ctc_loss`) when the batch has labels."""
-        if self._encoder_frozen_now():  # only the head learns: no graph through the encoder
-            with torch.no_grad():
-                hidden = self.encode(batch["audio"], batch["lengths"])
-        else:
-            hidden = self.encode(batch["audio"], batch["lengths"])
-        logits = self.model.lm_head(self.model.dropout(hidden))
+        """`.logits` (B, T, V), and `.loss` (`ctc_loss`) when the batch has labels. The encoder pass reads
+        nothing back from the device (`asr.encoder.SyncFreeWav2Vec2ForCTC`)."""
+        logits = self.model.logits(batch["audio"], batch["lengths"], train_encoder=not self._encoder_frozen_now())
         if "labels" not in batch:
             return CausalLMOutput(logits=logits)
         return CausalLMOutput(loss=self.ctc_loss(logits, batch), logits=logits)
-
-    def encode(self, audio: torch.Tensor, lengths) -> torch.Tensor:
-        """The encoder's hidden states (B, T, H): HF's `Wav2Vec2Model.forward` with its own modules, but the
-        frame mask made from the host `lengths` (samples) and SpecAugment drawn from it on the host and
-        applied with `torch.where`. HF's own reads the lengths back from the device and masks by boolean
-        indexing: two host syncs per training step. The masks are HF's (its `_compute_mask_indices`, the
-        same numpy draws), so the output equals `Wav2Vec2Model`'s (tests/test_speed.py)."""
-        wav2vec2 = self.model.wav2vec2
-        features = wav2vec2.feature_extractor(audio).transpose(1, 2)
-        frames = self.frames(lengths).numpy()  # host lengths, host frames
-        frame_mask = np.arange(features.shape[1])[None, :] < frames[:, None]  # (B, T), numpy: on the host
-        hidden, _ = wav2vec2.feature_projection(features)
-        hidden = self._spec_augment(hidden, frame_mask)
-        hidden = self._transformer(hidden, frame_mask)
-        return hidden if wav2vec2.adapter is None else wav2vec2.adapter(hidden)
-
-    def _transformer(self, hidden: torch.Tensor, frame_mask: np.ndarray) -> torch.Tensor:
-        """HF's `Wav2Vec2EncoderStableLayerNorm.forward` (XLS-R's pre-norm transformer) with its own modules,
-        given the attention mask it would build: transformers' mask builder reads the frame mask back from
-        the device (`padding_mask.all()`, to drop a mask without padding); here the host knows. Without padding
-        no mask is passed, so SDPA may take its fastest kernel. Other encoders run as HF's."""
-        encoder = self.model.wav2vec2.encoder
-        implementation = self.model.config._attn_implementation
-        mask = torch.from_numpy(frame_mask).to(hidden.device, non_blocking=True)
-        if not isinstance(encoder, Wav2Vec2EncoderStableLayerNorm) or implementation not in ("sdpa", "eager"):
-            return encoder(hidden, attention_mask=mask)[0]
-        attention = None
-        if not frame_mask.all():
-            hidden = hidden.masked_fill(~mask[..., None], 0)  # padded frames are 0, as HF's
-            keys = mask[:, None, None, :]  # (B, 1, 1, T): every query attends to the clip's frames
-            attention = keys if implementation == "sdpa" else (~keys).to(hidden.dtype) * torch.finfo(hidden.dtype).min
-        hidden = encoder.dropout(hidden + encoder.pos_conv_embed(hidden))
-        for layer in encoder.layers:
-            if self.training and self.model.config.layerdrop > 0 and torch.rand([]) < self.model.config.layerdrop:
-                continue  # LayerDrop (a host draw, as HF's)
-            hidden = layer(hidden, attention_mask=attention)
-        return encoder.layer_norm(hidden)
-
-    def _spec_augment(self, hidden: torch.Tensor, frame_mask: np.ndarray) -> torch.Tensor:
-        """HF's SpecAugment (`Wav2Vec2Model._mask_hidden_states`) in training: time spans replaced by the
-        learned mask embedding, feature channels zeroed; masks drawn on the host from `frame_mask`."""
-        config = self.model.config
-        if not self.training or not getattr(config, "apply_spec_augment", True):
-            return hidden
-        batch, length, size = hidden.shape
-        if config.mask_time_prob > 0:
-            spans = _compute_mask_indices((batch, length), mask_prob=config.mask_time_prob,
-                                          mask_length=config.mask_time_length, attention_mask=_Frames(frame_mask),
-                                          min_masks=config.mask_time_min_masks)
-            spans = torch.from_numpy(spans).to(hidden.device, non_blocking=True)
-            hidden = torch.where(spans[..., None], self.model.wav2vec2.masked_spec_embed.to(hidden.dtype), hidden)
-        if config.mask_feature_prob > 0:
-            channels = _compute_mask_indices((batch, size), mask_prob=config.mask_feature_prob,
-                                             mask_length=config.mask_feature_length,
-                                             min_masks=config.mask_feature_min_masks)
-            hidden = hidden.masked_fill(torch.from_numpy(channels).to(hidden.device, non_blocking=True)[:, None], 0)
-        return hidden
 
     def ctc_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """HF's CTC loss (float32, per-utterance loss / label length, batch mean, infeasible zeroed) from the
@@ -332,7 +254,7 @@ class CTCModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def adamw(model: Wav2Vec2ForCTC, lr: float, betas: list[float], eps: float, weight_decay: float,
+def adamw(model: SyncFreeWav2Vec2ForCTC, lr: float, betas: list[float], eps: float, weight_decay: float,
           head_lr: float | None, fused: bool) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; the CTC head (`lm_head`) at `head_lr` (None: `lr`). As the HF
     Trainer, no weight decay on biases and layer-norm gains (1-D tensors). fused: torch's one-kernel

@@ -85,23 +85,17 @@ class Span(speed.SpeedMonitor):
 
 
 def ours(cfg, steps: int, warmup: int, peak_tflops):
-    import lightning as L
-    from hydra.utils import instantiate
-
     from asr.model import CTCModel
+    from asr.run import assemble
 
-    L.seed_everything(cfg.seed)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup("fit")
-    model = CTCModel.from_config(cfg, data.vocab.tokens)
-    initial = {k: v.clone() for k, v in model.model.state_dict().items()}
     span = Span(warmup, peak_tflops)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[span], max_steps=warmup + steps, max_time=None,
-                          limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, log_every_n_steps=1)
-    trainer.fit(model, datamodule=data)
-    figures = span.figures(model.device)
-    del model, trainer
+    run = assemble(cfg, callbacks=[span], max_steps=warmup + steps, max_time=None, limit_val_batches=0,
+                   enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    initial = {k: v.clone() for k, v in run.model.model.state_dict().items()}
+    run.fit()
+    figures = span.figures(run.model.device)
+    data = run.data
+    del run
     from omegaconf import OmegaConf
     fresh = CTCModel.from_config(OmegaConf.merge(cfg, {"model": {"compile": False}}), data.vocab.tokens)
     fresh.model.load_state_dict(initial)  # our initial weights, for the HF Trainer (never compiled)
@@ -165,7 +159,8 @@ def main(argv=None) -> list[dict]:
     for precision, seconds, ckpt, attention, compiled in itertools.product(
             args.precision, args.batch_seconds, args.checkpointing, args.attention, args.compile):
         overrides = [f"model={args.model}", "model.pretrained=null", f"precision='{PRECISION[precision]}'",
-                     "lang=pt", f"data.root={root}", "logger=none", f"run_dir={tempfile.mkdtemp()}",
+                     "lang=pt", f"data.root={root}", "logger=none", "~callbacks.checkpoint", "~callbacks.last",
+                     "~callbacks.speed", f"run_dir={tempfile.mkdtemp()}",
                      f"model.gradient_checkpointing={ckpt == 'on'}", f"model.attn_implementation={attention}",
                      f"model.compile={compiled == 'on'}", *([f"data.max_batch_seconds={seconds}"] if seconds else []),
                      *args.overrides]

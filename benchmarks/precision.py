@@ -23,10 +23,9 @@ PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 def run(cfg, steps: int, precision: str) -> dict:
     import lightning as L
-    from hydra.utils import instantiate
     from lightning.pytorch.plugins import MixedPrecision
 
-    from asr.model import CTCModel
+    from asr.run import assemble
 
     class Losses(L.Callback):
         def __init__(self):
@@ -35,20 +34,16 @@ def run(cfg, steps: int, precision: str) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(outputs["loss"].detach().float())  # read at the end: no sync per step
 
-    L.seed_everything(cfg.seed)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup("fit")
-    model = CTCModel.from_config(cfg, data.vocab.tokens)
     cuda = torch.cuda.is_available()
-    plugins = []
+    plugins = {}
     if precision == "16" and not cuda:  # Lightning would run bf16 on a CPU
-        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+        plugins = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
     losses = Losses()
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[losses], max_steps=steps, max_time=None,
-                          limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, plugins=plugins,
-                          precision=None if plugins else PRECISIONS[precision])
-    trainer.fit(model, datamodule=data)
+    run = assemble(cfg, callbacks=[losses], max_steps=steps, max_time=None, limit_val_batches=0,
+                   enable_progress_bar=False, enable_model_summary=False,
+                   precision=None if plugins else PRECISIONS[precision], **plugins)
+    run.fit()
+    model, trainer = run.model, run.trainer
     values = torch.stack(losses.losses).cpu()
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return {"losses": values, "skipped": model.skipped_updates, "nonfinite": int((~torch.isfinite(values)).sum()),
@@ -69,6 +64,7 @@ def main(argv=None) -> dict:
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = checked(compose("train", overrides=[f"model={args.model}", "logger=none",
+                                                  "~callbacks.checkpoint", "~callbacks.last",
                                                   "run_dir=/tmp/precision-benchmark", *args.overrides]))
     results = {p: run(cfg, args.steps, p) for p in args.precisions}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"

@@ -25,29 +25,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from asr import audio  # noqa: E402
 
-OVERRIDES = ["logger=none", "data.num_workers=2", "run_dir=/tmp/throughput-benchmark"]
+# train.py's run without what is not training: no logger, no checkpoints, no progress bar, no evaluation
+OVERRIDES = ["logger=none", "~callbacks.checkpoint", "~callbacks.last", "data.num_workers=2",
+             "run_dir=/tmp/throughput-benchmark"]
 
 
 def ours(cfg, steps: int, profile: bool) -> dict:
-    import lightning as L
-    from hydra.utils import instantiate
+    """train.py's run (`asr.run.assemble`) for `steps` updates; `initial`: its weights before the first."""
+    from asr.run import assemble
 
-    from asr.model import CTCModel
-    from asr.report import RunReport
-
-    L.seed_everything(cfg.seed)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup("fit")
-    model = CTCModel.from_config(cfg, data.vocab.tokens)
-    report = RunReport(Path("/tmp"))
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[report], max_steps=steps, max_time=None,
-                          limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, profiler="simple" if profile else None)
-    trainer.fit(model, datamodule=data)
+    run = assemble(cfg, max_steps=steps, max_time=None, limit_val_batches=0, enable_progress_bar=False,
+                   enable_model_summary=False, profiler="simple" if profile else None)
+    initial = {k: v.clone() for k, v in run.model.model.state_dict().items()}
+    run.fit()
     if profile:
-        print(trainer.profiler.summary())
+        print(run.trainer.profiler.summary())
+    report = run.report
     return {"audio_seconds": report.audio_seconds, "seconds": report.train_seconds,
-            "padding": 1 - report.audio_seconds / report.padded_seconds, "model": model, "data": data}
+            "padding": 1 - report.audio_seconds / report.padded_seconds, "initial": initial, "data": run.data}
 
 
 def clips_per_batch(data) -> int:
@@ -126,18 +121,16 @@ def main() -> None:
         cfg = checked(compose("train", overrides=OVERRIDES + args.overrides))
     torch.manual_seed(cfg.seed)
     mine = ours(cfg, args.steps, args.profile)
-    data = mine.pop("data")
-    del mine["model"]
+    data, initial_weights = mine.pop("data"), mine.pop("initial")
     if args.ours_only:
         print(f"\nours, {args.steps} updates, {' '.join(args.overrides) or 'defaults'}: "
               f"{mine['audio_seconds'] / mine['seconds']:.1f} audio-s/s, padding {mine['padding']:.1%}")
         return
-    # The HF model: the same Wav2Vec2ForCTC class, rebuilt from the seed, so with our initial weights.
-    import lightning as L
-
+    # The HF model: the same Wav2Vec2ForCTC, with our initial weights.
     from asr.model import CTCModel
-    L.seed_everything(cfg.seed)
+
     initial = CTCModel.from_config(cfg, data.vocab.tokens)
+    initial.model.load_state_dict(initial_weights)
     clips = clips_per_batch(data)
     theirs = hf_trainer(cfg, args.steps, clips, data, initial.model)
 

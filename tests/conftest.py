@@ -67,3 +67,16 @@ def slurm():
     started = subprocess.run([str(asr.REPO_DIR / "slurm" / "local.sh")], capture_output=True, text=True, timeout=180)
     if started.returncode:
         pytest.skip(f"no SLURM cluster: {(started.stderr or started.stdout).strip()}")
+
+
+# A run shrunk to its training loop: no metrics logger, no checkpoints, no progress bar.
+SHRUNK = ("logger=none", "~callbacks.checkpoint", "~callbacks.last", "+trainer.enable_progress_bar=false",
+          "+trainer.enable_model_summary=false")
+
+
+def assembled(*overrides: str, callbacks=(), **trainer_args):
+    """The run train.py would build (`asr.run.assemble`) from the train config with these overrides;
+    `callbacks` and `trainer_args` as `assemble` takes them."""
+    from asr.run import assemble
+
+    return assemble(compose_config(overrides=overrides), callbacks=list(callbacks), **trainer_args)

@@ -4,12 +4,10 @@ alone and inside a real Lightning run."""
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from asr.batching import DurationBatchSampler
-from asr.model import CTCModel
 from tests.callbacks import RecordUpdates
-from tests.conftest import compose_config
+from tests.conftest import SHRUNK, assembled
 
 DURATIONS = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 500).clip(1, 10)
 
@@ -130,23 +128,15 @@ def test_sampler_is_where_lightning_sets_the_epoch():
 
 def test_lightning_resume_mid_epoch_continues_with_the_next_batch(cv_corpus, tmp_path, recwarn):
     """A run checkpointed at step 8 (mid-epoch) and resumed from it sees the batches the uninterrupted run saw."""
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.max_batch_seconds=8", "data.num_workers=2",
-                                    f"run_dir={tmp_path}"])
-
     def fit(callbacks, ckpt_path=None):
-        L.seed_everything(0)
-        data = instantiate(cfg.data, _convert_="all")
-        data.setup("fit")
-        model = CTCModel.from_config(cfg, data.vocab.tokens)
         record = RecordUpdates()
-        trainer = L.Trainer(max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False,
-                            default_root_dir=tmp_path,
-                            enable_model_summary=False, limit_val_batches=0, callbacks=[record, *callbacks])
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-        return trainer, record.ids
+        run = assembled(f"data.root={cv_corpus}", "data.max_batch_seconds=8", "data.num_workers=2",
+                        f"run_dir={tmp_path}", *SHRUNK, f"ckpt_path='{ckpt_path}'" if ckpt_path else "ckpt_path=null",
+                        callbacks=[record, *callbacks], max_steps=12, accelerator="cpu", limit_val_batches=0)
+        run.fit()
+        return run.trainer, record.ids
 
     every_8 = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1, filename="{step}")
     trainer, uninterrupted = fit([every_8])

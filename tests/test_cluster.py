@@ -278,12 +278,19 @@ def free_port() -> int:
 
 
 def test_torchrun_with_two_nodes_on_localhost(tmp_path):
-    """`torchrun --nnodes=2` (here both nodes on this machine): one run directory, a world of 2."""
+    """`torchrun --nnodes=2` (here both nodes on this machine): one run directory, a world of 2.
+
+    The rendezvous store is this test's, not a node agent's: with torchrun's static rendezvous the agent of
+    node 0 hosts it and may exit while node 1's agent still waits at the exit barrier, which then times out
+    after 300 s and fails the run (pytorch/pytorch#69520; seen here under load). Both agents join as clients
+    of a store that outlives them."""
     run_dir, port = tmp_path / "run", free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     nodes = [subprocess.Popen(
-        [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
-         "--master-addr=127.0.0.1", f"--master-port={port}", "train.py", "trainer.accelerator=cpu",
+        [PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=twonodes", "--rdzv-conf=is_host=false",
+         "train.py", "trainer.accelerator=cpu",
          "trainer.num_nodes=2", "trainer.strategy=ddp", "trainer.max_steps=3", "trainer.val_check_interval=3",
          "data.num_workers=0", "logger=none", f"hydra.run.dir={run_dir}"],
         cwd=asr.REPO_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]

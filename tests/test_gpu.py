@@ -1,6 +1,6 @@
 """On a GPU (skipped without CUDA): syncs per update, the demo in bf16 and fp16, the worst-batch probe's
-out-of-memory message, evaluate.py on the GPU. None of these has run yet: no GPU was lent when they were
-written (docs/notes.md)."""
+out-of-memory message, evaluate.py on the GPU. Their first run (one H200, main at 8f8c191) is in
+docs/gpu.md."""
 
 import json
 import os
@@ -11,11 +11,9 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 
 import asr
-from asr.model import CTCModel
-from tests.conftest import compose_config
+from tests.conftest import assembled
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -43,17 +41,10 @@ class CountSyncs(L.Callback):
 
 @pytest.mark.parametrize("precision", ["bf16", "16"])
 def test_an_update_does_not_synchronise_between_log_steps(cv_corpus, tmp_path, precision):
-    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=1", "data.max_batch_seconds=8",
-                                    f"run_dir={tmp_path}", "trainer.log_every_n_steps=4", f"precision='{precision}'",
-                                    "~callbacks.requeue"])
-    L.seed_everything(0)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup("fit")
-    model = CTCModel.from_config(cfg, data.vocab.tokens)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [count := CountSyncs()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), max_steps=8,
-                          limit_val_batches=0, accelerator="gpu")
-    trainer.fit(model, datamodule=data)
+    run = assembled(f"data.root={cv_corpus}", "data.num_workers=1", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
+                    "trainer.log_every_n_steps=4", f"precision={precision}", "~callbacks.requeue",
+                    callbacks=[count := CountSyncs()], max_steps=8, limit_val_batches=0, accelerator="gpu")
+    run.fit()
     assert all(not count.per_update[step] for step in (2, 3, 4, 6, 7, 8)), count.per_update
 
 

@@ -1,29 +1,20 @@
 """Worst batch first: the epoch's largest batches run before the first update and leave no trace."""
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 
 from asr import SetupError
 from asr.memory import WorstBatchFirst, worst_batches
-from asr.model import CTCModel
-from tests.conftest import compose_config
+from tests.conftest import SHRUNK, assembled
 
 
 def _train(cv_corpus, tmp_path, probe):
-    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8",
-                                    f"run_dir={tmp_path}", "model.config.mask_time_prob=0.3",
-                                    "model.config.mask_time_length=2"])
-    L.seed_everything(0)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup("fit")
-    model = CTCModel.from_config(cfg, data.vocab.tokens)
-    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[probe], max_steps=3, limit_val_batches=0,
-                        enable_progress_bar=False, enable_checkpointing=False, use_distributed_sampler=False)
-    trainer.fit(model, datamodule=data)
-    return model, data
+    run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
+                    "model.config.mask_time_prob=0.3", "model.config.mask_time_length=2", *SHRUNK,
+                    "~callbacks.worst_batch_first", callbacks=[probe], max_steps=3, limit_val_batches=0)
+    run.fit()
+    return run.model, run.data
 
 
 def test_the_worst_batches_run_first_and_change_nothing(cv_corpus, tmp_path):

@@ -1,10 +1,9 @@
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from hydra.utils import instantiate
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
 from asr.model import CTCModel
-from tests.conftest import compose_config
+from tests.conftest import assembled, compose_config
 
 VOCAB = list("abc") + ["|", "[UNK]", "[PAD]"]
 
@@ -51,12 +50,9 @@ def test_our_ctc_loss_equals_hf_and_reads_nothing_back_from_the_device(cv_corpus
     """The loss computed from the collator's host lengths is HF's own (labels= path), and its gradients
     too; ours dispatches no op that reads a value back from the device, HF's does."""
     from asr import data as asr_data
-    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0"])
-    dm = instantiate(cfg.data, _convert_="all")
-    dm.setup("fit")
-    torch.manual_seed(0)
-    model = CTCModel.from_config(cfg, dm.vocab.tokens).eval()
-    dataset = asr_data.UtteranceDataset(dm.load("train"), dm.vocab)
+    run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0", "logger=none")
+    model = run.model.eval()
+    dataset = asr_data.UtteranceDataset(run.data.load("train"), run.data.vocab)
     batch = asr_data.collate([dataset[i] for i in range(4)])
     batch["labels"][0, 3:] = -100  # an utterance whose label is shorter
     batch["label_lengths"][0] = 3

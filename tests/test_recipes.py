@@ -12,7 +12,6 @@ import sys
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import asr
@@ -20,7 +19,7 @@ from asr import cluster, schedules
 from asr.model import CTCModel
 from asr.report import hyperparameters
 from tests.callbacks import RecordUpdates
-from tests.conftest import compose_config
+from tests.conftest import SHRUNK, assembled, compose_config
 
 SEEDS = asr.REPO_DIR.parent / "shared" / "seeds"
 EXPERIMENTS = {  # experiment -> (card, lang, model)
@@ -82,17 +81,10 @@ def test_experiment_pins_its_cards_hyperparameters(experiment):
     assert cfg.data.max_batch_size * cfg.data.max_seconds <= cfg.data.max_batch_seconds
 
 
-def _tiny_trainer(cv_corpus, tmp_path, overrides=(), **trainer_args):
-    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8",
-                                    f"run_dir={tmp_path}", *overrides])
-    L.seed_everything(0)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup("fit")
-    model = CTCModel.from_config(cfg, data.vocab.tokens)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
-                        **trainer_args)
-    return cfg, data, model, trainer
+def _tiny_trainer(cv_corpus, tmp_path, overrides=(), callbacks=(), **trainer_args):
+    run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
+                    *SHRUNK, *overrides, callbacks=callbacks, accelerator="cpu", limit_val_batches=0, **trainer_args)
+    return run.cfg, run.data, run.model, run.trainer
 
 
 def test_schedule_steps_once_per_optimizer_update_under_accumulation(cv_corpus, tmp_path):
@@ -172,7 +164,7 @@ def test_fp16_loss_scaling_skips_an_overflowing_update_and_halves_the_scale(cv_c
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # low enough that only the NaN batch overflows
     _, data, model, trainer = _tiny_trainer(
-        cv_corpus, tmp_path, ["model.config.mask_time_prob=0"], max_steps=4,
+        cv_corpus, tmp_path, ["model.config.mask_time_prob=0"], max_steps=4, precision=None,
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[PlantNaN({1}), watch := RecordUpdates()])
     trainer.fit(model, datamodule=data)
     assert trainer.precision == "16-mixed"

@@ -1,47 +1,16 @@
-"""Speed without host syncs: our encoder pass equals HF's without reading the device, a training update
-reads nothing back from the device between log steps, and the FLOP count behind MFU is the model's."""
+"""Speed without host syncs: a training update reads nothing back from the device between log steps, and
+the FLOP count behind MFU is the model's."""
 
 import numpy as np
 import pytest
+import lightning as L
 import torch
-from hydra.utils import instantiate
 from torch.utils.flop_counter import FlopCounterMode
 
-import lightning as L
 from asr import speed
-from asr.model import CTCModel
-from tests.conftest import compose_config
+from tests.conftest import assembled
+from tests.test_encoder import _model_and_batch
 from tests.test_model import DeviceReads
-
-
-def _model_and_batch(cv_corpus, *overrides):
-    from asr import data as asr_data
-    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", *overrides])
-    dm = instantiate(cfg.data, _convert_="all")
-    dm.setup("fit")
-    torch.manual_seed(0)
-    model = CTCModel.from_config(cfg, dm.vocab.tokens)
-    dataset = asr_data.UtteranceDataset(dm.load("train"), dm.vocab)
-    return model, asr_data.collate([dataset[i] for i in range(4)])
-
-
-def test_our_encoder_pass_is_hfs_with_spec_augment_and_reads_nothing_back(cv_corpus):
-    """In training, with time and channel masks: the same hidden states as Wav2Vec2Model.forward from the same
-    numpy state; HF's reads the lengths back and masks by boolean indexing, ours does neither."""
-    model, batch = _model_and_batch(cv_corpus, "model.config.mask_time_prob=0.3", "model.config.mask_time_length=2",
-                                    "model.config.mask_feature_prob=0.2", "model.config.mask_feature_length=4")
-    model.train()
-    np.random.seed(3)
-    with DeviceReads() as ours_mode:
-        ours = model.encode(batch["audio"], batch["lengths"])
-    np.random.seed(3)
-    with DeviceReads() as hf_mode:
-        theirs = model.model.wav2vec2(batch["audio"], attention_mask=batch["attention_mask"])[0]
-    assert ours_mode.reads == []
-    assert hf_mode.reads  # its lengths' .tolist() and the boolean-mask assignment
-    torch.testing.assert_close(ours, theirs)
-    np.random.seed(4)  # another draw masks other frames: the masks were applied
-    assert not torch.allclose(model.encode(batch["audio"], batch["lengths"]), ours)
 
 
 class CountReads(L.Callback):
@@ -58,18 +27,12 @@ class CountReads(L.Callback):
 def test_a_training_update_reads_nothing_back_from_the_device_between_log_steps(cv_corpus, tmp_path):
     """The training loop as train.py builds it (the config's callbacks, a CSV logger, the progress bar, a
     loader worker) on 4 updates between log steps: on a GPU each read would make the host wait for the device."""
-    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=1", "data.max_batch_seconds=8",
-                                    f"run_dir={tmp_path}", "trainer.log_every_n_steps=4", "~callbacks.requeue"])
-    L.seed_everything(0)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup("fit")
-    model = CTCModel.from_config(cfg, data.vocab.tokens)
     reads = DeviceReads()
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [count := CountReads(reads)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), max_steps=8,
-                          limit_val_batches=0, accelerator="cpu")
+    run = assembled(f"data.root={cv_corpus}", "data.num_workers=1", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
+                    "trainer.log_every_n_steps=4", "~callbacks.requeue", callbacks=[count := CountReads(reads)],
+                    max_steps=8, limit_val_batches=0, accelerator="cpu")
     with reads:
-        trainer.fit(model, datamodule=data)
+        run.fit()
     reads = {step: len(r) for step, r in count.per_update}  # from the previous batch's end to this one's
     assert list(reads) == list(range(1, 9))
     # Lightning reads the logged tensors after the log step's batch end (update 4): once per 4 updates
@@ -85,7 +48,7 @@ def test_the_flop_count_behind_mfu_is_torchs_count_of_the_model(cv_corpus):
     model.eval()
     n = batch["lengths"][0]
     with FlopCounterMode(display=False) as counter:
-        model.encode(batch["audio"][:1, :n], [n])
+        model.model.encode(batch["audio"][:1, :n], [n])
         model.model.lm_head(torch.zeros(1, int(model.frames([n])[0]), model.model.config.hidden_size))
     counted = counter.get_total_flops()
     config = model.model.config
@@ -97,17 +60,12 @@ def test_the_flop_count_behind_mfu_is_torchs_count_of_the_model(cv_corpus):
 
 
 def test_the_speed_figures_are_logged_per_window_with_mfu_against_a_given_peak(cv_corpus, tmp_path):
-    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8",
-                                    f"run_dir={tmp_path}", "trainer.log_every_n_steps=2"])
-    L.seed_everything(0)
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup("fit")
-    model = CTCModel.from_config(cfg, data.vocab.tokens)
-    monitor = speed.SpeedMonitor(peak_tflops=0.001)
-    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[monitor], max_steps=4, limit_val_batches=0,
-                        log_every_n_steps=2, enable_progress_bar=False, enable_checkpointing=False)
-    trainer.fit(model, datamodule=data)
-    figures = monitor.last
+    run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
+                    "trainer.log_every_n_steps=2", "callbacks.speed.peak_tflops=0.001", "logger=none",
+                    max_steps=4, limit_val_batches=0, accelerator="cpu", enable_progress_bar=False)
+    run.fit()
+    model = run.model
+    figures = next(c for c in run.callbacks if isinstance(c, speed.SpeedMonitor)).last
     assert 0 < figures["train/audio_seconds_per_second"] < 10_000
     assert 0 <= figures["train/loader_wait"] < 1 and 0 <= figures["train/padding_fraction"] < 1
     # MFU = the window's model FLOPs per second / peak: 1 GFLOP/s x mfu = FLOPs per audio-second x audio-s/s

@@ -18,9 +18,8 @@ from asr import data as asr_data
 from asr import synth
 from asr.model import CTCModel
 from asr.text import Vocabulary
-from tests.conftest import compose_config
+from tests.conftest import assembled
 from tests.wandb_records import read_run, records
-from hydra.utils import instantiate
 
 
 def run(script, *overrides, env=None):
@@ -60,6 +59,8 @@ def test_train_export_evaluate(cv_corpus, tmp_path):
     # The exported HF directory loads with plain transformers and gives the checkpoint's logits.
     best = CTCModel.from_checkpoint(results["best_checkpoint"]).eval()
     hf_model = Wav2Vec2ForCTC.from_pretrained(run_dir / "model").eval()
+    assert type(hf_model) is Wav2Vec2ForCTC  # HF's own class, named so in config.json (AutoModelForCTC loads it)
+    assert json.loads((run_dir / "model" / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]
     processor = Wav2Vec2Processor.from_pretrained(run_dir / "model")
     assert processor.tokenizer.get_vocab() == best.vocab.ids
     wave = asr_data.audio.load(next((cv_corpus / "clips").glob("*.mp3")))
@@ -118,11 +119,8 @@ def test_default_logger_writes_csv_with_learning_rate(cv_corpus, tmp_path):
 
 def test_tiny_model_learns_a_batch(cv_corpus):
     """Gradients reach the whole model: 60 updates on one batch cut its CTC loss by more than half."""
-    torch.manual_seed(0)
-    cfg = compose_config(overrides=[f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0"])
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    model = CTCModel.from_config(cfg, dm.vocab.tokens)
+    run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0", "logger=none")
+    model, dm = run.model, run.data
     batch = asr_data.collate([asr_data.UtteranceDataset(dm.load("train"), dm.vocab)[i] for i in range(4)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []

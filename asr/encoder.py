@@ -1,0 +1,113 @@
+"""The network: HF's Wav2Vec2ForCTC (its modules and weights, unchanged) with an encoder pass that never
+reads a value back from the device. Plain `nn.Module` code; the trainer's side is `asr.model.CTCModel`.
+
+HF's own pass reads the clip lengths back from the device twice per training step (SpecAugment's
+`.tolist()` and boolean-index masking; transformers' attention-mask builder's `padding_mask.all()`).
+Here the frame mask is made from the host lengths (samples) the collator counted, SpecAugment is drawn
+from it on the host with HF's own `_compute_mask_indices` (the same numpy draws, so the same masks) and
+applied with `torch.where`, and the transformer loop gets the attention mask the host already knows.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Wav2Vec2ForCTC
+from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStableLayerNorm, _compute_mask_indices
+
+
+class _Frames:
+    """A host frame mask as HF's `_compute_mask_indices` reads an attention mask (`.detach().sum(-1).tolist()`,
+    its only use): the frame counts, without a torch tensor to read back."""
+
+    def __init__(self, frame_mask: np.ndarray):
+        self.counts = frame_mask.sum(-1).tolist()
+
+    def detach(self):
+        return self
+
+    def sum(self, dim: int):
+        return self
+
+    def tolist(self) -> list[int]:
+        return self.counts
+
+
+class SyncFreeWav2Vec2ForCTC(Wav2Vec2ForCTC):
+    """Wav2Vec2ForCTC (same modules, weights and config; HF's `forward` is left as it is) with `logits` and
+    `encode` from host lengths. Saved with `save_pretrained`, it loads as HF's Wav2Vec2ForCTC. (The class
+    name keeps "ForCTC": transformers picks HF's own `forward(labels=)` loss by it.)"""
+
+    def frames(self, samples) -> torch.Tensor:
+        """(B,) encoder output frames of each clip, from its samples (a host list or a tensor)."""
+        return self._get_feat_extract_output_lengths(torch.as_tensor(samples))
+
+    def logits(self, audio: torch.Tensor, lengths, train_encoder: bool = True) -> torch.Tensor:
+        """(B, T, V) CTC logits of `audio` (B, S) samples at 16 kHz, `lengths` (B,) host samples per clip.
+        train_encoder=False: no graph through the encoder (only the head learns)."""
+        with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+            hidden = self.encode(audio, lengths)
+        return self.lm_head(self.dropout(hidden))
+
+    def encode(self, audio: torch.Tensor, lengths) -> torch.Tensor:
+        """The encoder's hidden states (B, T, H): HF's `Wav2Vec2Model.forward` with its own modules, the
+        frame mask from the host `lengths`. Equals `self.wav2vec2(audio, attention_mask=...)` from the same
+        numpy random state (tests/test_encoder.py)."""
+        wav2vec2 = self.wav2vec2
+        features = wav2vec2.feature_extractor(audio).transpose(1, 2)
+        frames = self.frames(lengths).numpy()  # host lengths, host frames
+        frame_mask = np.arange(features.shape[1])[None, :] < frames[:, None]  # (B, T), numpy: on the host
+        hidden, _ = wav2vec2.feature_projection(features)
+        hidden = self._spec_augment(hidden, frame_mask)
+        hidden = self._transformer(hidden, frame_mask)
+        return hidden if wav2vec2.adapter is None else wav2vec2.adapter(hidden)
+
+    def _transformer(self, hidden: torch.Tensor, frame_mask: np.ndarray) -> torch.Tensor:
+        """HF's `Wav2Vec2EncoderStableLayerNorm.forward` (XLS-R's pre-norm transformer) with its own modules,
+        given the attention mask it would build. Without padding no mask is passed, so SDPA may take its
+        fastest kernel. Other encoders run as HF's."""
+        encoder = self.wav2vec2.encoder
+        implementation = self.config._attn_implementation
+        mask = torch.from_numpy(frame_mask).to(hidden.device, non_blocking=True)
+        if not isinstance(encoder, Wav2Vec2EncoderStableLayerNorm) or implementation not in ("sdpa", "eager"):
+            return encoder(hidden, attention_mask=mask)[0]
+        attention = None
+        if not frame_mask.all():
+            hidden = hidden.masked_fill(~mask[..., None], 0)  # padded frames are 0, as HF's
+            keys = mask[:, None, None, :]  # (B, 1, 1, T): every query attends to the clip's frames
+            attention = keys if implementation == "sdpa" else (~keys).to(hidden.dtype) * torch.finfo(hidden.dtype).min
+        hidden = encoder.dropout(hidden + encoder.pos_conv_embed(hidden))
+        for layer in encoder.layers:
+            if self.training and self.config.layerdrop > 0 and torch.rand([]) < self.config.layerdrop:
+                continue  # LayerDrop (a host draw, as HF's)
+            hidden = layer(hidden, attention_mask=attention)
+        return encoder.layer_norm(hidden)
+
+    def _spec_augment(self, hidden: torch.Tensor, frame_mask: np.ndarray) -> torch.Tensor:
+        """HF's SpecAugment (`Wav2Vec2Model._mask_hidden_states`) in training: time spans replaced by the
+        learned mask embedding, feature channels zeroed; masks drawn on the host from `frame_mask`."""
+        config = self.config
+        if not self.training or not getattr(config, "apply_spec_augment", True):
+            return hidden
+        batch, length, size = hidden.shape
+        if config.mask_time_prob > 0:
+            spans = _compute_mask_indices((batch, length), mask_prob=config.mask_time_prob,
+                                          mask_length=config.mask_time_length, attention_mask=_Frames(frame_mask),
+                                          min_masks=config.mask_time_min_masks)
+            spans = torch.from_numpy(spans).to(hidden.device, non_blocking=True)
+            hidden = torch.where(spans[..., None], self.wav2vec2.masked_spec_embed.to(hidden.dtype), hidden)
+        if config.mask_feature_prob > 0:
+            channels = _compute_mask_indices((batch, size), mask_prob=config.mask_feature_prob,
+                                             mask_length=config.mask_feature_length,
+                                             min_masks=config.mask_feature_min_masks)
+            hidden = hidden.masked_fill(torch.from_numpy(channels).to(hidden.device, non_blocking=True)[:, None], 0)
+        return hidden
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As HF's Wav2Vec2ForCTC (config.json names that class): AutoModelForCTC and pipelines load it."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        path = Path(save_directory) / "config.json"
+        config = json.loads(path.read_text())
+        config["architectures"] = ["Wav2Vec2ForCTC"]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
