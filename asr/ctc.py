@@ -17,8 +17,14 @@ in log space, one step per frame for the whole batch:
   occupation exp(alpha + beta - emission + nll) is the posterior of the state. torch's kernel returns that
   plus softmax(log_probs) (the gradient through a log_softmax it assumes); through `log_softmax` both give
   the same gradient of the logits. The backward pass is analytic, so autograd saves nothing per frame
-  (autograd through the loop is ~15x slower on a CPU: benchmarks/ctc.py).
+  (autograd through the loop took 10-70x longer on a CPU: benchmarks/ctc.py --autograd).
 A clip's frames past its length and states past 2L are computed alike but never read.
+
+Cost: 4 elementwise ops on (S+2, 2B) per frame (one loop, alpha and beta together), ~10 vectorised ops on
+(T, S, B), and 3x the memory of a (T, S, B) float32 tensor kept from forward to backward. On a CPU the loss
+and its gradient take about twice torch's time; on a GPU that loop is ~4 kernel launches per frame (not
+measured yet). It traces into one graph with torch.compile, but the loop unrolls (T=500: 34 s to trace):
+CUDA graphs over fixed batch shapes, or a Triton kernel, are the ways to fewer launches.
 """
 
 import torch
@@ -54,7 +60,7 @@ IMPLEMENTATIONS = ("torch", "tensor", "auto")
 
 def use_tensor_ops(implementation: str, device: torch.device) -> bool:
     """Whether `model.ctc_loss` picks this module's loss for `device`: tensor, or auto on CUDA (where torch's
-    synchronises; on a CPU torch's is ~2.5x faster, benchmarks/ctc.py). SetupError for another value."""
+    synchronises; on a CPU torch's takes about half the time, benchmarks/ctc.py). SetupError for another value."""
     if implementation not in IMPLEMENTATIONS:
         raise SetupError(f"model.ctc_loss={implementation!r}: expected one of {', '.join(IMPLEMENTATIONS)}.")
     return implementation == "tensor" or (implementation == "auto" and device.type == "cuda")

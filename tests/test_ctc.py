@@ -121,7 +121,7 @@ def test_loss_and_backward_read_nothing_back_from_the_device():
     assert meta[0].grad.shape == logits.shape and meta[0].grad.device.type == "meta"
 
 
-def test_the_model_option_picks_the_loss_with_equal_results():
+def test_the_model_option_picks_the_loss_with_equal_results(monkeypatch):
     """CTCModel.ctc_loss with model.ctc_loss=tensor: torch's loss and CTC-head gradient, no device read;
     auto picks it on CUDA only; another value is named with the valid ones."""
     cfg = compose_config(overrides=["model.ctc_loss=tensor", "model.config.mask_time_prob=0"])
@@ -132,6 +132,8 @@ def test_the_model_option_picks_the_loss_with_equal_results():
     labels = torch.tensor([[0, 1, 1, 2, 5], [3, 3, -100, -100, -100], [4, 2, 0, 1, -100]])
     batch = {"audio": torch.randn(3, 16000), "lengths": lengths, "labels": labels, "label_lengths": [5, 2, 4]}
     logits = model(batch).logits
+    calls, ctc_loss = [], ctc.ctc_loss
+    monkeypatch.setattr(ctc, "ctc_loss", lambda *args, **kwargs: calls.append(1) or ctc_loss(*args, **kwargs))
     results = {}
     for implementation in ("tensor", "torch"):
         model.hparams.ctc_loss = implementation
@@ -139,6 +141,7 @@ def test_the_model_option_picks_the_loss_with_equal_results():
             loss = model.ctc_loss(logits, batch)
             grad = torch.autograd.grad(loss, model.model.lm_head.weight, retain_graph=True)[0]
         results[implementation] = loss, grad, mode.reads
+    assert len(calls) == 1  # tensor took asr.ctc's loss, torch did not
     assert results["tensor"][2] == []
     torch.testing.assert_close(results["tensor"][0], results["torch"][0], rtol=1e-5, atol=0)
     ours, theirs = results["tensor"][1], results["torch"][1]  # sums over frames: compared to their scale
