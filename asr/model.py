@@ -9,7 +9,7 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import Wav2Vec2Config
 from transformers.modeling_outputs import CausalLMOutput
 
-from asr import SetupError, schedules, text
+from asr import SetupError, ctc, schedules, text
 from asr.encoder import SyncFreeWav2Vec2ForCTC
 from asr.speed import LateRead
 from asr.text import Vocabulary
@@ -71,11 +71,14 @@ class CTCModel(L.LightningModule):
     own learning rate; None: lr), fused, as `adamw` takes them. sched: name and options of a schedule in
     `asr.schedules`. All are plain values, so checkpoints load with `weights_only=True`. The defaults
     are in conf/ (train.yaml, model/, sched/).
+    ctc_loss: torch's `ctc_loss` (torch), `asr.ctc`'s (tensor: no host sync on a GPU), or auto (tensor on
+    CUDA, torch elsewhere).
     """
 
     def __init__(self, vocab: list[str], pretrained: str | None, arch: dict, config: dict, language: str | None,
                  freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
-                 attn_implementation: str, compile: bool, max_consecutive_skips: int, optim: dict, sched: dict):
+                 attn_implementation: str, compile: bool, ctc_loss: str, max_consecutive_skips: int, optim: dict,
+                 sched: dict):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.vocab = Vocabulary(vocab)
@@ -120,7 +123,9 @@ class CTCModel(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        hparams = dict(checkpoint["hyper_parameters"], pretrained=None, arch=checkpoint["wav2vec2_config"], compile=False)
+        # ctc_loss: checkpoints older than the option trained with torch's loss; auto gives the same figures
+        hparams = {"ctc_loss": "auto", **checkpoint["hyper_parameters"], "pretrained": None,
+                   "arch": checkpoint["wav2vec2_config"], "compile": False}
         model = cls(**hparams)
         model.load_state_dict(checkpoint["state_dict"])
         return model
@@ -142,14 +147,18 @@ class CTCModel(L.LightningModule):
         `lengths` and `label_lengths` the collator counted on the host. No op here reads a value back from
         the device (no `.item()`, no data-dependent shape; tests/test_model.py counts them), where HF's
         `labels=` path has three (its `labels.max()` check, a `masked_select` of the labels, the lengths).
-        torch's CUDA CTC kernel still copies the host lengths to the device itself; what that costs on a
-        GPU is not measured here."""
+        torch's CUDA CTC kernel copies the host lengths to the device with blocking copies (6 syncs per
+        update); `asr.ctc` (model.ctc_loss=tensor, or auto on CUDA) takes them on the device and has none."""
         log_probs = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+        labels = batch["labels"].clamp(min=0)  # -100 padding past each label length is not read
+        if ctc.use_tensor_ops(self.hparams.ctc_loss, logits.device):
+            frames, label_lengths = ctc.to_device(self.frames(batch["lengths"]), batch["label_lengths"],
+                                                  device=logits.device)  # one non-blocking copy
+            return ctc.ctc_loss(log_probs, labels, frames, label_lengths, blank=self.vocab.blank_id)
         with torch.backends.cudnn.flags(enabled=False):  # as HF: cuDNN's CTC has other length limits
             return torch.nn.functional.ctc_loss(
-                log_probs, batch["labels"].clamp(min=0),  # -100 padding past each label length is not read
-                self.frames(batch["lengths"]), torch.as_tensor(batch["label_lengths"]),  # host tensors
-                blank=self.vocab.blank_id, reduction="mean", zero_infinity=True)
+                log_probs, labels, self.frames(batch["lengths"]), torch.as_tensor(batch["label_lengths"]),
+                blank=self.vocab.blank_id, reduction="mean", zero_infinity=True)  # host tensors
 
     def _encoder_frozen_now(self) -> bool:
         """In the first `freeze_finetune_updates` training updates of a single-process run. Under DDP the
