@@ -22,10 +22,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+import asr
 from asr import SetupError, lm, quote_numeric_choices, text, tracking
-from asr.config import check_overrides, checked
+from asr.config import check_overrides, checked, register_resolvers
 from asr.metrics import ErrorRates, utterance_cer
 from asr.model import CTCModel
+
+register_resolvers()  # before Hydra composes
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -36,7 +39,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise SetupError(f"ckpt_path={cfg.ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = asr.device(cfg.device)
     model = CTCModel.from_checkpoint(cfg.ckpt_path).to(device).eval()
 
     data = instantiate(cfg.data, _convert_="all")

@@ -16,8 +16,10 @@ import hydra
 from omegaconf import DictConfig
 
 from asr import Requeued, SetupError, TrainingStopped, quote_numeric_choices, tracking
-from asr.config import check_overrides
+from asr.config import check_overrides, register_resolvers
 from asr.run import train
+
+register_resolvers()  # before Hydra composes, here and in a SLURM job that unpickles `main`
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

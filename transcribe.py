@@ -1,21 +1,22 @@
 """Transcribe audio files with a trained model: a checkpoint of train.py or an exported directory.
 
-    python transcribe.py <run>/model clip.mp3 interview.wav          # one transcript per line
-    python transcribe.py <run>/checkpoints/last.ckpt *.flac --json   # JSON lines: path, seconds, text
+    python transcribe.py model_path=<run>/model audio=clip.mp3                  # one transcript per line
+    python transcribe.py model_path=<run>/checkpoints/last.ckpt audio='*.flac' json=true   # path, seconds, text
 
 Any format soundfile reads, any sample rate (resampled to 16 kHz), any length: files longer than
---chunk-seconds are cut into overlapping windows (--stride-seconds of context on each side, dropped
-from the output), as the transformers ASR pipeline does, which this command runs. Transcripts follow
-the model's text rules (asr.text.normalize). Greedy decoding.
+chunk_seconds are cut into overlapping windows (stride_seconds of context on each side, dropped from the
+output), as the transformers ASR pipeline does, which this command runs. Transcripts follow the model's
+text rules (asr.text.normalize). Greedy decoding. Settings: conf/transcribe.yaml (`--help`).
 """
 
-import argparse
+import glob
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+import asr
+from asr import cli
 
 
 def load_pipeline(model_path: str, device: str, out_dir: str):
@@ -29,28 +30,32 @@ def load_pipeline(model_path: str, device: str, out_dir: str):
     if path.is_file():  # a Lightning checkpoint: export it next to nothing, in a temporary directory
         path = export(CTCModel.from_checkpoint(path), out_dir)
     if not (path / "config.json").is_file():
-        sys.exit(f"error: {model_path} is neither a checkpoint (.ckpt) nor an exported model directory "
+        sys.exit(f"error: model_path={model_path} is neither a checkpoint (.ckpt) nor an exported model directory "
                  f"(train.py writes <run>/model/ and <run>/checkpoints/)")
     rules = json.loads((path / "asr.json").read_text()) if (path / "asr.json").is_file() else {}
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    return pipeline("automatic-speech-recognition", model=str(path), device=device), rules.get("language")
+    return pipeline("automatic-speech-recognition", model=str(path), device=asr.device(device)), rules.get("language")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("model", help="a train.py checkpoint (.ckpt) or an exported model directory")
-    parser.add_argument("audio", nargs="+", help="audio files")
-    parser.add_argument("--json", action="store_true", help="print JSON lines (path, seconds, text)")
-    parser.add_argument("--chunk-seconds", type=float, default=30.0, help="window for long files (s)")
-    parser.add_argument("--stride-seconds", type=float, default=5.0, help="context kept on each side (s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    args = parser.parse_args()
+def audio_files(audio) -> list[str]:
+    """The files of the `audio` setting: a path, a glob pattern, or a list of either, in the order given."""
+    names = []
+    for pattern in ([audio] if isinstance(audio, str) else list(audio)):
+        pattern = str(Path(pattern).expanduser())
+        names += sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    return names
+
+
+def main(argv: list[str]) -> None:
+    args, _ = cli.parse("transcribe", argv)
+    files = audio_files(args.audio)
+    if not files:
+        sys.exit(f"error: audio={args.audio} matches no file")
 
     from asr import audio, text
 
     with tempfile.TemporaryDirectory() as tmp:
-        transcriber, language = load_pipeline(args.model, args.device, tmp)
-        for name in args.audio:
+        transcriber, language = load_pipeline(str(Path(args.model_path).expanduser()), args.device, tmp)
+        for name in files:
             try:
                 wave = audio.load(name)
             except Exception as error:  # a bad file is reported, the others are transcribed
@@ -69,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

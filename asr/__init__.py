@@ -3,12 +3,7 @@
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 REPO_DIR = Path(__file__).resolve().parent.parent  # where the embedded demo lives
-
-# `${repo:}` in configs: paths inside this checkout, whatever the working directory.
-OmegaConf.register_new_resolver("repo", lambda: str(REPO_DIR), replace=True)
 
 
 def slurm_job_id() -> str | None:
@@ -19,8 +14,8 @@ def slurm_job_id() -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
-def run_name(otherwise: str) -> str:
-    """A run's directory under outputs/ (`${run_name:<otherwise>}` in conf/train.yaml): the SLURM job's, so
+def run_dir_name(otherwise: str) -> str:
+    """A run's directory under outputs/ (`${run_dir_name:<otherwise>}` in conf/train.yaml): the SLURM job's, so
     that every task of the job and the job requeued agree on it; torchrun's rendezvous id; else `otherwise`
     (Hydra's date and time)."""
     env = os.environ
@@ -31,7 +26,11 @@ def run_name(otherwise: str) -> str:
     return otherwise
 
 
-OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+def device(choice: str):
+    """A torch device from a config's `device`: auto (the GPU when there is one, else the CPU), cpu, cuda, cuda:1..."""
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice)
 
 
 class SetupError(Exception):

@@ -129,6 +129,7 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
     the code. train.py and evaluate.py call this first."""
     from asr import schedules  # torch and transformers: not for the command-line tools that only read defaults
 
+    register_resolvers()
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     own = _script_keys(script)
     valid = sorted([*own, *NODES[script]])
@@ -190,3 +191,25 @@ def check_overrides(argv: list[str], script: str) -> None:
             fields = sorted(f.name for f in dataclasses.fields(schema(targets[first])[0]))
             if rest[0] not in fields:
                 raise _not_a_setting(key, f"{first} ({targets[first]})", fields, prefix=f"{first}.")
+
+
+def register_resolvers() -> None:
+    """The resolvers conf/ uses: `${repo:}` (this checkout, whatever the working directory) and
+    `${run_dir_name:<otherwise>}` (`asr.run_dir_name`). Every entry point calls this before composing."""
+    from asr import REPO_DIR, run_dir_name
+
+    OmegaConf.register_new_resolver("repo", lambda: str(REPO_DIR), replace=True)
+    OmegaConf.register_new_resolver("run_dir_name", run_dir_name, replace=True)
+
+
+def compose(name: str, overrides=()) -> DictConfig:
+    """conf/<name>.yaml composed with `overrides` (Hydra's grammar, as on a command line), resolved and
+    checked: the config a script gets, for the code that builds runs without a command line (benchmarks,
+    tests, the memory planner). A train config needs a `run_dir=` override."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from asr import REPO_DIR, quote_numeric_choices
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base="1.3"):
+        return checked(hydra_compose(name, overrides=quote_numeric_choices(list(overrides))), name)

@@ -1,9 +1,10 @@
 """A trained model as an HF directory that `Wav2Vec2ForCTC`, `Wav2Vec2Processor` and
 `transformers.pipeline("automatic-speech-recognition")` load.
 
-    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> [lm=<arpa> alpha=... beta=...]
+    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> [lm_path=<arpa> alpha=... beta=...]
 
-alpha and beta default to evaluate.py's (conf/evaluate.yaml); pass the ones your sweep found.
+alpha and beta default to evaluate.py's (conf/evaluate.yaml); pass the ones your sweep found. Settings:
+conf/export.yaml (`--help`).
 """
 
 import json
@@ -63,20 +64,18 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
 
 
 def main(argv: list[str]) -> None:
-    from omegaconf import OmegaConf
-
+    from asr import cli
     from asr.config import decoding_defaults
 
-    args = OmegaConf.from_dotlist(argv)
-    if "ckpt_path" not in args or "out" not in args:
-        sys.exit("usage: python -m asr.export ckpt_path=<checkpoint> out=<directory>")
-    if not Path(args.ckpt_path).is_file():
-        sys.exit(f"error: ckpt_path={args.ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
-    if args.get("lm") is not None and not Path(args.lm).is_file():
-        sys.exit(f"error: lm={args.lm} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
+    args, _ = cli.parse("export", argv)
+    ckpt_path, lm_path = Path(args.ckpt_path).expanduser(), args.lm_path and Path(args.lm_path).expanduser()
+    if not ckpt_path.is_file():
+        sys.exit(f"error: ckpt_path={ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
+    if lm_path and not lm_path.is_file():
+        sys.exit(f"error: lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
     defaults = decoding_defaults()  # alpha and beta as evaluate.py's
-    out = export(CTCModel.from_checkpoint(args.ckpt_path), args.out, args.get("lm"),
-                 float(args.get("alpha", defaults.alpha)), float(args.get("beta", defaults.beta)))
+    alpha, beta = (defaults[k] if args[k] is None else args[k] for k in ("alpha", "beta"))
+    out = export(CTCModel.from_checkpoint(ckpt_path), Path(args.out).expanduser(), lm_path, float(alpha), float(beta))
     print(f"exported to {out}")
 
 

@@ -7,6 +7,8 @@ not modified Kneser-Ney with discounts estimated from the counts; KenLM's own bu
 C++ build with Boost. Text is normalised with the same rules as the transcripts (`asr.text.normalize`).
 
     python -m asr.lm text=<file, one sentence per line> out=<dir> [order=<lm_order of conf/evaluate.yaml>] [language=hy]
+
+Settings: conf/lm.yaml (`--help`).
 """
 
 import math
@@ -135,19 +137,17 @@ def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    from omegaconf import OmegaConf
-
+    from asr import cli
     from asr.config import decoding_defaults
 
-    args = OmegaConf.from_dotlist(argv)
-    if "text" not in args or "out" not in args:
-        sys.exit("usage: python -m asr.lm text=<file, one sentence per line> out=<dir> [order=N] [language=...]")
-    if not Path(args.text).is_file():
-        sys.exit(f"error: text={args.text} does not exist (a text file, one sentence per line)")
-    lines = Path(args.text).read_text(encoding="utf-8").splitlines()
-    order = int(args.get("order", decoding_defaults().lm_order))
+    args, _ = cli.parse("lm", argv)
+    text_file = Path(args.text).expanduser()
+    if not text_file.is_file():
+        sys.exit(f"error: text={text_file} does not exist (a text file, one sentence per line)")
+    lines = text_file.read_text(encoding="utf-8").splitlines()
+    order = int(args.order or decoding_defaults().lm_order)
     try:
-        print(f"wrote {build(lines, args.out, order, args.get('language'))}")
+        print(f"wrote {build(lines, Path(args.out).expanduser(), order, args.language)}")
     except ValueError as error:  # nothing left after normalisation
         sys.exit(f"error: {error}: text={args.text} has no words after the text rules")
 

@@ -11,6 +11,7 @@ error there stops the run at once, naming the batch and the overrides that make 
 import logging
 import os
 import random
+import sys
 from contextlib import nullcontext
 
 import lightning as L
@@ -114,19 +115,13 @@ def _adam_room(optimizers, pl_module) -> list[torch.Tensor]:
     return [torch.empty_like(p) for p in pl_module.parameters() if p.requires_grad for _ in range(2)]
 
 
-# The planner: python -m asr.memory [--cards] [overrides]
-
-PLAN_USAGE = """Memory of the worst training batch for a composed train config, on the device at hand.
-
-    python -m asr.memory model=xlsr_1b precision=bf16            # the largest data.max_batch_seconds that fits
-    python -m asr.memory --cards                                 # each conf/experiment/ card's batch: fits?
-
-Random weights of the config's architecture; a batch of the worst shape the config allows: clips of
-data.max_seconds, as many as data.max_batch_seconds (and data.max_batch_size) hold; labels of 15
-characters per second; forward and backward in training mode with the config's precision, with AdamW's
-moments allocated. On CUDA, the allocator's peak; the budget that fits is the largest whose peak stays
-under (1 - --margin) of the device's memory. On a CPU (the tiny model, or a look at the arithmetic),
-the growth of the process's peak resident memory, measured on budgets in increasing order only."""
+# The planner: python -m asr.memory [cards=true] [train overrides] (settings: conf/memory.yaml).
+# Random weights of the config's architecture; a batch of the worst shape the config allows: clips of
+# data.max_seconds, as many as data.max_batch_seconds (and data.max_batch_size) hold; labels of 15
+# characters per second; forward and backward in training mode with the config's precision, with AdamW's
+# moments allocated. On CUDA, the allocator's peak; the budget that fits is the largest whose peak stays
+# under (1 - margin) of the device's memory. On a CPU (the tiny model, or a look at the arithmetic), the
+# growth of the process's peak resident memory, measured on budgets in increasing order only.
 
 
 def _autocast(precision: str, device: torch.device):
@@ -199,7 +194,7 @@ def batch_of(budget: float, max_seconds: float, max_batch_size: int | None) -> i
     return min(clips, max_batch_size) if max_batch_size else clips
 
 
-def plan(cfg, device: torch.device, margin: float, limit: float = 6400.0) -> dict:
+def plan(cfg, device: torch.device, margin: float, limit: float) -> dict:
     """Budgets of padded audio (doubling from one longest clip), each's peak, and the largest that fits."""
     probe = Probe(cfg, device)
     longest, size = cfg.data.max_seconds, cfg.data.max_batch_size
@@ -237,16 +232,13 @@ def cards(device: torch.device, margin: float, overrides: list[str]) -> list[dic
     """Each experiment's card batch (data.max_batch_size clips of data.max_seconds, its precision): its
     peak, whether it fits, and where not the first of these that does with the same audio per update:
     gradient checkpointing, then half the clips per batch (update_clips keeps the update)."""
-    from hydra import compose, initialize_config_dir
-
     import asr
-    from asr.config import checked
+    from asr.config import compose
 
     rows = []
     for path in sorted((asr.REPO_DIR / "conf" / "experiment").glob("*.yaml")):
         tried = [[], ["model.gradient_checkpointing=true"]]
-        with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
-            cfg = checked(compose("train", overrides=[f"experiment={path.stem}", *overrides]))
+        cfg = compose("train", [f"experiment={path.stem}", *overrides])
         size = cfg.data.max_batch_size
         while size and size > 1:
             size //= 2
@@ -255,8 +247,7 @@ def cards(device: torch.device, margin: float, overrides: list[str]) -> list[dic
         row = {"experiment": path.stem, "model": cfg.model.arch.hidden_size, "precision": cfg.trainer.precision,
                "clips": cfg.data.max_batch_size, "seconds": cfg.data.max_seconds}
         for extra in tried:
-            with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
-                run = checked(compose("train", overrides=[f"experiment={path.stem}", *overrides, *extra]))
+            run = compose("train", [f"experiment={path.stem}", *overrides, *extra])
             probe = Probe(run, device)
             peak = probe.peak_gb(run.data.max_batch_size or 1, run.data.max_seconds)
             del probe
@@ -271,24 +262,16 @@ def cards(device: torch.device, margin: float, overrides: list[str]) -> list[dic
     return rows
 
 
-def main(argv=None) -> None:
-    import argparse
-
-    from hydra import compose, initialize_config_dir
-
+def main(argv: list[str]):
     import asr
-    from asr.config import checked
+    from asr import cli
+    from asr.config import compose
 
-    parser = argparse.ArgumentParser(description=PLAN_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cards", action="store_true", help="each experiment's card batch")
-    parser.add_argument("--margin", type=float, default=0.1, help="memory left free (fraction of the device's)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    args, overrides = cli.parse("memory", argv, passthrough=True)  # the others: the train config's
+    device = asr.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (peak resident memory)"
     if args.cards:
-        rows = cards(device, args.margin, [*args.overrides, "run_dir=/tmp/asr-memory"])
+        rows = cards(device, args.margin, [*overrides, "run_dir=/tmp/asr-memory"])
         print(f"\nthe cards' batches on {where}, {capacity_gb(device):.0f} GB, {args.margin:.0%} kept free")
         print(f"{'experiment':<16} {'precision':<10} {'batch':>12} {'peak GB':>8} {'fits':>5}  override that fits (same audio per update)")
         for r in rows:
@@ -296,10 +279,9 @@ def main(argv=None) -> None:
             print(f"{r['experiment']:<16} {r['precision']:<10} {r['clips']:>4} x {r['seconds']:>4.0f} s {peak:>8} "
                   f"{'yes' if r['fits'] else 'no':>5}  {r.get('override', 'none found') if not r['fits'] else '-'}")
         return rows
-    with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
-        cfg = checked(compose("train", overrides=[*args.overrides, "run_dir=/tmp/asr-memory"]))
-    result = plan(cfg, device, args.margin)
-    print(f"\n{' '.join(args.overrides) or 'defaults'} on {where}: {result['capacity_gb']:.1f} GB, "
+    cfg = compose("train", [*overrides, "run_dir=/tmp/asr-memory"])
+    result = plan(cfg, device, args.margin, args.limit_seconds)
+    print(f"\n{' '.join(overrides) or 'defaults'} on {where}: {result['capacity_gb']:.1f} GB, "
           f"{result['allowed_gb']:.1f} GB usable ({args.margin:.0%} kept free); clips of {cfg.data.max_seconds:g} s")
     print(f"{'max_batch_seconds':>17} {'clips':>5} {'peak GB':>8}")
     for r in result["rows"]:
@@ -311,4 +293,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,14 +1,14 @@
 """A sweep at a glance, without W&B: the jobs of a multirun (or any directory of runs) ranked by dev CER.
 
-    python -m asr.sweep <multirun dir> [--key val_cer]
+    python -m asr.sweep dir=<multirun dir> [key=val_cer]
 
 Prints one row per job (its overrides, best WER and CER, the update of the best (marked if a search
 pruned the job), wall time, audio-seconds per second) and writes <dir>/sweep.png: dev CER against
 update for every job.
 """
 
-import argparse
 import json
+import sys
 import math
 from pathlib import Path
 
@@ -60,20 +60,20 @@ def table(found: list[dict]) -> str:
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header, *rows])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("directory", type=Path, help="a multirun or search directory (runs with results.json)")
-    parser.add_argument("--key", default="val_cer", help="results.json key to rank by (lowest first)")
-    args = parser.parse_args(argv)
-    found = ranked(jobs(args.directory), args.key)
+def main(argv: list[str]) -> None:
+    from asr import cli
+
+    args, _ = cli.parse("sweep", argv)
+    directory = Path(args.dir).expanduser()
+    found = ranked(jobs(directory), args.key)
     if not found:
-        raise SystemExit(f"error: no run (results.json) under {args.directory}")
+        raise SystemExit(f"error: no run (results.json) under dir={directory}")
     print(table(found))
-    plot = args.directory / "sweep.png"
+    plot = directory / "sweep.png"
     plots.sweep_curves(plot, [{"name": " ".join(n) or j["run"], "evaluations": j["evaluations"]}
                               for j, n in zip(found, varying(found))])
     print(f"dev CER against update: {plot}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

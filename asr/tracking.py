@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from asr import audio
+
 log = logging.getLogger(__name__)
 # Overrides that say where, not what: left out of a run's name.
 _WHERE = ("data.root", "run_dir", "ckpt_path", "hydra.", "model.pretrained", "data.cache_dir", "+callbacks.")
@@ -156,7 +158,6 @@ class PredictionsTable(L.Callback):
         self.seconds: list[float] = []
 
     def _draw(self, datamodule) -> list[dict]:
-        from asr import audio
         from asr.data import UtteranceDataset
 
         dev = datamodule.load("dev")
@@ -195,7 +196,7 @@ class PredictionsTable(L.Callback):
         table = wandb.Table(columns=["id", "audio", "reference", "hypothesis", "cer"])
         for item, hypothesis in zip(self.sample, hypotheses):
             cer = utterance_cer(item["text"], hypothesis)
-            table.add_data(item["id"], wandb.Audio(item["raw"], sample_rate=16000), item["text"], hypothesis, cer)
+            table.add_data(item["id"], wandb.Audio(item["raw"], sample_rate=audio.SAMPLE_RATE), item["text"], hypothesis, cer)
         logger.experiment.log({"val/predictions": table, "trainer/global_step": trainer.global_step})
         self.seconds.append(time.perf_counter() - started)
         log.info("predictions table of %d dev clips logged in %.2f s", len(self.sample), self.seconds[-1])
@@ -208,7 +209,6 @@ def log_evaluation(cfg: DictConfig, metrics: dict, worst: list[dict]) -> None:
     highest CER with their audio."""
     import wandb
 
-    from asr import audio
 
     logger, train_run = cfg.logger, Path(cfg.ckpt_path).resolve().parent.parent
     init = wandb_init(logger, job_context(), "eval")
@@ -238,7 +238,7 @@ def log_evaluation(cfg: DictConfig, metrics: dict, worst: list[dict]) -> None:
                                                                       else []), "cer"]
     table = wandb.Table(columns=columns)
     for row in worst:
-        table.add_data(row["id"], row["language"], wandb.Audio(audio.load(row["path"]), sample_rate=16000),
+        table.add_data(row["id"], row["language"], wandb.Audio(audio.load(row["path"]), sample_rate=audio.SAMPLE_RATE),
                        row["reference"], row["hypothesis"], *([row["greedy_hypothesis"]] if "greedy" in metrics
                                                                 else []), row["cer"])
     tables[f"{split}/worst"] = table

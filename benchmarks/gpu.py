@@ -149,9 +149,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--hf", action="store_true", help="also the HF Trainer on each setting's job")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides of our run (key=value)")
     args = parser.parse_args(argv)
-    from hydra import compose, initialize_config_dir
-
-    from asr.config import checked
+    from asr.config import compose
 
     root = args.root or synthetic_corpus(Path(tempfile.mkdtemp()) / "pt", args.clips, args.min_seconds,
                                          args.max_seconds)
@@ -164,8 +162,7 @@ def main(argv=None) -> list[dict]:
                      f"model.gradient_checkpointing={ckpt == 'on'}", f"model.attn_implementation={attention}",
                      f"model.compile={compiled == 'on'}", *([f"data.max_batch_seconds={seconds}"] if seconds else []),
                      *args.overrides]
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = checked(compose("train", overrides=overrides))
+        cfg = compose("train", overrides)
         setting = {"precision": precision, "batch_s": cfg.data.max_batch_seconds, "ckpt": ckpt,
                    "attention": attention, "compile": compiled}
         try:

@@ -58,14 +58,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    from hydra import compose, initialize_config_dir
+    from asr.config import compose
 
-    from asr.config import checked
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = checked(compose("train", overrides=[f"model={args.model}", "logger=none",
-                                                  "~callbacks.checkpoint", "~callbacks.last",
-                                                  "run_dir=/tmp/precision-benchmark", *args.overrides]))
+    cfg = compose("train", [f"model={args.model}", "logger=none", "~callbacks.checkpoint", "~callbacks.last",
+                            "run_dir=/tmp/precision-benchmark", *args.overrides])
     results = {p: run(cfg, args.steps, p) for p in args.precisions}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{args.model}, {args.steps} updates, seed {cfg.seed}, {device}: mean training loss per {args.every} updates")

@@ -116,14 +116,12 @@ def _collect(_worker_id: int) -> None:
 def in_process(root: Path, cache: Path) -> dict:
     """Load (warm), plan, len() and the loader workers' memory, in this process."""
     os.environ["ASR_CACHE_DIR"] = str(cache)
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from asr.config import checked
+    from asr.config import compose
 
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = checked(compose("train", overrides=["lang=pt", "model=tiny", f"data.root={root}",
-                                                  f"run_dir={tempfile.mkdtemp()}", "data.num_workers=4"]), "train")
+    cfg = compose("train", ["lang=pt", "model=tiny", f"data.root={root}", f"run_dir={tempfile.mkdtemp()}",
+                            "data.num_workers=4"])
     data = instantiate(cfg.data, _convert_="all")
     started = time.perf_counter()
     data.setup("fit")

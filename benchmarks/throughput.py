@@ -112,13 +112,9 @@ def main() -> None:
     parser.add_argument("--ours-only", action="store_true", help="skip the HF Trainer")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of our run (key=value)")
     args = parser.parse_args()
-    from hydra import compose, initialize_config_dir
+    from asr.config import compose
 
-    import asr
-    from asr.config import checked
-
-    with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
-        cfg = checked(compose("train", overrides=OVERRIDES + args.overrides))
+    cfg = compose("train", OVERRIDES + args.overrides)
     torch.manual_seed(cfg.seed)
     mine = ours(cfg, args.steps, args.profile)
     data, initial_weights = mine.pop("data"), mine.pop("initial")

@@ -7,14 +7,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import asr
 from asr import synth
-from asr.config import checked
-
-CONF = str(asr.REPO_DIR / "conf")
+from asr.config import compose
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -29,9 +26,7 @@ def compose_config(name: str = "train", overrides: list[str] = ()):
     overrides = list(overrides)
     if not any(o.startswith("run_dir=") for o in overrides):
         overrides.append(f"run_dir={tempfile.mkdtemp(prefix='run-')}")
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(name, overrides=asr.quote_numeric_choices(overrides))
-    return checked(cfg, name)
+    return compose(name, overrides)
 
 
 def data_module(*overrides: str):

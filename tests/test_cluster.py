@@ -63,14 +63,14 @@ def test_an_allocation_unlike_the_config_stops_naming_both(monkeypatch):
 def test_a_restarted_job_finds_its_run_directory_and_checkpoint(monkeypatch, tmp_path):
     for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
-    assert asr.run_name("2026-11-22/10-00-00") == "2026-11-22/10-00-00"
+    assert asr.run_dir_name("2026-11-22/10-00-00") == "2026-11-22/10-00-00"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "exp7")
-    assert asr.run_name("x") == "torchrun-exp7"  # every node of a torchrun rendezvous agrees
+    assert asr.run_dir_name("x") == "torchrun-exp7"  # every node of a torchrun rendezvous agrees
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     monkeypatch.setenv("SLURM_JOB_NAME", "asr-train")
-    assert asr.run_name("x") == "slurm-42"  # every task of the job, and the job requeued
+    assert asr.run_dir_name("x") == "slurm-42"  # every task of the job, and the job requeued
     monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: runs in it are separate
-    assert asr.run_name("x") == "torchrun-exp7"
+    assert asr.run_dir_name("x") == "torchrun-exp7"
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()

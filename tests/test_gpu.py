@@ -84,7 +84,7 @@ def test_evaluate_on_the_gpu_agrees_with_the_cpu(tmp_path):
 
 
 def test_the_cards_memory_table_runs_on_the_gpu():
-    result = subprocess.run([sys.executable, "-m", "asr.memory", "--cards"], cwd=asr.REPO_DIR, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "asr.memory", "cards=true"], cwd=asr.REPO_DIR, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sum(line.startswith(("ascend", "cv", "zeroth")) for line in result.stdout.splitlines()) == 5

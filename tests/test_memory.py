@@ -60,7 +60,7 @@ def test_the_memory_planner_finds_the_largest_budget_that_fits():
 
     import asr
 
-    command = [sys.executable, "-m", "asr.memory", "--device", "cpu", "data.max_seconds=2", "data.max_batch_size=8"]
+    command = [sys.executable, "-m", "asr.memory", "device=cpu", "data.max_seconds=2", "data.max_batch_size=8"]
     out = subprocess.run(command, cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300, check=True).stdout
     lines = out.splitlines()
     rows = [line.split() for line in lines[lines.index(next(x for x in lines if "peak GB" in x)) + 1:-1]]
@@ -68,6 +68,6 @@ def test_the_memory_planner_finds_the_largest_budget_that_fits():
     peaks = [float(r[2]) for r in rows]
     assert peaks == sorted(peaks) and peaks[0] > 0
     assert lines[-1] == "largest that fits: data.max_batch_seconds=16"
-    out = subprocess.run([*command, "--margin", "0.99"], cwd=asr.REPO_DIR, capture_output=True, text=True,
+    out = subprocess.run([*command, "margin=0.99"], cwd=asr.REPO_DIR, capture_output=True, text=True,
                          timeout=300, check=True).stdout
     assert out.splitlines()[-1].startswith("not even one clip of data.max_seconds fits")

@@ -41,9 +41,9 @@ def test_the_search_space_reads_hydras_sweep_grammar():
 def test_each_search_config_searches_keys_its_run_has(name):
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import CONF, compose_config
+    from tests.conftest import compose_config
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(asr.REPO_DIR / "conf"), version_base="1.3"):
         hydra = compose("train", overrides=[f"search={name}"], return_hydra_config=True).hydra
     space, fixed = search.search_space([f"{k}={v}" for k, v in hydra.sweeper.params.items()])
     assert space and not fixed and hydra.sweeper.study_name == name
@@ -103,7 +103,7 @@ def test_a_search_reloads_goes_on_retries_an_interrupted_trial_and_prunes(cv_cor
     assert results["pruned_at_step"] == 2 and len(results["evaluations"]) == 1  # it stopped at its first evaluation
     assert list(retried.intermediate_values) == [2]
 
-    summary = subprocess.run([sys.executable, "-m", "asr.sweep", str(sweep_dir)], cwd=asr.REPO_DIR,
+    summary = subprocess.run([sys.executable, "-m", "asr.sweep", f"dir={sweep_dir}"], cwd=asr.REPO_DIR,
                              capture_output=True, text=True, timeout=120)
     assert summary.returncode == 0, summary.stderr
     rows = [line.split() for line in summary.stdout.splitlines()[1:5]]

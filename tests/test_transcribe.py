@@ -16,6 +16,11 @@ import asr
 from asr import audio, text  # noqa: F401  (asr.text in the LM test)
 
 
+def audio_list(paths) -> str:
+    """transcribe.py's `audio` setting for several files: a list in Hydra's grammar, each path quoted."""
+    return "audio=[" + ",".join(f"'{p}'" for p in paths) + "]"
+
+
 def run(*args, check=True):
     result = subprocess.run([sys.executable, *args], cwd=asr.REPO_DIR, capture_output=True, text=True,
                             timeout=300, env=dict(os.environ))
@@ -43,7 +48,7 @@ def test_transcribe_equals_evaluate_from_checkpoint_and_export(cv_corpus, barely
     assert sum(map(len, predictions.values())) > 20  # not a blank model
     run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'exported'}")
     for model in (str(ckpt), str(tmp_path / "exported"), str(barely_trained / "model")):
-        out = [json.loads(line) for line in run("transcribe.py", model, *clips, "--json").stdout.splitlines()]
+        out = [json.loads(line) for line in run("transcribe.py", f"model_path={model}", audio_list(clips), "json=true").stdout.splitlines()]
         assert [o["text"] for o in out] == [predictions[clip] for clip in sorted(predictions)], model
 
 
@@ -53,9 +58,9 @@ def test_long_file_at_44khz_transcribes_in_chunks(cv_corpus, barely_trained, tmp
     sf.write(tmp_path / "long.wav", torchaudio.functional.resample(torch.from_numpy(wave), 16000, 44100).numpy(),
              44100)
     model = str(barely_trained / "model")
-    whole = run("transcribe.py", model, str(tmp_path / "long.wav"), "--chunk-seconds", "60").stdout.strip()
-    chunked = json.loads(run("transcribe.py", model, str(tmp_path / "long.wav"), "--json", "--chunk-seconds", "6",
-                             "--stride-seconds", "1").stdout)
+    whole = run("transcribe.py", f"model_path={model}", f"audio={tmp_path / 'long.wav'}", "chunk_seconds=60").stdout.strip()
+    chunked = json.loads(run("transcribe.py", f"model_path={model}", f"audio={tmp_path / 'long.wav'}", "json=true",
+                             "chunk_seconds=6", "stride_seconds=1").stdout)
     assert chunked["seconds"] == pytest.approx(len(wave) / 16000, abs=0.01)
     # same model, same audio: the chunked transcript covers the file as the whole one does
     assert 0.8 < len(chunked["text"]) / len(whole) < 1.25
@@ -64,7 +69,8 @@ def test_long_file_at_44khz_transcribes_in_chunks(cv_corpus, barely_trained, tmp
 def test_transcribe_reports_a_bad_file_and_goes_on(barely_trained, cv_corpus, tmp_path):
     (tmp_path / "bad.mp3").write_bytes(b"\xff\xfb" + bytes(64))
     good = str(sorted((cv_corpus / "clips").glob("*.mp3"))[0])
-    result = run("transcribe.py", str(barely_trained / "model"), str(tmp_path / "bad.mp3"), good, "--json")
+    result = run("transcribe.py", f"model_path={barely_trained / 'model'}", audio_list([tmp_path / "bad.mp3", good]),
+                 "json=true")
     assert "bad.mp3 does not decode" in result.stderr
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [good]
 
@@ -89,12 +95,12 @@ def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, b
     hypotheses = " ".join(p["hypothesis"] for p in predictions.values()).split()
     assert hypotheses and sum(w in lm_words for w in hypotheses) / len(hypotheses) > 0.8  # the LM steers to words
 
-    run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'with-lm'}", f"lm={metrics['lm_path']}",
+    run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'with-lm'}", f"lm_path={metrics['lm_path']}",
         "alpha=0.8", "beta=2.0")
     assert (tmp_path / "with-lm" / "alphabet.json").is_file()
     assert (tmp_path / "with-lm" / "language_model" / "3gram.arpa").is_file()
     clips = [str(cv_corpus / "clips" / clip) for clip in sorted(predictions)]
-    out = [json.loads(line) for line in run("transcribe.py", str(tmp_path / "with-lm"), *clips, "--json").stdout.splitlines()]
+    out = [json.loads(line) for line in run("transcribe.py", f"model_path={tmp_path / 'with-lm'}", audio_list(clips), "json=true").stdout.splitlines()]
     assert [o["text"] for o in out] == [predictions[clip]["hypothesis"] for clip in sorted(predictions)]
 
 
@@ -104,3 +110,18 @@ def test_alpha_beta_sweep_is_a_hydra_multirun(cv_corpus, barely_trained, tmp_pat
         f"hydra.sweep.dir={tmp_path}")
     runs = sorted(json.loads(p.read_text())["alpha"] for p in tmp_path.glob("*/metrics.json"))
     assert runs == [0.2, 1.5]
+
+
+def test_a_glob_transcribes_its_files_in_order_and_a_wrong_key_is_named(barely_trained, cv_corpus):
+    """audio='<dir>/*.mp3' (quoted from the shell, expanded by the tool); a key transcribe.py does not take
+    is named with its settings; --help lists each setting with its default."""
+    clips = sorted((cv_corpus / "clips").glob("*.mp3"))
+    out = run("transcribe.py", f"model_path={barely_trained / 'model'}", f"audio='{cv_corpus / 'clips'}/*.mp3'",
+              "json=true").stdout.splitlines()
+    assert [json.loads(line)["path"] for line in out] == [str(c) for c in clips]
+    wrong = run("transcribe.py", f"model_path={barely_trained / 'model'}", "audio=x.mp3", "chunk=10", check=False)
+    assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error: chunk is not a setting of python transcribe.py")
+    assert "chunk_seconds" in wrong.stderr
+    help_lines = run("transcribe.py", "--help").stdout.splitlines()
+    assert any(line.split()[:2] == ["chunk_seconds", "30.0"] for line in help_lines)
+    assert any(line.split()[:2] == ["model_path", "???"] for line in help_lines)

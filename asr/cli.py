@@ -1,0 +1,68 @@
+"""One command grammar for every tool: `key=value` as Hydra parses it (train.py and evaluate.py are Hydra
+apps), the defaults in conf/<tool>.yaml, and `--help` listing the tool's own settings, each with its
+default and the comment beside it in the YAML.
+
+    python transcribe.py model=<run>/model audio=clip.mp3
+    python -m asr.sweep dir=multirun/2026-12-01/10-00-00 key=val_wer
+"""
+
+import re
+import sys
+
+from omegaconf import DictConfig, OmegaConf
+
+from asr import REPO_DIR
+
+_SETTING = re.compile(r"^(\w+):\s*(.*?)\s*(?:#\s*(.*))?$")  # a top-level `key: value  # comment`
+
+
+def help_text(tool: str) -> str:
+    """The header of conf/<tool>.yaml (what the tool does, how it is called), then each of its settings:
+    name, default, and its comment."""
+    lines = (REPO_DIR / "conf" / f"{tool}.yaml").read_text(encoding="utf-8").splitlines()
+    header = [line.removeprefix("#").removeprefix(" ") for line in lines if line.startswith("#")]
+    rows = [m.groups() for m in map(_SETTING.match, lines) if m]
+    width = max(len(key) for key, _, _ in rows)
+    values = max(len(value) for _, value, _ in rows)
+    return "\n".join([*header, "", f"settings (key=value; defaults in conf/{tool}.yaml):",
+                      *(f"  {key:<{width}}  {value:<{values}}  {comment or ''}".rstrip() for key, value, comment in rows)])
+
+
+def parse(tool: str, argv: list[str], passthrough: bool = False) -> tuple[DictConfig, list[str]]:
+    """The settings of `tool` (conf/<tool>.yaml) with the `key=value` overrides of `argv`, and, with
+    `passthrough`, the overrides of keys it does not have (for the train config it builds). `--help`
+    prints `help_text` and exits; a key it does not take, a missing setting (`???`) or an override that
+    does not parse exits with one line saying which and how."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import MissingMandatoryValue
+
+    if {"-h", "--help"} & set(argv):
+        print(help_text(tool))
+        sys.exit(0)
+    own = set(OmegaConf.load(REPO_DIR / "conf" / f"{tool}.yaml"))
+    mine, other = [], []
+    for arg in argv:
+        key, eq, _ = arg.partition("=")
+        if not eq:
+            sys.exit(f"error: {arg!r} is not key=value; `{_command(tool)} --help` lists the settings")
+        (mine if key.lstrip("+~").split(".")[0] in own else other).append(arg)
+    if other and not passthrough:
+        names = ", ".join(sorted(own))
+        sys.exit(f"error: {other[0].partition('=')[0]} is not a setting of {_command(tool)}; its settings: {names}")
+    try:
+        with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base="1.3"):
+            cfg = compose(tool, overrides=mine)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        sys.exit(f"error: {error.full_key} is needed ({error.full_key}=...); `{_command(tool)} --help` lists the settings")
+    except HydraException as error:
+        first = str(error).strip().splitlines()[0]
+        sys.exit(f"error: {first}. Quote a value with spaces or brackets, e.g. key='a b' (and the whole "
+                 f"argument for the shell: \"key='a b'\")")
+    return cfg, other
+
+
+def _command(tool: str) -> str:
+    return f"python {tool}.py" if (REPO_DIR / f"{tool}.py").is_file() else f"python -m asr.{tool}"
+
