@@ -72,16 +72,16 @@ def test_a_restarted_job_finds_its_run_directory_and_checkpoint(monkeypatch, tmp
     monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: runs in it are separate
     assert asr.run_dir_name("x") == "torchrun-exp7"
 
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    assert checkpoints.resume_checkpoint(None, checkpoints) is None
-    (checkpoints / "last.ckpt").write_bytes(b"")
-    assert checkpoints.resume_checkpoint(None, checkpoints) is None  # a new run in an old directory
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert checkpoints.resume_checkpoint(None, folder) is None
+    (folder / "last.ckpt").write_bytes(b"")
+    assert checkpoints.resume_checkpoint(None, folder) is None  # a new run in an old directory
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM restarted the job without a requeue checkpoint
-    assert checkpoints.resume_checkpoint(None, checkpoints) == str(checkpoints / "last.ckpt")
-    (checkpoints / checkpoints.REQUEUE_CHECKPOINT).write_bytes(b"")
-    assert checkpoints.resume_checkpoint(None, checkpoints) == str(checkpoints / checkpoints.REQUEUE_CHECKPOINT)
-    assert checkpoints.resume_checkpoint("x.ckpt", checkpoints) == "x.ckpt"
+    assert checkpoints.resume_checkpoint(None, folder) == str(folder / "last.ckpt")
+    (folder / checkpoints.REQUEUE_CHECKPOINT).write_bytes(b"")
+    assert checkpoints.resume_checkpoint(None, folder) == str(folder / checkpoints.REQUEUE_CHECKPOINT)
+    assert checkpoints.resume_checkpoint("x.ckpt", folder) == "x.ckpt"
 
 
 SAVE_TWICE = """
