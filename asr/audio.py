@@ -9,6 +9,7 @@ SAMPLE_RATE = 16_000  # Hz, what every wav2vec2 / XLS-R checkpoint expects
 # The wav2vec2 convolutional feature encoder, (kernel, stride) per layer: 400-sample receptive
 # field, 320-sample hop, i.e. 50 frames per second at 16 kHz.
 CONV_LAYERS = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2
+HOP = 320  # samples per encoder frame: the product of the strides
 
 
 def load(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
