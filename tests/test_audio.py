@@ -84,3 +84,28 @@ def test_a_loader_worker_runs_one_torch_thread():
     """Workers decode one clip at a time; more intra-op threads would only contend for the rank's cores."""
     loader = DataLoader(_Threads(), batch_size=None, num_workers=1, worker_init_fn=data._one_thread)
     assert list(loader) == [1, 1]
+
+
+class _Clips(torch.utils.data.Dataset):
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        samples = 16_000 + 1_000 * i
+        return {"id": str(i), "audio": np.full(samples, i + 1, np.float32), "text": "ab", "labels": [1, 2],
+                "seconds": samples / 16_000}
+
+
+def test_a_worker_collates_into_shared_memory_once():
+    """In a worker, collate writes the batch straight into shared memory (as torch's default_collate does);
+    otherwise sending it to the training process copies it there first. Every element is written: the
+    tensors start uninitialised."""
+    import functools
+
+    loader = DataLoader(_Clips(), batch_sampler=[[0, 1, 2]], num_workers=1,
+                        collate_fn=functools.partial(data.collate, shapes=[(3, 19_200)]))
+    batch = next(iter(loader))
+    assert batch["audio"].is_shared() and batch["attention_mask"].is_shared() and batch["labels"].is_shared()
+    assert batch["audio"].shape == (3, 19_200) and batch["attention_mask"].sum(1).tolist() == [16_000, 17_000, 18_000]
+    assert batch["audio"].sum(1).tolist() == [16_000, 2 * 17_000, 3 * 18_000]  # zeros past each clip
+    assert (batch["labels"][:, 2:] == -100).all() and batch["labels"][:, :2].tolist() == [[1, 2]] * 3
