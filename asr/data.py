@@ -62,10 +62,11 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> d
     to the shortest one with its number of clips that holds its longest clip as the plan measured it
     (`seconds`, rounded up to the encoder's hop): the shape the plan gave it, or a shorter one of the set.
     A clip that decodes longer than its stated duration (MP3 codec padding: 25-48 ms on the demo) is cut at
-    that length, counted in `truncated_seconds`; `lengths` are the samples the batch holds. Labels are
-    padded to the encoder frames of S (what a feasible transcript can use; longer in dev and test where
-    a transcript is longer), so their shape is fixed too. Without `shapes` (or with a number of clips the
-    plan has no shape for: a clip of the batch could not be read), the batch is padded to its longest clip.
+    that length, counted in `truncated_seconds`; `lengths` are the samples the batch holds. Labels stay
+    padded to the batch's longest transcript (L varies): padding them to the shape's frames would fix their
+    shape too, but a CTC over (frames, 2L + 1) states costs in proportion to L. Without `shapes` (or with a
+    number of clips the plan has no shape for: a clip of the batch could not be read), the batch is padded
+    to its longest clip.
 
     Clips that could not be read are left out, listed in `dropped` as (id, reason) and counted in
     `skipped`; a batch of nothing but those has no `audio` and empty `ids`."""
@@ -78,7 +79,7 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> d
     samples = _padded_length(items, decoded, shapes)
     lengths = [min(n, samples) for n in decoded]
     label_lengths = [len(item["labels"]) for item in items]
-    width = max(1, *label_lengths, int(audio.encoder_frames(samples)) if shapes else 0)
+    width = max(1, *label_lengths)  # the batch's longest transcript: asr.ctc's cost grows with it
     batch_audio = _empty((len(items), samples), torch.float32)
     mask = _empty((len(items), samples), torch.bool)
     labels = _empty((len(items), width), torch.long)
