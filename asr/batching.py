@@ -1,27 +1,54 @@
-"""Batches of clips of similar duration, filled to a budget of padded audio seconds.
+"""Batches of clips of similar duration, each padded to one of a few fixed (clips, samples) shapes.
 
-A batch costs `longest clip x clips` seconds of padded audio (what the encoder computes on). Clips are
-grouped into duration buckets whose boundaries are quantiles of the corpus' durations. A bucket's
-batches hold as many clips as the budget allows at the bucket's longest clip, so the batch sizes, and
-the number of batches per epoch, depend on the corpus and the budget only: every epoch has the same
-count (Lightning's count of batches, the schedule's total updates and DDP's equal steps hold exactly,
-and a resumed run plans the same). Each epoch the clips within every bucket are shuffled, the buckets
-are packed in duration order (a bucket's last partial batch continues with the next, longer, bucket
-instead of leaving a half-empty batch), and the batch order is shuffled. Padding is then bounded by
-the buckets' widths. Planning is vectorised: a sort and a split per epoch (~0.2 s for a million clips).
+Why fixed shapes: on a GPU each new input shape costs once per shape. cuDNN builds an execution plan
+(published: ~0.44 s forward + 0.55 s backward for attention), torch.compile and CUDA graphs record one.
+Batches padded to their longest clip have a new shape nearly every batch, so those costs recur all run
+long. Here every batch of an epoch has one of at most `num_buckets + 1` shapes.
+
+The plan is fixed once, a pure function of the durations and the settings, so it is the same on every
+DDP rank, in every epoch and in a resumed run:
+- Durations are rounded up to the conv encoder's hop (320 samples, 20 ms at 16 kHz): every padded
+  length is a whole number of encoder frames.
+- `num_buckets` upper lengths are chosen to minimise the padded audio (each clip padded to its bucket's
+  upper length). This is an exact dynamic programme over the distinct rounded lengths (~1,000 for clips
+  up to 20 s, a few ms). Equal-count (quantile) buckets would waste their widths where clips are rare.
+- A bucket's batch size is as many clips as fit in the budget at its upper length: `cost(upper, clips)
+  <= max_batch_seconds`, at most `max_batch_size`. The padded shape is then within the budget, and so is
+  every batch.
+- Buckets are packed in length order. A bucket's leftover clips (fewer than its batch size) join the next,
+  longer, bucket and are padded to its length. The last leftover is the epoch's one partial batch, whose
+  (fewer clips, longest length) shape is the `+ 1`.
+
+Every batch row is a real clip. No clip rows are padded, so the loss, the metrics and the per-clip
+`lengths` (SpecAugment, frame masks) need no row mask. Padding is therefore audio only:
+1 - clips' audio / (clips x padded length), summed over an epoch.
+
+Each epoch the clips within every bucket are shuffled and the batch order is shuffled, seeded by
+(seed, epoch). The batch sizes, and so the number of batches per epoch, do not change between epochs:
+Lightning's count of batches, the schedule's total updates and DDP's equal steps hold exactly.
+Planning per epoch is vectorised: a sort and a split (~0.2 s for a million clips).
 """
+
+import math
 
 import numpy as np
 from torch.utils.data import Sampler
 
+from asr.audio import HOP, SAMPLE_RATE
+
+# The dynamic programme holds a (lengths x lengths) table. Above this many distinct lengths, the
+# lengths are rounded to a coarser multiple of the hop (clips over ~20 s at 20 ms steps).
+_MAX_GRID = 1024
+
 
 class DurationBatchSampler(Sampler[list[int]]):
-    """Index batches for a DataLoader's `batch_sampler`.
+    """Index batches for a DataLoader's `batch_sampler`; `shapes` says what `asr.data.collate` pads them to.
 
-    durations: seconds per clip. max_batch_seconds: the budget of a batch, `longest x clips` seconds (with
-    `attention_q`, `(longest + longest^2 / attention_q) x clips`: self-attention grows with the square
-    of a clip's frames, so long clips get smaller batches). max_batch_size: cap on clips per batch
-    (None: no cap). num_buckets: duration quantiles; more buckets, less padding, less randomness.
+    durations: seconds per clip. max_batch_seconds: the budget of a batch, `padded length x clips` seconds.
+    With `attention_q` it is `(length + length^2 / attention_q) x clips`: self-attention grows with the
+    square of a clip's frames, so long clips get smaller batches. max_batch_size: cap on clips per batch
+    (None: no cap). num_buckets: padded lengths per epoch; an epoch has at most num_buckets + 1 shapes.
+    More buckets mean less padding but more shapes, each costing its own plans and graphs on the GPU.
 
     Epochs: `shuffle` draws a new order per epoch from (seed, epoch). Lightning calls `set_epoch` on
     `batch_sampler.sampler` only, so `sampler` is this object itself; used on its own the sampler also
@@ -32,6 +59,7 @@ class DurationBatchSampler(Sampler[list[int]]):
     each epoch), so every rank runs the same number of steps (unequal counts hang DDP) and every clip is
     trained on. Evaluation keeps every batch once; ranks then differ by at most one batch (no collective
     runs per validation step). Fewer batches than ranks: the largest are split until each rank has one.
+    Those splits are the only shapes beyond num_buckets + 1.
 
     Resuming: `state_dict()` is (epoch, position); `load_state_dict` makes the next pass over that epoch
     start at batch `position` of this rank, so a run resumed mid-epoch continues with exactly the next
@@ -46,13 +74,12 @@ class DurationBatchSampler(Sampler[list[int]]):
         if len(self.durations) and self.cost(self.durations.max(), 1) > max_batch_seconds:
             raise ValueError(f"a {self.durations.max():.1f} s clip exceeds data.max_batch_seconds="
                              f"{max_batch_seconds}; raise it or lower data.max_seconds")
+        if num_buckets < 1:
+            raise ValueError(f"data.num_buckets={num_buckets}: give at least 1")
         self.shuffle, self.seed = shuffle, seed
         self.num_replicas, self.rank = num_replicas, rank
-        # Boundaries between equal-count duration buckets, estimated from this corpus.
-        quantiles = np.linspace(0, 1, num_buckets + 1)[1:-1]
-        self.boundaries = np.unique(np.quantile(self.durations, quantiles)) if len(self.durations) else np.array([])
-        self.bucket = np.searchsorted(self.boundaries, self.durations, side="right")
-        self.sizes = self._batch_sizes()  # clips per batch, in packing order; the same every epoch
+        self.bucket, self.upper = self._buckets(num_buckets)  # clip -> bucket; bucket -> padded samples
+        self.sizes, self.lengths = self._plan()  # clips and padded samples per batch, in packing order
         self.ends = np.cumsum(self.sizes)
         self.epoch, self.position, self._start = 0, 0, 0
         self._length = len(self._rank_batches(np.arange(len(self.sizes))))
@@ -65,27 +92,77 @@ class DurationBatchSampler(Sampler[list[int]]):
         """Budget a batch of `clips` clips padded to `longest` seconds uses."""
         return clips * (longest + longest**2 / self.attention_q if self.attention_q else longest)
 
-    def _batch_sizes(self) -> np.ndarray:
-        counts = np.bincount(self.bucket, minlength=len(self.boundaries) + 1)
-        longest = np.zeros(len(counts))
-        np.maximum.at(longest, self.bucket, self.durations)
-        with np.errstate(divide="ignore"):
-            fits = np.floor(self.max_batch_seconds / self.cost(longest, 1))
-        fits = np.where(counts > 0, fits, 1)
-        fits -= self.cost(longest, fits) > self.max_batch_seconds  # rounding
+    def _samples_within_budget(self) -> int:
+        """The longest padded length (samples) that one clip may have within the budget."""
+        b, q = self.max_batch_seconds, self.attention_q
+        seconds = (math.sqrt(q * q + 4 * q * b) - q) / 2 if q else b  # d + d^2/q = b
+        samples = math.floor(seconds * SAMPLE_RATE)
+        while samples > 0 and self.cost(samples / SAMPLE_RATE, 1) > b:  # float rounding
+            samples -= 1
+        return samples
+
+    def _buckets(self, num_buckets: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket of each clip, upper length of each bucket in samples): of the least padding plans with 1 to
+        num_buckets buckets (`_least_padding`), the one whose packed batches pad least, its bucket edges then
+        moved where that packs with fewer leftovers (`_refine`)."""
+        if not len(self.durations):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        hops = np.ceil(np.round(self.durations * SAMPLE_RATE) / HOP).astype(np.int64)  # rounded up to the hop
+        step = max(1, -(-(hops.max() - hops.min() + 1) // _MAX_GRID))  # coarser grid for very long clips
+        hops = -(-hops // step) * step
+        values, counts = np.unique(hops, return_counts=True)
+        samples = values * HOP
+        samples[-1] = min(samples[-1], self._samples_within_budget())  # within 20 ms of the budget: off the grid
+        fits = self._fits(samples)
+        below = np.concatenate([[0], np.cumsum(counts)])  # clips shorter than each value
+
+        def padded(ends: np.ndarray) -> int:  # samples the packed epoch computes on (as _pack packs)
+            total, carry = 0, 0
+            for count, fit, length in zip(np.diff(below[[0, *(ends + 1)]]).tolist(), fits[ends].tolist(),
+                                          samples[ends].tolist()):
+                total += (carry + count) // fit * fit * length
+                carry = (carry + count) % fit
+            return total + carry * length
+
+        ends = min(_least_padding(values, counts, num_buckets), key=padded)
+        ends = _refine(ends, padded)
+        return np.searchsorted(values[ends], hops), samples[ends]
+
+    def _fits(self, samples: np.ndarray) -> np.ndarray:
+        """Clips per batch at each padded length (samples): what fits in the budget, capped."""
+        seconds = samples / SAMPLE_RATE
+        fits = np.floor(self.max_batch_seconds / self.cost(seconds, 1))
+        fits -= self.cost(seconds, fits) > self.max_batch_seconds  # rounding
+        fits = np.maximum(fits, 1)
         if self.max_batch_size is not None:
             fits = np.minimum(fits, self.max_batch_size)
-        sizes, carry = [], 0
-        for count, fit in zip(counts.tolist(), fits.astype(int).tolist()):
-            if count:  # the previous buckets' leftover clips are shorter: they fit at this bucket's size
-                pool = carry + count
-                sizes += [fit] * (pool // fit)
-                carry = pool % fit
-        sizes += [carry] if carry else []
+        return fits.astype(np.int64)
+
+    def _plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """(clips, padded samples) of every batch of an epoch in packing order: the same every epoch."""
+        counts = np.bincount(self.bucket, minlength=len(self.upper))
+        sizes, lengths = _pack(counts, self._fits(self.upper), self.upper)
         while 0 < len(sizes) < self.num_replicas and max(sizes) > 1:  # a rank without a batch would hang DDP
             i = int(np.argmax(sizes))
             sizes[i : i + 1] = [sizes[i] // 2, sizes[i] - sizes[i] // 2]
-        return np.array(sizes, dtype=np.int64)
+            lengths[i : i + 1] = [lengths[i]] * 2
+        return np.array(sizes, dtype=np.int64), np.array(lengths, dtype=np.int64)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """The (clips, samples) shapes of the epoch's batches, by length then clips: what collate pads to."""
+        return sorted(set(zip(self.sizes.tolist(), self.lengths.tolist())), key=lambda s: (s[1], s[0]))
+
+    def padding(self) -> float:
+        """Padded audio / all audio the encoder computes on, over an epoch: 1 - clips' seconds / padded seconds,
+        the plan's figure from the durations (collate's padded_seconds vs audio_seconds)."""
+        padded = float((self.sizes * self.lengths).sum()) / SAMPLE_RATE
+        return 1 - float(self.durations.sum()) / padded if padded else 0.0
+
+    def summary(self) -> dict:
+        """The plan for the data report: batches per epoch, their shapes and the padding (one process's plan)."""
+        return {"batches": len(self.sizes), "shapes": [list(s) for s in self.shapes],
+                "padding": round(self.padding(), 4)}
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -114,6 +191,11 @@ class DurationBatchSampler(Sampler[list[int]]):
         order, batch_order = self._order(epoch)
         return [self._batch(order, j) for j in batch_order]
 
+    def batch_shapes(self, epoch: int) -> list[tuple[int, int]]:
+        """The planned (clips, samples) of each batch of `batches(epoch)`, in the same order."""
+        _, batch_order = self._order(epoch)
+        return [(int(self.sizes[j]), int(self.lengths[j])) for j in batch_order]
+
     def _batch(self, order: np.ndarray, j: int) -> list[int]:
         """Clip indices of batch j of an epoch whose clip order is `order`."""
         return order[self.ends[j] - self.sizes[j] : self.ends[j]].tolist()
@@ -138,3 +220,59 @@ class DurationBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         """Batches of this rank per epoch: the same every epoch, computed once."""
         return self._length
+
+
+def _pack(counts, fits, lengths) -> tuple[list[int], list[int]]:
+    """(clips, samples) per batch from clips per bucket, bucket by bucket in length order. A bucket's leftover
+    clips (fewer than its batch) join the next, longer, bucket; the last leftover is the one partial batch."""
+    sizes, padded, carry = [], [], 0
+    for count, fit, length in zip(np.asarray(counts).tolist(), np.asarray(fits).tolist(), np.asarray(lengths).tolist()):
+        pool = carry + count  # the previous buckets' leftover clips are shorter: they fit at this length
+        sizes += [fit] * (pool // fit)
+        padded += [length] * (pool // fit)
+        carry = pool % fit
+    if carry:
+        sizes.append(carry)
+        padded.append(length)
+    return sizes, padded
+
+
+def _least_padding(values: np.ndarray, counts: np.ndarray, buckets: int) -> list[np.ndarray]:
+    """For 1 to `buckets` buckets, the indices into `values` (sorted distinct lengths, `counts` clips each)
+    of the upper lengths that minimise sum(count x upper of its bucket); the last is the longest value.
+    Dynamic programme over (last value of the previous bucket, last value of this one): O(buckets x G^2)."""
+    g = len(values)
+    below = np.concatenate([[0], np.cumsum(counts)])  # clips shorter than each value
+    # span[a, b]: a bucket holding values a+1..b, padded to values[b] (a < b)
+    span = values[None, :].astype(np.float64) * (below[None, 1:] - below[1:, None])
+    span[np.tril_indices(g)] = np.inf
+    best = values * below[1:].astype(np.float64)  # one bucket holding values 0..b
+    back, plans = [], [np.array([g - 1])]
+    for _ in range(min(buckets, g) - 1):
+        total = best[:, None] + span  # the previous buckets end at a, this one at b
+        back.append(np.argmin(total, axis=0))
+        best = total[back[-1], np.arange(g)]
+        ends, b = [g - 1], g - 1
+        for choice in reversed(back):
+            b = int(choice[b])
+            ends.append(b)
+        plans.append(np.array(ends[::-1]))
+    return plans
+
+
+def _refine(ends: np.ndarray, padded, window: int = 16) -> np.ndarray:
+    """Bucket edges moved, one at a time within `window` values, while that lowers `padded(ends)`: an edge
+    where a bucket's clips fill its batches leaves fewer clips to pad to the next bucket's length."""
+    ends, current = ends.copy(), padded(ends)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(len(ends) - 1):  # the last edge is the longest clip
+            low = ends[i - 1] + 1 if i else 0
+            for edge in range(max(low, ends[i] - window), min(ends[i + 1], ends[i] + window + 1)):
+                trial = ends.copy()
+                trial[i] = edge
+                cost = padded(trial)
+                if cost < current:
+                    ends, current, improved = trial, cost, True
+    return ends

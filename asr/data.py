@@ -1,5 +1,6 @@
 """The LightningDataModule: corpus splits -> checked utterances -> duration-bucketed padded batches."""
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,8 @@ LISTING_VERSION = 2  # of the prepared listing's columns; a change makes every c
 
 class UtteranceDataset(Dataset):
     """Decodes one clip per item: 16 kHz normalised audio, its transcript (normalised when the split was
-    listed, `SpeechDataModule.raw`) and label ids.
+    listed, `SpeechDataModule.raw`), label ids and the clip's `seconds` as the batch plan saw them (the
+    release's or the header's; None for clips not checked).
 
     A clip that cannot be read (missing, or corrupt: headers are not read where the release states the
     durations) gives {"id", "dropped": reason}: `collate` leaves it out and passes the reason on, so one
@@ -41,48 +43,95 @@ class UtteranceDataset(Dataset):
         row = int(self.clips.rows[i])
         utt_id, path, transcript, language = (self._columns[n][row].as_py() for n in ("id", "path", "text", "language"))
         try:
-            wave = audio.normalize(audio.load(path))
+            wave = audio.normalize(audio.load(path))  # float32, normalised in place
         except Exception as error:  # libsndfile raises several types
             reason = cache.UNREADABLE if os.path.exists(path) else cache.MISSING
             log.warning("skipping %s: %s (%s: %s)", utt_id, path, reason, error)
             return {"id": utt_id, "dropped": reason}
+        seconds = None if self.clips.seconds is None else float(self.clips.seconds[i])
         return {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
-                "language": language}
+                "language": language, "seconds": seconds}
 
 
-def collate(items: list[dict]) -> dict:
-    """Pad a batch. audio: (B, S) float32 at 16 kHz; attention_mask: (B, S) 1 on real samples;
+def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> dict:
+    """Pad a batch. audio: (B, S) float32 at 16 kHz; attention_mask: (B, S) bool, True on real samples;
     labels: (B, L) ids padded with -100 (ignored by the CTC loss). lengths (samples) and label_lengths
-    are host lists, which Lightning leaves on the host: the loss needs them there. Clips that could
-    not be read are left out, listed in `dropped` as (id, reason) and counted in `skipped`; a batch of
-    nothing but those has no `audio` and empty `ids`."""
+    are host lists, which Lightning leaves on the host: the loss needs them there. `shape` is (B, S).
+
+    shapes: the batch plan's (clips, samples) shapes (`DurationBatchSampler.shapes`). The batch is padded
+    to the shortest one with its number of clips that holds its longest clip as the plan measured it
+    (`seconds`, rounded up to the encoder's hop): the shape the plan gave it, or a shorter one of the set.
+    A clip that decodes longer than its stated duration (MP3 codec padding: 25-48 ms on the demo) is cut at
+    that length, counted in `truncated_seconds`; `lengths` are the samples the batch holds. Labels stay
+    padded to the batch's longest transcript (L varies): padding them to the shape's frames would fix their
+    shape too, but a CTC over (frames, 2L + 1) states costs in proportion to L. Without `shapes` (or with a
+    number of clips the plan has no shape for: a clip of the batch could not be read), the batch is padded
+    to its longest clip.
+
+    Clips that could not be read are left out, listed in `dropped` as (id, reason) and counted in
+    `skipped`; a batch of nothing but those has no `audio` and empty `ids`."""
     dropped = [(item["id"], item["dropped"]) for item in items if "dropped" in item]
     items = [item for item in items if "dropped" not in item]
     if not items:
-        return {"ids": [], "dropped": dropped, "skipped": len(dropped), "audio_seconds": 0.0, "padded_seconds": 0.0}
-    lengths = [len(item["audio"]) for item in items]
-    batch_audio = torch.zeros(len(items), max(lengths))
-    mask = torch.zeros(len(items), max(lengths), dtype=torch.long)
-    labels = torch.full((len(items), max(1, max(len(x["labels"]) for x in items))), -100)
+        return {"ids": [], "dropped": dropped, "skipped": len(dropped), "audio_seconds": 0.0, "padded_seconds": 0.0,
+                "truncated_seconds": 0.0}
+    decoded = [len(item["audio"]) for item in items]
+    samples = _padded_length(items, decoded, shapes)
+    lengths = [min(n, samples) for n in decoded]
+    label_lengths = [len(item["labels"]) for item in items]
+    width = max(1, *label_lengths)  # the batch's longest transcript: asr.ctc's cost grows with it
+    batch_audio = _empty((len(items), samples), torch.float32)
+    mask = _empty((len(items), samples), torch.bool)
+    labels = _empty((len(items), width), torch.long)
+    # Filled through numpy views (cheaper per row than torch indexing); every element is written once.
+    rows, masks, ids = batch_audio.numpy(), mask.numpy(), labels.numpy()
+    ids.fill(-100)
     for i, item in enumerate(items):
-        batch_audio[i, : lengths[i]] = torch.from_numpy(item["audio"])
-        mask[i, : lengths[i]] = 1
-        labels[i, : len(item["labels"])] = torch.tensor(item["labels"], dtype=torch.long)
+        rows[i, : lengths[i]] = item["audio"][: lengths[i]]
+        rows[i, lengths[i] :] = 0
+        masks[i, : lengths[i]] = True
+        masks[i, lengths[i] :] = False
+        ids[i, : label_lengths[i]] = item["labels"]
     return {
         "audio": batch_audio,
         "attention_mask": mask,
         "labels": labels,
         "lengths": lengths,
-        "label_lengths": [len(item["labels"]) for item in items],
+        "label_lengths": label_lengths,
+        "shape": (len(items), samples),
         "ids": [item["id"] for item in items],
         "texts": [item["text"] for item in items],
         "languages": [item.get("language", "") for item in items],
         # seconds, as host floats so that logging them never waits on the GPU
         "audio_seconds": sum(lengths) / audio.SAMPLE_RATE,
-        "padded_seconds": len(items) * max(lengths) / audio.SAMPLE_RATE,
+        "padded_seconds": len(items) * samples / audio.SAMPLE_RATE,
+        "truncated_seconds": (sum(decoded) - sum(lengths)) / audio.SAMPLE_RATE,
         "skipped": len(dropped),
         "dropped": dropped,
     }
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a loader worker, in shared memory, as torch's default_collate makes its
+    batches: a tensor sent to the training process is otherwise copied into shared memory first."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+def _padded_length(items: list[dict], decoded: list[int], shapes: list[tuple[int, int]] | None) -> int:
+    """Samples to pad a batch to: see `collate`."""
+    if shapes:
+        planned = [item.get("seconds") for item in items]
+        if None in planned:  # clips not checked: their decoded length is all there is
+            longest = max(decoded)
+        else:  # as DurationBatchSampler rounds durations
+            longest = -(-round(max(planned) * audio.SAMPLE_RATE) // audio.HOP) * audio.HOP
+        fitting = [samples for clips, samples in shapes if clips == len(items)]
+        if fitting:
+            return min((s for s in fitting if s >= longest), default=max(fitting))
+    return max(decoded)
 
 
 _REPEAT = re.compile(r"(.)(?=\1)")  # a character followed by the same one
@@ -193,10 +242,14 @@ def durations(clips: corpora.Clips, cache_file: Path, workers: int) -> tuple[np.
 
 
 def format_report(report: dict[str, dict]) -> str:
-    """The data report as a short table: one row per split, one column per drop reason."""
+    """The data report as a short table: one row per split, one column per drop reason, then the batch plan:
+    batches per epoch, distinct (clips, samples) shapes and the padding they cost (padded audio / all audio
+    the encoder computes on)."""
     reasons = sorted({r for split in report.values() for r in split["dropped"]})
-    header = ["split", "kept", "hours", *reasons, "[UNK] chars"]
-    rows = [[split, r["kept"], f"{r['seconds'] / 3600:.2f}", *(r["dropped"].get(k, 0) for k in reasons), r["unk_characters"]]
+    header = ["split", "kept", "hours", *reasons, "[UNK] chars", "batches", "shapes", "padding"]
+    rows = [[split, r["kept"], f"{r['seconds'] / 3600:.2f}", *(r["dropped"].get(k, 0) for k in reasons), r["unk_characters"],
+             *((r["batches"]["batches"], len(r["batches"]["shapes"]), f"{r['batches']['padding']:.1%}")
+               if "batches" in r else ("-", "-", "-"))]
             for split, r in report.items()]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(line, widths)) for line in [header, *rows])
@@ -315,6 +368,7 @@ class SpeechDataModule(L.LightningDataModule):
             if not len(kept):
                 dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
                 raise SetupError(f"no usable utterance in the {split} split of {h.root} (dropped: {dropped})")
+            report["batches"] = self.sampler(split).summary()  # the shapes and what padding them costs
         return self.utterances[split]
 
     def _decoded(self, kept: corpora.Clips, report: dict) -> tuple[corpora.Clips, dict]:
@@ -387,23 +441,29 @@ class SpeechDataModule(L.LightningDataModule):
         Path(path).write_text(json.dumps(self.report, indent=1, ensure_ascii=False))
         log.info("data report (%s):\n%s", path, format_report(self.report))
 
-    def dataloader(self, split: str) -> DataLoader:
+    def sampler(self, split: str) -> DurationBatchSampler:
+        """The batch plan of `split` for this rank: fixed shapes from its durations and the budget."""
         utterances = self.load(split)
         training = split == "train"
         h = self.hparams
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
         size = h.max_batch_size if training or h.eval_max_batch_size is None else h.eval_max_batch_size
-        sampler = DurationBatchSampler(
+        return DurationBatchSampler(
             utterances.seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
             attention_q=h.attention_q, seed=h.seed, shuffle=training, num_replicas=world, rank=rank,
         )
+
+    def dataloader(self, split: str) -> DataLoader:
+        training = split == "train"
+        sampler = self.sampler(split)
         if training and self._resume is not None:
             sampler.load_state_dict(self._resume)
             self._resume = None
         workers = self.num_workers
         return (TrainingLoader if training else DataLoader)(
-            UtteranceDataset(utterances, self.vocab), batch_sampler=sampler, collate_fn=collate,
+            UtteranceDataset(self.load(split), self.vocab), batch_sampler=sampler,
+            collate_fn=functools.partial(collate, shapes=sampler.shapes),
             # kept between epochs, and between evaluations (Lightning reuses the dev loader)
             num_workers=workers, persistent_workers=workers > 0,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),

@@ -1,21 +1,34 @@
 """The bucketed batch sampler: coverage, budgets, epochs, DDP ranks and an exact mid-epoch resume,
-alone and inside a real Lightning run."""
+alone and inside a real Lightning run; every batch padded to one of a few fixed shapes."""
+
+import itertools
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+import asr
+from asr import audio
 from asr.batching import DurationBatchSampler
+from asr.data import collate
 from tests.callbacks import RecordUpdates
-from tests.conftest import SHRUNK, assembled
+from tests.conftest import SHRUNK, assembled, data_module
 
 DURATIONS = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 500).clip(1, 10)
+NUM_BUCKETS = OmegaConf.load(asr.REPO_DIR / "conf" / "data" / "default.yaml").num_buckets  # what runs use
 
 
 def make_sampler(durations, max_batch_seconds, **options) -> DurationBatchSampler:
-    """The sampler with this test's settings: no clip cap, 100 buckets, no attention cost, seed 0."""
-    settings = {"max_batch_size": None, "num_buckets": 100, "attention_q": None, "seed": 0, **options}
+    """The sampler with this test's settings: no clip cap, the YAML's buckets, no attention cost, seed 0."""
+    settings = {"max_batch_size": None, "num_buckets": NUM_BUCKETS, "attention_q": None, "seed": 0, **options}
     return DurationBatchSampler(durations, max_batch_seconds, **settings)
+
+
+def padded_seconds(sampler, batches) -> np.ndarray:
+    """Seconds each batch's planned shape holds: clips x padded length."""
+    shapes = sampler.batch_shapes(sampler.epoch) if batches is None else batches
+    return np.array([clips * samples / audio.SAMPLE_RATE for clips, samples in shapes])
 
 
 def test_sampler_covers_each_clip_once_within_budget():
@@ -78,14 +91,117 @@ def test_sampler_rejects_a_clip_over_budget():
         make_sampler([5.0, 30.0], max_batch_seconds=20)
 
 
-def test_sampler_buckets_come_from_the_corpus_quantiles():
-    sampler = make_sampler(DURATIONS, 60, num_buckets=10)
-    assert len(sampler.boundaries) == 9
-    counts = np.bincount(sampler.bucket)
-    assert counts.min() >= 45 and counts.max() <= 55  # equal-count buckets
-    padded = sum(DURATIONS[b].max() * len(b) for b in sampler)
-    fine = make_sampler(DURATIONS, 60, num_buckets=100)
-    assert 1 - DURATIONS.sum() / sum(DURATIONS[b].max() * len(b) for b in fine) < 1 - DURATIONS.sum() / padded
+def test_bucket_lengths_minimise_padding():
+    """The upper lengths are the least padding ones (checked against every choice on a small corpus), and more
+    buckets pad less."""
+    durations = np.random.default_rng(2).uniform(1, 3, 60)
+    hops = np.ceil(np.round(durations * audio.SAMPLE_RATE) / audio.HOP).astype(int)
+    values = np.unique(hops)
+
+    def length_padded(uppers):  # every clip padded to the shortest upper that holds it
+        return uppers[np.searchsorted(uppers, hops)].sum()
+
+    best = min(length_padded(np.array([*ends, values[-1]])) for ends in itertools.combinations(values[:-1], 3))
+    sampler = make_sampler(durations, 1000, num_buckets=4, max_batch_size=1)  # one clip a batch: no leftovers
+    assert length_padded(sampler.upper // audio.HOP) == best
+    paddings = [make_sampler(DURATIONS, 60, num_buckets=k).padding() for k in (5, 10, 19, 40)]
+    assert paddings == sorted(paddings, reverse=True) and paddings[-1] < 0.03
+
+
+CV_LIKE = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 100_000).clip(1, 10)  # Common Voice: ~5 s, at most 10
+
+
+@pytest.mark.parametrize("name, durations", [
+    ("Common Voice-like, 800", CV_LIKE[:800]),
+    ("Common Voice-like, 100k", CV_LIKE),
+    ("uniform 2-10 s, 800", np.random.default_rng(1).uniform(2, 10, 800)),
+    ("uniform 2-10 s, 100k", np.random.default_rng(1).uniform(2, 10, 100_000)),
+    ("short (asr.synth short), 800", np.random.default_rng(3).normal(2.3, 0.5, 800).clip(1, 4)),
+])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_an_epoch_uses_at_most_20_shapes_with_at_most_4_percent_padding(name, durations, shuffle):
+    """Issue 22's bars at 30 s batches, for training and evaluation batches. Every clip fits its batch's
+    planned shape (its duration rounded up to the encoder's hop), every padded shape is within the budget, and
+    padding (1 - audio / padded audio) is counted here from the shapes, not taken from the sampler.
+
+    The floor of any plan with 20 lengths is set by the spread of the durations (the lengths minimise padding):
+    uniform 1-15 s pads 4.4%, log-normal 1-15 s with sigma 0.5 5.2%; `data.num_buckets` trades the two."""
+    sampler = make_sampler(durations, 30, shuffle=shuffle, seed=4)
+    batches, shapes = sampler.batches(0), sampler.batch_shapes(0)
+    assert len(set(shapes)) <= 20 and set(shapes) == set(sampler.shapes)
+    assert sorted(i for b in batches for i in b) == list(range(len(durations)))
+    need = np.ceil(np.round(durations * audio.SAMPLE_RATE) / audio.HOP) * audio.HOP
+    for batch, (clips, samples) in zip(batches, shapes):
+        assert len(batch) == clips and need[batch].max() <= samples and samples % audio.HOP == 0
+    padded = padded_seconds(sampler, shapes)
+    assert padded.max() <= 30
+    assert 1 - durations.sum() / padded.sum() <= 0.04
+    assert sampler.padding() == pytest.approx(1 - durations.sum() / padded.sum())
+
+
+def test_shapes_do_not_depend_on_the_corpus_size():
+    """More clips, not more shapes: 2k to 1M clips of the same distribution use the same bound. With 2k clips
+    in 40 batches of ~50, a bucket's leftover clips (padded to the next bucket's length) cost more."""
+    many = np.random.default_rng(5).lognormal(np.log(4.5), 0.4, 1_000_000).clip(1, 10)
+    for n, padding in ((2_000, 0.05), (50_000, 0.04), (1_000_000, 0.04)):
+        sampler = make_sampler(many[:n], 200, max_batch_size=64)
+        assert len(sampler.shapes) <= NUM_BUCKETS + 1 and sampler.padding() < padding
+
+
+def test_every_rank_plans_the_same_shapes():
+    """A pure function of durations and settings: ranks (and a restarted run) get the same shapes, and each
+    rank's batches are the plan's."""
+    ranks = [make_sampler(CV_LIKE[:3000], 60, seed=7, num_replicas=2, rank=r) for r in range(2)]
+    assert ranks[0].shapes == ranks[1].shapes == make_sampler(CV_LIKE[:3000], 60, seed=8).shapes
+    for sampler in ranks:
+        for batch in sampler:
+            clips = len(batch)
+            assert clips in {c for c, _ in sampler.shapes}
+
+
+def test_collate_pads_to_the_planned_shape():
+    """collate pads samples to the plan's length (labels to the longest transcript); a clip decoded longer than its stated
+    duration (MP3 codec padding) is cut at that length and counted; `lengths` are what the batch holds."""
+    shapes = [(3, 16_000), (2, 32_000), (1, 48_000)]
+
+    def item(seconds, decoded, labels=3):
+        return {"id": f"{seconds}", "audio": np.ones(decoded, np.float32), "text": "a" * labels,
+                "labels": [1] * labels, "seconds": seconds}
+
+    batch = collate([item(1.2, 19_200), item(1.9, 30_800)], shapes)
+    assert batch["shape"] == (2, 32_000) == tuple(batch["audio"].shape) == tuple(batch["attention_mask"].shape)
+    assert batch["lengths"] == [19_200, 30_800] and batch["attention_mask"].sum(1).tolist() == [19_200, 30_800]
+    assert batch["labels"].shape == (2, 3) and batch["truncated_seconds"] == 0
+    assert batch["audio"][0, 19_200:].abs().sum() == 0 and batch["padded_seconds"] == 4.0
+    batch = collate([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 16_500)], shapes)  # 500 samples past the plan
+    assert batch["shape"] == (3, 16_000) and batch["lengths"] == [14_000, 8_000, 16_000]
+    assert batch["truncated_seconds"] == 500 / 16_000
+    batch = collate([item(0.9, 14_400)], shapes)  # one clip: a shorter one fits the (1, 48000) shape only
+    assert batch["shape"] == (1, 48_000)
+    batch = collate([item(1.2, 19_200), item(1.0, 16_000), item(0.5, 8_000), item(0.5, 8_000)], shapes)
+    assert batch["shape"] == (4, 19_200)  # no shape of 4 clips (not the plan's): padded to its longest
+
+
+def test_lightning_loader_batches_have_the_planned_shapes():
+    """The real training and dev loaders of the demo at 30 s batches: every batch has one of its plan's shapes
+    (the shape the model sees in `batch["shape"]`), at most 20 in an epoch, padding within 4% as collate
+    counts it, and the data report states the plan."""
+    data = data_module("data.num_workers=0", "data.max_batch_seconds=30")
+    data.setup("fit")
+    for split in ("train", "dev"):
+        loader = data.dataloader(split)
+        batches = list(loader)
+        shapes = {tuple(b["audio"].shape) for b in batches}
+        assert all(tuple(b["audio"].shape) == b["shape"] for b in batches)
+        assert shapes <= set(loader.batch_sampler.shapes) and len(shapes) <= 20
+        report = data.report[split]["batches"]
+        assert report["batches"] == len(batches) and [list(s) for s in loader.batch_sampler.shapes] == report["shapes"]
+        if split == "train":
+            padding = 1 - sum(b["audio_seconds"] for b in batches) / sum(b["padded_seconds"] for b in batches)
+            assert padding <= 0.04 and report["padding"] <= 0.04
+            assert sum(b["truncated_seconds"] for b in batches) < 0.005 * sum(b["audio_seconds"] for b in batches)
+        for b in batches:
+            assert b["lengths"] == b["attention_mask"].sum(1).tolist()  # true lengths, per clip
 
 
 def test_sampler_attention_cost_gives_long_clips_smaller_batches():
@@ -112,6 +228,7 @@ def test_sampler_resumes_mid_epoch_with_the_next_batch():
     resumed.load_state_dict(state)
     resumed.set_epoch(1)  # as Lightning does at the start of the resumed epoch
     assert seen + list(resumed) == expected
+    assert resumed.shapes == reference.shapes  # and so the shapes of the batches after the resume
     assert list(resumed) == make_sampler(DURATIONS, 60, seed=5).batches(2)  # then the next epoch
     at_end = make_sampler(DURATIONS, 60, seed=5)
     at_end.load_state_dict({"epoch": 1, "position": len(expected)})

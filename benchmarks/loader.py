@@ -1,0 +1,155 @@
+"""Does one loader worker keep up with decoding? Audio-seconds per second of one process, side by side in one run.
+
+    python benchmarks/loader.py [--clips 200] [--passes 2]
+
+The corpus: `--clips` 48 kHz MP3 clips of distinct lengths (2-10 s) in the Common Voice layout, written to a
+temporary directory. The audio is numpy, not espeak-ng (no system package needed): a pitch contour with
+harmonics, syllable-like envelopes and noise. MP3 decoding costs much the same whatever it holds.
+
+Rows, all in this process with one torch thread (as a loader worker, `asr.data._one_thread`), except the last:
+- decode only: soundfile's read of the MP3 (float32, 48 kHz), nothing else. The bar's reference.
+- old load path: main at 8f8c191, `torchaudio.functional.resample` (a filter designed per clip), then a
+  normalisation that copies.
+- new load path: `asr.audio.load` (soxr HQ) and `asr.audio.normalize` (in place), as `UtteranceDataset` runs.
+- one worker, end to end: `SpeechDataModule.train_dataloader()` with data.num_workers=1 (dataset + collate
+  into the planned shapes, in the worker process), timed from the iterator's creation to its last batch over
+  `--passes` epochs after a first, untimed, one (the worker is persistent). The main process only takes
+  batches. The same with the old load path patched in (the worker is forked, so it inherits the patch).
+
+audio-s/s is per wall second; per CPU-s is per CPU second of the process doing the work (this one, or the
+worker), which other processes on a shared machine disturb less. ratio: the row's rate / decode only's.
+Issue 22's bar: one worker >= 0.7x decode only.
+"""
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere without installing
+
+from asr import audio, synth  # noqa: E402
+from asr.config import checked  # noqa: E402
+
+
+def speechlike(seconds: float, rng: np.random.Generator, rate: int = 48_000) -> np.ndarray:
+    """(samples,) float32: a wandering pitch with 8 harmonics under syllable envelopes (~4 a second), plus noise."""
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6))
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 9))
+    envelope = np.clip(np.sin(2 * np.pi * rng.uniform(3, 5) * t), 0, None) ** 2
+    wave = 0.3 * envelope * voiced + 0.01 * rng.standard_normal(len(t))
+    return (wave / np.abs(wave).max() * 0.5).astype(np.float32)
+
+
+def make_corpus(root: Path, clips: int) -> list[Path]:
+    """`clips` MP3 clips at 48 kHz, lengths spread evenly over 2-10 s (all distinct), all in train plus 4 in dev
+    and test; Common Voice layout (asr.synth.write_common_voice)."""
+    rng = np.random.default_rng(0)
+    seconds = rng.permutation(np.linspace(2.0, 10.0, clips + 8))
+    sentences = synth.demo_sentences(clips + 8, random.Random(0))
+    voice = synth.TRAIN_VOICES[0]
+    splits = {"train": [(s, voice) for s in sentences[:clips]], "dev": [(s, voice) for s in sentences[clips:clips + 4]],
+              "test": [(s, voice) for s in sentences[clips + 4:]]}
+    synth.write_common_voice(root, splits, locale="pt", audio_for=lambda i, _s, _v: speechlike(seconds[i], rng))
+    return sorted((root / "clips").glob("*.mp3"))[:clips]
+
+
+def old_load(path, sample_rate: int = audio.SAMPLE_RATE) -> np.ndarray:
+    """asr.audio.load at 8f8c191: torchaudio's resample."""
+    wave, rate = sf.read(path, dtype="float32", always_2d=True)
+    wave = wave.mean(axis=1)
+    if rate != sample_rate:
+        wave = torchaudio.functional.resample(torch.from_numpy(wave), rate, sample_rate).numpy()
+    return wave
+
+
+def old_normalize(wave: np.ndarray) -> np.ndarray:
+    """asr.audio.normalize at 8f8c191: a new array (and float64 temporaries)."""
+    return (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
+
+
+def rate(paths: list[Path], read) -> tuple[float, float]:
+    """Audio-seconds per wall second and per CPU second of `read(path) -> seconds` over `paths`, in this process."""
+    started, cpu, seconds = time.perf_counter(), time.process_time(), 0.0
+    for path in paths:
+        seconds += read(path)
+    return seconds / (time.perf_counter() - started), seconds / (time.process_time() - cpu)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc, 10 ms ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def decode_only(path) -> float:
+    wave, rate = sf.read(path, dtype="float32")
+    return len(wave) / rate
+
+
+def worker_rate(root: Path, passes: int) -> tuple[tuple[float, float], int]:
+    """((audio-s per wall second, per CPU second of the worker process) of one DataLoader worker through the
+    real training loader, distinct batch shapes seen)."""
+    os.environ["ASR_CACHE_DIR"] = str(root.parent / "cache")  # listings and durations stay in the temporary directory
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = checked(compose("train", overrides=["lang=pt", f"data.root={root}", "data.num_workers=1",
+                                                  "data.max_batch_seconds=60", f"run_dir={root.parent / 'run'}"]),
+                      "train")
+    data = instantiate(cfg.data, _convert_="all")
+    data.setup("fit")
+    loader = data.train_dataloader()
+    batches = iter(loader)  # starts the (persistent) worker
+    worker = batches._workers[0].pid
+    shapes = {tuple(b["audio"].shape) for b in batches}  # a first epoch, untimed
+    started, cpu, seconds = time.perf_counter(), cpu_seconds(worker), 0.0
+    for _ in range(passes):
+        for batch in loader:
+            seconds += batch["audio_seconds"]
+            shapes.add(tuple(batch["audio"].shape))
+    wall = seconds / (time.perf_counter() - started)
+    return (wall, seconds / (cpu_seconds(worker) - cpu)), len(shapes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--clips", type=int, default=200)
+    parser.add_argument("--passes", type=int, default=2, help="timed epochs of the worker rows")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as a loader worker
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "pt"
+        paths = make_corpus(root, args.clips)
+        total = sum(sf.info(p).duration for p in paths)
+        rate(paths[:5], decode_only)  # warm-up: page cache, imports
+        rows = {
+            "decode only (soundfile, 48 kHz)": rate(paths, decode_only),
+            "old load path (torchaudio resample)": rate(paths, lambda p: len(old_normalize(old_load(p))) / 16_000),
+            "new load path (soxr HQ, in place)": rate(paths, lambda p: len(audio.normalize(audio.load(p))) / 16_000),
+        }
+        new_worker, shapes = worker_rate(root, args.passes)
+        rows["one worker, end to end (new)"] = new_worker
+        audio.load, audio.normalize = old_load, old_normalize  # the forked worker inherits these
+        rows["one worker, end to end (old load path)"] = worker_rate(root, args.passes)[0]
+    print(f"{len(paths)} MP3 clips at 48 kHz, 2-10 s, {total / 60:.1f} min of audio; torch threads 1; "
+          f"worker rows over {args.passes} epochs of 60 s batches ({shapes} batch shapes)\n")
+    print(f"{'path':<40} {'audio-s/s':>10} {'ratio':>6}   {'per CPU-s':>10} {'ratio':>6}")
+    reference = rows["decode only (soundfile, 48 kHz)"]
+    for name, (wall, cpu) in rows.items():
+        print(f"{name:<40} {wall:>10.0f} {wall / reference[0]:>5.2f}x   {cpu:>10.0f} {cpu / reference[1]:>5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
