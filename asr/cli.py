@@ -2,7 +2,7 @@
 apps), the defaults in conf/<tool>.yaml, and `--help` listing the tool's own settings, each with its
 default and the comment beside it in the YAML.
 
-    python transcribe.py model=<run>/model audio=clip.mp3
+    python transcribe.py model_path=<run>/model audio=clip.mp3
     python -m asr.sweep dir=multirun/2026-12-01/10-00-00 key=val_wer
 """
 

@@ -6,8 +6,10 @@ allocator's peak. Every figure is host arithmetic on host clocks and host lists:
 from the GPU, so logging them never makes the host wait for queued GPU work. Over a window of updates
 the host cannot run ahead of the GPU by more than its launch queue, so a window's rate is the GPU's.
 
-`training_flops` counts the model FLOPs of a step from the architecture and the clips' lengths (the
-arithmetic of ../shared/REFERENCE.md, "Compute"); `peak_flops` is the device's dense peak for the
+`training_flops` counts the model FLOPs of a step from the architecture and the clips' lengths (per
+audio-second at 50 frames: the conv feature encoder ~4.9 GFLOP forward; the transformer 2(4H^2 + 2HF) per
+frame per layer; training = 3x forward, 1x for a frozen conv encoder: ~102 GFLOP for xls-r-300m, ~301 for
+xls-r-1b); `peak_flops` is the device's dense peak for the
 precision, from Lightning's table unless given.
 """
 

@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-# Common Voice TSV columns of recent releases (REFERENCE.md, "Data layouts").
+# Common Voice TSV columns of recent releases (docs/data.md).
 CV_COLUMNS = [
     "client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes",
     "down_votes", "age", "gender", "accents", "variant", "locale", "segment",
