@@ -68,7 +68,7 @@ def last_checkpoint(checkpoint_dir: Path, asked: str) -> Path:
     if not found:
         run = checkpoint_dir.parent if checkpoint_dir.name == "checkpoints" else checkpoint_dir
         held = _holds(checkpoint_dir) if checkpoint_dir.is_dir() else _holds(run)
-        raise SetupError(f"{asked}: no checkpoint to resume in {checkpoint_dir} ({held}); train.py writes "
+        raise SetupError(f"{asked}: no checkpoint in {checkpoint_dir} ({held}); train.py writes "
                          f"last.ckpt there at each evaluation. Give hydra.run.dir=<the run> or ckpt_path=<a .ckpt>.")
     return max(found, key=lambda p: p.stat().st_mtime)
 
