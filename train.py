@@ -2,12 +2,14 @@
 
     python train.py                                        # tiny model on the embedded demo
     python train.py lang=hy model=xlsr_1b sched=tristage data.root=<cv-corpus/hy-AM>
-    python train.py hydra.run.dir=<run> ckpt_path=last     # resume a run where it stopped
+    python train.py hydra.run.dir=<run> ckpt_path=last     # resume a run where it stopped, with its config
     sbatch slurm/train.sbatch experiment=cv8_hy_1b ...     # on a SLURM cluster (README: several GPUs)
 
 Writes into the run directory: config.yaml, vocab.json, data_report.json, checkpoints/ (last and
 best by dev CER), model/ (the best model, HF format), results.md and results.json. A run signalled by
 SLURM saves checkpoints/requeue.ckpt and requeues its job; started again in that directory it resumes.
+A resumed run starts from its own config.yaml (kept as config.<n>.yaml at each start); the command line
+applies on top, but may not change what the checkpoint means (asr.run.resumed).
 """
 
 import sys
@@ -16,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from asr import Requeued, SetupError, TrainingStopped, quote_numeric_choices, tracking
-from asr.config import check_overrides, register_resolvers
+from asr.config import check_overrides, expand_path_overrides, register_resolvers
 from asr.run import train
 
 register_resolvers()  # before Hydra composes, here and in a SLURM job that unpickles `main`
@@ -42,13 +44,22 @@ def main(cfg: DictConfig) -> dict:
         raise
     tracking.finish(exit_code=0)  # the next job of a multirun starts its own W&B run
     if results:
-        print(f"dev WER {results.get('val_wer', float('nan')):.4f}  CER {results.get('val_cer', float('nan')):.4f}"
-              f"  after {results['train_seconds']:.0f} s -> {cfg.run_dir}")
+        print(f"{outcome(results)}  after {results['train_seconds']:.0f} s -> {cfg.run_dir}")
     return results
 
 
+def outcome(results: dict) -> str:
+    """The best evaluation's figures, or when the first evaluation would have come."""
+    if "val_cer" in results:
+        return f"dev WER {results['val_wer']:.4f}  CER {results['val_cer']:.4f}"
+    first = results.get("first_evaluation_at_update")
+    when = (f"the first comes after update {first} (val_every_updates or trainer.val_check_interval sets it)"
+            if first else "dev evaluation is off")
+    return f"no dev evaluation in {results.get('updates', 'these')} updates: {when}"
+
+
 if __name__ == "__main__":
-    sys.argv = quote_numeric_choices(sys.argv)
+    sys.argv = expand_path_overrides(quote_numeric_choices(sys.argv))  # ~ and $VAR in paths, as users type them
     try:
         check_overrides(sys.argv[1:], "train")  # a mistyped key, named with the valid ones
     except SetupError as error:

@@ -1,11 +1,14 @@
 """Checkpoints: written atomically, and the one a run resumes from."""
 
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from asr import SetupError
 
 log = logging.getLogger(__name__)
 REQUEUE_CHECKPOINT = "requeue.ckpt"  # in the checkpoint directory; a run that finds it resumes from it
@@ -38,10 +41,52 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run directory a checkpoint was written into (`<run>/checkpoints/<name>.ckpt`), or None."""
+    parent = Path(checkpoint).absolute().parent
+    return parent.parent if parent.name == "checkpoints" else None
+
+
+def _holds(directory: Path) -> str:
+    """What a directory holds, for a message: its first entries, or that it is empty or absent."""
+    if not directory.is_dir():
+        return f"{directory} does not exist"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f"{directory} holds {shown}" if names else f"{directory} is empty"
+
+
+def _directory(path: Path) -> Path:
+    """A run directory's checkpoint directory (a checkpoint directory given itself stays as it is)."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() or path.name != "checkpoints" else path
+
+
+def last_checkpoint(checkpoint_dir: Path, asked: str) -> Path:
+    """The state a run stopped in: the newer of `REQUEUE_CHECKPOINT` (saved when it was signalled) and
+    last.ckpt. SetupError naming the directory and what it holds when there is neither."""
+    found = [p for p in (checkpoint_dir / REQUEUE_CHECKPOINT, checkpoint_dir / "last.ckpt") if p.is_file()]
+    if not found:
+        run = checkpoint_dir.parent if checkpoint_dir.name == "checkpoints" else checkpoint_dir
+        held = _holds(checkpoint_dir) if checkpoint_dir.is_dir() else _holds(run)
+        raise SetupError(f"{asked}: no checkpoint in {checkpoint_dir} ({held}); train.py writes "
+                         f"last.ckpt there at each evaluation. Give hydra.run.dir=<the run> or ckpt_path=<a .ckpt>.")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
-    """The checkpoint a run starts from: `ckpt_path` when given; else the requeue checkpoint a signalled
-    run left (`Requeue`); else, in a job SLURM restarted without one (a node failed), the last checkpoint."""
+    """The checkpoint a run starts from, checked before any data is read (SetupError otherwise):
+    `ckpt_path` when given (`last`: the run directory's last state, `last_checkpoint`; a run directory:
+    its last state; else a checkpoint file that must exist); else the requeue checkpoint a signalled run
+    left (`Requeue`); else, in a job SLURM restarted without one (a node failed), the last checkpoint."""
+    if ckpt_path == "last":
+        return str(last_checkpoint(checkpoint_dir, "ckpt_path=last"))
     if ckpt_path:
+        path = Path(ckpt_path)
+        if path.is_dir():
+            return str(last_checkpoint(_directory(path), f"ckpt_path={ckpt_path}"))
+        if not path.is_file():
+            raise SetupError(f"ckpt_path={ckpt_path} does not exist: give a checkpoint (<run>/checkpoints/*.ckpt), "
+                             f"a run directory, or last (with hydra.run.dir=<the run>).")
         return ckpt_path
     requeue = checkpoint_dir / REQUEUE_CHECKPOINT
     if requeue.is_file():
@@ -52,3 +97,23 @@ def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
         log.warning("SLURM restarted this job: resuming from %s", last)
         return str(last)
     return None
+
+
+def best_checkpoint(ckpt_path: str) -> str:
+    """The checkpoint evaluate.py scores: a file as given; of a run directory (or its checkpoints/), the best
+    by dev CER (results.json's best_checkpoint, else the best-*.ckpt), else its last state. SetupError naming
+    what is there otherwise."""
+    path = Path(ckpt_path)
+    if path.is_file():
+        return ckpt_path
+    if not path.is_dir():
+        raise SetupError(f"ckpt_path={ckpt_path} does not exist: give a checkpoint (<run>/checkpoints/*.ckpt) "
+                         f"or a run directory.")
+    checkpoint_dir = _directory(path)
+    results = checkpoint_dir.parent / "results.json"
+    if results.is_file():
+        best = json.loads(results.read_text()).get("best_checkpoint")
+        if best and Path(best).is_file():
+            return best
+    best = sorted(checkpoint_dir.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return str(best[-1]) if best else str(last_checkpoint(checkpoint_dir, f"ckpt_path={ckpt_path}"))

@@ -6,13 +6,13 @@ default and the comment beside it in the YAML.
     python -m asr.sweep dir=multirun/2026-12-01/10-00-00 key=val_wer
 """
 
-import os
 import re
 import sys
 
 from omegaconf import DictConfig, OmegaConf
 
 from asr import REPO_DIR
+from asr.config import expand_path
 
 _SETTING = re.compile(r"^(\w+):\s*(.*?)\s*(?:#\s*(.*))?$")  # a top-level `key: value  # comment`
 
@@ -47,7 +47,7 @@ def parse(tool: str, argv: list[str], passthrough: bool = False) -> tuple[DictCo
         key, eq, value = arg.partition("=")
         if not eq:
             sys.exit(f"error: {arg!r} is not key=value; `{_command(tool)} --help` lists the settings")
-        arg = f"{key}={expand(value)}"
+        arg = f"{key}={expand_path(value)}"  # ~ and $VAR, as a shell would outside key=value
         (mine if key.lstrip("+~").split(".")[0] in own else other).append(arg)
     if other and not passthrough:
         names = ", ".join(sorted(own))
@@ -63,14 +63,6 @@ def parse(tool: str, argv: list[str], passthrough: bool = False) -> tuple[DictCo
         sys.exit(f"error: {first}. Quote a value with spaces or brackets, e.g. key='a b' (and the whole "
                  f"argument for the shell: \"key='a b'\")")
     return cfg, other
-
-
-def expand(value: str) -> str:
-    """`~` and `$VAR` in a path as a shell would expand them: the shell leaves them alone in `key=~/x`, and
-    Hydra's grammar rejects them. Quoted values and `${...}` interpolations are left as they are."""
-    if value[:1] in ("'", '"') or "${" in value:
-        return value
-    return os.path.expandvars(os.path.expanduser(value)) if value.startswith("~") or "$" in value else value
 
 
 def _command(tool: str) -> str:

@@ -10,6 +10,7 @@ or a value of the wrong type, stops the run with the valid keys named, before an
 import dataclasses
 import difflib
 import inspect
+import os
 from functools import lru_cache
 from typing import Any
 
@@ -130,7 +131,7 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
     from asr import schedules  # torch and transformers: not for the command-line tools that only read defaults
 
     register_resolvers()
-    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    plain = expand_paths(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
     own = _script_keys(script)
     valid = sorted([*own, *NODES[script]])
     for key in plain:
@@ -169,6 +170,7 @@ def check_overrides(argv: list[str], script: str) -> None:
     itself would only say "not in struct"). Keys under a dict setting (model.arch.*, model.config.*) and
     new keys (`+key=`, checked by `checked` after composition) pass here."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
     from asr import REPO_DIR
 
@@ -179,7 +181,16 @@ def check_overrides(argv: list[str], script: str) -> None:
     if script == "train":
         targets |= {"model": primary.model._target_, "trainer": primary.trainer._target_, "optim": "asr.model.adamw"}
     top = sorted({*_script_keys(script), *NODES[script], *groups, "hydra"})
-    parsed = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
+    parser, parsed = OverridesParser.create(), []
+    for arg in [a for a in argv if "=" in a and not a.startswith("-")]:
+        try:
+            parsed += parser.parse_overrides([arg])
+        except OverrideParseException:
+            key, _, value = arg.partition("=")
+            quote = "'" if '"' in value else '"'
+            raise SetupError(f"{arg} does not parse as an override (characters such as ~ = [ ] , need quotes): "
+                             f"quote the value for Hydra, and the whole for the shell: "
+                             f"'{key}={quote}{value}{quote}'") from None
     for override in parsed:
         if override.is_add() or override.is_force_add() or override.is_delete():
             continue
@@ -191,6 +202,92 @@ def check_overrides(argv: list[str], script: str) -> None:
             fields = sorted(f.name for f in dataclasses.fields(schema(targets[first])[0]))
             if rest[0] not in fields:
                 raise _not_a_setting(key, f"{first} ({targets[first]})", fields, prefix=f"{first}.")
+
+
+# Settings that hold a path, by the last part of their key (data.root, ckpt_path, callbacks.*.dirpath,
+# hydra.run.dir...): `~` and `$VAR` in them are expanded, as a shell would do outside `key=value`.
+PATH_KEYS = ("root", "ckpt_path", "lm_path", "pretrained", "run_dir", "dirpath", "save_dir", "cache_dir", "out_dir",
+             "dir")
+
+
+def expand_path(value):
+    """`~` and `$VAR` (not `${...}`, an interpolation) expanded in a path; anything else as it is."""
+    if not isinstance(value, str) or not (value.startswith("~") or "$" in value.replace("${", "")):
+        return value
+    return os.path.expandvars(os.path.expanduser(value))
+
+
+def expand_paths(node):
+    """A plain config (dicts and lists) with its path settings (`PATH_KEYS`) expanded."""
+    if isinstance(node, dict):
+        return {k: expand_path(v) if str(k) in PATH_KEYS else expand_paths(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_paths(v) for v in node]
+    return node
+
+
+def expand_path_overrides(argv: list[str]) -> list[str]:
+    """Command-line overrides with `~` and `$VAR` expanded in path settings: `data.root=~/cv/pt` (bash
+    leaves `~` inside `key=value` alone, and Hydra's grammar rejects it) and `hydra.run.dir=$SCRATCH/run`."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and not arg.startswith("-") and key.lstrip("+~").split(".")[-1] in PATH_KEYS:
+            arg = f"{key}={expand_path(value)}"
+        out.append(arg)
+    return out
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """{dotted key: value} of a plain config; a non-empty dict is a branch, anything else a leaf."""
+    if isinstance(node, dict) and node:
+        return {k: v for key, child in node.items() for k, v in _flat(child, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def _written_by(group: str, option: str) -> set[str]:
+    """The dotted keys a group option writes (conf/<group>/<option>.yaml, at its `# @package`)."""
+    from asr import REPO_DIR
+
+    path = REPO_DIR / "conf" / group / f"{option}.yaml"
+    if group.startswith("hydra") or not path.is_file():
+        return set()
+    header = [line.split()[-1] for line in path.read_text().splitlines()[:5] if line.startswith("# @package")]
+    package = header[0] if header else group.replace("/", ".")
+    node = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "defaults"}
+    return {k if package == "_global_" else f"{package}.{k}" for k in _flat(node) if k}
+
+
+def command_line_changes(cfg: DictConfig, config_name: str) -> tuple[dict, set[str]]:
+    """What this Hydra job's command line set in its config: ({dotted key: value}, {keys it removed}).
+
+    A key counts when the command line names it (`data.root=...`) or a group option chosen there writes it
+    (lang=hy: data.corpus, data.language, data.lang), whatever its value, and when its value differs from
+    the config composed again without the overrides (an experiment's nested choices); but not a null that
+    a group choice leaves (lang=hy has no data.root). Values are resolved, paths expanded. Outside a Hydra
+    app: nothing."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return {}, set()
+    named = set()
+    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        key = override.key_or_group
+        named.add(key)
+        if not override.is_delete() and isinstance(override.value(), str) and "." not in key:
+            named |= _written_by(key, override.value())
+
+    def is_named(key: str) -> bool:
+        return any(key == n or key.startswith(n + ".") for n in named)
+
+    fresh = _flat(expand_paths(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
+    default = _flat(expand_paths(OmegaConf.to_container(compose(config_name, overrides=[]), resolve=True,
+                                                        throw_on_missing=False)))
+    changed = {k: v for k, v in fresh.items()
+               if (is_named(k) or k not in default or default[k] != v) and (v is not None or is_named(k))}
+    return changed, {k for k in default if k not in fresh}
 
 
 def register_resolvers() -> None:

@@ -5,19 +5,31 @@ train.py, the benchmarks and the tests build their runs here. Overrides (of the 
 arguments `assemble` takes) may shrink a run; nothing retypes it.
 """
 
+import logging
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.accelerators import CPUAccelerator
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from asr import Requeued, SetupError, TrainingStopped, checkpoints, cluster, search, tracking
-from asr.config import checked
+from asr import Requeued, SetupError, TrainingStopped, checkpoints, cluster, console, search, tracking
+from asr.config import checked, command_line_changes, expand_path
 from asr.data import SpeechDataModule
 from asr.export import export
 from asr.model import CTCModel, check_pretrained
 from asr.report import RunReport, framework_versions, model_card
+from asr.text import Vocabulary
+
+log = logging.getLogger(__name__)
+# What a checkpoint means: a resumed run keeps these as its config.yaml has them (dotted key prefixes).
+MEANING = {"model.arch": "architecture", "model.pretrained": "architecture", "data.language": "language",
+           "data.lang": "language", "data.corpus": "corpus", "data.root": "data root",
+           "data.train_split": "vocabulary", "data.train_extra": "vocabulary", "data.columns": "vocabulary"}
 
 
 @dataclass
@@ -49,13 +61,24 @@ class Run:
             raise Requeued(f"signalled at update {self.trainer.global_step}: saved {requeue.saved}; {how}")
         if self.model.stop_reason:  # every rank stops alike; the state is kept for a look or a restart
             stopped = self.dir / "checkpoints" / f"stopped-step{self.trainer.global_step}.ckpt"
-            self.trainer.save_checkpoint(stopped)
+            self.trainer.save_checkpoint(stopped, weights_only=False)
             if self.trainer.is_global_zero:
                 self.report.write_results(stopped_checkpoint=str(stopped), stop_reason=self.model.stop_reason)
             raise TrainingStopped(f"{self.model.stop_reason} Its state: {stopped}")
         last = next((c for c in self.trainer.checkpoint_callbacks if c.filename == "last"), None)  # callbacks.last
         if last is not None and last._last_global_step_saved != self.trainer.global_step:  # updates after its save
-            self.trainer.save_checkpoint(Path(last.dirpath) / "last.ckpt")  # the final state: ckpt_path=last goes on
+            # the final state: ckpt_path=last goes on
+            self.trainer.save_checkpoint(Path(last.dirpath) / "last.ckpt", weights_only=False)
+
+    def first_evaluation(self) -> int | None:
+        """The update after which the first dev evaluation comes, as the trainer counts; None if none ever does."""
+        trainer = self.trainer
+        every = getattr(trainer, "val_check_batch", None)
+        if not every or math.isinf(every) or trainer.limit_val_batches == 0:
+            return None
+        epochs = trainer.check_val_every_n_epoch
+        batches = (epochs - 1) * trainer.num_training_batches + every if epochs else every
+        return math.ceil(batches / self.batch["accumulate"])
 
 
 def validation_cadence(cfg: DictConfig, batch: dict) -> dict:
@@ -65,48 +88,151 @@ def validation_cadence(cfg: DictConfig, batch: dict) -> dict:
     return {"val_check_interval": cfg.val_every_updates * batch["accumulate"], "check_val_every_n_epoch": None}
 
 
+def _set(node: dict, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def _remove(node: dict, key: str) -> None:
+    """Removes a dotted key, and a branch it leaves empty."""
+    first, _, rest = key.partition(".")
+    if not isinstance(node, dict) or first not in node:
+        return
+    if rest:
+        _remove(node[first], rest)
+        if node[first] == {}:
+            del node[first]
+    else:
+        del node[first]
+
+
+def _reroot(node, old: str, new: str):
+    """Paths inside the run directory `old` moved to `new` (checkpoint and logger directories)."""
+    if isinstance(node, dict):
+        return {k: _reroot(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_reroot(v, old, new) for v in node]
+    if isinstance(node, str) and (node == old or node.startswith(old + "/")):
+        return new + node[len(old):]
+    return node
+
+
+def resumed(cfg: DictConfig) -> DictConfig:
+    """The config a run starts from. One that resumes from a checkpoint of a run directory (ckpt_path=last, a
+    run directory or one of its checkpoints, a requeued or restarted job) starts from that run's config.yaml,
+    the resolved config it was built from. What the command line changes (`command_line_changes`) applies on
+    top and is logged; a change of what the checkpoint means (`MEANING`: architecture, vocabulary, language,
+    corpus, data root) is refused, naming each key and both values. The checkpoint is checked here, before
+    any data is read. A run that does not resume keeps `cfg`."""
+    run_dir = Path(expand_path(cfg.run_dir)).absolute()
+    ckpt = checkpoints.resume_checkpoint(expand_path(cfg.ckpt_path), run_dir / "checkpoints")
+    source = ckpt and checkpoints.run_dir_of(ckpt)
+    if not source or not (source / "config.yaml").is_file():
+        if ckpt:
+            log.warning("resuming from %s, which has no config.yaml beside its checkpoints/: the config as composed",
+                        ckpt)
+        return cfg
+    record = OmegaConf.to_container(OmegaConf.load(source / "config.yaml"))
+    changes, removed = command_line_changes(cfg, "train")
+    changes = {k: v for k, v in changes.items() if k not in ("run_dir", "ckpt_path")}
+    flat = {k: OmegaConf.select(OmegaConf.create(record), k, default=None) for k in changes}
+    refused = [f"{k} ({what}): {flat[k]!r} in the run, {v!r} on the command line"
+               for k, v in changes.items() for prefix, what in MEANING.items()
+               if (k == prefix or k.startswith(prefix + ".")) and v != flat[k]]
+    if refused:
+        raise SetupError(f"resuming {source} cannot change what its checkpoint means: {'; '.join(refused)}. "
+                         f"Leave these out to resume it, or start a new run (another hydra.run.dir, no ckpt_path).")
+    for key in removed:
+        _remove(record, key)
+    for key, value in changes.items():
+        _set(record, key, value)
+    if source != run_dir:
+        record = _reroot(record, str(source), str(run_dir))
+    record.update(run_dir=str(run_dir), ckpt_path=ckpt)
+    shown = [f"{k}: {flat[k]!r} -> {v!r}" for k, v in changes.items() if v != flat[k]] + [f"{k} removed" for k in
+                                                                                          sorted(removed)]
+    log.warning("resuming %s from %s with its config.yaml%s", source, ckpt,
+                f"; from the command line: {', '.join(shown)}" if shown else " (the command line changes nothing)")
+    return OmegaConf.create(record)
+
+
+def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+    """config.yaml, written atomically; a config.yaml of an earlier start is kept as config.<n>.yaml (as the
+    CSV logger keeps metrics.<n>.csv). Rank 0 only: other ranks may be reading it (`resumed`)."""
+    if rank_zero_only.rank != 0:
+        return
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        n = 1 + sum(1 for _ in run_dir.glob("config.*.yaml"))
+        (run_dir / f"config.{n}.yaml").write_bytes(path.read_bytes())
+    partial = path.with_name(f".config.yaml.{os.getpid()}.partial")
+    partial.write_text(OmegaConf.to_yaml(cfg))
+    os.replace(partial, path)
+
+
+def _warn_cpu_oversubscription(trainer: L.Trainer) -> None:
+    cores = len(os.sched_getaffinity(0))
+    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores and trainer.is_global_zero:
+        log.warning("trainer.devices=%d CPU processes on %d core(s): each gets less than a core, and the run is "
+                    "slower than with trainer.devices=%d", trainer.num_devices, cores, cores)
+
+
 def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     """The run a train config describes, ready to fit. Writes config.yaml, vocab.json and data_report.json
     into the run directory. `callbacks` are added to the config's; `trainer_args` override the trainer's
     (a benchmark's `limit_val_batches=0`, a test's `max_steps`)."""
     cfg = checked(cfg, "train")  # resolved, and every key and type checked against the code
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = checkpoints.resume_checkpoint(cfg.ckpt_path, run_dir / "checkpoints")  # before any data is read
+    console.quiet_libraries(resuming=bool(ckpt_path) and checkpoints.run_dir_of(ckpt_path) == run_dir.absolute())
     cluster.check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
     batch = cluster.batch_of(cfg)
     configured = [instantiate(c) for c in cfg.callbacks.values()]
     for callback in configured:
         if isinstance(callback, cluster.Requeue):
             callback.listen()  # from the start: SLURM may signal while the data is read
-    run_dir = Path(cfg.run_dir)
+    job = tracking.job_context()
+    wandb_args = tracking.wandb_init(cfg.logger, job, "train") if cfg.logger else {}
+    if group := wandb_args.pop("group", None):
+        with open_dict(cfg):
+            cfg.logger.group = group  # in config.yaml: evaluate.py logs its eval runs into this group
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    _write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     data = instantiate(cfg.data, _convert_="all")
     problems = [p for p in (data.check(), check_pretrained(cfg.model.pretrained)) if p]
     if problems:
         raise SetupError("\n".join(problems))
+    resumed_from = ckpt_path and checkpoints.run_dir_of(ckpt_path)
+    if resumed_from and (resumed_from / "vocab.json").is_file():
+        data.vocab = Vocabulary.load(resumed_from / "vocab.json")  # the checkpoint's, whatever the transcripts say
     data.setup("fit")  # one rank at a time: the first fills the caches (SpeechDataModule.setup)
-    data.vocab.save(run_dir / "vocab.json")
-    data.write_report(run_dir / "data_report.json")
+    if rank_zero_only.rank == 0:
+        data.vocab.save(run_dir / "vocab.json")
+        data.write_report(run_dir / "data_report.json")
     model = CTCModel.from_config(cfg, data.vocab.tokens)
 
-    ckpt_path = checkpoints.resume_checkpoint(cfg.ckpt_path, run_dir / "checkpoints")
-    job = tracking.job_context()
-    wandb_args = tracking.wandb_init(cfg.logger, job, "train") if cfg.logger else {}
     logger = instantiate(cfg.logger, **tracking.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path)),
                          **wandb_args) if cfg.logger else False
     report = RunReport(run_dir)
     pruning = search.for_this_job()  # a trial of a search reports its evaluations to the study
-    callbacks = [*configured, report, *([pruning] if pruning else []), *callbacks]
+    summary = cfg.trainer.get("enable_model_summary", True) is not False and trainer_args.get("enable_model_summary", True)
+    callbacks = [*configured, report, *([pruning] if pruning else []), *([console.ModelSummary()] if summary else []),
+                 *callbacks]
     world = batch["world_size"]
     trainer = instantiate(cfg.trainer, **{
         "callbacks": callbacks, "logger": logger, "plugins": cluster.plugins(),
         "strategy": cluster.strategy(cfg.trainer.strategy, cfg.model.config.get("layerdrop", 0.0), world),
-        "accumulate_grad_batches": batch["accumulate"], **validation_cadence(cfg, batch), **trainer_args})
+        "accumulate_grad_batches": batch["accumulate"], **validation_cadence(cfg, batch), **trainer_args,
+        "enable_model_summary": False})  # console.ModelSummary instead, when it is on
+    _warn_cpu_oversubscription(trainer)
     if trainer.is_global_zero:
         print(f"batch: {batch['text']}", flush=True)
-        if group := wandb_args.get("group") or (cfg.logger or {}).get("group"):
-            (run_dir / "wandb_group").write_text(group)  # evaluate.py logs its eval runs into this group
     if logger:
         logger.log_hyperparams(tracking.run_config(cfg, batch, data.report, framework_versions(), job["choices"]))
     return Run(cfg, run_dir, batch, data, model, trainer, report, logger, ckpt_path, pruning, callbacks)
@@ -117,11 +243,14 @@ def conclude(run: Run) -> dict:
     best model exported to model/ with its card, results.json and curves.png. Returns the results."""
     if not run.trainer.is_global_zero:
         return {}
-    run.data.write_report(run.dir / "data_report.json")
+    if any(r.get("met_while_loading") for r in run.data.report.values()):  # else as written at the start
+        run.data.write_report(run.dir / "data_report.json")
     best_by_cer = run.trainer.checkpoint_callback  # callbacks.checkpoint; without it, the final weights
     best = best_by_cer and (best_by_cer.best_model_path or best_by_cer.last_model_path)
     export(CTCModel.from_checkpoint(best) if best else run.model.cpu(), run.dir / "model")
-    results = run.report.write_results(best_checkpoint=best or None, batch_per_update=run.batch,
+    first = {} if run.report.rows else {"updates": run.trainer.global_step,
+                                        "first_evaluation_at_update": run.first_evaluation()}
+    results = run.report.write_results(best_checkpoint=best or None, batch_per_update=run.batch, **first,
                                        **({"pruned_at_step": run.pruning.pruned_at_step} if run.pruning else {}))
     run.report.write_curves()
     tracking.summarize(results)
@@ -132,7 +261,8 @@ def conclude(run: Run) -> dict:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Assemble, fit and conclude the run of a train config: its results (results.json)."""
-    run = assemble(cfg)
+    """Assemble (from the run's own config when it resumes: `resumed`), fit and conclude the run of a train
+    config: its results (results.json)."""
+    run = assemble(resumed(cfg))
     run.fit()
     return conclude(run)

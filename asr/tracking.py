@@ -23,7 +23,7 @@ def job_context() -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return {"overrides": [], "choices": {}, "sweep_dir": None}
+        return {"overrides": [], "choices": {}, "sweep_dir": None, "cwd": None}
     hydra = HydraConfig.get()
     multirun = str(hydra.mode) == "RunMode.MULTIRUN"
     overrides = list(hydra.overrides.task)
@@ -38,7 +38,18 @@ def job_context() -> dict:
             swept = {o.key_or_group for o in parsed if o.is_sweep_override()} | set(searched)
             overrides = [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept]
     return {"overrides": overrides, "choices": dict(hydra.runtime.choices),
-            "sweep_dir": hydra.sweep.dir if multirun else None}
+            "sweep_dir": hydra.sweep.dir if multirun else None, "cwd": hydra.runtime.cwd}
+
+
+def sweep_group(sweep_dir: str, cwd: str | None = None) -> str:
+    """A multirun's W&B group, readable on a dashboard: its sweep directory relative to the directory it was
+    started from (multirun/2026-12-01/00-22-16), else the directory's last two parts (its <date>/<time>)."""
+    path = Path(sweep_dir)
+    if not path.is_absolute():
+        return str(path)
+    if cwd and path.is_relative_to(cwd) and path != Path(cwd):
+        return str(path.relative_to(cwd))
+    return "/".join(path.parts[-2:])
 
 
 def run_name(overrides: list[str]) -> str | None:
@@ -55,7 +66,7 @@ def run_name(overrides: list[str]) -> str | None:
 
 def wandb_init(logger: dict, job: dict, job_type: str) -> dict:
     """wandb.init arguments of a WandbLogger: name, group, job type and tags, where the config leaves
-    them unset. Group: the multirun's sweep directory, else the experiment's name."""
+    them unset. Group: the multirun's sweep directory (`sweep_group`), else the experiment's name."""
     if not str(logger.get("_target_", "")).endswith("WandbLogger"):
         return {}
     choices = job["choices"]
@@ -63,7 +74,8 @@ def wandb_init(logger: dict, job: dict, job_type: str) -> dict:
     if not logger.get("name"):
         out["name"] = run_name(job["overrides"])
     if not logger.get("group"):
-        out["group"] = job["sweep_dir"] or choices.get("experiment")
+        out["group"] = (sweep_group(job["sweep_dir"], job.get("cwd")) if job["sweep_dir"] else None) or \
+            choices.get("experiment")
     tags = [f"{group}={choices[group]}" for group in TAGGED_GROUPS if choices.get(group)]
     out["tags"] = list(dict.fromkeys([*(logger.get("tags") or []), *tags]))
     return out
@@ -202,19 +214,19 @@ class PredictionsTable(L.Callback):
         log.info("predictions table of %d dev clips logged in %.2f s", len(self.sample), self.seconds[-1])
 
 
-def log_evaluation(cfg: DictConfig, metrics: dict, worst: list[dict]) -> None:
-    """evaluate.py's W&B run: job type eval, in the group of the training run it evaluates (the group that
-    run kept in `<run>/wandb_group`), with the split's figures as summary and three tables: the decoders
+def log_evaluation(cfg: DictConfig, metrics: dict, worst: list[dict], train_run: Path | None,
+                   train_group: str | None) -> None:
+    """evaluate.py's W&B run: job type eval, in the group of the training run it evaluates (`train_group`,
+    logger.group of that run's config.yaml), with the split's figures as summary and three tables: the decoders
     side by side (greedy and the chosen one), the figures per language tag, and `worst`, the utterances of
     highest CER with their audio."""
     import wandb
 
 
-    logger, train_run = cfg.logger, Path(cfg.ckpt_path).resolve().parent.parent
+    logger = cfg.logger
     init = wandb_init(logger, job_context(), "eval")
-    group_file = train_run / "wandb_group"
-    group = logger.group or (group_file.read_text().strip() if group_file.is_file() else init.get("group"))
-    config = {**OmegaConf.to_container(cfg, resolve=True), "train_run": str(train_run)}
+    group = logger.group or train_group or init.get("group")
+    config = {**OmegaConf.to_container(cfg, resolve=True), "train_run": str(train_run) if train_run else None}
     run = wandb.init(project=logger.project, entity=logger.entity, dir=logger.save_dir,
                      mode="offline" if logger.offline else None, name=init.get("name") or f"{cfg.split} {cfg.decoder}",
                      group=group, job_type=init["job_type"], tags=init["tags"], config=config)
