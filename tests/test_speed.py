@@ -152,9 +152,13 @@ def test_a_frozen_feature_encoder_computes_in_the_autocast_dtype_without_casts(c
     model, batch = _model_and_batch(cv_corpus, "model.freeze_feature_encoder=true")
     model.eval()
     dtype = speed.PRECISION_DTYPE[precision]
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+    convs = [f"wav2vec2.feature_extractor.{n}.{p}" for n, m in model.model.wav2vec2.feature_extractor.named_modules()
+             if isinstance(m, torch.nn.Conv1d) for p in ("weight", "bias")]
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype), ConvertedWeights(convs, model.model) as converted:
         before = model(batch).logits
+    assert len(converted.weights) == len(convs) == 14  # autocast rounds each frozen conv weight and bias every pass
     names = model.model.keep_feature_encoder_in(dtype)
+    assert sorted(names) == sorted(convs)
     assert names and all(model.model.get_parameter(n).dtype == dtype for n in names)
     assert all(p.dtype == torch.float32 for n, p in model.model.named_parameters() if n not in names)
     with torch.no_grad(), torch.autocast("cpu", dtype=dtype), ConvertedWeights(names, model.model) as converted:
