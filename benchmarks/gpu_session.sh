@@ -9,7 +9,8 @@
 # under the 600 s a device command may run); a part that would get under 30 s is skipped:
 #   check  the packages import, and which versions (seconds)
 #   bench  benchmarks/gpu.py --profile: xlsr_300m and xlsr_1b, bf16, with the HF Trainer (~5 min on an H200)
-#   tests  pytest -m gpu (the cards test deselected: the next part runs the same command)
+#   tests  pytest -m gpu on the two files that hold GPU tests (others import packages the image lacks);
+#          the cards test deselected: the next part runs the same command
 #   cards  python -m asr.memory cards=true: each model card's batch, its peak memory
 #   extra  what is left of the budget: 300m with model.compile=encoder, then with model.expandable_segments=true
 # Logs: one per part in $OUT (default: a new temporary folder); the summary is printed last.
@@ -67,7 +68,7 @@ except ImportError:
     print('no datasets: the HF Trainer side cannot run')" ;;
     bench) part bench 320 "$PYTHON" benchmarks/gpu.py --model xlsr_300m xlsr_1b --precision bf16 --hf --profile \
              --peak-tflops "$PEAK_TFLOPS" ;;
-    tests) part tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider \
+    tests) part tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_ctc.py \
              --deselect tests/test_gpu.py::test_the_cards_memory_table_runs_on_the_gpu ;;
     cards) part cards 90 "$PYTHON" -m asr.memory cards=true ;;
     extra) part compile 90 "$PYTHON" benchmarks/gpu.py --model xlsr_300m --compile encoder --quick --profile \
