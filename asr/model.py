@@ -96,7 +96,7 @@ class CTCModel(L.LightningModule):
         compiled = COMPILE.get(compile, compile)
         if compiled not in COMPILE.values():
             raise SetupError(f"model.compile={compile!r}: give false, layers, encoder or all.")
-        if compiled in ("layers", "all"):  # regional: each transformer layer (SpecAugment, drawn on the host, stays eager)
+        if compiled in ("layers", "all"):  # regional: each transformer layer (SpecAugment, drawn on the host, eager)
             for layer in self.model.wav2vec2.encoder.layers:
                 layer.compile(dynamic=True)  # one graph for every length
         if compiled in ("encoder", "all"):  # its layer norms and transposes fused, per batch shape
@@ -154,7 +154,8 @@ class CTCModel(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         # ctc_loss: checkpoints older than the option trained with torch's loss; auto gives the same figures
-        hparams = {"ctc_loss": "auto", "expandable_segments": False, **checkpoint["hyper_parameters"], "pretrained": None,
+        hparams = {"ctc_loss": "auto", "expandable_segments": False, **checkpoint["hyper_parameters"],
+                   "pretrained": None,
                    "arch": checkpoint["wav2vec2_config"], "compile": False}
         model = cls(**hparams)
         model.load_state_dict(checkpoint["state_dict"])

@@ -107,7 +107,8 @@ def kernel_figures(profiler, updates: int, cuda: bool, top: int = 12) -> dict:
     (on a CPU, the top operators by own CPU time), each as (name, ms per update, calls per update)."""
     if not cuda:
         rows = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-        return {"busy_s": None, "top": [(e.key, e.self_cpu_time_total / 1e3 / updates, e.count / updates) for e in rows]}
+        return {"busy_s": None,
+                "top": [(e.key, e.self_cpu_time_total / 1e3 / updates, e.count / updates) for e in rows]}
     from torch.autograd import DeviceType
 
     kernels = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
@@ -161,7 +162,8 @@ class Measure(speed.SpeedMonitor):
         total = {k: sum(w[k] for w in self.windows) for k in ("audio", "flops", "wait")}
         host = [1000 * (b - a) for a, b in zip(self.stamps, self.stamps[1:])]
         self.figures = {
-            "audio_s_per_s": total["audio"] / seconds, "mfu": total["flops"] / seconds / self.peak if self.peak else None,
+            "audio_s_per_s": total["audio"] / seconds,
+            "mfu": total["flops"] / seconds / self.peak if self.peak else None,
             "wait": total["wait"] / seconds, "memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
             "gflop_per_audio_s": total["flops"] / total["audio"] / 1e9,
             "host_ms_median": statistics.median(host), "host_ms_max": max(host),
@@ -172,7 +174,7 @@ class Measure(speed.SpeedMonitor):
         if first == last:
             return
         if step == first:
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            activities = [torch.profiler.ProfilerActivity.CPU, *([torch.profiler.ProfilerActivity.CUDA] if cuda else [])]
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
             self._profile_started = time.perf_counter()
@@ -281,8 +283,8 @@ def details(r: dict) -> list[str]:
     warm = r.get("warmup")
     if warm:
         attention = warm.get("attention")
-        chosen = (f"; attention {attention['chosen']} (ms: " + ", ".join(f"{k} {fmt(v, '.2f')}" for k, v in
-                                                                           attention["ms"].items()) + ")") if attention else ""
+        ms = ", ".join(f"{k} {fmt(v, '.2f')}" for k, v in attention["ms"].items()) if attention else ""
+        chosen = f"; attention {attention['chosen']} (ms: {ms})" if attention else ""
         lines.append(f"   warm-up before the first update: {warm['seconds']:.1f} s, {warm['train_shapes']} train + "
                      f"{warm['dev_shapes']} dev shapes{chosen}")
     lines.append(f"   host ms per update (timed): median {r['host_ms_median']:.0f}, max {r['host_ms_max']:.0f}; "
@@ -344,7 +346,8 @@ def main(argv=None) -> list[dict]:
         configs.append((setting, overrides))
     root = args.root
     if root is None:  # one corpus for every setting, sized for the largest batch
-        budget = max(compose("train", [*o, "data.root=/tmp", "run_dir=/tmp"]).data.max_batch_seconds for _, o in configs)
+        budget = max(compose("train", [*o, "data.root=/tmp", "run_dir=/tmp"]).data.max_batch_seconds
+                     for _, o in configs)
         updates = args.warmup + args.steps + (args.profile_steps + args.sync_steps if args.profile else 0)
         clips = args.clips or corpus_clips(updates, budget, args.min_seconds, args.max_seconds)
         started = time.perf_counter()
@@ -360,6 +363,7 @@ def main(argv=None) -> list[dict]:
         except torch.OutOfMemoryError:
             rows.append({**setting, "who": "ours", "oom": True})
             _free()
+            print_rows(rows[-1:], args)
             continue
         rows.append({**setting, "who": "ours", **mine})
         _free()
@@ -372,11 +376,14 @@ def main(argv=None) -> list[dict]:
                 rows.append({**setting, "who": "HF Trainer", "oom": True})
             del model, data
             _free()
-    print_rows(rows, args)
+        print_rows([r for r in rows if all(r[k] == v for k, v in setting.items())], args)  # a timeout keeps these
+    if len(configs) > 1:
+        print("\nall settings:")
+        print_rows(rows, args, details_too=False)
     return rows
 
 
-def print_rows(rows: list[dict], args) -> None:
+def print_rows(rows: list[dict], args, details_too: bool = True) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nrandom weights, {device}, {args.steps} timed updates after {args.warmup}")
     print(f"{'model':>9} {'precision':>9} {'batch s':>7} {'ckpt':>4} {'attn':>5} {'compile':>7} {'who':>10} "
@@ -389,11 +396,12 @@ def print_rows(rows: list[dict], args) -> None:
             print(f"{head} {'out of memory':>9}")
             continue
         ratio = ""
-        if r["who"] == "ours" and i + 1 < len(rows) and rows[i + 1]["who"] == "HF Trainer" and not rows[i + 1].get("oom"):
-            ratio = f"{r['audio_s_per_s'] / rows[i + 1]['audio_s_per_s']:.2f}x"
+        theirs = rows[i + 1] if i + 1 < len(rows) else {}
+        if r["who"] == "ours" and theirs.get("who") == "HF Trainer" and not theirs.get("oom"):
+            ratio = f"{r['audio_s_per_s'] / theirs['audio_s_per_s']:.2f}x"
         print(f"{head} {r['audio_s_per_s']:>9.1f} {fmt(r['mfu'], '>6.1%')} {fmt(r['memory_gb'], '>7.1f')} "
               f"{fmt(r['wait'], '>6.1%')} {fmt(r.get('host_ms_median'), '>7.0f')} {ratio:>6}")
-    if args.profile:
+    if args.profile and details_too:
         for r in rows:
             if r["who"] == "ours" and not r.get("oom"):
                 print("\n".join(details(r)))

@@ -195,7 +195,8 @@ def test_mixed_precision_keeps_the_frozen_encoder_in_bf16_for_the_fit_and_saves_
     seen = set()
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
                     "precision=bf16", "model.freeze_feature_encoder=true", "logger=none", "~callbacks.checkpoint",
-                    callbacks=[Dtypes()], max_steps=2, limit_val_batches=0, accelerator="cpu", enable_progress_bar=False)
+                    callbacks=[Dtypes()], max_steps=2, limit_val_batches=0, accelerator="cpu",
+                    enable_progress_bar=False)
     run.fit()
     assert seen == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
