@@ -2,10 +2,11 @@
 apps), the defaults in conf/<tool>.yaml, and `--help` listing the tool's own settings, each with its
 default and the comment beside it in the YAML.
 
-    python transcribe.py model=<run>/model audio=clip.mp3
+    python transcribe.py model_path=<run>/model audio=clip.mp3
     python -m asr.sweep dir=multirun/2026-12-01/10-00-00 key=val_wer
 """
 
+import os
 import re
 import sys
 
@@ -43,9 +44,10 @@ def parse(tool: str, argv: list[str], passthrough: bool = False) -> tuple[DictCo
     own = set(OmegaConf.load(REPO_DIR / "conf" / f"{tool}.yaml"))
     mine, other = [], []
     for arg in argv:
-        key, eq, _ = arg.partition("=")
+        key, eq, value = arg.partition("=")
         if not eq:
             sys.exit(f"error: {arg!r} is not key=value; `{_command(tool)} --help` lists the settings")
+        arg = f"{key}={expand(value)}"
         (mine if key.lstrip("+~").split(".")[0] in own else other).append(arg)
     if other and not passthrough:
         names = ", ".join(sorted(own))
@@ -61,6 +63,14 @@ def parse(tool: str, argv: list[str], passthrough: bool = False) -> tuple[DictCo
         sys.exit(f"error: {first}. Quote a value with spaces or brackets, e.g. key='a b' (and the whole "
                  f"argument for the shell: \"key='a b'\")")
     return cfg, other
+
+
+def expand(value: str) -> str:
+    """`~` and `$VAR` in a path as a shell would expand them: the shell leaves them alone in `key=~/x`, and
+    Hydra's grammar rejects them. Quoted values and `${...}` interpolations are left as they are."""
+    if value[:1] in ("'", '"') or "${" in value:
+        return value
+    return os.path.expandvars(os.path.expanduser(value)) if value.startswith("~") or "$" in value else value
 
 
 def _command(tool: str) -> str:

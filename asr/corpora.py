@@ -1,6 +1,6 @@
 """Corpus readers, one per release layout, all giving the same columns (`Clips`).
 
-Layouts are those users download (REFERENCE.md, "Data layouts"). A missing directory, split file or
+Layouts are those users download (docs/data.md). A missing directory, split file or
 column raises `SetupError` naming the path and the layout expected. Readers only list utterances;
 `asr.data` checks the audio (missing, unreadable, too long...) and counts what it drops.
 """

@@ -1,6 +1,6 @@
 """What a run reports: the model-card results table (results.md) and results.json.
 
-The table has the columns of the HF Trainer's cards in shared/seeds/: Training Loss (mean since the
+The table has the columns of the HF Trainer's model cards: Training Loss (mean since the
 previous evaluation) | Epoch | Step (optimizer updates) | Validation Loss | Wer | Cer.
 """
 
@@ -216,7 +216,7 @@ def hyperparameters(cfg: dict, batch: dict) -> list[str]:
 
 
 def model_card(cfg: dict, batch: dict, results: dict, versions: dict[str, str]) -> str:
-    """README.md of the exported model, in the format of the HF Trainer's cards (shared/seeds/)."""
+    """README.md of the exported model, in the format of the HF Trainer's model cards."""
     base = cfg["model"].get("pretrained")
     origin = (f"a fine-tuned version of [{base}](https://huggingface.co/{base})" if base and "/" in base
               and not base.startswith(("/", ".")) else f"fine-tuned from {base}" if base else "trained from scratch")

@@ -1,7 +1,9 @@
 """Learning-rate schedules, stepped once per optimizer update (not per micro-batch).
 
-`linear` is the HF Trainer's (transformers' own function); `tristage` is fairseq's `tri_stage`
-(REFERENCE.md gives the formula).
+`linear` is the HF Trainer's (transformers' own function); `tristage` is fairseq's `tri_stage`: with
+phase ratios (r0, r1, r2) over max_steps, W = int(max_steps*r0), H = int(max_steps*r1), D = int(max_steps*r2);
+the learning rate rises linearly from init_lr_scale x lr over W updates, holds lr for H, then decays
+exponentially to final_lr_scale x lr over D, and stays there.
 """
 
 import math

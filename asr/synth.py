@@ -1,6 +1,6 @@
 """Synthetic speech corpora in real release layouts, spoken by espeak-ng.
 
-Used to build the embedded demo (`python -m asr.synth demo/cv-pt`) and, in the tests, corpora
+Used to build the embedded demo (`python -m asr.synth out=demo/cv-pt`) and, in the tests, corpora
 with planted defects. Nothing here is used by training itself.
 """
 
@@ -19,7 +19,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-# Common Voice TSV columns of recent releases (REFERENCE.md, "Data layouts").
+# Common Voice TSV columns of recent releases (docs/data.md).
 CV_COLUMNS = [
     "client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes",
     "down_votes", "age", "gender", "accents", "variant", "locale", "segment",
@@ -269,9 +269,13 @@ def make_short(root: Path, n_train: int = 700, n_dev: int = 50, n_test: int = 50
 CORPORA = {"demo": make_demo, "short": make_short}
 
 if __name__ == "__main__":
-    # python -m asr.synth <out dir> [demo|short]
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "demo/cv-pt")
+    from asr import cli
+
+    settings, _ = cli.parse("synth", sys.argv[1:])
+    if settings.corpus not in CORPORA:
+        sys.exit(f"error: corpus={settings.corpus}: expected one of {', '.join(CORPORA)}")
+    out = Path(settings.out).expanduser()
     if out.exists():
         shutil.rmtree(out)
-    CORPORA[sys.argv[2] if len(sys.argv) > 2 else "demo"](out)
+    CORPORA[settings.corpus](out)
     print(f"wrote {out}")

@@ -1,6 +1,6 @@
 """Transcript normalisation, the character vocabulary and greedy CTC decoding.
 
-Conventions of HF `run_speech_recognition_ctc.py` (REFERENCE.md, "Text and vocabulary"): one token
+Conventions of HF `run_speech_recognition_ctc.py` (the robust-speech-event recipe): one token
 per character seen in training, the space becomes the word delimiter `|`, then `[UNK]` and `[PAD]`
 are appended; `[PAD]` is the CTC blank.
 """

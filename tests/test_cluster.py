@@ -60,7 +60,7 @@ def test_an_allocation_unlike_the_config_stops_naming_both(monkeypatch):
     assert cluster.world_size(2, 2) == 4
 
 
-def test_a_restarted_job_finds_its_run_directory_and_checkpoint(monkeypatch, tmp_path):
+def test_a_restarted_job_finds_its_run_directory(monkeypatch, tmp_path):
     for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     assert asr.run_dir_name("2026-11-22/10-00-00") == "2026-11-22/10-00-00"
@@ -71,40 +71,6 @@ def test_a_restarted_job_finds_its_run_directory_and_checkpoint(monkeypatch, tmp
     assert asr.run_dir_name("x") == "slurm-42"  # every task of the job, and the job requeued
     monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # an interactive allocation: runs in it are separate
     assert asr.run_dir_name("x") == "torchrun-exp7"
-
-    folder = tmp_path / "checkpoints"
-    folder.mkdir()
-    assert checkpoints.resume_checkpoint(None, folder) is None
-    (folder / "last.ckpt").write_bytes(b"")
-    assert checkpoints.resume_checkpoint(None, folder) is None  # a new run in an old directory
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM restarted the job without a requeue checkpoint
-    assert checkpoints.resume_checkpoint(None, folder) == str(folder / "last.ckpt")
-    (folder / checkpoints.REQUEUE_CHECKPOINT).write_bytes(b"")
-    assert checkpoints.resume_checkpoint(None, folder) == str(folder / checkpoints.REQUEUE_CHECKPOINT)
-    assert checkpoints.resume_checkpoint("x.ckpt", folder) == "x.ckpt"
-
-
-SAVE_TWICE = """
-import sys, time, torch
-from asr.checkpoints import AtomicCheckpointIO
-io, path = AtomicCheckpointIO(), sys.argv[1]
-io.save_checkpoint({"version": 1}, path)
-print("first saved", flush=True)
-io.save_checkpoint({"version": 2, "weights": torch.ones(200_000_000)}, path)  # 800 MB: killed while writing
-"""
-
-
-def test_a_process_killed_while_saving_leaves_the_previous_checkpoint(tmp_path):
-    path = tmp_path / "last.ckpt"
-    child = subprocess.Popen([PY, "-c", SAVE_TWICE, str(path)], cwd=asr.REPO_DIR, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "first saved"
-    deadline = time.time() + 60
-    while not any(p.name.endswith(".partial") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
-        assert time.time() < deadline and child.poll() is None, "the second save never started"
-        time.sleep(0.001)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert torch.load(path, weights_only=True) == {"version": 1}
 
 
 def test_ddp_with_layerdrop_an_unreadable_batch_and_validation_equal_to_one_process(cv_corpus, tmp_path):

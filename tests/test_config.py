@@ -40,8 +40,11 @@ def test_groups_list_every_shipped_option():
 def test_default_is_tiny_on_the_demo():
     cfg = compose_config(overrides=["run_dir=/tmp/unused"])
     assert cfg.data.lang == "demo" and cfg.model.pretrained is None
-    assert (asr.REPO_DIR / "demo" / "cv-pt" / "clips").is_dir()
-    assert instantiate(cfg.data).check() is None
+    data = instantiate(cfg.data, _convert_="all")
+    assert data.check() is None
+    data.setup("fit")  # the committed demo: every clip of its train and dev splits usable
+    assert {split: (r["kept"], r["dropped"]) for split, r in data.report.items()} == {"train": (520, {}),
+                                                                                   "dev": (50, {})}
 
 
 @pytest.mark.parametrize("lang", GROUPS["lang"])

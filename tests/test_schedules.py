@@ -26,7 +26,7 @@ def test_linear_is_the_hf_schedule():
 def test_tristage_follows_fairseq():
     total, init, final = 13000, 0.01, 0.05
     lr = lrs("tristage", total, ratios=[0.1, 0.4, 0.5], init_lr_scale=init, final_lr_scale=final)
-    W, H, D = 1300, 5200, 6500  # REFERENCE.md example
+    W, H, D = 1300, 5200, 6500  # int(13000 x ratio) per phase
     assert lr[0] == pytest.approx(init)
     assert lr[650] == pytest.approx(init + (1 - init) * 650 / W)
     assert lr[W] == lr[W + H - 1] == 1.0

@@ -75,11 +75,6 @@ def test_transcribe_reports_a_bad_file_and_goes_on(barely_trained, cv_corpus, tm
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [good]
 
 
-def test_export_command_names_a_missing_checkpoint(tmp_path):
-    result = run("-m", "asr.export", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"out={tmp_path}", check=False)
-    assert result.returncode == 1 and "nope.ckpt does not exist" in result.stderr
-
-
 def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, barely_trained, tmp_path):
     ckpt = barely_trained / "checkpoints" / "last.ckpt"
     run("evaluate.py", f"ckpt_path={ckpt}", f"data.root={cv_corpus}", "split=test", "data.num_workers=0",
