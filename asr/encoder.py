@@ -6,6 +6,10 @@ HF's own pass reads the clip lengths back from the device twice per training ste
 Here the frame mask is made from the host lengths (samples) the collator counted, SpecAugment is drawn
 from it on the host with HF's own `_compute_mask_indices` (the same numpy draws, so the same masks) and
 applied with `torch.where`, and the transformer loop gets the attention mask the host already knows.
+
+Under mixed precision a frozen convolutional feature encoder keeps its convolution weights in the compute
+dtype (`keep_feature_encoder_in`): autocast would otherwise round the same frozen fp32 weights to bf16 or
+fp16 again in every forward pass (frozen weights are not in autocast's cast cache), for the same result.
 """
 
 import json
@@ -39,6 +43,30 @@ class SyncFreeWav2Vec2ForCTC(Wav2Vec2ForCTC):
     `encode` from host lengths. Saved with `save_pretrained`, it loads as HF's Wav2Vec2ForCTC. (The class
     name keeps "ForCTC": transformers picks HF's own `forward(labels=)` loss by it.)"""
 
+    _feature_dtype: torch.dtype | None = None  # the conv weights' dtype when kept in the compute dtype
+
+    def keep_feature_encoder_in(self, dtype: torch.dtype) -> list[str]:
+        """The convolutions of the (frozen) feature encoder in `dtype`; float32 puts them back. Its layer norms
+        stay float32, as autocast computes them. Under autocast to `dtype` the features are bit for bit
+        those of float32 weights (autocast rounds them to `dtype` for every convolution); outside it (a
+        forward pass not under the trainer's precision), the features are computed under autocast to `dtype`.
+        Returns the names of the parameters cast (as in `state_dict`)."""
+        names = []
+        for name, module in self.wav2vec2.feature_extractor.named_modules():
+            if isinstance(module, torch.nn.Conv1d):
+                module.to(dtype)
+                names += [f"wav2vec2.feature_extractor.{name}.{p}" for p, _ in module.named_parameters()]
+        self._feature_dtype = None if dtype == torch.float32 else dtype
+        return names
+
+    def features(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, C, T) the convolutional feature encoder's output for `audio` (B, S)."""
+        extractor = self.wav2vec2.feature_extractor
+        if self._feature_dtype is None or torch.is_autocast_enabled(audio.device.type):
+            return extractor(audio)
+        with torch.autocast(audio.device.type, dtype=self._feature_dtype):
+            return extractor(audio).float()
+
     def frames(self, samples) -> torch.Tensor:
         """(B,) encoder output frames of each clip, from its samples (a host list or a tensor)."""
         return self._get_feat_extract_output_lengths(torch.as_tensor(samples))
@@ -55,7 +83,7 @@ class SyncFreeWav2Vec2ForCTC(Wav2Vec2ForCTC):
         frame mask from the host `lengths`. Equals `self.wav2vec2(audio, attention_mask=...)` from the same
         numpy random state (tests/test_encoder.py)."""
         wav2vec2 = self.wav2vec2
-        features = wav2vec2.feature_extractor(audio).transpose(1, 2)
+        features = self.features(audio).transpose(1, 2)
         frames = self.frames(lengths).numpy()  # host lengths, host frames
         frame_mask = np.arange(features.shape[1])[None, :] < frames[:, None]  # (B, T), numpy: on the host
         hidden, _ = wav2vec2.feature_projection(features)

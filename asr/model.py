@@ -9,10 +9,12 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import Wav2Vec2Config
 from transformers.modeling_outputs import CausalLMOutput
 
-from asr import SetupError, ctc, schedules, text
+from asr import SetupError, ctc, schedules, speed, text
 from asr.encoder import SyncFreeWav2Vec2ForCTC
-from asr.speed import LateRead
+from asr.speed import PRECISION_DTYPE, LateRead
 from asr.text import Vocabulary
+
+COMPILE = {False: "false", True: "layers", "false": "false", "layers": "layers", "encoder": "encoder", "all": "all"}
 
 
 def check_pretrained(pretrained: str | None) -> str | None:
@@ -66,8 +68,11 @@ class CTCModel(L.LightningModule):
     freeze_finetune_updates: for this many first optimizer updates only the CTC head learns, the
     encoder stays as pretrained (fairseq's `freeze_finetune_updates`). max_consecutive_skips: updates
     whose gradients are not finite are skipped (on every rank alike) and counted; after this many in a
-    row the run stops (`stop_reason`; on a GPU the host learns of it a few updates late). compile:
-    torch.compile each transformer layer. optim: lr, betas, eps, weight_decay, head_lr (the CTC head's
+    row the run stops (`stop_reason`; on a GPU the host learns of it a few updates late). compile: false;
+    layers (torch.compile each transformer layer, dynamic shapes: one graph for every length); encoder (the
+    convolutional feature encoder, static shapes: one graph per batch shape of the plan, which the
+    warm-up builds before the first update); all (both). true means layers. expandable_segments: the CUDA
+    allocator's (`asr.speed.configure_cuda_allocator`). optim: lr, betas, eps, weight_decay, head_lr (the CTC head's
     own learning rate; None: lr), fused, as `adamw` takes them. sched: name and options of a schedule in
     `asr.schedules`. All are plain values, so checkpoints load with `weights_only=True`. The defaults
     are in conf/ (train.yaml, model/, sched/).
@@ -77,8 +82,8 @@ class CTCModel(L.LightningModule):
 
     def __init__(self, vocab: list[str], pretrained: str | None, arch: dict, config: dict, language: str | None,
                  freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
-                 attn_implementation: str, compile: bool, ctc_loss: str, max_consecutive_skips: int, optim: dict,
-                 sched: dict):
+                 attn_implementation: str, compile: bool | str, ctc_loss: str, max_consecutive_skips: int,
+                 expandable_segments: bool, optim: dict, sched: dict):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.vocab = Vocabulary(vocab)
@@ -87,9 +92,19 @@ class CTCModel(L.LightningModule):
             self.model.freeze_feature_encoder()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
-        if compile:  # regional: each transformer layer (HF's SpecAugment, drawn on the host, stays eager)
+        speed.configure_cuda_allocator(expandable_segments)  # the model is built before CUDA starts
+        compiled = COMPILE.get(compile, compile)
+        if compiled not in COMPILE.values():
+            raise SetupError(f"model.compile={compile!r}: give false, layers, encoder or all.")
+        if compiled in ("layers", "all"):  # regional: each transformer layer (SpecAugment, drawn on the host, eager)
             for layer in self.model.wav2vec2.encoder.layers:
-                layer.compile(dynamic=True)  # clip lengths vary: one graph for every length
+                layer.compile(dynamic=True)  # one graph for every length
+        if compiled in ("encoder", "all"):  # its layer norms and transposes fused, per batch shape
+            # One graph per (clips, samples) shape (asr.batching: num_buckets + 1 per split), in training
+            # and in evaluation mode: more than dynamo's default of 8 recompiles before it falls back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+            self.model.wav2vec2.feature_extractor.compile(dynamic=False)
+        self._kept_in_compute_dtype: list[str] = []  # feature encoder parameters cast for the fit
         self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
         # Mixed error rate (Mandarin by character, English by word): WER over `text.mixed_tokens`.
         self.val_mer = WordErrorRate() if text.is_chinese(language) else None
@@ -98,7 +113,22 @@ class CTCModel(L.LightningModule):
         self._host_skips: LateRead | None = None
         self.stop_reason: str | None = None
 
+    def on_fit_start(self) -> None:
+        """Under mixed precision, a frozen feature encoder's convolutions in the compute dtype for the fit
+        (`SyncFreeWav2Vec2ForCTC.keep_feature_encoder_in`): no cast of their weights in any step."""
+        precision = str(self.trainer.precision)
+        if self.hparams.freeze_feature_encoder and precision.endswith("-mixed"):
+            self._kept_in_compute_dtype = self.model.keep_feature_encoder_in(PRECISION_DTYPE[precision])
+
+    def on_fit_end(self) -> None:
+        if self._kept_in_compute_dtype:  # float32 again for export and evaluation (the values stay rounded)
+            self.model.keep_feature_encoder_in(torch.float32)
+            self._kept_in_compute_dtype = []
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for name in self._kept_in_compute_dtype:  # checkpoints hold float32 weights, as ever
+            key = f"model.{name}"
+            checkpoint["state_dict"][key] = checkpoint["state_dict"][key].float()
         # The full architecture, so a checkpoint rebuilds without the pretrained weights it started from.
         checkpoint["wav2vec2_config"] = self.model.config.to_dict()
         checkpoint["counters"] = {"skipped_updates": self.skipped_updates,
@@ -124,7 +154,8 @@ class CTCModel(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         # ctc_loss: checkpoints older than the option trained with torch's loss; auto gives the same figures
-        hparams = {"ctc_loss": "auto", **checkpoint["hyper_parameters"], "pretrained": None,
+        hparams = {"ctc_loss": "auto", "expandable_segments": False, **checkpoint["hyper_parameters"],
+                   "pretrained": None,
                    "arch": checkpoint["wav2vec2_config"], "compile": False}
         model = cls(**hparams)
         model.load_state_dict(checkpoint["state_dict"])

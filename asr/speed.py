@@ -6,6 +6,10 @@ allocator's peak. Every figure is host arithmetic on host clocks and host lists:
 from the GPU, so logging them never makes the host wait for queued GPU work. Over a window of updates
 the host cannot run ahead of the GPU by more than its launch queue, so a window's rate is the GPU's.
 
+The loader wait is timed where the training loop blocks for its next batch: around Lightning's fetch of
+it from the loader (`next()` of the loader's iterator, which waits on the workers' queue), not between
+one batch's end and the next one's start, which also holds the loop's own bookkeeping.
+
 `training_flops` counts the model FLOPs of a step from the architecture and the clips' lengths (per
 audio-second at 50 frames: the conv feature encoder ~4.9 GFLOP forward; the transformer 2(4H^2 + 2HF) per
 frame per layer; training = 3x forward, 1x for a frozen conv encoder: ~102 GFLOP for xls-r-300m, ~301 for
@@ -13,7 +17,13 @@ xls-r-1b); `peak_flops` is the device's dense peak for the
 precision, from Lightning's table unless given.
 """
 
+import logging
+import os
 import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -21,6 +31,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 
 from asr import audio
 
+log = logging.getLogger(__name__)
 PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                    "16-true": torch.float16, "32-true": torch.float32, "64-true": torch.float64}
 
@@ -80,8 +91,8 @@ class SpeedMonitor(L.Callback):
     - `train/audio_seconds_per_second`: real audio (padding excluded) per second of training time.
     - `train/mfu`: model FLOPs utilisation, `training_flops` per second / `peak_flops` (needs a known peak:
       a GPU in Lightning's table, or `peak_tflops`).
-    - `train/loader_wait`: fraction of the window's time the training loop waited for its next batch
-      (between the end of one batch and the start of the next; evaluations excluded).
+    - `train/loader_wait`: fraction of the window's time the training loop waited for its next batch,
+      timed around the fetch itself (evaluations excluded).
     - `train/padding_fraction`: padded audio / all audio of the window's batches.
     - `train/gpu_memory_gb`: the CUDA allocator's peak so far (a host-side counter).
 
@@ -92,11 +103,12 @@ class SpeedMonitor(L.Callback):
         self.peak_tflops = peak_tflops
         self.peak: float | None = None
         self.last: dict[str, float] = {}  # the latest window's figures
+        self.last_window_seconds = 0.0  # its length (evaluations excluded)
         self._config = None
         self._conv_trained = False
         self._reset(time.perf_counter())
-        self._batch_end: float | None = None
         self._last_step = -1
+        self._fetch_started: float | None = None
 
     def _reset(self, now: float) -> None:
         self._window = {"audio": 0.0, "padded": 0.0, "flops": 0.0, "wait": 0.0, "excluded": 0.0}
@@ -107,15 +119,37 @@ class SpeedMonitor(L.Callback):
         self._conv_trained = any(p.requires_grad for p in pl_module.model.wav2vec2.feature_extractor.parameters())
         self.peak = peak_flops(pl_module.device, trainer.precision, self.peak_tflops)
         self._last_step = trainer.global_step
+        self._time_fetches(trainer.fit_loop.epoch_loop)
         self._reset(time.perf_counter())
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._batch_end = time.perf_counter()  # the first batch of the epoch waits for the workers to start
+    def _time_fetches(self, loop) -> None:
+        """Wrap the training epoch loop's two fetch hooks (Lightning 2.6: `_on_before_fetch` and
+        `_on_after_fetch`, which it hands to its data fetcher at each epoch's start and which bracket
+        `next(loader iterator)`): the time between them is the loop waiting for its next batch."""
+        before, after = getattr(loop, "_on_before_fetch", None), getattr(loop, "_on_after_fetch", None)
+        if before is None or after is None:
+            log.warning("train/loader_wait is not measured: this Lightning has no fetch hooks to time")
+            return
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if self._batch_end is not None:
-            self._window["wait"] += now - self._batch_end
+        def started() -> None:
+            before()
+            self._fetch_started = time.perf_counter()
+
+        def ended() -> None:
+            if self._fetch_started is not None:
+                self._window["wait"] += time.perf_counter() - self._fetch_started
+                self._fetch_started = None
+            after()
+
+        loop._on_before_fetch, loop._on_after_fetch = started, ended  # on the instance: the class's stay
+        self._loop = loop
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None:  # the loop's own hooks again
+            for name in ("_on_before_fetch", "_on_after_fetch"):
+                loop.__dict__.pop(name, None)
+            self._loop = None
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._validation_start = time.perf_counter()
@@ -124,7 +158,6 @@ class SpeedMonitor(L.Callback):
         now = time.perf_counter()
         if not trainer.sanity_checking:
             self._window["excluded"] += now - self._validation_start
-        self._batch_end = now  # what follows an evaluation is not waiting for data
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         window = self._window
@@ -136,7 +169,6 @@ class SpeedMonitor(L.Callback):
             self._last_step = trainer.global_step
             if trainer.global_step % trainer.log_every_n_steps == 0:
                 self._log(trainer, pl_module)
-        self._batch_end = time.perf_counter()
 
     def _log(self, trainer, pl_module) -> None:
         now = time.perf_counter()
@@ -149,7 +181,7 @@ class SpeedMonitor(L.Callback):
             metrics["train/mfu"] = window["flops"] / seconds / self.peak
         if pl_module.device.type == "cuda":
             metrics["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 1e9
-        self.last = metrics
+        self.last, self.last_window_seconds = metrics, seconds
         if trainer.is_global_zero:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's own rows get
             for logger in trainer.loggers:
@@ -183,3 +215,74 @@ class LateRead:
             return None
         self._waiting = False
         return self.host.tolist()
+
+
+def configure_cuda_allocator(expandable_segments: bool) -> None:
+    """CUDA's caching allocator with expandable segments (`model.expandable_segments`): segments that grow
+    in place instead of new fixed-size ones, so batches of a few fixed shapes fragment memory less (PyTorch's
+    notes on CUDA memory management). Before CUDA initialises this goes through the environment the
+    allocator reads at its start (PYTORCH_CUDA_ALLOC_CONF, or PYTORCH_ALLOC_CONF where that is set); after,
+    through torch's setter, which affects segments allocated from then on. A setting the user gave in the
+    environment is kept. False changes nothing."""
+    if not expandable_segments:
+        return
+    setting = "expandable_segments:True"
+    name = "PYTORCH_ALLOC_CONF" if "PYTORCH_ALLOC_CONF" in os.environ else "PYTORCH_CUDA_ALLOC_CONF"
+    current = os.environ.get(name, "")
+    if "expandable_segments" in current:
+        return  # the user's own choice
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.memory._set_allocator_settings(setting)
+        return
+    os.environ[name] = f"{current},{setting}" if current else setting
+
+
+def project_frame(frames: list[traceback.FrameSummary], root: Path) -> str:
+    """`path:line function` of the innermost frame of the project's own code (under `root`, not in an installed
+    package), or '-' when the stack has none."""
+    for frame in reversed(frames):
+        path = Path(frame.filename)
+        if path.is_relative_to(root) and "site-packages" not in path.parts and ".venv" not in path.parts:
+            return f"{path.relative_to(root)}:{frame.lineno} {frame.name}"
+    return "-"
+
+
+class SyncSites:
+    """The calls that make the host wait for the GPU while active, by site: torch's sync debug mode
+    (`torch.cuda.set_sync_debug_mode("warn")`) warns at each, and the Python stack of each warning is
+    grouped by the innermost frame of the project's code and the innermost frame of all (the library call
+    that synchronised). `sites`: Counter of (project frame, library frame); `count`: all of them. Without
+    CUDA nothing warns (a CPU has nothing to wait for); the recording itself runs alike."""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self, root: Path | None = None):
+        from asr import REPO_DIR
+
+        self.root = Path(root or REPO_DIR).resolve()
+        self.sites: Counter = Counter()
+        self.count = 0
+
+    def __enter__(self) -> "SyncSites":
+        self._filters = warnings.catch_warnings()  # restores the filters and showwarning on exit
+        self._filters.__enter__()
+        warnings.simplefilter("always")
+        self._show = warnings.showwarning
+        warnings.showwarning = self._record
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode(0)
+        self._filters.__exit__(*exc)
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if self.MESSAGE not in str(message):
+            return self._show(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+        library = frames[-1] if frames else None
+        where = f"{'/'.join(Path(library.filename).parts[-2:])}:{library.lineno} {library.name}" if library else "-"
+        self.sites[(project_frame(frames, self.root), where)] += 1
+        self.count += 1

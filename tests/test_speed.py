@@ -1,14 +1,18 @@
 """Speed without host syncs: a training update reads nothing back from the device between log steps, and
 the FLOP count behind MFU is the model's."""
 
-import numpy as np
-import pytest
+import os
+import time
+import warnings
+
 import lightning as L
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from asr import speed
-from tests.conftest import assembled
+from tests.conftest import assembled, compose_config
 from tests.test_encoder import _model_and_batch
 from tests.test_model import DeviceReads
 
@@ -73,3 +77,145 @@ def test_the_speed_figures_are_logged_per_window_with_mfu_against_a_given_peak(c
     assert figures["train/mfu"] * 1e9 == pytest.approx(figures["train/audio_seconds_per_second"] * per_audio_second,
                                                        rel=0.5)
 
+
+
+def test_the_loader_wait_is_timed_where_the_training_loop_blocks_for_its_batch(cv_corpus, tmp_path, monkeypatch):
+    """A loader that takes 0.5 s per clip, on the training loop's own thread (no worker): the figure holds
+    that sleep, all of it and no more."""
+    from asr import data
+
+    decode = data.UtteranceDataset.__getitem__
+
+    def slow(self, i):
+        time.sleep(0.5)
+        return decode(self, i)
+
+    monkeypatch.setattr(data.UtteranceDataset, "__getitem__", slow)
+    clips = []
+    run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
+                    "trainer.log_every_n_steps=2", "logger=none", callbacks=[Clips(clips)], max_steps=4,
+                    limit_val_batches=0, accelerator="cpu", enable_progress_bar=False)
+    run.fit()
+    monitor = next(c for c in run.callbacks if isinstance(c, speed.SpeedMonitor))
+    waited = monitor.last["train/loader_wait"] * monitor.last_window_seconds
+    assert waited == pytest.approx(0.5 * sum(clips[-2:]), rel=0.2)  # the last window's 2 batches
+    assert monitor.last["train/loader_wait"] > 0.1, monitor.last  # ~0.8 on idle cores; busy shared ones compute slower
+    assert "_on_before_fetch" not in vars(run.trainer.fit_loop.epoch_loop)  # Lightning's own hooks put back
+
+
+class Clips(L.Callback):
+    def __init__(self, clips):
+        self.clips = clips
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.clips.append(len(batch["ids"]))
+
+
+def test_expandable_segments_go_to_the_allocators_environment_before_cuda_starts(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    speed.configure_cuda_allocator(False)
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    speed.configure_cuda_allocator(True)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    speed.configure_cuda_allocator(True)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512,expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")  # the user's own choice stays
+    speed.configure_cuda_allocator(True)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:False"
+
+
+def _synchronise():
+    warnings.warn("called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:162.)")
+
+
+def test_sync_sites_are_counted_by_the_innermost_frame_of_the_projects_code():
+    """The warnings torch's sync debug mode gives (made here by hand: a CPU never synchronises), grouped by
+    where in the project they come from; other warnings pass through."""
+    with speed.SyncSites() as sites:
+        for _ in range(3):
+            _synchronise()
+        with pytest.warns(UserWarning, match="something else"):
+            warnings.warn("something else")
+    assert sites.count == 3
+    [((ours, library), n)] = sites.sites.items()
+    assert n == 3 and ours.startswith("tests/test_speed.py:") and ours.endswith(" _synchronise")
+    assert library.endswith(" _synchronise")
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_a_frozen_feature_encoder_computes_in_the_autocast_dtype_without_casts(cv_corpus, precision):
+    """Its convolutions kept in bf16 (fp16): under autocast the same logits as float32 weights (which autocast
+    rounds every pass), no conversion of their weights in a pass, and float32 again after the fit; outside
+    autocast the features are still computed."""
+    model, batch = _model_and_batch(cv_corpus, "model.freeze_feature_encoder=true")
+    model.eval()
+    dtype = speed.PRECISION_DTYPE[precision]
+    convs = [f"wav2vec2.feature_extractor.{n}.{p}" for n, m in model.model.wav2vec2.feature_extractor.named_modules()
+             if isinstance(m, torch.nn.Conv1d) for p in ("weight", "bias")]
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype), ConvertedWeights(convs, model.model) as converted:
+        before = model(batch).logits
+    assert len(converted.weights) == len(convs) == 14  # autocast rounds each frozen conv weight and bias every pass
+    names = model.model.keep_feature_encoder_in(dtype)
+    assert sorted(names) == sorted(convs)
+    assert names and all(model.model.get_parameter(n).dtype == dtype for n in names)
+    assert all(p.dtype == torch.float32 for n, p in model.model.named_parameters() if n not in names)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype), ConvertedWeights(names, model.model) as converted:
+        after = model(batch).logits
+    assert converted.weights == []
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.isfinite(model(batch).logits).all()  # outside autocast
+    model.model.keep_feature_encoder_in(torch.float32)
+    assert all(p.dtype == torch.float32 for p in model.model.parameters())
+
+
+class ConvertedWeights(TorchDispatchMode):
+    """Conversions (`aten::_to_copy`) of the named parameters while active."""
+
+    def __init__(self, names, module):
+        super().__init__()
+        self.ids = {id(module.get_parameter(n)) for n in names}
+        self.weights = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and id(args[0]) in self.ids:
+            self.weights.append(args[0].shape)
+        return func(*args, **(kwargs or {}))
+
+
+def test_mixed_precision_keeps_the_frozen_encoder_in_bf16_for_the_fit_and_saves_float32(cv_corpus, tmp_path):
+    """bf16-mixed on the CPU with the feature encoder frozen: bf16 convolutions while training, float32 in the
+    checkpoint and after the fit."""
+    class Dtypes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.add(pl_module.model.wav2vec2.feature_extractor.conv_layers[0].conv.weight.dtype)
+
+    seen = set()
+    run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
+                    "precision=bf16", "model.freeze_feature_encoder=true", "logger=none", "~callbacks.checkpoint",
+                    callbacks=[Dtypes()], max_steps=2, limit_val_batches=0, accelerator="cpu",
+                    enable_progress_bar=False)
+    run.fit()
+    assert seen == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("compile", [False, True, "layers", "encoder", "all"])
+def test_compile_takes_false_layers_encoder_or_all(cv_corpus, compile):
+    model, _ = _model_and_batch(cv_corpus, f"model.compile={str(compile).lower()}")
+    encoder = model.model.wav2vec2
+    layers = compile in (True, "layers", "all")
+    assert all((layer._compiled_call_impl is not None) == layers for layer in encoder.encoder.layers)
+    assert (encoder.feature_extractor._compiled_call_impl is not None) == (compile in ("encoder", "all"))
+
+
+def test_a_compile_choice_that_is_not_one_is_named():
+    from asr.model import CTCModel
+
+    cfg = compose_config(overrides=["model.compile=graphs"])
+    with pytest.raises(Exception, match="model.compile='graphs': give false, layers, encoder or all"):
+        CTCModel.from_config(cfg, list("abc") + ["|", "[UNK]", "[PAD]"])
