@@ -17,7 +17,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from asr import Requeued, SetupError, TrainingStopped, checkpoints, cluster, console, search, tracking
+from asr import Requeued, SetupError, TrainingStopped, checkpoints, cluster, console, search, speed, tracking
 from asr.config import checked, command_line_changes, expand_path
 from asr.data import SpeechDataModule
 from asr.export import export
@@ -186,6 +186,7 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     into the run directory. `callbacks` are added to the config's; `trainer_args` override the trainer's
     (a benchmark's `limit_val_batches=0`, a test's `max_steps`)."""
     cfg = checked(cfg, "train")  # resolved, and every key and type checked against the code
+    speed.configure_cuda_allocator(cfg.model.expandable_segments)  # before anything initialises CUDA
     run_dir = Path(cfg.run_dir)
     ckpt_path = checkpoints.resume_checkpoint(cfg.ckpt_path, run_dir / "checkpoints")  # before any data is read
     console.quiet_libraries(resuming=bool(ckpt_path) and checkpoints.run_dir_of(ckpt_path) == run_dir.absolute())
