@@ -75,7 +75,7 @@ def test_the_gpu_session_script_runs_its_parts_under_a_budget_and_summarises(tmp
 
     import asr
 
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "BUDGET": "40"}
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "BUDGET": "35"}  # check leaves < 30 s
     out = subprocess.run(["bash", "benchmarks/gpu_session.sh", "check", "cards"], cwd=asr.REPO_DIR, env=env,
                          capture_output=True, text=True, timeout=120).stdout
     summary = out[out.index("=== summary"):].splitlines()
