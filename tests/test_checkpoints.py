@@ -47,4 +47,5 @@ def test_a_restarted_job_resumes_from_its_requeue_or_last_checkpoint(monkeypatch
     assert checkpoints.resume_checkpoint(None, folder) == str(folder / "last.ckpt")
     (folder / checkpoints.REQUEUE_CHECKPOINT).write_bytes(b"")
     assert checkpoints.resume_checkpoint(None, folder) == str(folder / checkpoints.REQUEUE_CHECKPOINT)
-    assert checkpoints.resume_checkpoint("x.ckpt", folder) == "x.ckpt"
+    (folder / "x.ckpt").write_bytes(b"")
+    assert checkpoints.resume_checkpoint(str(folder / "x.ckpt"), folder) == str(folder / "x.ckpt")  # as given

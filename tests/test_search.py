@@ -15,7 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 import asr
-from asr import search
+from asr import search, tracking
 
 
 def test_the_search_space_reads_hydras_sweep_grammar():
@@ -75,7 +75,8 @@ def test_a_search_reloads_goes_on_retries_an_interrupted_trial_and_prunes(cv_cor
     runs = [read_run(d) for t in study.trials for d in (sweep_dir / f"trial-{t.number}" / "wandb").glob("offline-run-*")]
     assert [r["name"] for r in runs] == [f"lr={t.params['optim.lr']},warmup_ratio={t.params['sched.warmup_ratio']}"
                                          for t in study.trials]  # what the search varies
-    assert {r["group"] for r in runs} == {str(sweep_dir)} and all("search=demo_lr" in r["tags"] for r in runs)
+    assert {r["group"] for r in runs} == {tracking.sweep_group(str(sweep_dir), str(asr.REPO_DIR))}  # <dir>/search
+    assert all("search=demo_lr" in r["tags"] for r in runs)
     for trial in study.trials:  # each trial is the job in trial-<number>: its parameters, its objective
         run = sweep_dir / f"trial-{trial.number}"
         config = OmegaConf.load(run / "config.yaml")
