@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from asr import SetupError, audio, cache, corpora, text
+from asr.augment import NONE, Augment, mix
 from asr.batching import DurationBatchSampler
 
 log = logging.getLogger(__name__)
@@ -30,27 +31,46 @@ class UtteranceDataset(Dataset):
     A clip that cannot be read (missing, or corrupt: headers are not read where the release states the
     durations) gives {"id", "dropped": reason}: `collate` leaves it out and passes the reason on, so one
     bad file never stops a long run and every one is counted in the data report.
+
+    augment (training): items are asked for as (epoch, clip) (`DurationBatchSampler(tag_epoch=True)`) and the
+    clip is perturbed as `augment.choose(epoch, clip)` says; `seconds` is then its duration / speed factor,
+    `augment` what was done. A noise file that fails to decode leaves the clip clean and is named in
+    `noise_skipped` (counted in the data report, `SpeechDataModule.on_before_batch_transfer`).
     """
 
-    def __init__(self, clips: corpora.Clips, vocab: text.Vocabulary):
+    def __init__(self, clips: corpora.Clips, vocab: text.Vocabulary, augment: Augment | None = None):
         self.clips, self.vocab = clips, vocab
+        self.augment = augment if augment is not None and augment.active else None
         self._columns = {name: clips.table.column(name) for name in ("id", "path", "text", "language")}
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch, i = index if isinstance(index, tuple) else (None, index)
         row = int(self.clips.rows[i])
         utt_id, path, transcript, language = (self._columns[n][row].as_py() for n in ("id", "path", "text", "language"))
+        choice = NONE if self.augment is None or epoch is None else self.augment.choose(epoch, i)
         try:
-            wave = audio.normalize(audio.load(path))  # float32, normalised in place
+            wave = audio.load(path, speed=choice.factor)
         except Exception as error:  # libsndfile raises several types
             reason = cache.UNREADABLE if os.path.exists(path) else cache.MISSING
             log.warning("skipping %s: %s (%s: %s)", utt_id, path, reason, error)
             return {"id": utt_id, "dropped": reason}
-        seconds = None if self.clips.seconds is None else float(self.clips.seconds[i])
-        return {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
+        seconds = None if self.clips.seconds is None else float(self.clips.seconds[i]) / choice.factor
+        item = {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
                 "language": language, "seconds": seconds}
+        if choice != NONE:
+            item["augment"] = choice.describe(self.augment)
+            if choice.noise is not None:
+                try:
+                    mix(wave, self.augment.noise(choice, len(wave)), choice.snr_db)
+                except Exception as error:  # noqa: BLE001 (a noise file that does not decode: the clip stays clean)
+                    name = self.augment.noise_name(choice.noise)
+                    log.warning("noise file %s skipped (%s): %s stays clean", name, error, utt_id)
+                    item["noise_skipped"] = name
+        audio.normalize(wave)  # in place, after the noise
+        return item
 
 
 def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> dict:
@@ -108,6 +128,10 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> d
         "truncated_seconds": (sum(decoded) - sum(lengths)) / audio.SAMPLE_RATE,
         "skipped": len(dropped),
         "dropped": dropped,
+        # augmented training batches: what was done to each clip, and noise files that failed to decode
+        **({"augment": [item.get("augment", "none") for item in items],
+            "noise_skipped": [item["noise_skipped"] for item in items if "noise_skipped" in item]}
+           if any("augment" in item for item in items) else {}),
     }
 
 
@@ -252,7 +276,25 @@ def format_report(report: dict[str, dict]) -> str:
                if "batches" in r else ("-", "-", "-"))]
             for split, r in report.items()]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(line, widths)) for line in [header, *rows])
+    table = "\n".join("  ".join(str(x).rjust(w) for x, w in zip(line, widths)) for line in [header, *rows])
+    augmented = report.get("train", {}).get("augment")
+    return table + (f"\ntraining augmentation: {describe_augment(augmented)}" if augmented else "")
+
+
+def describe_augment(summary: dict) -> str:
+    """One line of `Augment.summary()` (the data report's `augment`)."""
+    parts = []
+    if "speed" in summary:
+        speed = summary["speed"]
+        parts.append(f"speed x{'/'.join(f'{f:g}' for f in speed['factors'])} (p {speed['prob']:g}; planned on "
+                     f"{speed['planned_on']})")
+    if "noise" in summary:
+        noise = summary["noise"]
+        files = ", ".join(f"{c} {n}" for c, n in noise["files"].items())
+        skipped = sum(noise.get("skipped", {}).values())
+        parts.append(f"noise from {noise['dir']} ({files} files; {noise['unreadable_at_start']} unreadable at start, "
+                     f"{skipped} decodes failed) at {noise['snr_db'][0]:g}-{noise['snr_db'][1]:g} dB SNR (p {noise['prob']:g})")
+    return "; ".join(parts) or "none"
 
 
 class SpeechDataModule(L.LightningDataModule):
@@ -271,7 +313,7 @@ class SpeechDataModule(L.LightningDataModule):
                  columns: dict | None, max_batch_seconds: float, max_batch_size: int | None,
                  eval_max_batch_size: int | None, num_buckets: int, attention_q: float | None, min_seconds: float,
                  max_seconds: float, num_workers: int | str, seed: int, cache_dir: str, decode_cache: bool,
-                 cache_format: str):
+                 cache_format: str, augment: dict):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
@@ -284,10 +326,14 @@ class SpeechDataModule(L.LightningDataModule):
         self.added: dict[str, int] = {}  # train_extra split -> utterances it added
         self._met: dict[str, set[str]] = {}  # split -> ids of clips met unreadable while loading
         self._resume: dict | None = None  # the training loader's position from a checkpoint (load_state_dict)
+        self.augment = Augment(**augment, seed=seed)  # of the training clips (conf/augment/); checked here
+        self.noise_skipped: dict[str, int] = {}  # noise file -> times it failed to decode (this rank)
 
     def check(self) -> str | None:
-        """Why this data cannot load (with the override that fixes it), or None."""
-        return corpora.check_root(self.hparams.corpus, self.hparams.root, self.hparams.lang)
+        """Why this data cannot load (with the override that fixes it), or None: the corpus, then the noise
+        folder of augment=noise (missing, empty or unreadable)."""
+        problems = [corpora.check_root(self.hparams.corpus, self.hparams.root, self.hparams.lang), self.augment.check()]
+        return "\n".join(p for p in problems if p) or None
 
     def _read(self, name: str) -> corpora.Clips:
         """A split as the release names it, read and prepared (`prepare`) once.
@@ -364,6 +410,8 @@ class SpeechDataModule(L.LightningDataModule):
                 kept, report = self._decoded(kept, report)
             if split == "train" and self.added:
                 report["added_from"] = dict(self.added)
+            if split == "train" and self.augment.active:
+                report["augment"] = self.augment.summary()
             self.utterances[split], self.report[split] = kept, report
             if not len(kept):
                 dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
@@ -438,6 +486,8 @@ class SpeechDataModule(L.LightningDataModule):
 
     def write_report(self, path: str | Path) -> None:
         """data_report.json, and the same as a table in the log."""
+        if "noise" in self.report.get("train", {}).get("augment", {}):
+            self.report["train"]["augment"]["noise"]["skipped"] = dict(self.noise_skipped)
         Path(path).write_text(json.dumps(self.report, indent=1, ensure_ascii=False))
         log.info("data report (%s):\n%s", path, format_report(self.report))
 
@@ -449,9 +499,15 @@ class SpeechDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
         size = h.max_batch_size if training or h.eval_max_batch_size is None else h.eval_max_batch_size
+        augmented = training and self.augment.active
+        # Speed perturbation: a clip lasts its duration / its epoch's factor. The plan is made on the longest
+        # each clip can last (duration / the slowest factor), so every epoch's clips fit their planned shapes
+        # and budget, and the batches per epoch stay the same; the cost is padding (docs/augment.md).
+        seconds = utterances.seconds / self.augment.slowest if augmented else utterances.seconds
         return DurationBatchSampler(
-            utterances.seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
+            seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
             attention_q=h.attention_q, seed=h.seed, shuffle=training, num_replicas=world, rank=rank,
+            tag_epoch=augmented, audio_seconds=utterances.seconds * self.augment.mean_stretch if augmented else None,
         )
 
     def dataloader(self, split: str) -> DataLoader:
@@ -462,7 +518,7 @@ class SpeechDataModule(L.LightningDataModule):
             self._resume = None
         workers = self.num_workers
         return (TrainingLoader if training else DataLoader)(
-            UtteranceDataset(self.load(split), self.vocab), batch_sampler=sampler,
+            UtteranceDataset(self.load(split), self.vocab, self.augment if training else None), batch_sampler=sampler,
             collate_fn=functools.partial(collate, shapes=sampler.shapes),
             # kept between epochs, and between evaluations (Lightning reuses the dev loader)
             num_workers=workers, persistent_workers=workers > 0,
@@ -476,7 +532,8 @@ class SpeechDataModule(L.LightningDataModule):
         if self.trainer is None:
             return {}
         return {"epoch": self.trainer.current_epoch,
-                "position": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+                "position": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                **({"noise_skipped": dict(self.noise_skipped)} if self.augment.noise_prob > 0 else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """A resumed run continues with exactly the next batch. Lightning restores the datamodule before it
@@ -484,6 +541,14 @@ class SpeechDataModule(L.LightningDataModule):
         own state would come too late: Lightning builds the training loader early, to count the steps of
         the schedule, and then never applies it)."""
         self._resume = state or None
+        self.noise_skipped = dict((state or {}).get("noise_skipped", {}))
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Counts the noise files that failed to decode in a training batch (its clips stayed clean): the data
+        report's `augment.noise.skipped`, per file (this rank's count)."""
+        for name in batch.get("noise_skipped", ()):
+            self.noise_skipped[name] = self.noise_skipped.get(name, 0) + 1
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")
