@@ -73,7 +73,7 @@ class UtteranceDataset(Dataset):
         return item
 
 
-def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> dict:
+def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None, pooled: bool = False) -> dict:
     """Pad a batch. audio: (B, S) float32 at 16 kHz; attention_mask: (B, S) bool, True on real samples;
     labels: (B, L) ids padded with -100 (ignored by the CTC loss). lengths (samples) and label_lengths
     are host lists, which Lightning leaves on the host: the loss needs them there. `shape` is (B, S).
@@ -89,7 +89,10 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> d
     to its longest clip.
 
     Clips that could not be read are left out, listed in `dropped` as (id, reason) and counted in
-    `skipped`; a batch of nothing but those has no `audio` and empty `ids`."""
+    `skipped`; a batch of nothing but those has no `audio` and empty `ids`.
+
+    pooled (a `SpeechLoader`'s workers): the tensors are views of shared-memory buffers the worker reuses
+    (`_SharedPool`), which the loader copies as it receives them."""
     dropped = [(item["id"], item["dropped"]) for item in items if "dropped" in item]
     items = [item for item in items if "dropped" not in item]
     if not items:
@@ -100,9 +103,11 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> d
     lengths = [min(n, samples) for n in decoded]
     label_lengths = [len(item["labels"]) for item in items]
     width = max(1, *label_lengths)  # the batch's longest transcript: asr.ctc's cost grows with it
-    batch_audio = _empty((len(items), samples), torch.float32)
-    mask = _empty((len(items), samples), torch.bool)
-    labels = _empty((len(items), width), torch.long)
+    pool = _SharedPool.of_this_worker() if pooled else None
+    slot = pool.next() if pool is not None else None
+    batch_audio = _empty((len(items), samples), torch.float32, slot, "audio")
+    mask = _empty((len(items), samples), torch.bool, slot, "attention_mask")
+    labels = _empty((len(items), width), torch.long, slot, "labels")
     # Filled through numpy views (cheaper per row than torch indexing); every element is written once.
     rows, masks, ids = batch_audio.numpy(), mask.numpy(), labels.numpy()
     ids.fill(-100)
@@ -135,13 +140,53 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> d
     }
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, slot: dict | None = None, name: str = "") -> torch.Tensor:
     """An uninitialised tensor; in a loader worker, in shared memory, as torch's default_collate makes its
-    batches: a tensor sent to the training process is otherwise copied into shared memory first."""
+    batches: a tensor sent to the training process is otherwise copied into shared memory first. With a
+    `slot` of a `_SharedPool`, a view of its buffer `name`, grown when too small."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)))
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+    size = int(np.prod(shape))
+    if slot is None:
+        return _new_shared(size, dtype).view(shape)
+    if name not in slot or slot[name].numel() < size:
+        slot[name] = _new_shared(size, dtype)
+    return slot[name][:size].view(shape)
+
+
+def _new_shared(size: int, dtype: torch.dtype) -> torch.Tensor:
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(size)
+    return torch.empty(0, dtype=dtype).new(storage)
+
+
+class _SharedPool:
+    """A loader worker's shared-memory batch buffers, RING sets taken in turn, one set per batch.
+
+    Why: a new shared-memory tensor per batch costs its creation and a page fault per fresh 4 KiB page,
+    ~0.07 ms per audio-second in the worker (a fifth of MP3 decoding: benchmarks/loader.py); reused pages
+    cost nothing. Why it is safe: a DataLoader hands a worker a new batch of indices only when the loader
+    receives a batch, and keeps at most prefetch_factor batches per worker in flight; `SpeechLoader` copies
+    each batch out of shared memory as it receives it (or pin_memory's thread does, before). A set is
+    reused RING = prefetch_factor + 2 batches later, after the copy of the batch that held it."""
+
+    RING = 4  # SpeechLoader's prefetch_factor (2) + 2
+    _this_worker: "_SharedPool | None" = None
+
+    def __init__(self):
+        self.slots: list[dict] = [{} for _ in range(self.RING)]
+        self.turn = -1
+
+    @classmethod
+    def of_this_worker(cls) -> "_SharedPool | None":
+        if torch.utils.data.get_worker_info() is None:
+            return None
+        if cls._this_worker is None:  # the worker's own, made after the fork
+            cls._this_worker = cls()
+        return cls._this_worker
+
+    def next(self) -> dict:
+        self.turn = (self.turn + 1) % self.RING
+        return self.slots[self.turn]
 
 
 def _padded_length(items: list[dict], decoded: list[int], shapes: list[tuple[int, int]] | None) -> int:
@@ -517,11 +562,11 @@ class SpeechDataModule(L.LightningDataModule):
             sampler.load_state_dict(self._resume)
             self._resume = None
         workers = self.num_workers
-        return (TrainingLoader if training else DataLoader)(
+        return (TrainingLoader if training else SpeechLoader)(
             UtteranceDataset(self.load(split), self.vocab, self.augment if training else None), batch_sampler=sampler,
-            collate_fn=functools.partial(collate, shapes=sampler.shapes),
+            collate_fn=functools.partial(collate, shapes=sampler.shapes, pooled=workers > 0),
             # kept between epochs, and between evaluations (Lightning reuses the dev loader)
-            num_workers=workers, persistent_workers=workers > 0,
+            num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),
         )
 
@@ -563,7 +608,21 @@ class SpeechDataModule(L.LightningDataModule):
         return float(self.load(split).seconds.sum())
 
 
-class TrainingLoader(DataLoader):
+class SpeechLoader(DataLoader):
+    """A DataLoader whose workers collate into reused shared-memory buffers (`_SharedPool`): each batch is
+    copied out of them as it is received (~0.3 ms per 60 audio-seconds in the receiving process), unless
+    pin_memory's thread already copied it into pinned memory."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        if self.num_workers == 0 or self.pin_memory:
+            yield from batches
+            return
+        for batch in batches:
+            yield {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class TrainingLoader(SpeechLoader):
     """The training loader. Its position is checkpointed and restored by the datamodule
     (`SpeechDataModule.state_dict`); these two methods only tell Lightning that it is resumable, which
     Lightning otherwise warns that a run resumed mid-epoch is not."""

@@ -67,7 +67,7 @@ def make_corpus(root: Path, clips: int) -> list[Path]:
     return sorted((root / "clips").glob("*.mp3"))[:clips]
 
 
-def old_load(path, sample_rate: int = audio.SAMPLE_RATE) -> np.ndarray:
+def old_load(path, sample_rate: int = audio.SAMPLE_RATE, speed: float = 1.0) -> np.ndarray:
     """asr.audio.load at 8f8c191: torchaudio's resample."""
     wave, rate = sf.read(path, dtype="float32", always_2d=True)
     wave = wave.mean(axis=1)
@@ -111,9 +111,8 @@ def worker_rate(root: Path, passes: int) -> tuple[tuple[float, float], int]:
     data = instantiate(cfg.data, _convert_="all")
     data.setup("fit")
     loader = data.train_dataloader()
-    batches = iter(loader)  # starts the (persistent) worker
-    worker = batches._workers[0].pid
-    shapes = {tuple(b["audio"].shape) for b in batches}  # a first epoch, untimed
+    shapes = {tuple(b["audio"].shape) for b in loader}  # a first epoch, untimed; starts the (persistent) worker
+    worker = loader._iterator._workers[0].pid
     started, cpu, seconds = time.perf_counter(), cpu_seconds(worker), 0.0
     for _ in range(passes):
         for batch in loader:
