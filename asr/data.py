@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from asr import SetupError, audio, cache, corpora, text
-from asr.augment import NONE, Augment, mix
+from asr.augment import NONE, Augment, Choice, mix
 from asr.batching import DurationBatchSampler
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,12 @@ class UtteranceDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         epoch, i = index if isinstance(index, tuple) else (None, index)
+        return self.item(i, NONE if self.augment is None or epoch is None else self.augment.choose(epoch, i))
+
+    def item(self, i: int, choice: Choice) -> dict:
+        """Clip i as `choice` (`Augment.choose`) perturbs it."""
         row = int(self.clips.rows[i])
         utt_id, path, transcript, language = (self._columns[n][row].as_py() for n in ("id", "path", "text", "language"))
-        choice = NONE if self.augment is None or epoch is None else self.augment.choose(epoch, i)
         try:
             wave = audio.load(path, speed=choice.factor)
         except Exception as error:  # libsndfile raises several types

@@ -204,3 +204,15 @@ def test_no_augmentation_leaves_the_plan_and_the_batches_as_they_were():
     sampler = module.sampler("train")
     assert not sampler.tag_epoch and np.array_equal(sampler.durations, module.load("train").seconds)
     assert "augment" not in module.report["train"] and "augment" not in next(iter(module.train_dataloader()))
+
+
+def test_the_predictions_table_sample_gains_an_augmented_example(noise_dir):
+    """With augmentation, PredictionsTable's dev sample ends with its first clip as training perturbs it."""
+    from asr.tracking import PredictionsTable
+
+    module = data_module("data.num_workers=0", "augment=speed_noise", f"data.augment.noise_dir={noise_dir}")
+    sample = PredictionsTable(clips=3, seed=0)._draw(module)
+    assert len(sample) == 4 and [("augment" in item) for item in sample] == [False, False, False, True]
+    assert sample[3]["id"] == sample[0]["id"] and "speed" in sample[3]["augment"] and "dB SNR" in sample[3]["augment"]
+    assert len(sample[3]["audio"]) != len(sample[0]["audio"]) and np.abs(sample[3]["raw"]).max() == pytest.approx(1)
+    assert len(PredictionsTable(clips=3, seed=0)._draw(data_module("data.num_workers=0"))) == 3
