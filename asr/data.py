@@ -618,11 +618,27 @@ class SpeechLoader(DataLoader):
 
     def __iter__(self):
         batches = super().__iter__()
-        if self.num_workers == 0 or self.pin_memory:
-            yield from batches
-            return
-        for batch in batches:
-            yield {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batches if self.num_workers == 0 or self.pin_memory else _Copied(batches)
+
+
+class _Copied:
+    """The batches of a DataLoader iterator, each tensor copied out of the worker's shared memory; the rest of
+    the iterator (its `_workers`, ...) as it is."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in next(self.batches).items()}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getattr__(self, name: str):
+        return getattr(self.batches, name)
 
 
 class TrainingLoader(SpeechLoader):

@@ -128,8 +128,9 @@ def worker_rate(root: Path, passes: int, *overrides: str) -> tuple[tuple[float, 
     data = instantiate(cfg.data, _convert_="all")
     data.setup("fit")
     loader = data.train_dataloader()
-    shapes = {tuple(b["audio"].shape) for b in loader}  # a first epoch, untimed; starts the (persistent) worker
-    worker = loader._iterator._workers[0].pid
+    batches = iter(loader)  # starts the (persistent) worker
+    worker = batches._workers[0].pid
+    shapes = {tuple(b["audio"].shape) for b in batches}  # a first epoch, untimed
     started, cpu, seconds = time.perf_counter(), cpu_seconds(worker), 0.0
     for _ in range(passes):
         for batch in loader:
