@@ -12,19 +12,32 @@ CONV_LAYERS = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2
 HOP = 320  # samples per encoder frame: the product of the strides
 
 
-def load(path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def load(path, sample_rate: int = SAMPLE_RATE, speed: float = 1.0) -> np.ndarray:
     """(samples,) float32 at `sample_rate`, channels averaged. Raises soundfile.LibsndfileError if corrupt.
 
     Resampled by libsoxr (python-soxr, HQ: passband to 91% of Nyquist, 95 dB stop band), which keeps its
     filters between calls. torchaudio's `resample` designed a new windowed-sinc filter for every clip and was
     the loader's bottleneck (48 kHz MP3 -> 16 kHz: ~440 vs ~3,200 audio-s/s per core; benchmarks/loader.py).
     The two agree to ~73 dB on a tone (tests/test_audio.py); soxr gives round(n x ratio) samples where
-    torchaudio gave ceil(n x ratio), one sample fewer at most."""
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    audio = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1, dtype=np.float32)
-    if rate != sample_rate:
-        audio = soxr.resample(np.ascontiguousarray(audio), rate, sample_rate, quality="HQ")
-    return audio
+    torchaudio gave ceil(n x ratio), one sample fewer at most.
+
+    speed: speed perturbation (`asr.augment`): the clip is read as if recorded at `speed` x its rate, so it
+    lasts duration / speed, pitch and tempo changed together (sox `speed`); one resampling either way."""
+    wave, rate = sf.read(path, dtype="float32", always_2d=True)
+    wave = to_mono(wave)
+    if rate * speed != sample_rate:
+        wave = resample(wave, rate * speed, sample_rate)
+    return wave
+
+
+def to_mono(wave: np.ndarray) -> np.ndarray:
+    """(samples,) of a (samples, channels) array: its one channel (a view), or the channels averaged."""
+    return wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1, dtype=np.float32)
+
+
+def resample(wave: np.ndarray, rate: float, sample_rate: int) -> np.ndarray:
+    """(samples,) float32 from `rate` to `sample_rate` Hz: round(n x sample_rate / rate) samples, soxr HQ."""
+    return soxr.resample(np.ascontiguousarray(wave), rate, sample_rate, quality="HQ")
 
 
 def normalize(audio: np.ndarray) -> np.ndarray:

@@ -64,10 +64,16 @@ class DurationBatchSampler(Sampler[list[int]]):
     Resuming: `state_dict()` is (epoch, position); `load_state_dict` makes the next pass over that epoch
     start at batch `position` of this rank, so a run resumed mid-epoch continues with exactly the next
     batch.
+
+    Augmentation (`asr.augment`): `tag_epoch` yields each clip as (epoch, clip), so that the dataset draws its
+    perturbation from (seed, epoch, clip). With speed perturbation `durations` are the longest each clip can
+    last (its duration / the slowest factor): every epoch's clips fit the plan. `audio_seconds` are then the
+    clips' expected seconds, for the padding figure (None: `durations`).
     """
 
     def __init__(self, durations, max_batch_seconds: float, *, max_batch_size: int | None, num_buckets: int,
-                 attention_q: float | None, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+                 attention_q: float | None, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
+                 tag_epoch: bool = False, audio_seconds=None):
         super().__init__()
         self.durations = np.asarray(durations, dtype=np.float64)
         self.max_batch_seconds, self.max_batch_size, self.attention_q = max_batch_seconds, max_batch_size, attention_q
@@ -76,7 +82,8 @@ class DurationBatchSampler(Sampler[list[int]]):
                              f"{max_batch_seconds}; raise it or lower data.max_seconds")
         if num_buckets < 1:
             raise ValueError(f"data.num_buckets={num_buckets}: give at least 1")
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.tag_epoch = shuffle, seed, tag_epoch
+        self.audio_seconds = float((self.durations if audio_seconds is None else np.asarray(audio_seconds)).sum())
         self.num_replicas, self.rank = num_replicas, rank
         self.bucket, self.upper = self._buckets(num_buckets)  # clip -> bucket; bucket -> padded samples
         self.sizes, self.lengths = self._plan()  # clips and padded samples per batch, in packing order
@@ -157,7 +164,7 @@ class DurationBatchSampler(Sampler[list[int]]):
         """Padded audio / all audio the encoder computes on, over an epoch: 1 - clips' seconds / padded seconds,
         the plan's figure from the durations (collate's padded_seconds vs audio_seconds)."""
         padded = float((self.sizes * self.lengths).sum()) / SAMPLE_RATE
-        return 1 - float(self.durations.sum()) / padded if padded else 0.0
+        return 1 - self.audio_seconds / padded if padded else 0.0
 
     def summary(self) -> dict:
         """The plan for the data report: batches per epoch, their shapes and the padding (one process's plan)."""
@@ -209,10 +216,12 @@ class DurationBatchSampler(Sampler[list[int]]):
         order, batch_order = self._order(self.epoch)
         mine = self._rank_batches(batch_order)
         self.position, self._start = self._start, 0
+        epoch = self.epoch
         while self.position < len(mine):
             j = mine[self.position]
             self.position += 1  # batches handed out this epoch, the one being yielded included
-            yield self._batch(order, j)
+            batch = self._batch(order, j)
+            yield [(epoch, i) for i in batch] if self.tag_epoch else batch
         if self.shuffle:  # a complete pass: the next one is a new epoch, unless set_epoch says otherwise
             self.epoch += 1
             self.position = 0

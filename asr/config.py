@@ -27,6 +27,7 @@ CALL_SITE = {
     "asr.model.adamw": ("model",),
     "asr.schedules.linear": ("optimizer", "total_steps"),
     "asr.schedules.tristage": ("optimizer", "total_steps"),
+    "asr.augment.Augment": ("seed",),
 }
 
 
@@ -139,6 +140,7 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
             raise _not_a_setting(key, f"{script}.py", valid)
     out = check_node({k: plain[k] for k in own if k in plain}, script, f"asr.config.{script}_settings")
     out["data"] = _targeted(plain["data"], "data")
+    out["data"]["augment"] = check_node(out["data"]["augment"], "data.augment", "asr.augment.Augment")
     out["logger"] = _targeted(plain["logger"], "logger") if plain.get("logger") else None
     if script == "train":
         out["model"] = _targeted(plain["model"], "model")
@@ -202,6 +204,10 @@ def check_overrides(argv: list[str], script: str) -> None:
             fields = sorted(f.name for f in dataclasses.fields(schema(targets[first])[0]))
             if rest[0] not in fields:
                 raise _not_a_setting(key, f"{first} ({targets[first]})", fields, prefix=f"{first}.")
+        if first == "data" and rest[:1] == ["augment"] and len(rest) > 1:  # the augment group's node
+            fields = sorted(f.name for f in dataclasses.fields(schema("asr.augment.Augment")[0]))
+            if rest[1] not in fields:
+                raise _not_a_setting(key, "data.augment (asr.augment.Augment)", fields, prefix="data.augment.")
 
 
 # Settings that hold a path, by the last part of their key (data.root, ckpt_path, callbacks.*.dirpath,

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from asr import SetupError, audio, cache, corpora, text
+from asr.augment import NONE, Augment, Choice, mix
 from asr.batching import DurationBatchSampler
 
 log = logging.getLogger(__name__)
@@ -30,30 +31,52 @@ class UtteranceDataset(Dataset):
     A clip that cannot be read (missing, or corrupt: headers are not read where the release states the
     durations) gives {"id", "dropped": reason}: `collate` leaves it out and passes the reason on, so one
     bad file never stops a long run and every one is counted in the data report.
+
+    augment (training): items are asked for as (epoch, clip) (`DurationBatchSampler(tag_epoch=True)`) and the
+    clip is perturbed as `augment.choose(epoch, clip)` says; `seconds` is then its duration / speed factor,
+    `augment` what was done. A noise file that fails to decode leaves the clip clean and is named in
+    `noise_skipped` (counted in the data report, `SpeechDataModule.on_before_batch_transfer`).
     """
 
-    def __init__(self, clips: corpora.Clips, vocab: text.Vocabulary):
+    def __init__(self, clips: corpora.Clips, vocab: text.Vocabulary, augment: Augment | None = None):
         self.clips, self.vocab = clips, vocab
+        self.augment = augment if augment is not None and augment.active else None
         self._columns = {name: clips.table.column(name) for name in ("id", "path", "text", "language")}
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        epoch, i = index if isinstance(index, tuple) else (None, index)
+        return self.item(i, NONE if self.augment is None or epoch is None else self.augment.choose(epoch, i))
+
+    def item(self, i: int, choice: Choice) -> dict:
+        """Clip i as `choice` (`Augment.choose`) perturbs it."""
         row = int(self.clips.rows[i])
         utt_id, path, transcript, language = (self._columns[n][row].as_py() for n in ("id", "path", "text", "language"))
         try:
-            wave = audio.normalize(audio.load(path))  # float32, normalised in place
+            wave = audio.load(path, speed=choice.factor)
         except Exception as error:  # libsndfile raises several types
             reason = cache.UNREADABLE if os.path.exists(path) else cache.MISSING
             log.warning("skipping %s: %s (%s: %s)", utt_id, path, reason, error)
             return {"id": utt_id, "dropped": reason}
-        seconds = None if self.clips.seconds is None else float(self.clips.seconds[i])
-        return {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
+        seconds = None if self.clips.seconds is None else float(self.clips.seconds[i]) / choice.factor
+        item = {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
                 "language": language, "seconds": seconds}
+        if choice != NONE:
+            item["augment"] = choice.describe(self.augment)
+            if choice.noise is not None:
+                try:
+                    mix(wave, self.augment.noise(choice, len(wave)), choice.snr_db)
+                except Exception as error:  # noqa: BLE001 (a noise file that does not decode: the clip stays clean)
+                    name = self.augment.noise_name(choice.noise)
+                    log.warning("noise file %s skipped (%s): %s stays clean", name, error, utt_id)
+                    item["noise_skipped"] = name
+        audio.normalize(wave)  # in place, after the noise
+        return item
 
 
-def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> dict:
+def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None, pooled: bool = False) -> dict:
     """Pad a batch. audio: (B, S) float32 at 16 kHz; attention_mask: (B, S) bool, True on real samples;
     labels: (B, L) ids padded with -100 (ignored by the CTC loss). lengths (samples) and label_lengths
     are host lists, which Lightning leaves on the host: the loss needs them there. `shape` is (B, S).
@@ -69,7 +92,10 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> d
     to its longest clip.
 
     Clips that could not be read are left out, listed in `dropped` as (id, reason) and counted in
-    `skipped`; a batch of nothing but those has no `audio` and empty `ids`."""
+    `skipped`; a batch of nothing but those has no `audio` and empty `ids`.
+
+    pooled (a `SpeechLoader`'s workers): the tensors are views of shared-memory buffers the worker reuses
+    (`_SharedPool`), which the loader copies as it receives them."""
     dropped = [(item["id"], item["dropped"]) for item in items if "dropped" in item]
     items = [item for item in items if "dropped" not in item]
     if not items:
@@ -80,9 +106,11 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> d
     lengths = [min(n, samples) for n in decoded]
     label_lengths = [len(item["labels"]) for item in items]
     width = max(1, *label_lengths)  # the batch's longest transcript: asr.ctc's cost grows with it
-    batch_audio = _empty((len(items), samples), torch.float32)
-    mask = _empty((len(items), samples), torch.bool)
-    labels = _empty((len(items), width), torch.long)
+    pool = _SharedPool.of_this_worker() if pooled else None
+    slot = pool.next() if pool is not None else None
+    batch_audio = _empty((len(items), samples), torch.float32, slot, "audio")
+    mask = _empty((len(items), samples), torch.bool, slot, "attention_mask")
+    labels = _empty((len(items), width), torch.long, slot, "labels")
     # Filled through numpy views (cheaper per row than torch indexing); every element is written once.
     rows, masks, ids = batch_audio.numpy(), mask.numpy(), labels.numpy()
     ids.fill(-100)
@@ -108,16 +136,60 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None) -> d
         "truncated_seconds": (sum(decoded) - sum(lengths)) / audio.SAMPLE_RATE,
         "skipped": len(dropped),
         "dropped": dropped,
+        # augmented training batches: what was done to each clip, and noise files that failed to decode
+        **({"augment": [item.get("augment", "none") for item in items],
+            "noise_skipped": [item["noise_skipped"] for item in items if "noise_skipped" in item]}
+           if any("augment" in item for item in items) else {}),
     }
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, slot: dict | None = None, name: str = "") -> torch.Tensor:
     """An uninitialised tensor; in a loader worker, in shared memory, as torch's default_collate makes its
-    batches: a tensor sent to the training process is otherwise copied into shared memory first."""
+    batches: a tensor sent to the training process is otherwise copied into shared memory first. With a
+    `slot` of a `_SharedPool`, a view of its buffer `name`, grown when too small."""
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(int(np.prod(shape)))
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+    size = int(np.prod(shape))
+    if slot is None:
+        return _new_shared(size, dtype).view(shape)
+    if name not in slot or slot[name].numel() < size:
+        slot[name] = _new_shared(size, dtype)
+    return slot[name][:size].view(shape)
+
+
+def _new_shared(size: int, dtype: torch.dtype) -> torch.Tensor:
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(size)
+    return torch.empty(0, dtype=dtype).new(storage)
+
+
+class _SharedPool:
+    """A loader worker's shared-memory batch buffers, RING sets taken in turn, one set per batch.
+
+    Why: a new shared-memory tensor per batch costs its creation and a page fault per fresh 4 KiB page,
+    ~0.07 ms per audio-second in the worker (a fifth of MP3 decoding: benchmarks/loader.py); reused pages
+    cost nothing. Why it is safe: a DataLoader hands a worker a new batch of indices only when the loader
+    receives a batch, and keeps at most prefetch_factor batches per worker in flight; `SpeechLoader` copies
+    each batch out of shared memory as it receives it (or pin_memory's thread does, before). A set is
+    reused RING = prefetch_factor + 2 batches later, after the copy of the batch that held it."""
+
+    RING = 4  # SpeechLoader's prefetch_factor (2) + 2
+    _this_worker: "_SharedPool | None" = None
+
+    def __init__(self):
+        self.slots: list[dict] = [{} for _ in range(self.RING)]
+        self.turn = -1
+
+    @classmethod
+    def of_this_worker(cls) -> "_SharedPool | None":
+        if torch.utils.data.get_worker_info() is None:
+            return None
+        if cls._this_worker is None:  # the worker's own, made after the fork
+            cls._this_worker = cls()
+        return cls._this_worker
+
+    def next(self) -> dict:
+        self.turn = (self.turn + 1) % self.RING
+        return self.slots[self.turn]
 
 
 def _padded_length(items: list[dict], decoded: list[int], shapes: list[tuple[int, int]] | None) -> int:
@@ -252,7 +324,25 @@ def format_report(report: dict[str, dict]) -> str:
                if "batches" in r else ("-", "-", "-"))]
             for split, r in report.items()]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(str(x).rjust(w) for x, w in zip(line, widths)) for line in [header, *rows])
+    table = "\n".join("  ".join(str(x).rjust(w) for x, w in zip(line, widths)) for line in [header, *rows])
+    augmented = report.get("train", {}).get("augment")
+    return table + (f"\ntraining augmentation: {describe_augment(augmented)}" if augmented else "")
+
+
+def describe_augment(summary: dict) -> str:
+    """One line of `Augment.summary()` (the data report's `augment`)."""
+    parts = []
+    if "speed" in summary:
+        speed = summary["speed"]
+        parts.append(f"speed x{'/'.join(f'{f:g}' for f in speed['factors'])} (p {speed['prob']:g}; planned on "
+                     f"{speed['planned_on']})")
+    if "noise" in summary:
+        noise = summary["noise"]
+        files = ", ".join(f"{c} {n}" for c, n in noise["files"].items())
+        skipped = sum(noise.get("skipped", {}).values())
+        parts.append(f"noise from {noise['dir']} ({files} files; {noise['unreadable_at_start']} unreadable at start, "
+                     f"{skipped} decodes failed) at {noise['snr_db'][0]:g}-{noise['snr_db'][1]:g} dB SNR (p {noise['prob']:g})")
+    return "; ".join(parts) or "none"
 
 
 class SpeechDataModule(L.LightningDataModule):
@@ -271,7 +361,7 @@ class SpeechDataModule(L.LightningDataModule):
                  columns: dict | None, max_batch_seconds: float, max_batch_size: int | None,
                  eval_max_batch_size: int | None, num_buckets: int, attention_q: float | None, min_seconds: float,
                  max_seconds: float, num_workers: int | str, seed: int, cache_dir: str, decode_cache: bool,
-                 cache_format: str):
+                 cache_format: str, augment: dict):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
@@ -284,10 +374,14 @@ class SpeechDataModule(L.LightningDataModule):
         self.added: dict[str, int] = {}  # train_extra split -> utterances it added
         self._met: dict[str, set[str]] = {}  # split -> ids of clips met unreadable while loading
         self._resume: dict | None = None  # the training loader's position from a checkpoint (load_state_dict)
+        self.augment = Augment(**augment, seed=seed)  # of the training clips (conf/augment/); checked here
+        self.noise_skipped: dict[str, int] = {}  # noise file -> times it failed to decode (this rank)
 
     def check(self) -> str | None:
-        """Why this data cannot load (with the override that fixes it), or None."""
-        return corpora.check_root(self.hparams.corpus, self.hparams.root, self.hparams.lang)
+        """Why this data cannot load (with the override that fixes it), or None: the corpus, then the noise
+        folder of augment=noise (missing, empty or unreadable)."""
+        problems = [corpora.check_root(self.hparams.corpus, self.hparams.root, self.hparams.lang), self.augment.check()]
+        return "\n".join(p for p in problems if p) or None
 
     def _read(self, name: str) -> corpora.Clips:
         """A split as the release names it, read and prepared (`prepare`) once.
@@ -364,6 +458,8 @@ class SpeechDataModule(L.LightningDataModule):
                 kept, report = self._decoded(kept, report)
             if split == "train" and self.added:
                 report["added_from"] = dict(self.added)
+            if split == "train" and self.augment.active:
+                report["augment"] = self.augment.summary()
             self.utterances[split], self.report[split] = kept, report
             if not len(kept):
                 dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
@@ -438,6 +534,8 @@ class SpeechDataModule(L.LightningDataModule):
 
     def write_report(self, path: str | Path) -> None:
         """data_report.json, and the same as a table in the log."""
+        if "noise" in self.report.get("train", {}).get("augment", {}):
+            self.report["train"]["augment"]["noise"]["skipped"] = dict(self.noise_skipped)
         Path(path).write_text(json.dumps(self.report, indent=1, ensure_ascii=False))
         log.info("data report (%s):\n%s", path, format_report(self.report))
 
@@ -449,9 +547,15 @@ class SpeechDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
         size = h.max_batch_size if training or h.eval_max_batch_size is None else h.eval_max_batch_size
+        augmented = training and self.augment.active
+        # Speed perturbation: a clip lasts its duration / its epoch's factor. The plan is made on the longest
+        # each clip can last (duration / the slowest factor), so every epoch's clips fit their planned shapes
+        # and budget, and the batches per epoch stay the same; the cost is padding (docs/augment.md).
+        seconds = utterances.seconds / self.augment.slowest if augmented else utterances.seconds
         return DurationBatchSampler(
-            utterances.seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
+            seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
             attention_q=h.attention_q, seed=h.seed, shuffle=training, num_replicas=world, rank=rank,
+            tag_epoch=augmented, audio_seconds=utterances.seconds * self.augment.mean_stretch if augmented else None,
         )
 
     def dataloader(self, split: str) -> DataLoader:
@@ -461,11 +565,11 @@ class SpeechDataModule(L.LightningDataModule):
             sampler.load_state_dict(self._resume)
             self._resume = None
         workers = self.num_workers
-        return (TrainingLoader if training else DataLoader)(
-            UtteranceDataset(self.load(split), self.vocab), batch_sampler=sampler,
-            collate_fn=functools.partial(collate, shapes=sampler.shapes),
+        return (TrainingLoader if training else SpeechLoader)(
+            UtteranceDataset(self.load(split), self.vocab, self.augment if training else None), batch_sampler=sampler,
+            collate_fn=functools.partial(collate, shapes=sampler.shapes, pooled=workers > 0),
             # kept between epochs, and between evaluations (Lightning reuses the dev loader)
-            num_workers=workers, persistent_workers=workers > 0,
+            num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),
         )
 
@@ -476,7 +580,8 @@ class SpeechDataModule(L.LightningDataModule):
         if self.trainer is None:
             return {}
         return {"epoch": self.trainer.current_epoch,
-                "position": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+                "position": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                **({"noise_skipped": dict(self.noise_skipped)} if self.augment.noise_prob > 0 else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """A resumed run continues with exactly the next batch. Lightning restores the datamodule before it
@@ -484,6 +589,14 @@ class SpeechDataModule(L.LightningDataModule):
         own state would come too late: Lightning builds the training loader early, to count the steps of
         the schedule, and then never applies it)."""
         self._resume = state or None
+        self.noise_skipped = dict((state or {}).get("noise_skipped", {}))
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Counts the noise files that failed to decode in a training batch (its clips stayed clean): the data
+        report's `augment.noise.skipped`, per file (this rank's count)."""
+        for name in batch.get("noise_skipped", ()):
+            self.noise_skipped[name] = self.noise_skipped.get(name, 0) + 1
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self.dataloader("train")
@@ -498,7 +611,37 @@ class SpeechDataModule(L.LightningDataModule):
         return float(self.load(split).seconds.sum())
 
 
-class TrainingLoader(DataLoader):
+class SpeechLoader(DataLoader):
+    """A DataLoader whose workers collate into reused shared-memory buffers (`_SharedPool`): each batch is
+    copied out of them as it is received (~0.3 ms per 60 audio-seconds in the receiving process), unless
+    pin_memory's thread already copied it into pinned memory."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        return batches if self.num_workers == 0 or self.pin_memory else _Copied(batches)
+
+
+class _Copied:
+    """The batches of a DataLoader iterator, each tensor copied out of the worker's shared memory; the rest of
+    the iterator (its `_workers`, ...) as it is."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in next(self.batches).items()}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getattr__(self, name: str):
+        return getattr(self.batches, name)
+
+
+class TrainingLoader(SpeechLoader):
     """The training loader. Its position is checkpointed and restored by the datamodule
     (`SpeechDataModule.state_dict`); these two methods only tell Lightning that it is resumable, which
     Lightning otherwise warns that a run resumed mid-epoch is not."""

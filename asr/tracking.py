@@ -162,7 +162,9 @@ class PredictionsTable(L.Callback):
     """After each evaluation, a W&B table (`val/predictions`) of a fixed sample of dev clips (`clips`,
     drawn once with `seed`): the clip's audio, its reference, the model's greedy hypothesis and its CER,
     so that a dashboard shows the transcripts improving evaluation by evaluation. Runs on rank 0 only
-    and only with a W&B logger; `seconds` is its wall time per evaluation."""
+    and only with a W&B logger; `seconds` is its wall time per evaluation. With training augmentation
+    (conf/augment/) one more row: the first clip as the augmentation perturbs it (`augment` says how), to
+    hear what training hears and see what the model makes of it."""
 
     def __init__(self, clips: int, seed: int):
         self.clips, self.seed = clips, seed
@@ -180,6 +182,13 @@ class PredictionsTable(L.Callback):
             item = dataset[i]
             if "dropped" not in item:
                 item["raw"] = audio.load(dev[i].path)
+                sample.append(item)
+        augment = getattr(datamodule, "augment", None)
+        if sample and augment is not None and augment.active:
+            i = int(min(rows))
+            item = UtteranceDataset(dev, datamodule.vocab, augment).item(i, augment.choose(0, i, force=True))
+            if "dropped" not in item:
+                item["raw"] = item["audio"] / max(1e-6, float(np.abs(item["audio"]).max()))  # normalised: peaks > 1
                 sample.append(item)
         return sample
 
@@ -205,10 +214,12 @@ class PredictionsTable(L.Callback):
             logits = pl_module({"audio": batch["audio"].to(pl_module.device), "lengths": batch["lengths"]}).logits
         pl_module.train(was_training)
         hypotheses = pl_module.transcribe(logits, pl_module.frames(batch["lengths"]))
-        table = wandb.Table(columns=["id", "audio", "reference", "hypothesis", "cer"])
+        augmented = any("augment" in item for item in self.sample)  # the column only where augmentation runs
+        table = wandb.Table(columns=["id", *(["augment"] if augmented else []), "audio", "reference", "hypothesis", "cer"])
         for item, hypothesis in zip(self.sample, hypotheses):
             cer = utterance_cer(item["text"], hypothesis)
-            table.add_data(item["id"], wandb.Audio(item["raw"], sample_rate=audio.SAMPLE_RATE), item["text"], hypothesis, cer)
+            table.add_data(item["id"], *([item.get("augment", "none")] if augmented else []),
+                           wandb.Audio(item["raw"], sample_rate=audio.SAMPLE_RATE), item["text"], hypothesis, cer)
         logger.experiment.log({"val/predictions": table, "trainer/global_step": trainer.global_step})
         self.seconds.append(time.perf_counter() - started)
         log.info("predictions table of %d dev clips logged in %.2f s", len(self.sample), self.seconds[-1])

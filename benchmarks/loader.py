@@ -1,6 +1,6 @@
 """Does one loader worker keep up with decoding? Audio-seconds per second of one process, side by side in one run.
 
-    python benchmarks/loader.py [--clips 200] [--passes 2]
+    python benchmarks/loader.py [--clips 200] [--passes 2] [--repeats 3] [--old]
 
 The corpus: `--clips` 48 kHz MP3 clips of distinct lengths (2-10 s) in the Common Voice layout, written to a
 temporary directory. The audio is numpy, not espeak-ng (no system package needed): a pitch contour with
@@ -14,7 +14,13 @@ Rows, all in this process with one torch thread (as a loader worker, `asr.data._
 - one worker, end to end: `SpeechDataModule.train_dataloader()` with data.num_workers=1 (dataset + collate
   into the planned shapes, in the worker process), timed from the iterator's creation to its last batch over
   `--passes` epochs after a first, untimed, one (the worker is persistent). The main process only takes
-  batches. The same with the old load path patched in (the worker is forked, so it inherits the patch).
+  batches. With `--old`, the same with the old load path patched in (the worker is forked, so it inherits it).
+- one worker with augmentation (issue 25): augment=speed (0.9/1.0/1.1: another resampling ratio), augment=noise
+  (half of the clips get a segment of a 16 kHz WAV file from a folder of 20 s files, as MUSAN's) and
+  augment=speed_noise.
+
+Every row is measured `--repeats` times, in turns (a shared machine drifts): the table gives the median and
+the range of the ratios.
 
 audio-s/s is per wall second; per CPU-s is per CPU second of the process doing the work (this one, or the
 worker), which other processes on a shared machine disturb less. ratio: the row's rate / decode only's.
@@ -67,7 +73,7 @@ def make_corpus(root: Path, clips: int) -> list[Path]:
     return sorted((root / "clips").glob("*.mp3"))[:clips]
 
 
-def old_load(path, sample_rate: int = audio.SAMPLE_RATE) -> np.ndarray:
+def old_load(path, sample_rate: int = audio.SAMPLE_RATE, speed: float = 1.0) -> np.ndarray:
     """asr.audio.load at 8f8c191: torchaudio's resample."""
     wave, rate = sf.read(path, dtype="float32", always_2d=True)
     wave = wave.mean(axis=1)
@@ -100,13 +106,24 @@ def decode_only(path) -> float:
     return len(wave) / rate
 
 
-def worker_rate(root: Path, passes: int) -> tuple[tuple[float, float], int]:
+def make_noise(folder: Path) -> Path:
+    """4 noise files of 20 s at 16 kHz (WAV, as MUSAN's): 2 of noise, 2 of music (music/)."""
+    rng = np.random.default_rng(1)
+    (folder / "music").mkdir(parents=True)
+    for i in range(2):
+        sf.write(folder / f"noise-{i}.wav", (0.1 * rng.standard_normal(320_000)).astype(np.float32), 16_000)
+        sf.write(folder / "music" / f"music-{i}.wav", speechlike(20.0, rng, rate=16_000), 16_000)
+    return folder
+
+
+def worker_rate(root: Path, passes: int, *overrides: str) -> tuple[tuple[float, float], int]:
     """((audio-s per wall second, per CPU second of the worker process) of one DataLoader worker through the
     real training loader, distinct batch shapes seen)."""
     os.environ["ASR_CACHE_DIR"] = str(root.parent / "cache")  # listings and durations stay in the temporary directory
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = checked(compose("train", overrides=["lang=pt", f"data.root={root}", "data.num_workers=1",
-                                                  "data.max_batch_seconds=60", f"run_dir={root.parent / 'run'}"]),
+                                                  "data.max_batch_seconds=60", f"run_dir={root.parent / 'run'}",
+                                                  *overrides]),
                       "train")
     data = instantiate(cfg.data, _convert_="all")
     data.setup("fit")
@@ -127,28 +144,47 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clips", type=int, default=200)
     parser.add_argument("--passes", type=int, default=2, help="timed epochs of the worker rows")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of every row, in turns")
+    parser.add_argument("--old", action="store_true", help="also the old load path (main at 8f8c191)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as a loader worker
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "pt"
         paths = make_corpus(root, args.clips)
+        noise = f"data.augment.noise_dir={make_noise(Path(tmp) / 'noise')}"
         total = sum(sf.info(p).duration for p in paths)
         rate(paths[:5], decode_only)  # warm-up: page cache, imports
-        rows = {
-            "decode only (soundfile, 48 kHz)": rate(paths, decode_only),
-            "old load path (torchaudio resample)": rate(paths, lambda p: len(old_normalize(old_load(p))) / 16_000),
-            "new load path (soxr HQ, in place)": rate(paths, lambda p: len(audio.normalize(audio.load(p))) / 16_000),
-        }
-        new_worker, shapes = worker_rate(root, args.passes)
-        rows["one worker, end to end (new)"] = new_worker
-        audio.load, audio.normalize = old_load, old_normalize  # the forked worker inherits these
-        rows["one worker, end to end (old load path)"] = worker_rate(root, args.passes)[0]
+        rows: dict[str, list[tuple[float, float]]] = {}
+        for _ in range(args.repeats):
+            measured = {
+                "decode only (soundfile, 48 kHz)": rate(paths, decode_only),
+                "new load path (soxr HQ, in place)": rate(paths, lambda p: len(audio.normalize(audio.load(p))) / 16_000),
+            }
+            measured["one worker, end to end (new)"], shapes = worker_rate(root, args.passes)
+            measured["one worker, augment=speed"] = worker_rate(root, args.passes, "augment=speed")[0]
+            measured["one worker, augment=noise"] = worker_rate(root, args.passes, "augment=noise", noise)[0]
+            measured["one worker, augment=speed_noise"] = worker_rate(root, args.passes, "augment=speed_noise", noise)[0]
+            for name, figures in measured.items():
+                rows.setdefault(name, []).append(figures)
+        if args.old:
+            rows["old load path (torchaudio resample)"] = [
+                rate(paths, lambda p: len(old_normalize(old_load(p))) / 16_000)]
+            audio.load, audio.normalize = old_load, old_normalize  # the forked worker inherits these
+            rows["one worker, end to end (old load path)"] = [worker_rate(root, args.passes)[0]]
     print(f"{len(paths)} MP3 clips at 48 kHz, 2-10 s, {total / 60:.1f} min of audio; torch threads 1; "
-          f"worker rows over {args.passes} epochs of 60 s batches ({shapes} batch shapes)\n")
-    print(f"{'path':<40} {'audio-s/s':>10} {'ratio':>6}   {'per CPU-s':>10} {'ratio':>6}")
+          f"worker rows over {args.passes} epochs of 60 s batches ({shapes} batch shapes); {args.repeats} repeats: "
+          f"median [min-max]\n")
+    print(f"{'path':<40} {'audio-s/s':>10} {'ratio':>17}   {'per CPU-s':>10} {'ratio':>17}")
     reference = rows["decode only (soundfile, 48 kHz)"]
-    for name, (wall, cpu) in rows.items():
-        print(f"{name:<40} {wall:>10.0f} {wall / reference[0]:>5.2f}x   {cpu:>10.0f} {cpu / reference[1]:>5.2f}x")
+    for name, figures in rows.items():
+        walls = [wall / ref[0] for (wall, _), ref in zip(figures, reference)]
+        cpus = [cpu / ref[1] for (_, cpu), ref in zip(figures, reference)]
+        print(f"{name:<40} {np.median([f[0] for f in figures]):>10.0f} {spread(walls):>17}   "
+              f"{np.median([f[1] for f in figures]):>10.0f} {spread(cpus):>17}")
+
+
+def spread(ratios: list[float]) -> str:
+    return f"{np.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
 
 
 if __name__ == "__main__":

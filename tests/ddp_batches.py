@@ -2,7 +2,7 @@
 ids of its training batches (tests.callbacks.RecordUpdates: rank<r>.json). Lightning's DDP launcher runs
 this script again for rank 1.
 
-    python tests/ddp_batches.py <common voice root> <out dir>
+    python tests/ddp_batches.py <common voice root> <out dir> [override ...]
 """
 
 import json
@@ -14,14 +14,14 @@ from tests.callbacks import RecordUpdates  # noqa: E402
 from tests.conftest import SHRUNK, assembled  # noqa: E402
 
 
-def main(root: str, out_dir: str) -> None:
+def main(root: str, out_dir: str, *overrides: str) -> None:
     out = Path(out_dir)
     run = assembled(f"data.root={root}", "data.max_batch_seconds=7", "data.num_workers=0", f"run_dir={out}", *SHRUNK,
                     "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=1",
-                    callbacks=[RecordUpdates(out_dir)], limit_val_batches=0)
+                    *overrides, callbacks=[RecordUpdates(out_dir)], limit_val_batches=0)
     (out / "durations.json").write_text(json.dumps({u.id: u.duration for u in run.data.load("train")}))
     run.fit()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:])

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 import asr
 from asr import SetupError, config, schedules
 from asr.data import SpeechDataModule
+from asr.augment import Augment
 from asr.model import CTCModel, adamw, check_pretrained
 from tests.conftest import compose_config
 
@@ -28,6 +29,7 @@ GROUPS = {
     "logger": ["csv", "wandb", "none"],
     "callbacks": ["default"],
     "search": ["demo_lr", "cv7_pt_300m_lr"],
+    "augment": ["none", "speed", "noise", "speed_noise"],
 }
 
 
@@ -75,6 +77,19 @@ def test_model(name, low, high):
     assert model.model.config._attn_implementation == "sdpa"
     frozen = not any(p.requires_grad for p in model.model.wav2vec2.feature_extractor.parameters())
     assert frozen == (name != "tiny")
+
+
+@pytest.mark.parametrize("option", GROUPS["augment"])
+def test_augment(option, tmp_path):
+    """Each option composes, instantiates and passes the start-up check (noise: with a folder of audio)."""
+    import numpy as np
+    import soundfile as sf
+
+    sf.write(tmp_path / "noise.wav", np.zeros(1600, np.float32) + 0.1, 16_000)
+    folder = [f"data.augment.noise_dir={tmp_path}"] if "noise" in option else []
+    data = instantiate(compose_config(overrides=[f"augment={option}", *folder]).data, _convert_="all")
+    assert data.check() is None and data.augment.active == (option != "none")
+    assert (data.augment.slowest < 1) == ("speed" in option) and (data.augment.noise_prob > 0) == ("noise" in option)
 
 
 @pytest.mark.parametrize("sched", GROUPS["sched"])
@@ -188,7 +203,7 @@ def test_no_python_default_for_a_setting_the_yaml_gives():
     """The code configured by conf/ takes every setting from it: a default here would be a second home."""
     for target, skip in [(SpeechDataModule, ()), (CTCModel, ()), (adamw, ("model",)),
                          (schedules.linear, ()), (schedules.tristage, ()), (config.train_settings, ()),
-                         (config.evaluate_settings, ())]:
+                         (config.evaluate_settings, ()), (Augment, ())]:
         defaults = [p.name for p in inspect.signature(target).parameters.values()
                     if p.default is not p.empty and p.name not in skip]
         assert defaults == [], (target.__qualname__, defaults)
@@ -208,7 +223,7 @@ def test_experiments_override_only_what_their_card_changed():
 
 @pytest.mark.parametrize("override,message", [
     ("data.max_batch_secs=3", "data.max_batch_secs is not a setting of data (asr.data.SpeechDataModule). "
-                              "Did you mean data.max_batch_seconds? Its settings: attention_q, cache_dir"),
+                              "Did you mean data.max_batch_seconds? Its settings: attention_q, augment, cache_dir"),
     ("trainer.max_step=3", "Did you mean trainer.max_steps?"),
     ("optim.learning_rate=1", "optim.learning_rate is not a setting of optim (asr.model.adamw)."),
     ("sed=3", "sed is not a setting of train.py. Did you mean seed?"),

@@ -1,0 +1,208 @@
+"""On-the-fly training augmentation: speed perturbation and additive noise (conf/augment/, docs/augment.md).
+
+What happens to a clip is decided by (seed, epoch, clip): a numpy Generator seeded with the three draws
+the same numbers in any process, so a resumed run replays the same augmented batches and DDP ranks agree,
+whatever the number of loader workers. Everything runs in the loader workers, in numpy and libsoxr (no torch).
+
+- Speed: a factor f from `speed_factors` (Kaldi, ESPnet and icefall use 0.9 / 1.0 / 1.1): the waveform is
+  read as if recorded at f x its rate and resampled to 16 kHz, so tempo and pitch change together and the
+  clip lasts duration / f (sox `speed`). For 48 kHz MP3 this is the resampling `audio.load` does anyway, at
+  another ratio: it costs nothing more.
+- Noise: a file from `noise_dir`, drawn by category (`noise_weights`: the files in a subfolder named after a
+  key, e.g. music/ or babble/, and under `noise` the files in no such subfolder), a segment of the clip's
+  length at a random offset (repeated if the file is shorter), added at an SNR drawn uniformly from
+  `noise_snr_db`, before the clip is normalised.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from asr import SetupError, audio
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What happens to one clip: its speed factor, and the noise added to it (None: none)."""
+
+    factor: float = 1.0
+    noise: int | None = None  # index into Augment.noise_files
+    offset: float = 0.0  # where the noise segment starts: a fraction of the room the file leaves
+    snr_db: float = 0.0
+
+    def describe(self, augment: "Augment") -> str:
+        parts = [f"speed {self.factor:g}"] if self.factor != 1.0 else []
+        if self.noise is not None:
+            parts.append(f"{augment.noise_name(self.noise)} at {self.snr_db:.1f} dB SNR")
+        return ", ".join(parts) or "none"
+
+
+NONE = Choice()
+
+
+class Augment:
+    """The training augmentation of a run; conf/data/default.yaml (`data.augment`) gives every setting and
+    conf/augment/ its options. speed_prob: chance that a clip's factor is drawn from `speed_factors` (else
+    1.0). noise_prob: chance that a clip gets noise. noise_snr_db: [low, high] dB. noise_weights: category ->
+    weight (0 leaves it out)."""
+
+    def __init__(self, speed_prob: float, speed_factors: list[float], noise_prob: float, noise_dir: str | None,
+                 noise_snr_db: list[float], noise_weights: dict[str, float], seed: int):
+        self.speed_prob, self.speed_factors = float(speed_prob), [float(f) for f in speed_factors]
+        self.noise_prob, self.noise_dir = float(noise_prob), noise_dir
+        self.noise_snr_db, self.noise_weights = [float(x) for x in noise_snr_db], dict(noise_weights)
+        self.seed = seed
+        self._problem = self._settings_problem()  # said by `check`, at start-up with the data's problems
+        self.noise_files: list[tuple[str, int, int]] | None = None  # (path, frames, rate), once scanned
+        self.noise_categories: list[str] = []  # of each noise file
+        self.unreadable_noise: list[str] = []  # files skipped at start-up (no readable header)
+        self._cumulative: np.ndarray | None = None  # categories' cumulative weights
+        self._by_category: list[np.ndarray] = []  # noise file indices of each weighted category
+        self._weighted: list[str] = []  # the categories drawn from
+
+    def _settings_problem(self) -> str | None:
+        if not 0 <= self.speed_prob <= 1 or not 0 <= self.noise_prob <= 1:
+            return "data.augment.speed_prob and noise_prob are probabilities: give values in [0, 1]."
+        if self.speed_prob > 0 and (not self.speed_factors or min(self.speed_factors) <= 0):
+            return f"data.augment.speed_factors={self.speed_factors}: give positive factors (e.g. [0.9, 1.0, 1.1])."
+        if len(self.noise_snr_db) != 2 or self.noise_snr_db[0] > self.noise_snr_db[1]:
+            return f"data.augment.noise_snr_db={self.noise_snr_db}: give [low, high] in dB."
+        if self.noise_prob > 0 and not self.noise_dir:
+            return "augment=noise needs its folder of noise audio: pass data.augment.noise_dir=<folder>."
+        return None
+
+    @property
+    def active(self) -> bool:
+        return self.speed_prob > 0 or self.noise_prob > 0
+
+    @property
+    def slowest(self) -> float:
+        """The smallest factor a clip can get: its duration / this is the longest it can last."""
+        return min(self.speed_factors) if self.speed_prob > 0 else 1.0
+
+    @property
+    def mean_stretch(self) -> float:
+        """The expected duration of a clip after speed perturbation, per second of the clip: E[1 / factor]."""
+        if self.speed_prob == 0:
+            return 1.0
+        return 1 - self.speed_prob + self.speed_prob * float(np.mean([1 / f for f in self.speed_factors]))
+
+    def check(self) -> str | None:
+        """Why these settings or the noise folder cannot be used (missing, empty, unreadable: the message names
+        it), or None.
+        Scans it once: every file's header (frames, rate); a file without a readable header is left out
+        and listed in `unreadable_noise`."""
+        if self._problem or self.noise_prob == 0 or self.noise_files is not None:
+            return self._problem
+        folder = Path(self.noise_dir).expanduser()
+        if not folder.is_dir():
+            return f"data.augment.noise_dir={self.noise_dir}: no such folder (augment=noise needs audio files there)."
+        named = [k for k in self.noise_weights if k != "noise"]
+        files, categories, errors = [], [], []
+        for parent, dirs, names in os.walk(folder, onerror=errors.append):
+            dirs.sort()
+            relative = Path(parent).relative_to(folder).parts
+            category = relative[0] if relative and relative[0] in named else "noise"
+            for name in sorted(names):
+                if name.startswith("."):
+                    continue
+                path = os.path.join(parent, name)
+                try:
+                    info = sf.info(path)
+                except Exception:  # noqa: BLE001 (libsndfile raises several types; a text file, a broken header)
+                    self.unreadable_noise.append(os.path.relpath(path, folder))
+                    continue
+                if info.frames > 0:
+                    files.append((path, int(info.frames), int(info.samplerate)))
+                    categories.append(category)
+        if errors and not files:
+            return f"data.augment.noise_dir={self.noise_dir}: cannot read the folder ({errors[0]})."
+        weighted = [c for c, w in self.noise_weights.items() if w > 0 and c in categories]
+        if not weighted:
+            found = f"{len(self.unreadable_noise)} unreadable file(s)" if self.unreadable_noise else "no file"
+            return (f"data.augment.noise_dir={self.noise_dir}: no readable audio file in a weighted category "
+                    f"({found}; weights {self.noise_weights}: files in music/ or babble/ subfolders, the rest are "
+                    f"`noise`).")
+        self.noise_files, self.noise_categories = files, categories
+        weights = np.array([self.noise_weights[c] for c in weighted], dtype=np.float64)
+        self._cumulative = np.cumsum(weights / weights.sum())
+        self._by_category = [np.flatnonzero(np.array(categories) == c) for c in weighted]
+        self._weighted = weighted
+        if self.unreadable_noise:
+            log.warning("noise: %d file(s) of %s have no readable header and are left out: %s",
+                        len(self.unreadable_noise), self.noise_dir, self.unreadable_noise[:5])
+        return None
+
+    def _scanned(self) -> None:
+        problem = self.check()
+        if problem:
+            raise SetupError(problem)
+
+    def choose(self, epoch: int, clip: int, force: bool = False) -> Choice:
+        """What happens to clip `clip` (its position in the training split) in `epoch`. The same seven
+        uniform draws whatever the settings, so turning noise on does not change the speed factors.
+        force: speed and noise applied wherever their probability is not 0 (an example to show)."""
+        if not self.active:
+            return NONE
+        u = np.random.default_rng([self.seed, epoch, clip]).random(7)
+        factor = 1.0
+        if self.speed_prob > 0 and (force or u[0] < self.speed_prob):
+            factors = ([f for f in self.speed_factors if f != 1.0] or self.speed_factors) if force else self.speed_factors
+            factor = factors[int(u[1] * len(factors))]
+        if self.noise_prob == 0 or not (force or u[2] < self.noise_prob):
+            return Choice(factor)
+        self._scanned()
+        category = min(int(np.searchsorted(self._cumulative, u[3], side="right")), len(self._by_category) - 1)
+        files = self._by_category[category]
+        snr = self.noise_snr_db[0] + u[6] * (self.noise_snr_db[1] - self.noise_snr_db[0])
+        return Choice(factor, int(files[int(u[4] * len(files))]), float(u[5]), float(snr))
+
+    def noise_name(self, index: int) -> str:
+        return os.path.relpath(self.noise_files[index][0], Path(self.noise_dir).expanduser())
+
+    def noise(self, choice: Choice, samples: int) -> np.ndarray:
+        """(samples,) float32 at 16 kHz: the chosen segment of the chosen noise file, repeated if it is
+        shorter. Raises what libsndfile raises for a file that does not decode."""
+        path, frames, rate = self.noise_files[choice.noise]
+        needed = min(frames, -(-samples * rate // audio.SAMPLE_RATE) + 16)  # native frames, a little over
+        start = int(choice.offset * (frames - needed))
+        segment, rate = sf.read(path, start=start, frames=needed, dtype="float32", always_2d=True)
+        segment = audio.to_mono(segment)
+        if rate != audio.SAMPLE_RATE:
+            segment = audio.resample(segment, rate, audio.SAMPLE_RATE)
+        if not len(segment):
+            raise ValueError(f"{path}: no samples decoded")
+        return np.resize(segment, samples) if len(segment) < samples else segment[:samples]
+
+    def __repr__(self) -> str:
+        return f"Augment({self.summary()})"
+
+    def summary(self) -> dict:
+        """What this augmentation does, for the data report."""
+        out = {}
+        if self.speed_prob > 0:
+            out["speed"] = {"prob": self.speed_prob, "factors": self.speed_factors,
+                            "planned_on": f"durations / {self.slowest:g} (the slowest factor)"}
+        if self.noise_prob > 0:
+            self._scanned()
+            counts = {c: self.noise_categories.count(c) for c in self._weighted}
+            out["noise"] = {"prob": self.noise_prob, "dir": str(self.noise_dir), "snr_db": self.noise_snr_db,
+                            "weights": {c: self.noise_weights[c] for c in self._weighted}, "files": counts,
+                            "unreadable_at_start": len(self.unreadable_noise)}
+        return out or {"none": True}
+
+
+def mix(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """speech + noise scaled to `snr_db` below the speech's power (mean square over the whole clip), in place
+    in `speech`; silent noise adds nothing."""
+    power = float(np.dot(noise, noise))
+    if power > 0:
+        gain = np.sqrt(float(np.dot(speech, speech)) / (power * 10 ** (snr_db / 10)))
+        speech += np.float32(gain) * noise
+    return speech
