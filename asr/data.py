@@ -20,6 +20,7 @@ from asr.augment import NONE, Augment, Choice, mix
 from asr.batching import DurationBatchSampler
 
 log = logging.getLogger(__name__)
+CODEC_SLACK = 0.1  # seconds a clip may decode longer than stated and be cut to fit its batch (MP3 codec padding)
 LISTING_VERSION = 2  # of the prepared listing's columns; a change makes every cached listing stale
 
 
@@ -84,8 +85,11 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None, pool
     shapes: the batch plan's (clips, samples) shapes (`DurationBatchSampler.shapes`). The batch is padded
     to the shortest one with its number of clips that holds its longest clip as the plan measured it
     (`seconds`, rounded up to the encoder's hop): the shape the plan gave it, or a shorter one of the set.
-    A clip that decodes longer than its stated duration (MP3 codec padding: 25-48 ms on the demo) is cut at
-    that length, counted in `truncated_seconds`; `lengths` are the samples the batch holds. Labels stay
+    A clip that decodes longer than its stated duration by MP3 codec padding (25-48 ms on the demo; at most
+    `CODEC_SLACK`) is cut at that length, counted in `truncated_seconds` (results.json sums them); one longer
+    than that (a stated duration that is wrong) is never cut: the batch takes the next hop-rounded length
+    that holds it, a shape outside the plan, and a warning names the clip. `lengths` are the samples the
+    batch holds. Labels stay
     padded to the batch's longest transcript (L varies): padding them to the shape's frames would fix their
     shape too, but a CTC over (frames, 2L + 1) states costs in proportion to L. Without `shapes` (or with a
     number of clips the plan has no shape for: a clip of the batch could not be read), the batch is padded
@@ -202,7 +206,14 @@ def _padded_length(items: list[dict], decoded: list[int], shapes: list[tuple[int
             longest = -(-round(max(planned) * audio.SAMPLE_RATE) // audio.HOP) * audio.HOP
         fitting = [samples for clips, samples in shapes if clips == len(items)]
         if fitting:
-            return min((s for s in fitting if s >= longest), default=max(fitting))
+            samples = min((s for s in fitting if s >= longest), default=max(fitting))
+            if max(decoded) - samples <= CODEC_SLACK * audio.SAMPLE_RATE:
+                return samples
+            over = max(range(len(items)), key=lambda i: decoded[i])
+            log.warning("%s decodes to %.2f s, %.2f s more than its stated duration: its batch is padded to hold "
+                        "it (a shape outside the plan); check the corpus' durations", items[over]["id"],
+                        decoded[over] / audio.SAMPLE_RATE, (decoded[over] - samples) / audio.SAMPLE_RATE)
+            return -(-max(decoded) // audio.HOP) * audio.HOP
     return max(decoded)
 
 

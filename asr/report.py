@@ -32,6 +32,7 @@ class RunReport(L.Callback):
         self.run_dir = Path(run_dir)
         self.rows: list[dict] = []
         self.audio_seconds = self.padded_seconds = 0.0
+        self.truncated_seconds = 0.0  # codec padding cut from clips that decode longer than stated (asr.data.collate)
         self.skipped_clips = 0  # training clips that could not be read and were left out of their batch
         self.empty_batches = 0  # training batches of which no clip could be read: zero-loss steps
         self.dropped: dict[str, list] = {"train": [], "dev": []}  # (id, reason) of clips that could not be read
@@ -49,7 +50,7 @@ class RunReport(L.Callback):
     def state_dict(self) -> dict:
         self._read_curve()
         return {"rows": self.rows, "curve": self.curve, "audio_seconds": self.audio_seconds, "padded_seconds": self.padded_seconds,
-                "skipped_clips": self.skipped_clips, "empty_batches": self.empty_batches, "dropped": self.dropped,
+                "truncated_seconds": self.truncated_seconds, "skipped_clips": self.skipped_clips, "empty_batches": self.empty_batches, "dropped": self.dropped,
                 "loss_sum": float(self.loss_sum), "loss_count": float(self.loss_count),
                 "train_seconds": self.seconds_before + (time.perf_counter() - self.started if self.started else 0.0)}
 
@@ -68,6 +69,7 @@ class RunReport(L.Callback):
         restored = self._restored
         if restored and trainer.is_global_zero:  # rank 0's totals, summed with the others' at the end
             self.audio_seconds, self.padded_seconds = restored["audio_seconds"], restored["padded_seconds"]
+            self.truncated_seconds = restored.get("truncated_seconds", 0.0)
             self.skipped_clips, self.empty_batches = restored["skipped_clips"], restored["empty_batches"]
             self.dropped = restored["dropped"]
             self.loss_sum += restored["loss_sum"]
@@ -81,6 +83,7 @@ class RunReport(L.Callback):
             return
         self.audio_seconds += batch["audio_seconds"]
         self.padded_seconds += batch["padded_seconds"]
+        self.truncated_seconds += batch.get("truncated_seconds", 0.0)
         if outputs is None:
             return
         loss = outputs["loss"].detach().float()  # stays on the device: no sync per step
@@ -136,9 +139,10 @@ class RunReport(L.Callback):
         self.train_seconds = self.seconds_before + time.perf_counter() - self.started
         self.skipped_updates = pl_module.skipped_updates
         totals = trainer.strategy.reduce(
-            torch.tensor([self.audio_seconds, self.padded_seconds, self.skipped_clips, self.empty_batches],
-                         device=pl_module.device, dtype=torch.float64), reduce_op="sum")
-        self.audio_seconds, self.padded_seconds, self.skipped_clips, self.empty_batches = totals.tolist()
+            torch.tensor([self.audio_seconds, self.padded_seconds, self.truncated_seconds, self.skipped_clips,
+                          self.empty_batches], device=pl_module.device, dtype=torch.float64), reduce_op="sum")
+        (self.audio_seconds, self.padded_seconds, self.truncated_seconds, self.skipped_clips,
+         self.empty_batches) = totals.tolist()
         if trainer.world_size > 1:  # every rank met other clips
             gathered = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, self.dropped)
@@ -156,6 +160,8 @@ class RunReport(L.Callback):
             "train_seconds": self.train_seconds,
             # padded audio / all audio the encoder saw in training batches
             "padding_fraction": 1 - self.audio_seconds / self.padded_seconds if self.padded_seconds else 0.0,
+            # codec padding cut from clips that decoded longer than their stated duration (asr.data.CODEC_SLACK)
+            "truncated_seconds": round(self.truncated_seconds, 3),
             "skipped_clips": int(self.skipped_clips),
             "empty_batches": int(self.empty_batches),
             "skipped_updates": self.skipped_updates,

@@ -15,7 +15,7 @@ from asr import audio
 log = logging.getLogger(__name__)
 # Overrides that say where, not what: left out of a run's name.
 _WHERE = ("data.root", "run_dir", "ckpt_path", "hydra.", "model.pretrained", "data.cache_dir", "+callbacks.")
-TAGGED_GROUPS = ("lang", "model", "sched", "precision", "experiment", "search")
+TAGGED_GROUPS = ("lang", "model", "sched", "precision", "experiment", "search", "augment")
 
 
 def job_context() -> dict:

@@ -176,6 +176,10 @@ def test_collate_pads_to_the_planned_shape():
     batch = collate([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 16_500)], shapes)  # 500 samples past the plan
     assert batch["shape"] == (3, 16_000) and batch["lengths"] == [14_000, 8_000, 16_000]
     assert batch["truncated_seconds"] == 500 / 16_000
+    # A stated duration that is wrong (2 s more decoded than stated): never cut, a longer batch instead
+    batch = collate([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 48_000)], shapes)
+    assert batch["lengths"] == [14_000, 8_000, 48_000] and batch["shape"] == (3, 48_000)
+    assert batch["truncated_seconds"] == 0
     batch = collate([item(0.9, 14_400)], shapes)  # one clip: a shorter one fits the (1, 48000) shape only
     assert batch["shape"] == (1, 48_000)
     batch = collate([item(1.2, 19_200), item(1.0, 16_000), item(0.5, 8_000), item(0.5, 8_000)], shapes)

@@ -49,6 +49,7 @@ def test_train_export_evaluate(cv_corpus, tmp_path):
         assert key in results, key
     assert len(results["evaluations"]) == 2 and results["evaluations"][-1]["step"] == 6
     assert 0 <= results["padding_fraction"] < 0.5 and results["train_audio_seconds"] > 0
+    assert 0 <= results["truncated_seconds"] < 0.01 * results["train_audio_seconds"]  # MP3 codec padding only
     card = (run_dir / "model" / "README.md").read_text()  # a model card in the seeds' format
     assert "- learning_rate: 0.003\n" in card and "- train_batch_seconds: 20" in card
     assert "| Training Loss | Epoch | Step | Validation Loss | Wer    | Cer    |" in card
