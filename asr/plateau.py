@@ -32,18 +32,43 @@ class PlateauWatch(L.Callback):
     """After each evaluation: while dev CER is at least `cer`, the run is on the blank plateau; the log says
     so once, with the dev shares of empty transcripts and blank frames and what is typical. Still there past
     `warn_after` of the schedule (updates done / the schedule's updates, or of trainer.max_time if that
-    comes first), it logs the checks, each with its value, once. warn_after: a share in [0, 1]; null: never."""
+    comes first), it logs the checks, each with its value, once. warn_after: a share in [0, 1]; null: never.
 
-    def __init__(self, cer: float, warn_after: float | None):
-        self.cer, self.warn_after = cer, warn_after
+    hold_spec_augment: SpecAugment's time masks (model.config.mask_time_prob) start only once the run is off
+    the plateau: true, false, or auto (true for a model trained from scratch, model.pretrained=null; a
+    pretrained model, as the model cards' recipes, keeps its masks from the first update)."""
+
+    def __init__(self, cer: float, warn_after: float | None, hold_spec_augment: bool | str):
+        if hold_spec_augment not in (True, False, "auto"):
+            raise ValueError(f"callbacks.plateau.hold_spec_augment={hold_spec_augment!r}: true, false or auto")
+        self.cer, self.warn_after, self.hold_spec_augment = cer, warn_after, hold_spec_augment
         self.said = self.warned = False
         self.left_at: int | None = None  # the update of the first evaluation below `cer`
+        self._held: float | None = None  # mask_time_prob while it is held at 0
 
     def state_dict(self) -> dict:
         return {"said": self.said, "warned": self.warned, "left_at": self.left_at}
 
     def load_state_dict(self, state: dict) -> None:
         self.said, self.warned, self.left_at = state["said"], state["warned"], state["left_at"]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        hold = self.hold_spec_augment if self.hold_spec_augment != "auto" else pl_module.hparams.pretrained is None
+        config = pl_module.model.config
+        if hold and self.left_at is None and config.mask_time_prob > 0:
+            self._held, config.mask_time_prob = config.mask_time_prob, 0.0
+            if trainer.is_global_zero:
+                log.info("SpecAugment's time masks (mask_time_prob %g) start once dev CER is below %g "
+                         "(callbacks.plateau.hold_spec_augment=%s)", self._held, self.cer, self.hold_spec_augment)
+
+    def _release(self, pl_module) -> bool:
+        if self._held is not None:
+            pl_module.model.config.mask_time_prob, self._held = self._held, None
+            return True
+        return False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._release(pl_module)  # the model leaves the run with its configured masks
 
     def on_validation_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
@@ -53,8 +78,10 @@ class PlateauWatch(L.Callback):
         where = f"update {step} ({share:.0%} of the schedule)"
         if float(metrics["val/cer"]) < self.cer:
             self.left_at = step
-            if self.said and trainer.is_global_zero:
-                log.info("%s: off the CTC blank plateau (dev CER %.3f)", where, float(metrics["val/cer"]))
+            released = self._release(pl_module)  # SpecAugment from the next update on
+            if (self.said or released) and trainer.is_global_zero:
+                log.info("%s: off the CTC blank plateau (dev CER %.3f)%s", where, float(metrics["val/cer"]),
+                         "; SpecAugment from here" if released else "")
             return
         state = (f"dev CER {float(metrics['val/cer']):.3f}, "
                  f"{float(metrics.get('val/empty_hypotheses', float('nan'))):.0%} of transcripts empty, "

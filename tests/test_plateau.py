@@ -67,7 +67,7 @@ def test_results_and_logs_carry_both_shares(cv_corpus, tmp_path, caplog):
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "val/empty_hypotheses" in header and "val/blank_frames" in header
     assert (tmp_path / "results.md").read_text().splitlines()[0] == plateau_free_header()
-    said = [r.getMessage() for r in caplog.records if r.name == "asr.plateau"]
+    said = [r.getMessage() for r in caplog.records if r.name == "asr.plateau" and r.levelno >= logging.WARNING]
     assert len(said) == 2, said  # once on the plateau (update 2, 50%: the checks too at 50%), nothing again at 4
     assert "update 2 (50% of the schedule): on the CTC blank plateau" in said[0] and "typical" in said[0]
     assert "still on the CTC blank plateau" in said[1]
@@ -101,8 +101,35 @@ def _said(caplog, watch, run, *trainers) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "asr.plateau"]
 
 
+@pytest.mark.parametrize("hold,pretrained,held", [("auto", None, True), ("auto", "facebook/wav2vec2-xls-r-300m", False),
+                                                  (True, "facebook/wav2vec2-xls-r-300m", True), (False, None, False)])
+def test_spec_augment_starts_once_off_the_plateau(run, caplog, hold, pretrained, held):
+    """hold_spec_augment: no time masks while on the plateau (auto: for a model trained from scratch), the
+    configured ones from the first evaluation below `cer`, and at the end of training whatever happened."""
+    model, configured = run.model, run.model.model.config.mask_time_prob
+    assert configured > 0
+    watch = plateau.PlateauWatch(cer=0.9, warn_after=None, hold_spec_augment=hold)
+    model.hparams.pretrained = pretrained
+    try:
+        watch.on_train_start(_trainer(run, 0, 1.0), model)
+        assert model.model.config.mask_time_prob == (0.0 if held else configured)
+        _said(caplog, watch, run, _trainer(run, 50, 1.0))
+        assert model.model.config.mask_time_prob == (0.0 if held else configured)
+        _said(caplog, watch, run, _trainer(run, 100, 0.8))
+        assert model.model.config.mask_time_prob == configured
+        watch.on_train_start(_trainer(run, 100, 0.8), model)  # resumed off the plateau: masks from the start
+        assert model.model.config.mask_time_prob == configured
+        held_to_the_end = plateau.PlateauWatch(cer=0.9, warn_after=None, hold_spec_augment=True)
+        held_to_the_end.on_train_start(_trainer(run, 0, 1.0), model)
+        held_to_the_end.on_train_end(_trainer(run, 10, 1.0), model)
+        assert model.model.config.mask_time_prob == configured
+    finally:
+        model.hparams.pretrained = None
+        model.model.config.mask_time_prob = configured
+
+
 def test_says_once_then_warns_once_past_its_share_of_the_schedule(run, caplog):
-    watch = plateau.PlateauWatch(cer=0.9, warn_after=0.3)
+    watch = plateau.PlateauWatch(cer=0.9, warn_after=0.3, hold_spec_augment=False)
     said = _said(caplog, watch, run, *(_trainer(run, step, 1.0) for step in (10, 20, 30, 40)))
     assert len(said) == 2
     assert said[0].startswith("update 10 (10% of the schedule): on the CTC blank plateau (dev CER 1.000, "
@@ -110,18 +137,18 @@ def test_says_once_then_warns_once_past_its_share_of_the_schedule(run, caplog):
     assert plateau.TINY_TYPICAL in said[0] and "past 30% of the schedule" in said[0]
     assert said[1].startswith("update 30 (30% of the schedule): still on the CTC blank plateau")
     assert _said(caplog, watch, run, _trainer(run, 50, 1.0)) == []  # said; a restored run remembers it
-    restored = plateau.PlateauWatch(cer=0.9, warn_after=0.3)
+    restored = plateau.PlateauWatch(cer=0.9, warn_after=0.3, hold_spec_augment=False)
     restored.load_state_dict(watch.state_dict())
     assert _said(caplog, restored, run, _trainer(run, 60, 1.0)) == []
 
 
 def test_off_the_plateau_it_says_nothing_more(run, caplog):
-    watch = plateau.PlateauWatch(cer=0.9, warn_after=0.3)
+    watch = plateau.PlateauWatch(cer=0.9, warn_after=0.3, hold_spec_augment=False)
     said = _said(caplog, watch, run, _trainer(run, 10, 1.0), _trainer(run, 20, 0.85), _trainer(run, 40, 1.0))
     assert len(said) == 2 and said[1] == "update 20 (20% of the schedule): off the CTC blank plateau (dev CER 0.850)"
     assert watch.left_at == 20
-    assert _said(caplog, plateau.PlateauWatch(cer=0.9, warn_after=0.3), run, _trainer(run, 40, 0.5)) == []
-    assert len(_said(caplog, plateau.PlateauWatch(cer=0.9, warn_after=None), run,
+    assert _said(caplog, plateau.PlateauWatch(cer=0.9, warn_after=0.3, hold_spec_augment=False), run, _trainer(run, 40, 0.5)) == []
+    assert len(_said(caplog, plateau.PlateauWatch(cer=0.9, warn_after=None, hold_spec_augment=False), run,
                      *(_trainer(run, s, 1.0) for s in (10, 50, 90)))) == 1  # warn_after null: never the checks
 
 
