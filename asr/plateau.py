@@ -22,10 +22,9 @@ log = logging.getLogger(__name__)
 # (docs/plateau.md): the model cards' XLS-R runs (shared/seeds/) and the tiny model's defaults on the
 # generated corpora that nothing was tuned on.
 TYPICAL = ("typical: XLS-R fine-tuning leaves it after 4-14% of its updates (model cards: 1,500 of 34,700, "
-           "3,500 of 67,600, 200 of 1,400; card 001 never did, a failed run), the tiny model after "
-           "{tiny} (docs/plateau.md)")
-TINY_TYPICAL = ("22% of its updates on the short-sentence corpus (update 200 of 900, docs/notes.md), 44% on "
-                "issue 26's corpus (700 of 1,601)")
+           "3,500 of 67,600, 200 of 1,400; card 001 never did, a failed run)")
+TINY_TYPICAL = ("the tiny model trained from scratch after 22% of its updates on the short-sentence corpus (update 200 "
+                "of 900, docs/notes.md), 44% on issue 26's corpus (700 of 1,601)")
 
 
 class PlateauWatch(L.Callback):
@@ -86,14 +85,14 @@ class PlateauWatch(L.Callback):
         state = (f"dev CER {float(metrics['val/cer']):.3f}, "
                  f"{float(metrics.get('val/empty_hypotheses', float('nan'))):.0%} of transcripts empty, "
                  f"{float(metrics.get('val/blank_frames', float('nan'))):.1%} of frames blank")
-        tiny = TINY_TYPICAL if pl_module.hparams.pretrained is None else "(trained from scratch: not measured)"
+        typical = TYPICAL + (f", {TINY_TYPICAL}" if pl_module.hparams.pretrained is None else "") + " (docs/plateau.md)"
         if not self.said:
             self.said = True
             if trainer.is_global_zero:
                 late = (f"; past {self.warn_after:.0%} of the schedule the log will say what to check"
                         if self.warn_after is not None else "")
                 log.warning("%s: on the CTC blank plateau (%s). Normal early in CTC training; %s%s.",
-                            where, state, TYPICAL.format(tiny=tiny), late)
+                            where, state, typical, late)
         if self.warn_after is not None and share >= self.warn_after and not self.warned:
             self.warned = True
             if trainer.is_global_zero:
