@@ -11,6 +11,7 @@ import logging
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import Timer
 
 from asr import audio, text
@@ -44,6 +45,7 @@ class PlateauWatch(L.Callback):
         self.said = self.warned = False
         self.left_at: int | None = None  # the update of the first evaluation below `cer`
         self._held: float | None = None  # mask_time_prob while it is held at 0
+        self._encoder_grad_norm = None  # of the last training batch (a device tensor), or None: no gradients
 
     def state_dict(self) -> dict:
         return {"said": self.said, "warned": self.warned, "left_at": self.left_at}
@@ -68,6 +70,13 @@ class PlateauWatch(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._release(pl_module)  # the model leaves the run with its configured masks
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Lightning drops the gradients before each evaluation: the encoder's norm is taken here, on the
+        # device (read only if the checks are logged), while they may still be needed.
+        if self.left_at is None and not self.warned and self.warn_after is not None:
+            grads = [p.grad for p in pl_module.model.wav2vec2.parameters() if p.grad is not None]
+            self._encoder_grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
@@ -97,7 +106,7 @@ class PlateauWatch(L.Callback):
             self.warned = True
             if trainer.is_global_zero:
                 log.warning("%s: still on the CTC blank plateau (%s). Check:\n%s", where, state,
-                            "\n".join(f"- {check}" for check in checks(trainer, pl_module)))
+                            "\n".join(f"- {check}" for check in checks(trainer, pl_module, self._encoder_grad_norm)))
 
     @staticmethod
     def share(trainer) -> float:
@@ -111,10 +120,10 @@ class PlateauWatch(L.Callback):
         return share
 
 
-def checks(trainer, pl_module) -> list[str]:
+def checks(trainer, pl_module, encoder_grad_norm) -> list[str]:
     """What keeps a CTC model on the plateau when something is wrong, each with this run's value."""
     return [vocabulary_check(trainer.datamodule, pl_module.vocab), learning_rate_check(trainer, pl_module),
-            feasibility_check(trainer.datamodule), encoder_check(pl_module)]
+            feasibility_check(trainer.datamodule), encoder_check(pl_module, encoder_grad_norm)]
 
 
 def vocabulary_check(datamodule, vocab: text.Vocabulary) -> str:
@@ -161,15 +170,13 @@ def feasibility_check(datamodule) -> str:
     return said
 
 
-def encoder_check(pl_module) -> str:
+def encoder_check(pl_module, grad_norm) -> str:
     """Whether the encoder learns: its trainable parameters, freeze_finetune_updates, and the gradient norm
-    of the last update (the gradients stay on the parameters until the next update's zero_grad)."""
+    of its parameters in the last training batch (None: it had none)."""
     encoder = list(pl_module.model.wav2vec2.parameters())
     trainable = sum(p.numel() for p in encoder if p.requires_grad)
-    grads = [p.grad for p in encoder if p.grad is not None]
-    norm = (f"gradient norm {float(np.sqrt(sum(float(g.float().square().sum()) for g in grads))):.3g} at the last "
-            f"update" if grads else "no gradients at the last update")
+    norm = f"gradient norm {float(grad_norm):.3g} in the last batch" if grad_norm is not None else "no gradients in the last batch"
     frozen = pl_module.hparams.freeze_finetune_updates
     held = (f"; model.freeze_finetune_updates={frozen} holds it until update {frozen}"
             if pl_module.global_step < frozen else "")
-    return (f"encoder: {trainable:,} of {sum(p.numel() for p in encoder):,} parameters trainable, {norm}{held}")
+    return f"encoder: {trainable:,} of {sum(p.numel() for p in encoder):,} parameters trainable, {norm}{held}"
