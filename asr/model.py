@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torchmetrics import Metric
 from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import Wav2Vec2Config
 from transformers.modeling_outputs import CausalLMOutput
@@ -55,6 +56,25 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
                                               ignore_mismatched_sizes=True, **config)
     except OSError as error:
         raise SetupError(check_pretrained(pretrained) or str(error)) from error
+
+
+class Share(Metric):
+    """Counted / seen, summed over batches (and ranks) on the device: no host read per update, unlike
+    torchmetrics' MeanMetric (its NaN check reads the device; with the check off it drops the weights)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("counted", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("seen", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, counted: torch.Tensor | int, seen: torch.Tensor | int) -> None:
+        self.counted += counted
+        self.seen += seen
+
+    def compute(self) -> torch.Tensor:
+        return self.counted.float() / self.seen.clamp(min=1)
 
 
 class CTCModel(L.LightningModule):
@@ -108,6 +128,9 @@ class CTCModel(L.LightningModule):
         self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
         # Mixed error rate (Mandarin by character, English by word): WER over `text.mixed_tokens`.
         self.val_mer = WordErrorRate() if text.is_chinese(language) else None
+        # The CTC blank plateau (asr.plateau): dev clips whose greedy transcript is empty, dev frames whose
+        # best token is the blank.
+        self.val_empty_hypotheses, self.val_blank_frames = Share(), Share()
         self._skipped_before, self.consecutive_skips = 0, 0  # from a checkpoint
         self._skips: torch.Tensor | None = None  # on the device: [skipped since the start, skipped in a row]
         self._host_skips: LateRead | None = None
@@ -222,13 +245,20 @@ class CTCModel(L.LightningModule):
         if not batch["ids"]:  # no clip of the batch could be read (logged by the loader)
             return
         out = self(batch)
-        hypotheses = self.transcribe(out.logits, self.frames(batch["lengths"]))
+        frames = self.frames(batch["lengths"])
+        hypotheses = self.transcribe(out.logits, frames)
         self.val_wer.update(hypotheses, batch["texts"])
         self.val_cer.update(hypotheses, batch["texts"])
+        blank = out.logits.argmax(dim=-1) == self.vocab.blank_id  # (B, T)
+        valid = torch.arange(blank.shape[1], device=blank.device) < frames.to(blank.device)[:, None]
+        self.val_blank_frames.update((blank & valid).sum(), valid.sum())  # over the clips' own frames
+        self.val_empty_hypotheses.update(sum(not h for h in hypotheses), len(hypotheses))
         size = len(batch["ids"])
         self.log("val/loss", out.loss, batch_size=size, sync_dist=True)
         self.log("val/wer", self.val_wer, batch_size=size)
         self.log("val/cer", self.val_cer, batch_size=size, prog_bar=True)
+        self.log("val/empty_hypotheses", self.val_empty_hypotheses, batch_size=size)
+        self.log("val/blank_frames", self.val_blank_frames, batch_size=size)
         if self.val_mer is not None:
             self.val_mer.update([" ".join(text.mixed_tokens(h)) for h in hypotheses],
                                 [" ".join(text.mixed_tokens(r)) for r in batch["texts"]])

@@ -114,6 +114,9 @@ class RunReport(L.Callback):
             "val_wer": metrics["val/wer"].item(),
             "val_cer": metrics["val/cer"].item(),
             **({"val_mer": metrics["val/mer"].item()} if "val/mer" in metrics else {}),
+            # the CTC blank plateau (asr.plateau): shares of empty dev transcripts and of blank dev frames
+            **{f"val_{name}": metrics[f"val/{name}"].item() for name in ("empty_hypotheses", "blank_frames")
+               if f"val/{name}" in metrics},
         })
         self.loss_sum.zero_()
         self.loss_count.zero_()
