@@ -39,14 +39,13 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
 from asr import audio, synth  # noqa: E402
-from asr.config import checked  # noqa: E402
+from asr.config import compose  # noqa: E402
 
 
 def speechlike(seconds: float, rng: np.random.Generator, rate: int = 48_000) -> np.ndarray:
@@ -120,11 +119,8 @@ def worker_rate(root: Path, passes: int, *overrides: str) -> tuple[tuple[float, 
     """((audio-s per wall second, per CPU second of the worker process) of one DataLoader worker through the
     real training loader, distinct batch shapes seen)."""
     os.environ["ASR_CACHE_DIR"] = str(root.parent / "cache")  # listings and durations stay in the temporary directory
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = checked(compose("train", overrides=["lang=pt", f"data.root={root}", "data.num_workers=1",
-                                                  "data.max_batch_seconds=60", f"run_dir={root.parent / 'run'}",
-                                                  *overrides]),
-                      "train")
+    cfg = compose("train", ["lang=pt", f"data.root={root}", "data.num_workers=1", "data.max_batch_seconds=60",
+                            f"run_dir={root.parent / 'run'}", *overrides])
     data = instantiate(cfg.data, _convert_="all")
     data.setup("fit")
     loader = data.train_dataloader()

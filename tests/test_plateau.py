@@ -2,7 +2,6 @@
 results.json (asr.report); the run says once that it is on the plateau and, past warn_after, what to check,
 each check with its value (asr.plateau)."""
 
-import json
 import logging
 import random
 from types import SimpleNamespace

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import asr
-from asr import SetupError, checkpoints, console, tracking
+from asr import SetupError, checkpoints, tracking
 from asr.config import check_overrides, expand_path_overrides
 from asr.run import _warn_cpu_oversubscription
 from tests.conftest import compose_config
