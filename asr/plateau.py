@@ -20,7 +20,7 @@ from asr.data import characters
 log = logging.getLogger(__name__)
 
 # Where runs left the plateau (first evaluation with dev CER < 0.9), as a share of their updates
-# (docs/plateau.md): the model cards' XLS-R runs (shared/seeds/) and the tiny model's defaults on the
+# (docs/plateau.md): the XLS-R runs of the model cards the experiments reproduce and the tiny model's defaults on the
 # generated corpora that nothing was tuned on.
 TYPICAL = ("typical: XLS-R fine-tuning leaves it after 4-14% of its updates (model cards: 1,500 of 34,700, "
            "3,500 of 67,600, 200 of 1,400; card 001 never did, a failed run)")

@@ -15,7 +15,7 @@ Rows, all in this process with one torch thread (as a loader worker, `asr.data._
   into the planned shapes, in the worker process), timed from the iterator's creation to its last batch over
   `--passes` epochs after a first, untimed, one (the worker is persistent). The main process only takes
   batches. With `--old`, the same with the old load path patched in (the worker is forked, so it inherits it).
-- one worker with augmentation (issue 25): augment=speed (0.9/1.0/1.1: another resampling ratio), augment=noise
+- one worker with augmentation: augment=speed (0.9/1.0/1.1: another resampling ratio), augment=noise
   (half of the clips get a segment of a 16 kHz WAV file from a folder of 20 s files, as MUSAN's) and
   augment=speed_noise.
 
@@ -24,7 +24,7 @@ the range of the ratios.
 
 audio-s/s is per wall second; per CPU-s is per CPU second of the process doing the work (this one, or the
 worker), which other processes on a shared machine disturb less. ratio: the row's rate / decode only's.
-Issue 22's bar: one worker >= 0.7x decode only.
+The bar: one worker >= 0.7x decode only.
 """
 
 import argparse

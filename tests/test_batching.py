@@ -120,7 +120,8 @@ CV_LIKE = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 100_000).clip(1, 
 ])
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_an_epoch_uses_at_most_20_shapes_with_at_most_4_percent_padding(name, durations, shuffle):
-    """Issue 22's bars at 30 s batches, for training and evaluation batches. Every clip fits its batch's
+    """The batch-shape bars (at most 20 shapes, at most 4% padding) at 30 s batches, for training and
+    evaluation batches. Every clip fits its batch's
     planned shape (its duration rounded up to the encoder's hop), every padded shape is within the budget, and
     padding (1 - audio / padded audio) is counted here from the shapes, not taken from the sampler.
 
