@@ -6,7 +6,7 @@
 #   Only some parts:               bash benchmarks/gpu_session.sh bench cards
 #
 # Parts, in order of value, each under its own `timeout` within BUDGET seconds for the whole (default 570,
-# under the 600 s a device command may run); a part that would get under 30 s is skipped:
+# under the 600 s a device command may run); a part that would get under MIN_PART (30) s is skipped:
 #   check  the packages import, and which versions (seconds)
 #   bench  benchmarks/gpu.py --profile: xlsr_300m and xlsr_1b, bf16, with the HF Trainer (~5 min on an H200)
 #   tests  pytest -m gpu on the two files that hold GPU tests (others import packages the image lacks);
@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
 BUDGET=${BUDGET:-570}
+MIN_PART=${MIN_PART:-30}
 PEAK_TFLOPS=${PEAK_TFLOPS:-790}  # the H200's bf16 dense matrix rate as measured (Lightning's table lacks the H200)
 mkdir -p "$OUT"
 
@@ -46,7 +47,7 @@ part() {  # part NAME LIMIT_SECONDS COMMAND...: the command under timeout, its l
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET - SECONDS))
   [ "$limit" -gt "$left" ] && limit=$left
-  if [ "$limit" -lt 30 ]; then summary+=("$(printf '%-8s skipped (%d s of the budget left)' "$name" "$left")"); return; fi
+  if [ "$limit" -lt "$MIN_PART" ]; then summary+=("$(printf '%-8s skipped (%d s of the budget left)' "$name" "$left")"); return; fi
   local start=$SECONDS
   echo "== $name (up to ${limit} s): $*"
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
