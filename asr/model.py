@@ -41,21 +41,38 @@ def check_pretrained(pretrained: str | None) -> str | None:
                 f"or model.pretrained=null for random weights.")
 
 
+HEAD_INITS = ("normal", "xavier")
+
+
 def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config: dict,
-                   attn_implementation: str) -> SyncFreeWav2Vec2ForCTC:
+                   attn_implementation: str, head_init: str = "normal") -> SyncFreeWav2Vec2ForCTC:
     """`pretrained` (hub id or directory; its config.json fixes the architecture), or random weights
-    shaped by `arch`; `config` (dropouts, LayerDrop, SpecAugment) overrides either."""
+    shaped by `arch`; `config` (dropouts, LayerDrop, SpecAugment) overrides either. A CTC head that is new
+    (random weights, or a checkpoint without a head of this vocabulary) starts as `head_init` says:
+    normal, HF's N(0, initializer_range) with bias 0; xavier, fairseq's Wav2VecCtc (Xavier uniform, bias 0),
+    about 5x larger weights on a 128-wide encoder, so more of the loss's gradient reaches the encoder at
+    the start. A head the checkpoint holds is kept."""
+    if head_init not in HEAD_INITS:
+        raise SetupError(f"model.head_init={head_init!r}: give one of {', '.join(HEAD_INITS)}.")
     config = dict(config, vocab_size=len(vocab), pad_token_id=vocab.blank_id,
                   ctc_loss_reduction="mean",  # per-utterance loss / label length, batch mean (HF recipe)
                   ctc_zero_infinity=True)  # an infeasible alignment gives 0, not inf
     if pretrained is None:
-        return SyncFreeWav2Vec2ForCTC._from_config(Wav2Vec2Config(**{**arch, **config}),
-                                           attn_implementation=attn_implementation)
-    try:  # a CTC head of another vocabulary is replaced (mismatched sizes); nothing else may mismatch
-        return SyncFreeWav2Vec2ForCTC.from_pretrained(pretrained, attn_implementation=attn_implementation,
-                                              ignore_mismatched_sizes=True, **config)
-    except OSError as error:
-        raise SetupError(check_pretrained(pretrained) or str(error)) from error
+        model = SyncFreeWav2Vec2ForCTC._from_config(Wav2Vec2Config(**{**arch, **config}),
+                                                    attn_implementation=attn_implementation)
+        new_keys = {"lm_head.weight"}
+    else:
+        try:  # a CTC head of another vocabulary is replaced (mismatched sizes); nothing else may mismatch
+            model, loading = SyncFreeWav2Vec2ForCTC.from_pretrained(
+                pretrained, attn_implementation=attn_implementation, ignore_mismatched_sizes=True,
+                output_loading_info=True, **config)
+        except OSError as error:
+            raise SetupError(check_pretrained(pretrained) or str(error)) from error
+        new_keys = set(loading["missing_keys"]) | {key for key, *_ in loading["mismatched_keys"]}
+    if head_init == "xavier" and "lm_head.weight" in new_keys:
+        torch.nn.init.xavier_uniform_(model.lm_head.weight)
+        torch.nn.init.zeros_(model.lm_head.bias)
+    return model
 
 
 class Share(Metric):
@@ -97,17 +114,17 @@ class CTCModel(L.LightningModule):
     `asr.schedules`. All are plain values, so checkpoints load with `weights_only=True`. The defaults
     are in conf/ (train.yaml, model/, sched/).
     ctc_loss: torch's `ctc_loss` (torch), `asr.ctc`'s (tensor: no host sync on a GPU), or auto (tensor on
-    CUDA, torch elsewhere).
+    CUDA, torch elsewhere). head_init: how a new CTC head starts (`build_wav2vec2`): normal or xavier.
     """
 
     def __init__(self, vocab: list[str], pretrained: str | None, arch: dict, config: dict, language: str | None,
                  freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
                  attn_implementation: str, compile: bool | str, ctc_loss: str, max_consecutive_skips: int,
-                 expandable_segments: bool, optim: dict, sched: dict):
+                 expandable_segments: bool, optim: dict, sched: dict, head_init: str = "normal"):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.vocab = Vocabulary(vocab)
-        self.model = build_wav2vec2(self.vocab, pretrained, arch, config, attn_implementation)
+        self.model = build_wav2vec2(self.vocab, pretrained, arch, config, attn_implementation, head_init)
         if freeze_feature_encoder:  # the convolutional waveform encoder keeps its pretrained weights
             self.model.freeze_feature_encoder()
         if gradient_checkpointing:

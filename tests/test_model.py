@@ -43,6 +43,37 @@ def test_pretrained_directory_keeps_its_architecture_and_weights(tmp_path):
     assert not any(p.requires_grad for p in model.wav2vec2.feature_extractor.parameters())
 
 
+def test_head_init_xavier_starts_a_new_head_and_keeps_a_trained_one(tmp_path):
+    """model.head_init=xavier: a new CTC head (random weights, or a checkpoint's head of another
+    vocabulary) gets Xavier-uniform weights and zero bias; a checkpoint's head of this vocabulary is kept."""
+    import math
+
+    from asr.model import build_wav2vec2
+    from asr.text import Vocabulary
+
+    vocab = Vocabulary(VOCAB)
+    arch = dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                conv_dim=[16] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    torch.manual_seed(0)
+    normal = build_wav2vec2(vocab, None, arch, {}, "sdpa", "normal").lm_head
+    xavier = build_wav2vec2(vocab, None, arch, {}, "sdpa", "xavier").lm_head
+    bound = math.sqrt(6 / (128 + len(VOCAB)))
+    assert abs(normal.weight.std().item() - 0.02) < 0.003  # HF's initializer_range
+    assert xavier.weight.abs().max() <= bound and xavier.weight.std().item() > 0.8 * bound / math.sqrt(3)
+    assert not xavier.bias.any()
+
+    trained = build_wav2vec2(vocab, None, arch, {}, "sdpa", "normal")
+    torch.nn.init.constant_(trained.lm_head.weight, 0.5)
+    trained.save_pretrained(tmp_path / "same")
+    kept = build_wav2vec2(vocab, str(tmp_path / "same"), arch, {}, "sdpa", "xavier").lm_head
+    assert torch.equal(kept.weight, trained.lm_head.weight)
+    other = build_wav2vec2(Vocabulary(list("abcd") + VOCAB[3:]), str(tmp_path / "same"), arch, {}, "sdpa",
+                           "xavier").lm_head  # another vocabulary: a new head, started as asked
+    assert other.weight.abs().max() <= math.sqrt(6 / (128 + len(VOCAB) + 1)) and not other.bias.any()
+    with pytest.raises(asr.SetupError, match="model.head_init='uniform'"):
+        build_wav2vec2(vocab, None, arch, {}, "sdpa", "uniform")
+
+
 class DeviceReads(TorchDispatchMode):
     """The ops dispatched while active that read tensor values back to the host: on a GPU each one waits
     for the device (`.item()`, `bool()`, `tolist()` and data-dependent shapes such as `masked_select`)."""
