@@ -50,7 +50,7 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
     shaped by `arch`; `config` (dropouts, LayerDrop, SpecAugment) overrides either. A CTC head that is new
     (random weights, or a checkpoint without a head of this vocabulary) starts as `head_init` says:
     normal, HF's N(0, initializer_range) with bias 0; xavier, fairseq's Wav2VecCtc (Xavier uniform, bias 0),
-    about 5x larger weights on a 128-wide encoder, so more of the loss's gradient reaches the encoder at
+    about 6x larger weights on a 128-wide encoder, so more of the loss's gradient reaches the encoder at
     the start. A head the checkpoint holds is kept."""
     if head_init not in HEAD_INITS:
         raise SetupError(f"model.head_init={head_init!r}: give one of {', '.join(HEAD_INITS)}.")

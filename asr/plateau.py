@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # generated corpora that nothing was tuned on.
 TYPICAL = ("typical: XLS-R fine-tuning leaves it after 4-14% of its updates (model cards: 1,500 of 34,700, "
            "3,500 of 67,600, 200 of 1,400; card 001 never did, a failed run)")
-TINY_TYPICAL = ("the tiny model trained from scratch after 22-33% of its 900 updates on three generated corpora "
-                "(update 200-300), later in a longer schedule (update 250 of 2,790 without a budget in updates)")
+TINY_TYPICAL = ("the tiny model trained from scratch with its defaults after 17-28% of its 900 updates on two "
+                "generated corpora (update 150-250, 4 runs)")
 
 
 class PlateauWatch(L.Callback):

@@ -175,11 +175,11 @@ def test_learning_rate_check_gives_the_rate_now_and_the_peak(run):
     optimizer = SimpleNamespace(param_groups=[{"lr": 1.5e-3}, {"lr": 1.5e-3}, {"lr": 6e-3}, {"lr": 6e-3}])
     trainer = _trainer(run, 10, 1.0, total=900)
     trainer.optimizers = [optimizer]
-    run.model.hparams.optim["head_lr"] = 1.2e-2
+    head_lr, run.model.hparams.optim["head_lr"] = run.model.hparams.optim["head_lr"], 1.2e-2
     try:
         said = plateau.learning_rate_check(trainer, run.model)
     finally:
-        run.model.hparams.optim["head_lr"] = None
+        run.model.hparams.optim["head_lr"] = head_lr
     assert said.startswith("learning rate: 1.50e-03 now (peak optim.lr 3.00e-03), CTC head 6.00e-03 "
                            "(optim.head_lr 0.012), schedule linear over 900 updates"), said
 
