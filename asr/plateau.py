@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # generated corpora that nothing was tuned on.
 TYPICAL = ("typical: XLS-R fine-tuning leaves it after 4-14% of its updates (model cards: 1,500 of 34,700, "
            "3,500 of 67,600, 200 of 1,400; card 001 never did, a failed run)")
-TINY_TYPICAL = ("the tiny model trained from scratch with its defaults after 17-28% of its 900 updates on two "
-                "generated corpora (update 150-250, 4 runs)")
+TINY_TYPICAL = ("the tiny model trained from scratch with its defaults at update 150-250 on two generated "
+                "corpora (6 runs of 900 or 1,500 updates; its default is 1,500)")
 
 
 class PlateauWatch(L.Callback):
