@@ -1,4 +1,4 @@
-# make demo: set up and train the tiny model on the embedded demo (CPU, 8 min on 2 cores)
+# make demo: set up and train the tiny model on the embedded demo (CPU, about 5 min on 2 cores)
 # make test: set up and run the test suite (all but the tests marked slow; make slow runs those)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
