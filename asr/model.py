@@ -45,7 +45,7 @@ HEAD_INITS = ("normal", "xavier")
 
 
 def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config: dict,
-                   attn_implementation: str, head_init: str = "normal") -> SyncFreeWav2Vec2ForCTC:
+                   attn_implementation: str, head_init: str) -> SyncFreeWav2Vec2ForCTC:
     """`pretrained` (hub id or directory; its config.json fixes the architecture), or random weights
     shaped by `arch`; `config` (dropouts, LayerDrop, SpecAugment) overrides either. A CTC head that is new
     (random weights, or a checkpoint without a head of this vocabulary) starts as `head_init` says:
@@ -120,7 +120,7 @@ class CTCModel(L.LightningModule):
     def __init__(self, vocab: list[str], pretrained: str | None, arch: dict, config: dict, language: str | None,
                  freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
                  attn_implementation: str, compile: bool | str, ctc_loss: str, max_consecutive_skips: int,
-                 expandable_segments: bool, optim: dict, sched: dict, head_init: str = "normal"):
+                 expandable_segments: bool, optim: dict, sched: dict, head_init: str):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.vocab = Vocabulary(vocab)
@@ -193,8 +193,10 @@ class CTCModel(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        # ctc_loss: checkpoints older than the option trained with torch's loss; auto gives the same figures
-        hparams = {"ctc_loss": "auto", "expandable_segments": False, **checkpoint["hyper_parameters"],
+        # ctc_loss: checkpoints older than the option trained with torch's loss; auto gives the same figures.
+        # head_init: the weights below replace the head either way
+        hparams = {"ctc_loss": "auto", "expandable_segments": False, "head_init": "normal",
+                   **checkpoint["hyper_parameters"],
                    "pretrained": None,
                    "arch": checkpoint["wav2vec2_config"], "compile": False}
         model = cls(**hparams)
