@@ -60,7 +60,7 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
     if pretrained is None:
         model = SyncFreeWav2Vec2ForCTC._from_config(Wav2Vec2Config(**{**arch, **config}),
                                                     attn_implementation=attn_implementation)
-        new_keys = {"lm_head.weight"}
+        new_head = True
     else:
         try:  # a CTC head of another vocabulary is replaced (mismatched sizes); nothing else may mismatch
             model, loading = SyncFreeWav2Vec2ForCTC.from_pretrained(
@@ -68,8 +68,8 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
                 output_loading_info=True, **config)
         except OSError as error:
             raise SetupError(check_pretrained(pretrained) or str(error)) from error
-        new_keys = set(loading["missing_keys"]) | {key for key, *_ in loading["mismatched_keys"]}
-    if head_init == "xavier" and "lm_head.weight" in new_keys:
+        new_head = "lm_head.weight" in {*loading["missing_keys"], *(key for key, *_ in loading["mismatched_keys"])}
+    if head_init == "xavier" and new_head:
         torch.nn.init.xavier_uniform_(model.lm_head.weight)
         torch.nn.init.zeros_(model.lm_head.bias)
     return model

@@ -70,6 +70,8 @@ def test_head_init_xavier_starts_a_new_head_and_keeps_a_trained_one(tmp_path):
     other = build_wav2vec2(Vocabulary(list("abcd") + VOCAB[3:]), str(tmp_path / "same"), arch, {}, "sdpa",
                            "xavier").lm_head  # another vocabulary: a new head, started as asked
     assert other.weight.abs().max() <= math.sqrt(6 / (128 + len(VOCAB) + 1)) and not other.bias.any()
+    composed = CTCModel.from_config(compose_config(overrides=["model.head_init=xavier"]), VOCAB).model.lm_head
+    assert composed.weight.std().item() > 0.8 * math.sqrt(6 / (128 + len(VOCAB))) / math.sqrt(3)  # the tiny model
     with pytest.raises(asr.SetupError, match="model.head_init='uniform'"):
         build_wav2vec2(vocab, None, arch, {}, "sdpa", "uniform")
 
