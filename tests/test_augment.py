@@ -113,8 +113,9 @@ def test_a_resumed_loader_replays_the_same_augmented_batches_whatever_the_worker
 def test_ddp_ranks_train_on_the_augmented_batches_of_one_process(cv_corpus, tmp_path):
     """Two CPU processes (gloo), augment=speed: each rank's batches hold the clips, and the audio seconds
     (which the speed factors change), of the batches one process computes for epoch 0."""
-    subprocess.run([sys.executable, "tests/ddp_batches.py", str(cv_corpus), str(tmp_path), "augment=speed"],
-                   cwd=asr.REPO_DIR, check=True, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "tests/ddp_batches.py", str(cv_corpus), str(tmp_path), "augment=speed"],
+                          cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # the run's output: why a rank died
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     module = data_module(f"data.root={cv_corpus}", "data.max_batch_seconds=7", "data.num_workers=0", "augment=speed")
     module.setup("fit")

@@ -280,8 +280,9 @@ def test_real_ddp_ranks_see_every_clip_in_equal_counts(cv_corpus, tmp_path):
 
     import asr
 
-    subprocess.run([sys.executable, "tests/ddp_batches.py", str(cv_corpus), str(tmp_path)], cwd=asr.REPO_DIR,
-                   check=True, capture_output=True, timeout=300)
+    done = subprocess.run([sys.executable, "tests/ddp_batches.py", str(cv_corpus), str(tmp_path)], cwd=asr.REPO_DIR,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # the run's output: why a rank died
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["ids"] for r in range(2)]
     durations = json.loads((tmp_path / "durations.json").read_text())
     all_batches = make_sampler(list(durations.values()), 7, seed=42).batches(0)
