@@ -189,6 +189,10 @@ class Requeue(L.Callback):
         if stage == "fit" and self._reduction is not None:
             self._reduction.wait()  # every rank started it; leave none pending
             self._reduction = None
+        if stage == "fit" and self._group is not None:
+            if torch.distributed.is_initialized():  # its gloo threads gone before exit, not in a destructor
+                torch.distributed.destroy_process_group(self._group)
+            self._group = None
         if stage == "fit" and self._previous is not None:
             signal.signal(self.signum, self._previous)
             self._previous = None
