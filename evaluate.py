@@ -98,6 +98,11 @@ def evaluate(cfg: DictConfig) -> dict:
         raise SetupError(problem)
     data.vocab = model.vocab  # labels and [UNK] counts in the model's own vocabulary
     loader = data.dataloader(role)
+    if unknown := data.report[role]["unk_characters"]:
+        log.warning("%d characters of the %s transcripts are not in the model's vocabulary, among them %s: the "
+                    "model cannot write them, so each is a character error (the model was trained on other text, "
+                    "or these transcripts need the text rules of another lang=)", unknown, split,
+                    " ".join(data.report[role]["unk_examples"]))
     decoder, lm_path = build_decoder(cfg, model, data, run_dir)
     errors, greedy_errors = ErrorRates(), ErrorRates()
     seconds, skipped = 0.0, 0

@@ -9,7 +9,12 @@ Writes into the run directory: config.yaml, vocab.json, data_report.json, checkp
 best by dev CER), model/ (the best model, HF format), results.md and results.json. A run signalled by
 SLURM saves checkpoints/requeue.ckpt and requeues its job; started again in that directory it resumes.
 A resumed run starts from its own config.yaml (kept as config.<n>.yaml at each start); the command line
-applies on top, but may not change what the checkpoint means (asr.run.resumed).
+applies on top, but may not change what the checkpoint means (asr.run.resumed). One process trains in a
+run directory at a time (asr.rundir).
+
+Exit status: 0 when the run completed, was signalled and saved (requeued), or had nothing left to train;
+1 with one `error:` line for what the user fixes (a setting, a file, a checkpoint, a run directory in use)
+or a run that stopped itself (its state kept); a traceback and 1 for a crash.
 """
 
 import sys
@@ -17,7 +22,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from asr import Requeued, SetupError, TrainingStopped, quote_numeric_choices, tracking
+from asr import Complete, Requeued, SetupError, TrainingStopped, quote_numeric_choices, tracking
 from asr.config import check_overrides, expand_path_overrides, register_resolvers
 from asr.run import train
 
@@ -34,6 +39,9 @@ def main(cfg: DictConfig) -> dict:
         if tracking.job_context()["sweep_dir"]:
             raise  # Hydra marks the job failed (with its overrides); a search goes on with its next trial
         sys.exit(f"error: {error}")
+    except Complete as done:  # a finished run resumed, a requeued job that had ended: nothing to do
+        print(f"{done}", flush=True)
+        return done.results
     except Requeued as stopped:
         tracking.preempted()
         # Exit, not return: under Hydra's submitit launcher a return would report the job finished.

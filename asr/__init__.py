@@ -41,6 +41,14 @@ class Requeued(Exception):
     """The run was signalled, saved where it was and (under SLURM) requeued; see `asr.cluster.Requeue`."""
 
 
+class Complete(Exception):
+    """A resumed run has nothing left to train; `results` are its results.json as they were."""
+
+    def __init__(self, message: str, results: dict):
+        super().__init__(message)
+        self.results = results
+
+
 class TrainingStopped(Exception):
     """Training could not go on (e.g. non-finite gradients update after update); a checkpoint was kept."""
 

@@ -1,10 +1,15 @@
 """Audio decoding and the wav2vec2 input convention: 16 kHz mono float32, zero mean, unit variance."""
 
+import os
+import re
+
 import numpy as np
 import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16_000  # Hz, what every wav2vec2 / XLS-R checkpoint expects
+# Why a clip cannot be used, as the data report counts it (asr.data) and transcribe.py says it
+MISSING, EMPTY, UNREADABLE = "missing_file", "empty_file", "unreadable_audio"
 
 # The wav2vec2 convolutional feature encoder, (kernel, stride) per layer: 400-sample receptive
 # field, 320-sample hop, i.e. 50 frames per second at 16 kHz.
@@ -13,7 +18,8 @@ HOP = 320  # samples per encoder frame: the product of the strides
 
 
 def load(path, sample_rate: int = SAMPLE_RATE, speed: float = 1.0) -> np.ndarray:
-    """(samples,) float32 at `sample_rate`, channels averaged. Raises soundfile.LibsndfileError if corrupt.
+    """(samples,) float32 at `sample_rate`, channels averaged. Raises `AudioError` (reason, message) for a file
+    that is missing, empty or does not decode.
 
     Resampled by libsoxr (python-soxr, HQ: passband to 91% of Nyquist, 95 dB stop band), which keeps its
     filters between calls. torchaudio's `resample` designed a new windowed-sinc filter for every clip and was
@@ -23,11 +29,40 @@ def load(path, sample_rate: int = SAMPLE_RATE, speed: float = 1.0) -> np.ndarray
 
     speed: speed perturbation (`asr.augment`): the clip is read as if recorded at `speed` x its rate, so it
     lasts duration / speed, pitch and tempo changed together (sox `speed`); one resampling either way."""
-    wave, rate = sf.read(path, dtype="float32", always_2d=True)
+    try:
+        wave, rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as error:  # noqa: BLE001 (libsndfile raises several types)
+        raise AudioError(*problem(path, error)) from error
     wave = to_mono(wave)
     if rate * speed != sample_rate:
         wave = resample(wave, rate * speed, sample_rate)
     return wave
+
+
+class AudioError(Exception):
+    """A clip that cannot be used: `reason` (MISSING, EMPTY, UNREADABLE) and a message naming the file."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def problem(path, error: Exception | None = None) -> tuple[str, str]:
+    """(reason, message) of a file that did not load, given libsndfile's `error` if any: it does not exist,
+    is a directory, is empty (0 bytes), or does not decode as audio (libsndfile's words)."""
+    if not os.path.exists(path):
+        return MISSING, f"{path} does not exist"
+    if os.path.isdir(path):
+        return UNREADABLE, f"{path} is a directory, not an audio file"
+    if os.path.getsize(path) == 0:
+        return EMPTY, f"{path} is empty (0 bytes)"
+    if error is None:
+        try:
+            sf.info(path)
+        except Exception as raised:  # noqa: BLE001
+            error = raised
+    detail = re.sub(r"^Error opening .*?: ", "", str(error).strip().splitlines()[0]) if error else ""
+    return UNREADABLE, f"{path} does not decode as audio" + (f" ({detail.rstrip('.')})" if detail else "")
 
 
 def to_mono(wave: np.ndarray) -> np.ndarray:

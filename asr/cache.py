@@ -23,9 +23,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from asr import audio
+from asr.audio import MISSING
 
 log = logging.getLogger(__name__)
-MISSING, UNREADABLE = "missing_file", "unreadable_audio"
 
 
 def _parallel(fn, items: list, workers: int, desc: str):
@@ -107,12 +107,12 @@ def one_at_a_time(lock_file: Path):
 def _header_seconds(path: str) -> float | str:
     try:
         return sf.info(path).duration
-    except Exception:  # libsndfile raises several types for corrupt files
-        return UNREADABLE
+    except Exception as error:  # libsndfile raises several types for corrupt files
+        return audio.problem(path, error)[0]
 
 
 def durations(paths: list[str], cache_file: Path, workers: int) -> list[float | str]:
-    """Seconds of each clip from its header, or why it cannot be used (MISSING, UNREADABLE).
+    """Seconds of each clip from its header, or why it cannot be used (MISSING, EMPTY, UNREADABLE).
 
     Readable durations are cached in `cache_file` (JSON: path -> [mtime_ns, size, seconds]); only new or
     changed files are opened. Reading a header costs ~0.1 ms for a Common Voice MP3.
@@ -124,7 +124,7 @@ def durations(paths: list[str], cache_file: Path, workers: int) -> list[float | 
     fresh = dict(zip(todo, _parallel(_header_seconds, todo, workers, "reading clip headers")))
     log.info("%d clip headers read, %d from the cache (%s)", len(todo), len(paths) - len(todo), cache_file)
     for path in todo:
-        if fresh[path] != UNREADABLE:
+        if not isinstance(fresh[path], str):  # a reason is not cached: the file may be fixed
             cached[path] = [*stamp(path), fresh[path]]
     if todo:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

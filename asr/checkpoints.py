@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -39,6 +40,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(directory)  # the rename itself survives a crash of the node
         finally:
             os.close(directory)
+
+
+# What every checkpoint of this project holds (CTCModel.on_save_checkpoint, Lightning), beyond torch's own
+# format: a model rebuilds from them alone.
+KEYS = ("state_dict", "hyper_parameters", "wav2vec2_config")
+
+
+def problem(path: str | Path) -> str | None:
+    """Why `path` is not a checkpoint this project can load, or None. Checks that it is a zip archive with
+    its central directory (a file cut short by a full disk or a lost node has none), that torch opens it,
+    and that it holds `KEYS`. The tensors are mapped, not read (`mmap`): a check costs milliseconds at
+    any size."""
+    path = Path(path)
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        what = "empty" if size == 0 else f"{size:,} bytes but not the zip archive torch writes"
+        return f"{path} is not a readable checkpoint ({what}: cut short by a full disk or a lost node, or not a checkpoint)"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 (torch raises RuntimeError, pickle and zip errors alike)
+        return f"{path} is not a readable checkpoint (torch: {str(error).strip().splitlines()[0]})"
+    missing = [key for key in KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else list(KEYS)
+    if missing:
+        return f"{path} is not a checkpoint of train.py (it lacks {', '.join(missing)})"
+    return None
+
+
+def verified(path: str, setting: str = "ckpt_path") -> str:
+    """`path` when it is a checkpoint this project can load (`problem`); else SetupError saying why, naming the
+    readable checkpoints beside it and the override (`setting`=...) that picks one."""
+    why = problem(path)
+    if why is None:
+        return path
+    folder = Path(path).absolute().parent
+    others = sorted((p for p in folder.glob("*.ckpt") if p.name != Path(path).name and problem(p) is None),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    if others:
+        listed = ", ".join(f"{p.name} (update {_update(p)})" for p in others)
+        why += f". Readable beside it: {listed}; the newest: {setting}={others[0]}"
+    else:
+        why += f". No readable checkpoint beside it: give another ({setting}=<a .ckpt>)"
+    raise SetupError(why)
+
+
+def _update(path: Path) -> int:
+    """The optimizer update a checkpoint was saved at (its tensors are not read)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
 
 
 def run_dir_of(checkpoint: str | Path) -> Path | None:
@@ -105,7 +153,7 @@ def best_checkpoint(ckpt_path: str) -> str:
     what is there otherwise."""
     path = Path(ckpt_path)
     if path.is_file():
-        return ckpt_path
+        return verified(ckpt_path)
     if not path.is_dir():
         raise SetupError(f"ckpt_path={ckpt_path} does not exist: give a checkpoint (<run>/checkpoints/*.ckpt) "
                          f"or a run directory.")
@@ -114,6 +162,6 @@ def best_checkpoint(ckpt_path: str) -> str:
     if results.is_file():
         best = json.loads(results.read_text()).get("best_checkpoint")
         if best and Path(best).is_file():
-            return best
+            return verified(best)
     best = sorted(checkpoint_dir.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return str(best[-1]) if best else str(last_checkpoint(checkpoint_dir, f"ckpt_path={ckpt_path}"))
+    return verified(str(best[-1]) if best else str(last_checkpoint(checkpoint_dir, f"ckpt_path={ckpt_path}")))

@@ -103,6 +103,30 @@ def check_allocation(devices, num_nodes: int) -> None:
                          f"or change the allocation.")
 
 
+def check_machine(trainer) -> None:
+    """SetupError, with the override that works, for settings this machine cannot honour and that Lightning
+    would otherwise swap silently: precision=16 without CUDA (Lightning trains in bf16 instead),
+    trainer.devices > 1 without GPUs (Lightning starts that many CPU processes and multiplies the batch),
+    unless trainer.accelerator=cpu asks for CPU processes; precision=bf16 on a GPU without bf16. `trainer`:
+    the trainer node of a run config."""
+    accelerator, devices, precision = str(trainer.accelerator), trainer.devices, str(trainer.precision)
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise SetupError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: leave "
+                         f"trainer.accelerator=auto (the CPU here) or run on a GPU node.")
+    if precision.startswith("16") and not cuda:
+        raise SetupError(f"precision=16 is fp16 mixed precision, which needs a CUDA GPU; this run would be on the "
+                         f"CPU, where Lightning trains in bf16 instead: give precision=bf16 or precision=32.")
+    if precision.startswith("bf16") and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise SetupError(f"precision=bf16 needs a GPU with bf16 (Ampere or newer); {torch.cuda.get_device_name()} "
+                         f"has none: give precision=16 (fp16 with loss scaling) or precision=32.")
+    many = (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1)
+    if many and accelerator == "auto" and not torch.cuda.is_available() and launched_by() is None:
+        raise SetupError(f"trainer.devices={devices} counts GPUs, and this machine has none: give trainer.devices=1, "
+                         f"or trainer.accelerator=cpu to train in {devices} CPU processes (DDP over gloo, "
+                         f"{devices}x the batch per update unless update_clips/update_seconds fix it).")
+
+
 def world_size(devices, num_nodes: int) -> int:
     """Processes of the run, from the config or, under srun/torchrun, from the launcher."""
     launched = launched_by()

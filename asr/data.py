@@ -20,6 +20,7 @@ from asr.augment import NONE, Augment, Choice, mix
 from asr.batching import DurationBatchSampler
 
 log = logging.getLogger(__name__)
+AUDIO_PROBLEMS = (audio.MISSING, audio.EMPTY, audio.UNREADABLE)  # drop reasons of a clip's file
 CODEC_SLACK = 0.1  # seconds a clip may decode longer than stated and be cut to fit its batch (MP3 codec padding)
 LISTING_VERSION = 2  # of the prepared listing's columns; a change makes every cached listing stale
 
@@ -57,10 +58,9 @@ class UtteranceDataset(Dataset):
         utt_id, path, transcript, language = (self._columns[n][row].as_py() for n in ("id", "path", "text", "language"))
         try:
             wave = audio.load(path, speed=choice.factor)
-        except Exception as error:  # libsndfile raises several types
-            reason = cache.UNREADABLE if os.path.exists(path) else cache.MISSING
-            log.warning("skipping %s: %s (%s: %s)", utt_id, path, reason, error)
-            return {"id": utt_id, "dropped": reason}
+        except audio.AudioError as error:
+            log.warning("skipping %s: %s", utt_id, error)
+            return {"id": utt_id, "dropped": error.reason}
         seconds = None if self.clips.seconds is None else float(self.clips.seconds[i]) / choice.factor
         item = {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
                 "language": language, "seconds": seconds}
@@ -262,14 +262,14 @@ def check_split(clips: corpora.Clips, seconds: np.ndarray, problems: dict[int, s
     in dev and test they are scored, as any other utterance, and unseen characters count as `[UNK]`.
 
     Returns the kept clips (with `seconds`) and a report
-    {"kept": n, "dropped": {reason: n}, "examples": {reason: [ids]}, "unk_characters": n, "seconds": s}.
+    {"kept": n, "dropped": {reason: n}, "examples": {reason: [ids]}, "unk_characters": n, "unk_examples":
+    [up to 10 of those characters], "seconds": s}. A dropped file's example is its id and why (`example`).
     """
     frames = clips.column("frames")
     samples = (np.nan_to_num(seconds) * audio.SAMPLE_RATE).astype(np.int64)
     reason = np.full(len(clips), -1, dtype=np.int8)  # index into `reasons`; the first that applies
-    reasons = [cache.MISSING, cache.UNREADABLE, "too_short", "too_long", "empty_transcript",
-               "transcript_longer_than_frames"]
-    checks = [np.zeros(len(clips), bool) for _ in range(2)]
+    reasons = [*AUDIO_PROBLEMS, "too_short", "too_long", "empty_transcript", "transcript_longer_than_frames"]
+    checks = [np.zeros(len(clips), bool) for _ in AUDIO_PROBLEMS]
     for i, problem in problems.items():
         checks[reasons.index(problem)][i] = True
     checks += [seconds < min_seconds, seconds > max_seconds, frames == 0,
@@ -281,20 +281,29 @@ def check_split(clips: corpora.Clips, seconds: np.ndarray, problems: dict[int, s
     if int(metadata.get(b"malformed_rows", 0)):
         dropped["malformed_row"] = int(metadata[b"malformed_rows"])
         examples["malformed_row"] = json.loads(metadata[b"malformed_lines"])[:5]
-    ids = clips.arrow("id")
+    ids, paths = clips.arrow("id"), clips.arrow("path")
     for code, name in enumerate(reasons):
         where = np.flatnonzero(reason == code)
         if len(where):
             dropped[name] = len(where)
-            examples[name] = ids.take(where[:5]).to_pylist()
+            examples[name] = [example(i, p, name) for i, p in zip(ids.take(where[:5]).to_pylist(),
+                                                                 paths.take(where[:5]).to_pylist())]
     kept = clips.select(reason < 0)
     kept.seconds = seconds[reason < 0]
     unknown = characters(kept) - {" " if t == text.WORD_DELIMITER else t for t in vocab.tokens}
     transcripts = kept.column("text") if unknown else []
-    unk = sum(t.count(c) for t in transcripts for c in unknown)
-    report = {"kept": len(kept), "dropped": dropped, "examples": examples, "unk_characters": unk,
+    counts = {c: sum(t.count(c) for t in transcripts) for c in unknown}
+    report = {"kept": len(kept), "dropped": dropped, "examples": examples, "unk_characters": sum(counts.values()),
+              # the commonest of them, most frequent first
+              "unk_examples": sorted(counts, key=lambda c: (-counts[c], c))[:10],
               "seconds": round(float(kept.seconds.sum()), 2)}
     return kept, report
+
+
+def example(utt_id: str, path: str | None, reason: str) -> str:
+    """A data report example of a dropped clip: its id, and for a file that cannot be used the message
+    transcribe.py gives (`audio.problem`: does not exist, is empty, does not decode as audio)."""
+    return f"{utt_id}: {audio.problem(path)[1]}" if reason in AUDIO_PROBLEMS and path else utt_id
 
 
 def durations(clips: corpora.Clips, cache_file: Path, workers: int) -> tuple[np.ndarray, dict[int, str]]:
@@ -312,7 +321,7 @@ def durations(clips: corpora.Clips, cache_file: Path, workers: int) -> tuple[np.
         mask = pa.array(stated)
         found = cache.existing(clips.arrow("folder").filter(mask), clips.arrow("name").filter(mask))
         for i in np.flatnonzero(stated)[~found]:
-            problems[int(i)] = cache.MISSING
+            problems[int(i)] = audio.MISSING
     probe = np.flatnonzero(~stated)
     if len(probe):
         probed = cache.durations(clips.arrow("path").take(probe).to_pylist(), cache_file, workers)
@@ -484,9 +493,13 @@ class SpeechDataModule(L.LightningDataModule):
                                       self.hparams.cache_format)
         readable = np.array([c is not None for c in copies], dtype=bool)
         if not readable.all():
-            ids = kept.arrow("id").filter(pa.array(~readable)).to_pylist()
-            report["dropped"][cache.UNREADABLE] = report["dropped"].get(cache.UNREADABLE, 0) + len(ids)
-            report["examples"].setdefault(cache.UNREADABLE, []).extend(ids[:5])
+            failed = pa.array(~readable)
+            ids, paths = kept.arrow("id").filter(failed).to_pylist(), kept.arrow("path").filter(failed).to_pylist()
+            for utt_id, path in zip(ids, paths):
+                why = audio.problem(path)[0]
+                report["dropped"][why] = report["dropped"].get(why, 0) + 1
+                if len(report["examples"].setdefault(why, [])) < 5:
+                    report["examples"][why].append(example(utt_id, path, why))
         table = kept.table.take(kept.rows).filter(pa.array(readable))
         table = table.set_column(table.column_names.index("path"), "path",
                                  pa.array([c for c in copies if c is not None], pa.string()))
@@ -503,14 +516,14 @@ class SpeechDataModule(L.LightningDataModule):
             if utt_id not in seen:
                 seen.add(utt_id)
                 report["dropped"][reason] = report["dropped"].get(reason, 0) + 1
-                examples = report["examples"].setdefault(reason, [])
-                if len(examples) < 5:
-                    examples.append(utt_id)
                 report["kept"] -= 1
                 clips = self.utterances.get(split)
                 where = pc.index(clips.arrow("id"), utt_id).as_py() if clips is not None else -1
                 if where >= 0:  # its seconds too (rare: a lookup by id)
                     report["seconds"] = round(report["seconds"] - float(clips.seconds[where]), 2)
+                examples = report["examples"].setdefault(reason, [])
+                if len(examples) < 5:
+                    examples.append(example(utt_id, clips.arrow("path")[where].as_py() if where >= 0 else None, reason))
                 report["met_while_loading"] = report.get("met_while_loading", 0) + 1
 
     @property

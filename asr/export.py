@@ -64,13 +64,15 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
 
 
 def main(argv: list[str]) -> None:
-    from asr import cli
+    from asr import checkpoints, cli
     from asr.config import decoding_defaults
 
     args, _ = cli.parse("export", argv)
     ckpt_path, lm_path = Path(args.ckpt_path).expanduser(), args.lm_path and Path(args.lm_path).expanduser()
     if not ckpt_path.is_file():
         sys.exit(f"error: ckpt_path={ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
+    if why := checkpoints.problem(ckpt_path):
+        sys.exit(f"error: {why}")
     if lm_path and not lm_path.is_file():
         sys.exit(f"error: lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
     defaults = decoding_defaults()  # alpha and beta as evaluate.py's

@@ -11,6 +11,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from asr import rundir
+
 HEADER = ("| Training Loss | Epoch | Step | Validation Loss | Wer    | Cer    |\n"
           "|:-------------:|:-----:|:----:|:---------------:|:------:|:------:|\n")
 
@@ -21,15 +23,17 @@ def table_row(row: dict) -> str:
 
 
 class RunReport(L.Callback):
-    """Counts training audio, padding and time; writes results.md after each evaluation and
-    results.json at the end of fit into `run_dir`.
+    """Counts training audio, padding and time; writes results.md and results.json into `run_dir` after
+    each evaluation (results.json's `state`: training; a killed run's stays so) and at the end (complete,
+    requeued or stopped). During training its totals are rank 0's; at the end, all ranks' summed.
 
     Its state is in every checkpoint, so a resumed run (a requeued job, `ckpt_path=last`) keeps the
     evaluations and totals from before the restart. Totals are per rank and summed at the end: a
     checkpoint holds rank 0's, which only rank 0 restores (each rank's are not gathered at a save)."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, batch_per_update: dict | None = None):
         self.run_dir = Path(run_dir)
+        self.batch_per_update = batch_per_update  # in results.json (asr.cluster.batch_per_update)
         self.rows: list[dict] = []
         self.audio_seconds = self.padded_seconds = 0.0
         self.truncated_seconds = 0.0  # codec padding cut from clips that decode longer than stated (asr.data.collate)
@@ -121,7 +125,8 @@ class RunReport(L.Callback):
         self.loss_sum.zero_()
         self.loss_count.zero_()
         if trainer.is_global_zero:
-            (self.run_dir / "results.md").write_text(HEADER + "".join(map(table_row, self.rows)))
+            rundir.write(self.run_dir / "results.md", HEADER + "".join(map(table_row, self.rows)))
+            self.write_results(state="training", batch_per_update=self.batch_per_update)
             self.write_curves()
 
     def _read_curve(self) -> None:
@@ -160,7 +165,8 @@ class RunReport(L.Callback):
         return {
             **{k: best[k] for k in ("val_loss", "val_wer", "val_cer", "step", "epoch") if k in best},
             "train_audio_seconds": self.audio_seconds,
-            "train_seconds": self.train_seconds,
+            "train_seconds": self.train_seconds if self.train_seconds is not None else self.seconds_before + (
+                time.perf_counter() - self.started if self.started else 0.0),
             # padded audio / all audio the encoder saw in training batches
             "padding_fraction": 1 - self.audio_seconds / self.padded_seconds if self.padded_seconds else 0.0,
             # codec padding cut from clips that decoded longer than their stated duration (asr.data.CODEC_SLACK)
@@ -174,7 +180,7 @@ class RunReport(L.Callback):
 
     def write_results(self, **extra) -> dict:
         results = self.results(**extra)
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        rundir.write(self.run_dir / "results.json", json.dumps(results, indent=1))
         return results
 
 

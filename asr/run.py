@@ -5,6 +5,7 @@ train.py, the benchmarks and the tests build their runs here. Overrides (of the 
 arguments `assemble` takes) may shrink a run; nothing retypes it.
 """
 
+import json
 import logging
 import math
 import os
@@ -12,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from asr import Requeued, SetupError, TrainingStopped, checkpoints, cluster, console, search, speed, tracking
+from asr import Complete, Requeued, SetupError, TrainingStopped, checkpoints, cluster, console, rundir, search, speed, tracking
 from asr.config import checked, command_line_changes, expand_path
 from asr.data import SpeechDataModule
 from asr.export import export
@@ -56,14 +58,16 @@ class Run:
         requeue = next((c for c in self.callbacks if isinstance(c, cluster.Requeue) and c.saved), None)
         if requeue is not None:
             if self.trainer.is_global_zero:
-                self.report.write_results(requeue_checkpoint=str(requeue.saved), batch_per_update=self.batch)
+                self.report.write_results(state="requeued", requeue_checkpoint=str(requeue.saved),
+                                          batch_per_update=self.batch)
             how = f"SLURM job {requeue.requeued} requeued" if requeue.requeued else "run the same command to resume"
             raise Requeued(f"signalled at update {self.trainer.global_step}: saved {requeue.saved}; {how}")
         if self.model.stop_reason:  # every rank stops alike; the state is kept for a look or a restart
             stopped = self.dir / "checkpoints" / f"stopped-step{self.trainer.global_step}.ckpt"
             self.trainer.save_checkpoint(stopped, weights_only=False)
             if self.trainer.is_global_zero:
-                self.report.write_results(stopped_checkpoint=str(stopped), stop_reason=self.model.stop_reason)
+                self.report.write_results(state="stopped", stopped_checkpoint=str(stopped),
+                                          stop_reason=self.model.stop_reason)
             raise TrainingStopped(f"{self.model.stop_reason} Its state: {stopped}")
         last = next((c for c in self.trainer.checkpoint_callbacks if c.filename == "last"), None)  # callbacks.last
         if last is not None and last._last_global_step_saved != self.trainer.global_step:  # updates after its save
@@ -130,6 +134,7 @@ def resumed(cfg: DictConfig) -> DictConfig:
     any data is read. A run that does not resume keeps `cfg`."""
     run_dir = Path(expand_path(cfg.run_dir)).absolute()
     ckpt = checkpoints.resume_checkpoint(expand_path(cfg.ckpt_path), run_dir / "checkpoints")
+    ckpt = ckpt and checkpoints.verified(ckpt)  # readable, with this project's keys; else the others named
     source = ckpt and checkpoints.run_dir_of(ckpt)
     if not source or not (source / "config.yaml").is_file():
         if ckpt:
@@ -161,7 +166,7 @@ def resumed(cfg: DictConfig) -> DictConfig:
 
 
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:
-    """config.yaml, written atomically; a config.yaml of an earlier start is kept as config.<n>.yaml (as the
+    """config.yaml, written whole (`rundir.write`); a config.yaml of an earlier start is kept as config.<n>.yaml (as the
     CSV logger keeps metrics.<n>.csv). Rank 0 only: other ranks may be reading it (`resumed`)."""
     if rank_zero_only.rank != 0:
         return
@@ -169,9 +174,7 @@ def _write_config(cfg: DictConfig, run_dir: Path) -> None:
     if path.is_file():
         n = 1 + sum(1 for _ in run_dir.glob("config.*.yaml"))
         (run_dir / f"config.{n}.yaml").write_bytes(path.read_bytes())
-    partial = path.with_name(f".config.yaml.{os.getpid()}.partial")
-    partial.write_text(OmegaConf.to_yaml(cfg))
-    os.replace(partial, path)
+    rundir.write(path, OmegaConf.to_yaml(cfg))
 
 
 def _warn_cpu_oversubscription(trainer: L.Trainer) -> None:
@@ -187,8 +190,10 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     (a benchmark's `limit_val_batches=0`, a test's `max_steps`)."""
     cfg = checked(cfg, "train")  # resolved, and every key and type checked against the code
     speed.configure_cuda_allocator(cfg.model.expandable_segments)  # before anything initialises CUDA
+    cluster.check_machine(cfg.trainer)  # no setting that Lightning would swap for another
     run_dir = Path(cfg.run_dir)
     ckpt_path = checkpoints.resume_checkpoint(cfg.ckpt_path, run_dir / "checkpoints")  # before any data is read
+    ckpt_path = ckpt_path and checkpoints.verified(ckpt_path)
     console.quiet_libraries(resuming=bool(ckpt_path) and checkpoints.run_dir_of(ckpt_path) == run_dir.absolute())
     cluster.check_allocation(cfg.trainer.devices, cfg.trainer.num_nodes)
     batch = cluster.batch_of(cfg)
@@ -201,14 +206,14 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     if group := wandb_args.pop("group", None):
         with open_dict(cfg):
             cfg.logger.group = group  # in config.yaml: evaluate.py logs its eval runs into this group
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, run_dir)
-    L.seed_everything(cfg.seed, workers=True)
-
     data = instantiate(cfg.data, _convert_="all")
     problems = [p for p in (data.check(), check_pretrained(cfg.model.pretrained)) if p]
     if problems:
         raise SetupError("\n".join(problems))
+    rundir.hold(run_dir)  # one process per run directory, from its first write on
+    _write_config(cfg, run_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
     resumed_from = ckpt_path and checkpoints.run_dir_of(ckpt_path)
     if resumed_from and (resumed_from / "vocab.json").is_file():
         data.vocab = Vocabulary.load(resumed_from / "vocab.json")  # the checkpoint's, whatever the transcripts say
@@ -220,9 +225,11 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
 
     logger = instantiate(cfg.logger, **tracking.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path)),
                          **wandb_args) if cfg.logger else False
-    report = RunReport(run_dir)
+    report = RunReport(run_dir, batch)
     pruning = search.for_this_job()  # a trial of a search reports its evaluations to the study
     summary = cfg.trainer.get("enable_model_summary", True) is not False and trainer_args.get("enable_model_summary", True)
+    if cfg.trainer.get("enable_progress_bar", True) is False or trainer_args.get("enable_progress_bar", True) is False:
+        configured = [c for c in configured if not isinstance(c, console.Progress)]  # Lightning refuses a bar then
     callbacks = [*configured, report, *([pruning] if pruning else []), *([console.ModelSummary()] if summary else []),
                  *callbacks]
     world = batch["world_size"]
@@ -251,7 +258,8 @@ def conclude(run: Run) -> dict:
     export(CTCModel.from_checkpoint(best) if best else run.model.cpu(), run.dir / "model")
     first = {} if run.report.rows else {"updates": run.trainer.global_step,
                                         "first_evaluation_at_update": run.first_evaluation()}
-    results = run.report.write_results(best_checkpoint=best or None, batch_per_update=run.batch, **first,
+    results = run.report.write_results(state="complete", best_checkpoint=best or None, batch_per_update=run.batch,
+                                       **first,
                                        **({"pruned_at_step": run.pruning.pruned_at_step} if run.pruning else {}))
     run.report.write_curves()
     tracking.summarize(results)
@@ -261,9 +269,39 @@ def conclude(run: Run) -> dict:
     return results
 
 
+def nothing_left(cfg: DictConfig) -> None:
+    """`Complete` when the checkpoint a run resumes from (`cfg.ckpt_path`, as `resumed` set it) is already at
+    the end of its schedule: trainer.max_steps updates, or without them trainer.max_epochs epochs. Read before
+    anything is built or written: the run directory stays as it was."""
+    ckpt = checkpoints.resume_checkpoint(expand_path(cfg.ckpt_path), Path(expand_path(cfg.run_dir)) / "checkpoints")
+    if not ckpt:
+        return
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    update, epoch = state.get("global_step", 0), state.get("epoch", 0)
+    max_steps, max_epochs = cfg.trainer.max_steps, cfg.trainer.max_epochs
+    if max_steps is not None and max_steps > 0:
+        if update < max_steps:
+            return
+        limit = f"trainer.max_steps={max_steps}"
+    elif max_epochs is not None and max_epochs > 0 and epoch >= max_epochs:
+        limit = f"trainer.max_epochs={max_epochs}"
+    else:
+        return
+    source = checkpoints.run_dir_of(ckpt) or Path(ckpt).parent
+    results = source / "results.json"
+    raise Complete(f"{source} is complete at update {update} ({limit}); nothing is left to train. "
+                   f"trainer.max_steps=<more than {update}> goes on from {Path(ckpt).name}; its results "
+                   f"are as they were.", json.loads(results.read_text()) if results.is_file() else {})
+
+
 def train(cfg: DictConfig) -> dict:
     """Assemble (from the run's own config when it resumes: `resumed`), fit and conclude the run of a train
-    config: its results (results.json)."""
-    run = assemble(resumed(cfg))
-    run.fit()
-    return conclude(run)
+    config: its results (results.json). `Complete` when it resumes a run with nothing left to train."""
+    cfg = resumed(cfg)
+    nothing_left(cfg)
+    try:
+        run = assemble(cfg)
+        run.fit()
+        return conclude(run)
+    finally:
+        rundir.release()

@@ -103,8 +103,8 @@ def test_a_run_directory_as_ckpt_path_resumes_its_last_state_and_evaluates_its_b
     ckpts.mkdir()
     with pytest.raises(SetupError, match=f"no checkpoint in {ckpts} \\({ckpts} is empty\\)"):
         checkpoints.resume_checkpoint(str(tmp_path), ckpts)
-    for name in ("best-step4.ckpt", "last.ckpt"):
-        (ckpts / name).write_bytes(b"")
+    for name in ("best-step4.ckpt", "last.ckpt"):  # what a checkpoint of train.py holds at least (evaluate checks)
+        torch.save({key: {} for key in checkpoints.KEYS}, ckpts / name)
     assert checkpoints.resume_checkpoint(str(tmp_path), tmp_path / "elsewhere") == str(ckpts / "last.ckpt")
     assert checkpoints.resume_checkpoint("last", ckpts) == str(ckpts / "last.ckpt")
     assert checkpoints.best_checkpoint(str(tmp_path)) == str(ckpts / "best-step4.ckpt")

@@ -81,9 +81,10 @@ def test_transcribe_reports_a_bad_file_and_goes_on(barely_trained, cv_corpus, tm
     (tmp_path / "bad.mp3").write_bytes(b"\xff\xfb" + bytes(64))
     good = str(sorted((cv_corpus / "clips").glob("*.mp3"))[0])
     result = run("transcribe.py", f"model_path={barely_trained / 'model'}", audio_list([tmp_path / "bad.mp3", good]),
-                 "json=true")
-    assert "bad.mp3 does not decode" in result.stderr
+                 "json=true", check=False)
+    assert "bad.mp3 does not decode as audio" in result.stderr
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [good]
+    assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: 1 of 2 files failed")
 
 
 def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, barely_trained, tmp_path):

@@ -1,0 +1,68 @@
+"""Who writes a run directory, and how: one process per run directory, and files replaced whole.
+
+One process per run directory: a second train.py on a directory a live run writes into stops at once,
+naming the host and process that hold it.
+
+The lock is the kernel's (`fcntl.flock` on `<run>/.lock`): it dies with its process, so a run killed by
+SIGKILL, an OOM or a lost node never blocks its own resume or requeue. Rank 0 holds it for the whole run;
+the other ranks of a run are started by it (Lightning's launcher) or beside it (srun, torchrun) and do
+not take it. On a network file system flock is the server's lock (NFS v4: a byte-range lock on the
+file), so two nodes are kept apart too where the file system supports locks at all.
+"""
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from asr import SetupError, slurm_job_id
+
+LOCK = ".lock"  # in the run directory; it stays there, the lock itself ends with its process
+_held: dict[Path, int] = {}  # run directory -> descriptor: this process holds its lock
+
+
+def hold(run_dir: str | Path) -> None:
+    """Take the run directory's lock for this process (rank 0; others return), before anything is written
+    into it. SetupError naming the holder when another live process has it. Taking it again in the process
+    that holds it (a Hydra multirun's jobs, tests) is a no-op."""
+    if rank_zero_only.rank != 0:
+        return
+    run_dir = Path(run_dir).absolute()
+    if run_dir in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's line stays
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 1024).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SetupError(f"{run_dir} is in use by {holder}: one process trains in a run directory at a time. "
+                         f"Wait for it to end or stop it (a killed process frees it at once), or give another "
+                         f"hydra.run.dir.") from None
+    job = slurm_job_id()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}{f' (SLURM job {job})' if job else ''}\n".encode(), 0)
+    _held[run_dir] = fd
+
+
+def release() -> None:
+    """Give up the locks this process holds (its run ended); their files stay."""
+    while _held:
+        _, fd = _held.popitem()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def write(path: str | Path, text: str) -> None:
+    """`text` into `path` through a temporary file beside it and a rename: a reader (or a process killed
+    while it writes) sees the previous content or the new, never part of it."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
