@@ -26,11 +26,13 @@ from asr import cli
 def load_pipeline(model_path: str, device: str, out_dir: str):
     """(transformers ASR pipeline, language of the text rules) for a checkpoint or an exported directory."""
     from transformers import pipeline
+    from transformers.utils import logging as hf_logging
 
     from asr import checkpoints
     from asr.export import export
     from asr.model import CTCModel
 
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar: transcripts only on stdout, errors on stderr
     path = Path(model_path)
     if path.is_file():  # a Lightning checkpoint: export it next to nothing, in a temporary directory
         path = export(CTCModel.from_checkpoint(checkpoints.verified(model_path, "model_path")), out_dir)

@@ -62,6 +62,8 @@ def problem(path, error: Exception | None = None) -> tuple[str, str]:
         except Exception as raised:  # noqa: BLE001
             error = raised
     detail = re.sub(r"^Error opening .*?: ", "", str(error).strip().splitlines()[0]) if error else ""
+    if "does not exist" in detail:  # libsndfile's words for a stream its decoders all refused: misleading here
+        detail = ""
     return UNREADABLE, f"{path} does not decode as audio" + (f" ({detail.rstrip('.')})" if detail else "")
 
 

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import torch
 from lightning.pytorch.callbacks import RichModelSummary, TQDMProgressBar
+from transformers.utils import logging as hf_logging
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
 
 from asr import SetupError
@@ -34,6 +35,7 @@ def quiet_libraries(resuming: bool = False) -> None:
       fires wherever slurm-client is installed; inside an allocation it may mean a forgotten srun, so it stays;
     - Lightning's tips for litlogger and litmodels (advertisements, not about this run);
     - torch's deprecation of `LeafSpec` as Lightning's `_pytree` calls it (Lightning's to change, not the user's);
+    - transformers' progress bars (writing the exported model's one shard);
     - `resuming` a run in its own directory: that its checkpoint directory is not empty (it is the run's), and
       that the CSV logger will delete earlier logs (`tracking.logger_resume` kept them as metrics.<n>.csv).
     """
@@ -43,6 +45,7 @@ def quiet_libraries(resuming: bool = False) -> None:
     if not os.environ.get("SLURM_JOB_ID"):
         warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar of a one-file export
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _LITLOGGER_TIP not in rank_zero.filters:
         rank_zero.addFilter(_LITLOGGER_TIP)
@@ -91,7 +94,8 @@ class Progress(TQDMProgressBar):
         update 150/1500 (10%)  epoch 1.25  loss 2.8712  lr 2.94e-03  audio-s/s 201  elapsed 0:00:45  remaining 0:06:45
         evaluation at update 150: dev loss 2.6140  WER 0.9830  CER 0.6120
 
-    audio-s/s: real audio (padding excluded) per second of training since the previous line, evaluations
+    lr: the encoder's learning rate in the last update (the CSV's lr-AdamW/pg1 at that step). audio-s/s: real
+    audio (padding excluded) per second of training since the previous line, evaluations
     excluded; elapsed: since this process started training; remaining: the updates left at this start's pace.
     plain: auto (a line when stdout is not a terminal), true or false."""
 
@@ -124,6 +128,9 @@ class Progress(TQDMProgressBar):
         self._step = self._start_step = trainer.global_step
         self._started = self._line_at = time.perf_counter()
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._lr = optimizer.param_groups[0]["lr"]  # the rate of this update (the schedule steps after it)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if outputs is not None and batch["ids"]:
             loss = outputs["loss"].detach().float()
@@ -150,7 +157,7 @@ class Progress(TQDMProgressBar):
         done = step - self._start_step
         remaining = elapsed / done * max(0, total - step) if done else float("nan")
         rate = self._audio / max(now - self._line_at - self._excluded, 1e-9)
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        lr = getattr(self, "_lr", trainer.optimizers[0].param_groups[0]["lr"])
         return (f"update {step}/{total} ({step / max(1, total):.0%})  epoch {epoch:.2f}  loss {self.loss:.4f}  "
                 f"lr {lr:.2e}  audio-s/s {rate:.0f}  elapsed {_clock(elapsed)}  remaining {_clock(remaining)}")
 

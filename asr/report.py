@@ -144,7 +144,7 @@ class RunReport(L.Callback):
         plots.run_curves(self.run_dir / "curves.png", self.curve, self.rows)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.train_seconds = self.seconds_before + time.perf_counter() - self.started
+        self.train_seconds = self.seconds_before + (time.perf_counter() - self.started if self.started else 0.0)
         self.skipped_updates = pl_module.skipped_updates
         totals = trainer.strategy.reduce(
             torch.tensor([self.audio_seconds, self.padded_seconds, self.truncated_seconds, self.skipped_clips,

@@ -271,27 +271,28 @@ def conclude(run: Run) -> dict:
 
 def nothing_left(cfg: DictConfig) -> None:
     """`Complete` when the checkpoint a run resumes from (`cfg.ckpt_path`, as `resumed` set it) is already at
-    the end of its schedule: trainer.max_steps updates, or without them trainer.max_epochs epochs. Read before
+    the end of its schedule: trainer.max_steps updates or trainer.max_epochs epochs, whichever it set. Read before
     anything is built or written: the run directory stays as it was."""
     ckpt = checkpoints.resume_checkpoint(expand_path(cfg.ckpt_path), Path(expand_path(cfg.run_dir)) / "checkpoints")
     if not ckpt:
         return
     state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    update, epoch = state.get("global_step", 0), state.get("epoch", 0)
-    max_steps, max_epochs = cfg.trainer.max_steps, cfg.trainer.max_epochs
-    if max_steps is not None and max_steps > 0:
-        if update < max_steps:
-            return
-        limit = f"trainer.max_steps={max_steps}"
-    elif max_epochs is not None and max_epochs > 0 and epoch >= max_epochs:
-        limit = f"trainer.max_epochs={max_epochs}"
+    update = state.get("global_step", 0)
+    # epochs done: the epoch's counter, plus the epoch whose last batch it had trained (saved at its end)
+    batches = state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    epoch = state.get("epoch", 0) + bool(batches.get("is_last_batch"))
+    max_steps, max_epochs = cfg.trainer.max_steps or -1, cfg.trainer.max_epochs or -1
+    if 0 < max_steps <= update:  # Lightning stops at whichever limit comes first
+        limit, more = f"trainer.max_steps={max_steps}", f"trainer.max_steps=<more than {update}>"
+    elif 0 < max_epochs <= epoch:
+        limit, more = f"trainer.max_epochs={max_epochs}", f"trainer.max_epochs=<more than {epoch}>"
     else:
         return
     source = checkpoints.run_dir_of(ckpt) or Path(ckpt).parent
     results = source / "results.json"
-    raise Complete(f"{source} is complete at update {update} ({limit}); nothing is left to train. "
-                   f"trainer.max_steps=<more than {update}> goes on from {Path(ckpt).name}; its results "
-                   f"are as they were.", json.loads(results.read_text()) if results.is_file() else {})
+    raise Complete(f"{source} is complete at update {update} ({limit}); nothing is left to train. {more} goes "
+                   f"on from {Path(ckpt).name}; its results are as they were.",
+                   json.loads(results.read_text()) if results.is_file() else {})
 
 
 def train(cfg: DictConfig) -> dict:

@@ -27,7 +27,7 @@ def hold(run_dir: str | Path) -> None:
     """Take the run directory's lock for this process (rank 0; others return), before anything is written
     into it. SetupError naming the holder when another live process has it. Taking it again in the process
     that holds it (a Hydra multirun's jobs, tests) is a no-op."""
-    if rank_zero_only.rank != 0:
+    if rank_zero_only.rank != 0 or int(os.environ.get("NODE_RANK", 0) or 0) > 0:  # Lightning's own multi-node
         return
     run_dir = Path(run_dir).absolute()
     if run_dir in _held:

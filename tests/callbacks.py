@@ -49,3 +49,17 @@ class RecordUpdates(L.Callback):
         restart = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
         name = f"rank{trainer.global_rank}" + (f".restart{restart}" if restart else "")
         (self.out_dir / f"{name}.json").write_text(json.dumps(record))
+
+
+class Ballast(L.Callback):
+    """`megabytes` of zeros in every checkpoint (as this callback's state): a save takes long enough for a test
+    to kill the process while it writes."""
+
+    def __init__(self, megabytes: int):
+        self.megabytes = megabytes
+
+    def state_dict(self) -> dict:
+        return {"ballast": torch.zeros(self.megabytes * 2**20, dtype=torch.uint8)}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
