@@ -112,16 +112,8 @@ def evaluate(cfg: DictConfig) -> dict:
             data.count_dropped(role, batch["dropped"])
             if not batch["ids"]:
                 continue
-            mask = batch["attention_mask"].to(device)
-            logits = model.model(batch["audio"].to(device), attention_mask=mask).logits
-            frames = model.frames(batch["lengths"])
-            greedy = model.transcribe(logits, frames)
-            hypotheses = greedy
-            if decoder is not None:  # one utterance's log-probabilities at a time, on the host
-                log_probs = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
-                # decode_beams, as Wav2Vec2ProcessorWithLM and the pipeline call it (decode() prunes history)
-                hypotheses = [text.normalize(decoder.decode_beams(lp[:n], beam_width=cfg.beam_width)[0][0],
-                                             model.hparams.language) for lp, n in zip(log_probs, frames.tolist())]
+            decoded = model.decode(batch, decoder, cfg.beam_width)  # as validation decodes
+            greedy, hypotheses = decoded.greedy, decoded.hypotheses
             errors.update(batch["texts"], hypotheses, batch["languages"])
             greedy_errors.update(batch["texts"], greedy, batch["languages"])
             for utt_id, tag, reference, hypothesis, best_path in zip(batch["ids"], batch["languages"], batch["texts"],

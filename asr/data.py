@@ -78,9 +78,10 @@ class UtteranceDataset(Dataset):
 
 
 def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None, pooled: bool = False) -> dict:
-    """Pad a batch. audio: (B, S) float32 at 16 kHz; attention_mask: (B, S) bool, True on real samples;
-    labels: (B, L) ids padded with -100 (ignored by the CTC loss). lengths (samples) and label_lengths
-    are host lists, which Lightning leaves on the host: the loss needs them there. `shape` is (B, S).
+    """Pad a batch. audio: (B, S) float32 at 16 kHz, zeros past each clip; labels: (B, L) ids padded with -100
+    (ignored by the CTC loss). lengths (samples) and label_lengths are host lists, which Lightning leaves on
+    the host: the encoder pass and the loss take them there, so no (B, S) mask is built or sent to the device
+    (`attention_mask` makes HF's from them). `shape` is (B, S).
 
     shapes: the batch plan's (clips, samples) shapes (`DurationBatchSampler.shapes`). The batch is padded
     to the shortest one with its number of clips that holds its longest clip as the plan measured it
@@ -113,20 +114,16 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None, pool
     pool = _SharedPool.of_this_worker() if pooled else None
     slot = pool.next() if pool is not None else None
     batch_audio = _empty((len(items), samples), torch.float32, slot, "audio")
-    mask = _empty((len(items), samples), torch.bool, slot, "attention_mask")
     labels = _empty((len(items), width), torch.long, slot, "labels")
     # Filled through numpy views (cheaper per row than torch indexing); every element is written once.
-    rows, masks, ids = batch_audio.numpy(), mask.numpy(), labels.numpy()
+    rows, ids = batch_audio.numpy(), labels.numpy()
     ids.fill(-100)
     for i, item in enumerate(items):
         rows[i, : lengths[i]] = item["audio"][: lengths[i]]
         rows[i, lengths[i] :] = 0
-        masks[i, : lengths[i]] = True
-        masks[i, lengths[i] :] = False
         ids[i, : label_lengths[i]] = item["labels"]
     return {
         "audio": batch_audio,
-        "attention_mask": mask,
         "labels": labels,
         "lengths": lengths,
         "label_lengths": label_lengths,
@@ -145,6 +142,12 @@ def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None, pool
             "noise_skipped": [item["noise_skipped"] for item in items if "noise_skipped" in item]}
            if any("augment" in item for item in items) else {}),
     }
+
+
+def attention_mask(lengths: list[int], samples: int) -> torch.Tensor:
+    """(B, samples) bool, True on each clip's samples: the mask HF's Wav2Vec2 forward takes, for code that
+    calls it (our encoder pass takes the host `lengths` instead)."""
+    return torch.arange(samples)[None, :] < torch.tensor(lengths)[:, None]
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, slot: dict | None = None, name: str = "") -> torch.Tensor:

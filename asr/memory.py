@@ -78,9 +78,8 @@ def warmup_batch(lengths: list[int], samples: int, vocab_size: int, generator: t
     labels = torch.randint(0, vocab_size - 1, (clips, max(label_lengths)), generator=generator)
     labels[torch.arange(labels.shape[1])[None, :] >= torch.tensor(label_lengths)[:, None]] = -100
     noise = torch.randn(clips, samples, generator=generator) * mask
-    return {"ids": [f"warmup-{i}" for i in range(clips)], "audio": noise,
-            "attention_mask": mask, "labels": labels, "lengths": list(lengths), "label_lengths": label_lengths,
-            "shape": (clips, samples), "audio_seconds": sum(lengths) / audio.SAMPLE_RATE,
+    return {"ids": [f"warmup-{i}" for i in range(clips)], "audio": noise, "labels": labels, "lengths": list(lengths),
+            "label_lengths": label_lengths, "shape": (clips, samples), "audio_seconds": sum(lengths) / audio.SAMPLE_RATE,
             "padded_seconds": clips * samples / audio.SAMPLE_RATE}
 
 
@@ -307,7 +306,6 @@ def synthetic_batch(clips: int, seconds: float, vocab_size: int, device: torch.d
     label_length = max(1, int(15 * seconds))
     generator = torch.Generator().manual_seed(0)
     return {"ids": [str(i) for i in range(clips)], "audio": torch.randn(clips, samples, generator=generator).to(device),
-            "attention_mask": torch.ones(clips, samples, dtype=torch.long, device=device),
             "lengths": [samples] * clips, "label_lengths": [label_length] * clips,
             "labels": torch.randint(0, vocab_size - 1, (clips, label_length), generator=generator).to(device)}
 

@@ -1,4 +1,6 @@
-"""Corpus-level error rates: total edits / total reference units, as jiwer and torchmetrics compute them.
+"""Corpus-level error rates: total edits / total reference units, as jiwer computes them (tested). One
+count (`count`) for every figure: validation's metrics (`ErrorRate`, summed over batches and ranks on the
+device) and evaluate.py's (`ErrorRates`, per language tag).
 
 WER counts words (split on spaces), CER characters (spaces included, as jiwer), MER the mixed units of
 code-switched Mandarin-English (each Han character, each English word; `text.mixed_tokens`). Counts are
@@ -7,11 +9,62 @@ kept per language tag, so ASCEND's zh / en / mixed utterances get their own figu
 
 from collections import defaultdict
 
+import torch
 from torchaudio.functional import edit_distance
+from torchmetrics import Metric
 
 from asr.text import mixed_tokens
 
 UNITS = {"wer": str.split, "cer": list, "mer": mixed_tokens}
+
+
+def count(reference: str, hypothesis: str, metric: str) -> tuple[int, int]:
+    """(edits, reference units) of one utterance for `metric` (wer, cer or mer)."""
+    units = UNITS[metric]
+    ref = units(reference)
+    return edit_distance(ref, units(hypothesis)), len(ref)
+
+
+class ErrorRate(Metric):
+    """One corpus-level rate (`metric`: wer, cer or mer) as a torchmetrics Metric: edits and reference units
+    summed over batches, and over ranks at `compute`."""
+
+    full_state_update = False
+
+    def __init__(self, metric: str):
+        super().__init__()
+        if metric not in UNITS:
+            raise ValueError(f"metric={metric!r}: one of {', '.join(UNITS)}")
+        self.metric = metric
+        self.add_state("edits", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("units", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, references: list[str], hypotheses: list[str]) -> None:
+        counts = [count(r, h, self.metric) for r, h in zip(references, hypotheses, strict=True)]
+        self.edits += sum(c[0] for c in counts)
+        self.units += sum(c[1] for c in counts)
+
+    def compute(self) -> torch.Tensor:
+        return self.edits.float() / self.units
+
+
+class Share(Metric):
+    """Counted / seen, summed over batches (and ranks) on the device: no host read per update, unlike
+    torchmetrics' MeanMetric (its NaN check reads the device; with the check off it drops the weights)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("counted", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("seen", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, counted: torch.Tensor | int, seen: torch.Tensor | int) -> None:
+        self.counted += counted
+        self.seen += seen
+
+    def compute(self) -> torch.Tensor:
+        return self.counted.float() / self.seen.clamp(min=1)
 
 
 def utterance_cer(reference: str, hypothesis: str) -> float:
@@ -23,6 +76,8 @@ def utterance_cer(reference: str, hypothesis: str) -> float:
 
 
 class ErrorRates:
+    """WER, CER and MER over a whole split, and per language tag (evaluate.py)."""
+
     def __init__(self):
         # (tag, metric) -> [edits, reference units]
         self.counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -32,11 +87,11 @@ class ErrorRates:
         for i, (reference, hypothesis) in enumerate(zip(references, hypotheses, strict=True)):
             tag = tags[i] if tags else ""
             self.utterances[tag] += 1
-            for metric, units in UNITS.items():
-                ref = units(reference)
-                count = self.counts[tag, metric]
-                count[0] += edit_distance(ref, units(hypothesis))
-                count[1] += len(ref)
+            for metric in UNITS:
+                edits, units = count(reference, hypothesis, metric)
+                counts = self.counts[tag, metric]
+                counts[0] += edits
+                counts[1] += units
 
     def rates(self, tag: str | None = None) -> dict[str, float]:
         """{"wer", "cer", "mer"} over every utterance, or over those of one language tag."""

@@ -1,17 +1,17 @@
 """The LightningModule around the network (`asr.encoder.SyncFreeWav2Vec2ForCTC`): training and evaluation
 steps, the CTC loss, WER/CER/MER, the guard against non-finite updates, AdamW and its schedule."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from torchmetrics import Metric
-from torchmetrics.text import CharErrorRate, WordErrorRate
 from transformers import Wav2Vec2Config
 from transformers.modeling_outputs import CausalLMOutput
 
 from asr import SetupError, ctc, schedules, speed, text
 from asr.encoder import SyncFreeWav2Vec2ForCTC
+from asr.metrics import ErrorRate, Share
 from asr.speed import PRECISION_DTYPE, LateRead
 from asr.text import Vocabulary
 
@@ -75,23 +75,15 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
     return model
 
 
-class Share(Metric):
-    """Counted / seen, summed over batches (and ranks) on the device: no host read per update, unlike
-    torchmetrics' MeanMetric (its NaN check reads the device; with the check off it drops the weights)."""
+@dataclass
+class Decoded:
+    """A batch as `CTCModel.decode` transcribed it: logits (B, T, V), frames (B,) of each clip, the greedy
+    transcripts, and the decoder's (the greedy ones when decoding greedily)."""
 
-    full_state_update = False
-
-    def __init__(self):
-        super().__init__()
-        self.add_state("counted", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("seen", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, counted: torch.Tensor | int, seen: torch.Tensor | int) -> None:
-        self.counted += counted
-        self.seen += seen
-
-    def compute(self) -> torch.Tensor:
-        return self.counted.float() / self.seen.clamp(min=1)
+    logits: torch.Tensor
+    frames: torch.Tensor
+    greedy: list[str]
+    hypotheses: list[str]
 
 
 class CTCModel(L.LightningModule):
@@ -142,9 +134,9 @@ class CTCModel(L.LightningModule):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
             self.model.wav2vec2.feature_extractor.compile(dynamic=False)
         self._kept_in_compute_dtype: list[str] = []  # feature encoder parameters cast for the fit
-        self.val_wer, self.val_cer = WordErrorRate(), CharErrorRate()
-        # Mixed error rate (Mandarin by character, English by word): WER over `text.mixed_tokens`.
-        self.val_mer = WordErrorRate() if text.is_chinese(language) else None
+        self.val_wer, self.val_cer = ErrorRate("wer"), ErrorRate("cer")  # asr.metrics: equal to jiwer's
+        # Mixed error rate (Mandarin by character, English by word): edits over `text.mixed_tokens`.
+        self.val_mer = ErrorRate("mer") if text.is_chinese(language) else None
         # The CTC blank plateau (asr.plateau): dev clips whose greedy transcript is empty, dev frames whose
         # best token is the blank.
         self.val_empty_hypotheses, self.val_blank_frames = Share(), Share()
@@ -244,6 +236,23 @@ class CTCModel(L.LightningModule):
         """Greedy transcripts under the model's text rules. logits: (B, T, V); frames: (B,)."""
         return [text.normalize(h, self.hparams.language) for h in self.vocab.greedy_decode(logits, frames)]
 
+    def decode(self, batch: dict, decoder=None, beam_width: int = 100) -> Decoded:
+        """The model's transcripts of a collated batch (`asr.data.collate`, on the host or the device):
+        greedy, or by `decoder` (`asr.lm.beam_decoder`: CTC prefix beam search, with an n-gram LM if it has one)
+        keeping `beam_width` beams. Validation, evaluate.py and the W&B predictions table all decode here,
+        through the encoder pass that reads nothing back from the device (`forward`); the beam search runs on
+        the host, one clip at a time, as transformers' Wav2Vec2ProcessorWithLM runs pyctcdecode."""
+        audio = batch["audio"].to(self.device, non_blocking=True)
+        logits = self.model.logits(audio, batch["lengths"], train_encoder=not self._encoder_frozen_now())
+        frames = self.frames(batch["lengths"])
+        greedy = self.transcribe(logits, frames)
+        if decoder is None:
+            return Decoded(logits, frames, greedy, greedy)
+        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+        # decode_beams, as Wav2Vec2ProcessorWithLM and the pipeline call it (decode() prunes history)
+        beams = [decoder.decode_beams(lp[:n], beam_width=beam_width)[0][0] for lp, n in zip(log_probs, frames.tolist())]
+        return Decoded(logits, frames, greedy, [text.normalize(b, self.hparams.language) for b in beams])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if not batch["ids"]:  # no clip of the batch could be read (each logged and counted by the loader)
             return self.zero_loss()
@@ -263,24 +272,22 @@ class CTCModel(L.LightningModule):
     def validation_step(self, batch: dict | None, batch_idx: int) -> None:
         if not batch["ids"]:  # no clip of the batch could be read (logged by the loader)
             return
-        out = self(batch)
-        frames = self.frames(batch["lengths"])
-        hypotheses = self.transcribe(out.logits, frames)
-        self.val_wer.update(hypotheses, batch["texts"])
-        self.val_cer.update(hypotheses, batch["texts"])
+        out = self.decode(batch)
+        frames, hypotheses, loss = out.frames, out.hypotheses, self.ctc_loss(out.logits, batch)
+        self.val_wer.update(batch["texts"], hypotheses)
+        self.val_cer.update(batch["texts"], hypotheses)
         blank = out.logits.argmax(dim=-1) == self.vocab.blank_id  # (B, T)
         valid = torch.arange(blank.shape[1], device=blank.device) < frames.to(blank.device)[:, None]
         self.val_blank_frames.update((blank & valid).sum(), valid.sum())  # over the clips' own frames
         self.val_empty_hypotheses.update(sum(not h for h in hypotheses), len(hypotheses))
         size = len(batch["ids"])
-        self.log("val/loss", out.loss, batch_size=size, sync_dist=True)
+        self.log("val/loss", loss, batch_size=size, sync_dist=True)
         self.log("val/wer", self.val_wer, batch_size=size)
         self.log("val/cer", self.val_cer, batch_size=size, prog_bar=True)
         self.log("val/empty_hypotheses", self.val_empty_hypotheses, batch_size=size)
         self.log("val/blank_frames", self.val_blank_frames, batch_size=size)
         if self.val_mer is not None:
-            self.val_mer.update([" ".join(text.mixed_tokens(h)) for h in hypotheses],
-                                [" ".join(text.mixed_tokens(r)) for r in batch["texts"]])
+            self.val_mer.update(batch["texts"], hypotheses)
             self.log("val/mer", self.val_mer, batch_size=size)
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -210,10 +210,9 @@ class PredictionsTable(L.Callback):
         batch = collate(self.sample)
         was_training = pl_module.training
         pl_module.eval()
-        with torch.no_grad():  # the model's own forward, without labels: logits only
-            logits = pl_module({"audio": batch["audio"].to(pl_module.device), "lengths": batch["lengths"]}).logits
+        with torch.no_grad():
+            hypotheses = pl_module.decode(batch).hypotheses  # as validation decodes
         pl_module.train(was_training)
-        hypotheses = pl_module.transcribe(logits, pl_module.frames(batch["lengths"]))
         augmented = any("augment" in item for item in self.sample)  # the column only where augmentation runs
         table = wandb.Table(columns=["id", *(["augment"] if augmented else []), "audio", "reference", "hypothesis", "cer"])
         for item, hypothesis in zip(self.sample, hypotheses):

@@ -105,7 +105,7 @@ def test_a_worker_collates_into_shared_memory_once():
     loader = DataLoader(_Clips(), batch_sampler=[[0, 1, 2]], num_workers=1,
                         collate_fn=functools.partial(data.collate, shapes=[(3, 19_200)]))
     batch = next(iter(loader))
-    assert batch["audio"].is_shared() and batch["attention_mask"].is_shared() and batch["labels"].is_shared()
-    assert batch["audio"].shape == (3, 19_200) and batch["attention_mask"].sum(1).tolist() == [16_000, 17_000, 18_000]
+    assert batch["audio"].is_shared() and batch["labels"].is_shared() and "attention_mask" not in batch
+    assert batch["audio"].shape == (3, 19_200) and batch["lengths"] == [16_000, 17_000, 18_000]
     assert batch["audio"].sum(1).tolist() == [16_000, 2 * 17_000, 3 * 18_000]  # zeros past each clip
     assert (batch["labels"][:, 2:] == -100).all() and batch["labels"][:, :2].tolist() == [[1, 2]] * 3

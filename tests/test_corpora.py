@@ -202,7 +202,14 @@ def test_ascend_run_reports_mer_and_each_language_tag(tmp_path, ascend_rows):
                            cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300, env=env)
     assert train.returncode == 0, train.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert 0 <= results["evaluations"][-1]["val_mer"]
+    dev = subprocess.run([sys.executable, "evaluate.py", *common, f"ckpt_path={tmp_path / 'run'}", "split=validation",
+                          f"hydra.run.dir={tmp_path}/eval-dev"], cwd=asr.REPO_DIR, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert dev.returncode == 0, dev.stderr[-3000:]
+    scored = json.loads((tmp_path / "eval-dev" / "metrics.json").read_text())  # one model path: validation's figures
+    evaluation = [e for e in results["evaluations"] if e["step"] == results["step"]][0]  # of the checkpoint scored
+    assert {k: scored[k] for k in ("wer", "cer", "mer")} == pytest.approx(
+        {k: evaluation[f"val_{k}"] for k in ("wer", "cer", "mer")}, abs=1e-6)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     evaluate = subprocess.run([sys.executable, "evaluate.py", *common, f"ckpt_path={ckpt}",
                                f"hydra.run.dir={tmp_path}/eval"],

@@ -14,8 +14,8 @@ def test_collate_pads_audio_and_labels_with_masks():
     items = [{"id": f"u{n}", "audio": np.ones(n, dtype=np.float32), "text": "ab"[: k], "labels": [1] * k}
              for n, k in ((16000, 2), (8000, 1))]
     batch = data.collate(items)
-    assert batch["audio"].shape == (2, 16000) and batch["attention_mask"].shape == (2, 16000)
-    assert batch["attention_mask"].sum(1).tolist() == [16000, 8000]
+    assert batch["audio"].shape == (2, 16000) and batch["lengths"] == [16000, 8000] and "attention_mask" not in batch
+    assert data.attention_mask(batch["lengths"], 16000).sum(1).tolist() == [16000, 8000]
     assert batch["audio"][1, 8000:].abs().sum() == 0
     assert batch["labels"].tolist() == [[1, 1], [1, -100]]
     assert batch["audio_seconds"] == 1.5 and batch["padded_seconds"] == 2.0
@@ -162,5 +162,5 @@ def test_worker_batches_equal_in_process_batches_and_stay_intact_when_held():
     assert len(workers) == len(in_process) > 2 * data._SharedPool.RING
     for a, b in zip(in_process, workers):
         assert a.keys() == b.keys() and a["ids"] == b["ids"] and a["lengths"] == b["lengths"]
-        for key in ("audio", "attention_mask", "labels"):
+        for key in ("audio", "labels"):
             assert torch.equal(a[key], b[key]), key

@@ -1,22 +1,27 @@
 import random
 
 import pytest
-from torchmetrics.functional.text import char_error_rate, word_error_rate
-
-from asr.metrics import ErrorRates
+from asr.metrics import ErrorRate, ErrorRates
 
 
-def test_corpus_level_rates_equal_torchmetrics_on_random_pairs():
+def test_validations_metric_summed_over_batches_and_ranks_equals_jiwer_and_evaluates():
+    """The metric validation logs (`ErrorRate`, one per figure) and evaluate.py's (`ErrorRates`) are one count:
+    fed in batches, and merged as two ranks' states are at `compute`, they give jiwer's corpus-level rates."""
+    import jiwer
+
     rng = random.Random(0)
-    words = ["o", "gato", "come", "pão", "a", "menina", "vê"]
+    words = ["o", "gato", "come", "pão", "a", "menina", "vê", "我", "想要", "apple"]
     refs = [" ".join(rng.choices(words, k=rng.randint(1, 8))) for _ in range(200)]
     hyps = [" ".join(rng.choices(words, k=rng.randint(0, 8))) for _ in range(200)]
     errors = ErrorRates()
     errors.update(refs, hyps)
-    rates = errors.rates()
-    assert rates["wer"] == pytest.approx(word_error_rate(hyps, refs).item(), rel=1e-6)
-    assert rates["cer"] == pytest.approx(char_error_rate(hyps, refs).item(), rel=1e-6)
-    assert rates["mer"] == rates["wer"]  # no Han characters: mixed units are words
+    for metric, expected in (("wer", jiwer.wer(refs, hyps)), ("cer", jiwer.cer(refs, hyps))):
+        ranks = [ErrorRate(metric), ErrorRate(metric)]
+        for start in range(0, 200, 16):  # batches of 16, alternately on rank 0 and rank 1
+            ranks[start // 16 % 2].update(refs[start:start + 16], hyps[start:start + 16])
+        ranks[0].merge_state(ranks[1])  # what the sum over ranks does
+        assert ranks[0].compute().item() == pytest.approx(expected, rel=1e-6)
+        assert errors.rates()[metric] == pytest.approx(expected, rel=1e-9)
 
 
 def test_mixed_error_rate_counts_han_by_character_and_english_by_word():
