@@ -1,9 +1,14 @@
 """Shared fixtures: the real Hydra config, composed and shrunk, and a small espeak-ng corpus in the
 Common Voice release layout."""
 
+import contextlib
+import io
 import os
 import random
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -49,6 +54,32 @@ def cv_corpus(tmp_path_factory) -> Path:
     return root
 
 
+@dataclass
+class TrainedRun:
+    dir: Path  # the run directory: config.yaml, config.1.yaml, checkpoints/ (best-step<N>, last), model/, results
+    root: Path  # its data root as config.yaml records it (~/cv expanded: a link to `cv_corpus`)
+    resumed: subprocess.CompletedProcess  # the second start's output
+
+
+@pytest.fixture(scope="session")
+def trained_run(cv_corpus, tmp_path_factory) -> TrainedRun:
+    """One run for the tests that read a trained run (test_run, test_evaluate, test_faults); none writes into
+    it (copy it first). The tiny model with lang=hy on the Portuguese corpus, given as ~/cv: 2 updates, then
+    resumed with only its directory, ckpt_path=last and trainer.max_steps=4; evaluations at updates 2 and 4."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "cv").symlink_to(cv_corpus)
+    run_dir = home / "run"
+    command = [sys.executable, "train.py"]
+    common = dict(cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
+    first = subprocess.run([*command, "lang=hy", "data.root=~/cv", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                            "data.max_batch_seconds=20", "data.num_workers=0", "logger=none", f"hydra.run.dir={run_dir}"],
+                           env=dict(os.environ, HOME=str(home)), **common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = subprocess.run([*command, f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_steps=4"], **common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return TrainedRun(run_dir, home / "cv", resumed)
+
+
 @pytest.fixture(scope="session")
 def slurm():
     """The one-node SLURM cluster of slurm/local.sh, started if it is not running. Its tests skip, with the
@@ -75,3 +106,17 @@ def assembled(*overrides: str, callbacks=(), **trainer_args):
     from asr.run import assemble
 
     return assemble(compose_config(overrides=overrides), callbacks=list(callbacks), **trainer_args)
+
+
+def in_process(main, argv: list[str]) -> subprocess.CompletedProcess:
+    """A tool's `main(argv)` (transcribe.py, python -m asr.export) run in this process, ending as its command
+    line would: exit status, stdout and stderr. Its imports are paid once per session, not once per call."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(argv))
+        except SystemExit as stop:
+            if isinstance(stop.code, str):  # sys.exit("error: ...") prints it and exits 1
+                print(stop.code, file=sys.stderr)
+            code = 1 if isinstance(stop.code, str) else stop.code or 0
+    return subprocess.CompletedProcess(["python", *argv], code, out.getvalue(), err.getvalue())

@@ -110,6 +110,7 @@ def test_a_resumed_loader_replays_the_same_augmented_batches_whatever_the_worker
         assert ids == ids2 and augments == augments2 and np.array_equal(wave, wave2)
 
 
+@pytest.mark.slow
 def test_ddp_ranks_train_on_the_augmented_batches_of_one_process(cv_corpus, tmp_path):
     """Two CPU processes (gloo), augment=speed: each rank's batches hold the clips, and the audio seconds
     (which the speed factors change), of the batches one process computes for epoch 0."""

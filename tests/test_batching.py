@@ -271,6 +271,7 @@ def test_lightning_resume_mid_epoch_continues_with_the_next_batch(cv_corpus, tmp
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
 
 
+@pytest.mark.slow
 def test_real_ddp_ranks_see_every_clip_in_equal_counts(cv_corpus, tmp_path):
     """Two CPU processes (gloo) for one epoch: every rank the same number of batches, every clip trained
     on, and only the padding batch on both."""

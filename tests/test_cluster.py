@@ -73,6 +73,7 @@ def test_a_restarted_job_finds_its_run_directory(monkeypatch, tmp_path):
     assert asr.run_dir_name("x") == "torchrun-exp7"
 
 
+@pytest.mark.slow
 def test_ddp_with_layerdrop_an_unreadable_batch_and_validation_equal_to_one_process(cv_corpus, tmp_path):
     """2 CPU processes through train.py: LayerDrop skips layers (DDP then needs unused-parameter
     handling), one batch of nothing but an unreadable clip is a zero-loss step on its rank, and the
@@ -132,6 +133,7 @@ def test_setup_reads_each_header_once_over_ranks_started_together(tmp_path):
     assert sorted(reads) == [0, 570]  # 520 train and 50 dev clips, read by one process only
 
 
+@pytest.mark.slow
 def test_a_signalled_run_outside_slurm_saves_stops_and_the_same_command_resumes_it(cv_corpus, tmp_path):
     run_dir = tmp_path / "run"
     command = [PY, "train.py", f"data.root={cv_corpus}", "data.max_batch_size=1", "data.num_workers=0",
@@ -176,6 +178,7 @@ def wait_for(job: str, timeout: float) -> None:
         time.sleep(1)
 
 
+@pytest.mark.slow
 def test_a_preempted_slurm_job_requeues_and_resumes_with_the_next_batch(slurm, tmp_path):
     """sbatch slurm/train.sbatch on 2 tasks; `scancel --signal=USR1` mid-run (what a preemption or the time
     limit sends): the run saves, requeues, and the requeued job trains on exactly the batches the
@@ -220,6 +223,7 @@ def test_a_preempted_slurm_job_requeues_and_resumes_with_the_next_batch(slurm, t
           f"updates before the signal: {len(before['ids'])}")
 
 
+@pytest.mark.slow
 def test_a_two_point_sweep_through_the_submitit_launcher_runs_two_jobs_of_two_tasks(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
@@ -243,6 +247,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_nodes_on_localhost(tmp_path):
     """`torchrun --nnodes=2` (here both nodes on this machine): one run directory, a world of 2.
 

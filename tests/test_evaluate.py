@@ -21,49 +21,50 @@ def command(script, *args, env=None) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def hy_run(cv_corpus, tmp_path_factory) -> Path:
-    """Trained with lang=hy on a corpus that is not the demo (the config's default data)."""
-    run_dir = tmp_path_factory.mktemp("hy-run")
-    result = command("train.py", "lang=hy", f"data.root={cv_corpus}", "trainer.max_steps=2",
-                     "trainer.val_check_interval=2", "data.max_batch_seconds=20", "data.num_workers=0", "logger=none",
-                     f"hydra.run.dir={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+def hy_run(trained_run) -> Path:
+    """Trained with lang=hy on a corpus that is not the demo (the config's default data): conftest's `trained_run`."""
+    return trained_run.dir
 
 
-def test_given_only_a_checkpoint_it_scores_the_runs_own_test_split(hy_run, cv_corpus, tmp_path):
+@pytest.fixture(scope="module")
+def root(trained_run) -> Path:
+    """The data root the run was trained on, as its config.yaml records it."""
+    return trained_run.root
+
+
+def test_given_only_a_checkpoint_it_scores_the_runs_own_test_split(hy_run, root, tmp_path):
     result = command("evaluate.py", f"ckpt_path={hy_run}", "data.num_workers=0", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     best = json.loads((hy_run / "results.json").read_text())["best_checkpoint"]
     assert (metrics["corpus"], metrics["root"], metrics["split"], metrics["checkpoint"]) == \
-        ("common_voice", str(cv_corpus), "test", best)
+        ("common_voice", str(root), "test", best)
     assert metrics["language"] == "hy" and "other_data" not in metrics
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    test_ids = {line.split("\t")[1] for line in (cv_corpus / "test.tsv").read_text().splitlines()[1:]}
+    test_ids = {line.split("\t")[1] for line in (root / "test.tsv").read_text().splitlines()[1:]}
     assert {p["id"] for p in predictions} == test_ids and metrics["n_utterances"] == 4
-    assert all((p["corpus"], p["root"], p["split"], p["checkpoint"]) == ("common_voice", str(cv_corpus), "test", best)
+    assert all((p["corpus"], p["root"], p["split"], p["checkpoint"]) == ("common_voice", str(root), "test", best)
                for p in predictions)
-    assert f"test greedy: WER {metrics['wer']:.4f}" in result.stdout and f"of common_voice at {cv_corpus}" in result.stdout
+    assert f"test greedy: WER {metrics['wer']:.4f}" in result.stdout and f"of common_voice at {root}" in result.stdout
 
 
-def test_other_data_is_scored_when_asked_and_said_so(hy_run, cv_corpus, tmp_path):
+def test_other_data_is_scored_when_asked_and_said_so(hy_run, root, tmp_path):
     result = command("evaluate.py", f"ckpt_path={hy_run / 'checkpoints' / 'last.ckpt'}", "lang=demo", "split=dev",
                      "data.num_workers=0", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (metrics["root"], metrics["split"], metrics["n_utterances"]) == (str(DEMO), "dev", 50)
-    assert metrics["other_data"]["root"] == {"trained": str(cv_corpus), "scored": str(DEMO)}
+    assert metrics["other_data"]["root"] == {"trained": str(root), "scored": str(DEMO)}
     assert metrics["other_data"]["language"] == {"trained": "hy", "scored": "pt"}
     assert "scoring other data than" in result.stdout + result.stderr
     assert "(not the data the run was trained on)" in result.stdout
 
 
-def test_split_names_are_the_releases_or_the_error_lists_them(hy_run, cv_corpus, tmp_path):
+def test_split_names_are_the_releases_or_the_error_lists_them(hy_run, root, tmp_path):
     result = command("evaluate.py", f"ckpt_path={hy_run}", "split=validation", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: split=validation is not a split of common_voice at {cv_corpus}: give one of train, dev, test."]
+        f"error: split=validation is not a split of common_voice at {root}: give one of train, dev, test."]
 
 
 def test_a_missing_checkpoint_or_an_empty_run_directory_is_named(tmp_path):

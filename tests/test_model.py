@@ -254,6 +254,7 @@ def test_gradients_are_clipped_to_the_trainers_norm(cv_corpus, tmp_path):
     assert post.norms and all(n == pytest.approx(0.01, rel=1e-4) for n in post.norms)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler")
 def test_compiled_layers_train_and_compute_what_the_eager_ones_do(cv_corpus, tmp_path):
     """model.compile=true: every transformer layer is compiled, 2 updates train through them (forward and

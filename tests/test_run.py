@@ -32,19 +32,10 @@ def config(run_dir: Path, name: str = "config.yaml") -> dict:
 
 
 @pytest.fixture(scope="module")
-def hy_run(cv_corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def hy_run(trained_run) -> tuple[Path, subprocess.CompletedProcess]:
     """A run trained with lang=hy on a Portuguese corpus in the Common Voice layout (given as ~/cv), then
-    resumed with only its directory, ckpt_path=last and a longer budget."""
-    home = tmp_path_factory.mktemp("home")
-    (home / "cv").symlink_to(cv_corpus)
-    run_dir = home / "run"
-    first = train("lang=hy", "data.root=~/cv", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                  "data.max_batch_seconds=20", "data.num_workers=0", "logger=none", f"hydra.run.dir={run_dir}",
-                  env={"HOME": str(home)})
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_steps=4")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return run_dir, resumed
+    resumed with only its directory, ckpt_path=last and a longer budget (conftest's `trained_run`)."""
+    return trained_run.dir, trained_run.resumed
 
 
 def test_resume_with_only_ckpt_path_keeps_the_runs_corpus_language_and_vocabulary(hy_run):

@@ -64,6 +64,7 @@ def load(sweep_dir) -> optuna.Study:
     return optuna.load_study(study_name="demo_lr", storage=search.storage(str(sweep_dir / "optuna.journal")))
 
 
+@pytest.mark.slow
 def test_a_search_reloads_goes_on_retries_an_interrupted_trial_and_prunes(cv_corpus, tmp_path):
     sweep_dir = tmp_path / "search"
     result = run_search(cv_corpus, sweep_dir, "hydra.sweeper.n_trials=3", "logger=wandb")
@@ -112,6 +113,7 @@ def test_a_search_reloads_goes_on_retries_an_interrupted_trial_and_prunes(cv_cor
     assert [row for row in rows if row[1] == "trial-4"][0][-3] == "2(pruned)"  # the step column
 
 
+@pytest.mark.slow
 def test_a_search_of_ddp_trials_keeps_its_ranks_in_step_and_prunes_them_together(cv_corpus, tmp_path):
     """Lightning starts rank 1 by re-running the command line, so rank 1 runs the sweeper too: it must run
     rank 0's trials in rank 0's order, and stop a pruned trial with it (else rank 0 waits for it forever)."""
@@ -127,6 +129,7 @@ def test_a_search_of_ddp_trials_keeps_its_ranks_in_step_and_prunes_them_together
         assert results["pruned_at_step"] == 2 and results["batch_per_update"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_a_search_runs_its_trials_as_slurm_jobs(slurm, cv_corpus, tmp_path):
     """hydra/launcher=slurm: a batch of n_jobs trials is one array job; each trial reports its evaluations
     to the journal file from its SLURM job, and the sweeper tells the study what the jobs returned."""

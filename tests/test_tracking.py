@@ -120,6 +120,7 @@ def test_the_sweep_summary_ranks_the_jobs_and_plots_them(sweep):
         assert matplotlib.image.imread(sweep_dir / job / "curves.png").shape[:2] == (800, 700)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_its_wandb_run_without_repeating_a_step(cv_corpus, tmp_path):
     """ckpt_path=last in the same run directory: the same W&B run id, and the history goes on from the
     resumed update: every update's loss once, every evaluation once."""

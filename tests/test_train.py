@@ -175,6 +175,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     return run_dir, [json.loads((run_dir / "record" / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_ddp_ranks_train_on_disjoint_batches_and_the_report_sums_them(ddp_run):
     run_dir, ranks = ddp_run
     results = json.loads((run_dir / "results.json").read_text())
@@ -186,6 +187,7 @@ def test_ddp_ranks_train_on_disjoint_batches_and_the_report_sums_them(ddp_run):
     assert (run_dir / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_freeze_finetune_updates_under_ddp(ddp_run):
     """The first 2 updates change the CTC head only, on both ranks; then the encoder learns too."""
     _, ranks = ddp_run

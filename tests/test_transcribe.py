@@ -13,8 +13,10 @@ import torch
 import torchaudio
 
 import asr
+import transcribe
+from asr import audio, export, text  # noqa: F401  (asr.text in the LM test)
 from asr.metrics import utterance_cer
-from asr import audio, text  # noqa: F401  (asr.text in the LM test)
+from tests.conftest import in_process
 
 
 def assert_same_transcripts(ours: list[str], theirs: list[str], max_cer: float = 0.02) -> None:
@@ -33,8 +35,14 @@ def audio_list(paths) -> str:
 
 
 def run(*args, check=True):
-    result = subprocess.run([sys.executable, *args], cwd=asr.REPO_DIR, capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ))
+    """A command's result; transcribe.py and asr.export run in this process (`in_process`)."""
+    if args[0] == "transcribe.py":
+        result = in_process(transcribe.main, args[1:])
+    elif args[:2] == ("-m", "asr.export"):
+        result = in_process(export.main, args[2:])
+    else:
+        result = subprocess.run([sys.executable, *args], cwd=asr.REPO_DIR, capture_output=True, text=True,
+                                timeout=300, env=dict(os.environ))
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
