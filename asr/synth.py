@@ -268,10 +268,10 @@ def make_short(root: Path, n_train: int = 700, n_dev: int = 50, n_test: int = 50
 
 CORPORA = {"demo": make_demo, "short": make_short}
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> None:
     from asr import cli
 
-    settings, _ = cli.parse("synth", sys.argv[1:])
+    settings, _ = cli.parse("synth", argv)
     if settings.corpus not in CORPORA:
         sys.exit(f"error: corpus={settings.corpus}: expected one of {', '.join(CORPORA)}")
     out = Path(settings.out).expanduser()
@@ -279,3 +279,7 @@ if __name__ == "__main__":
         shutil.rmtree(out)
     CORPORA[settings.corpus](out)
     print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -301,15 +301,21 @@ def test_characters_outside_the_vocabulary_get_one_warning_line(finished, cv_cor
 # 9. A run with nothing left to train
 
 def test_resuming_a_finished_run_says_it_is_complete_and_changes_nothing(finished, tmp_path):
+    from asr.run import nothing_left
+
     run = copy_of(finished, tmp_path)
     before = snapshot(run)
-    for extra in ((), ("trainer.max_steps=3",)):
-        result = command("train.py", f"hydra.run.dir={run}", "ckpt_path=last", *extra)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stdout.strip().splitlines()[-1] == (
-            f"{run} is complete at update 4 (trainer.max_steps={3 if extra else 4}); nothing is left to train. "
-            f"trainer.max_steps=<more than 4> goes on from last.ckpt; its results are as they were.")
-        assert snapshot(run) == before
+    result = command("train.py", f"hydra.run.dir={run}", "ckpt_path=last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"{run} is complete at update 4 (trainer.max_steps=4); nothing is left to train. "
+        f"trainer.max_steps=<more than 4> goes on from last.ckpt; its results are as they were.")
+    assert snapshot(run) == before
+    cfg = OmegaConf.load(run / "config.yaml")  # a budget below the checkpoint's update: complete too
+    cfg.ckpt_path, cfg.trainer.max_steps = "last", 3
+    with pytest.raises(asr.Complete, match=r"complete at update 4 \(trainer.max_steps=3\)") as done:
+        nothing_left(cfg)
+    assert done.value.results == json.loads((run / "results.json").read_text())
 
 
 def test_a_run_at_the_end_of_its_epochs_is_complete_and_one_with_more_goes_on(cv_corpus, tmp_path):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 import asr
 from tests.wandb_records import read_run, records
@@ -34,6 +35,13 @@ def sweep(cv_corpus, tmp_path_factory) -> tuple[Path, Path, list[dict]]:
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [read_run(d) for job in ("0", "1") for d in (sweep_dir / job / "wandb").glob("offline-run-*")]
     return tmp, sweep_dir, runs
+
+
+def test_a_multirun_writes_one_run_directory_per_job(sweep):
+    _, sweep_dir, _ = sweep
+    runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
+    assert [r.name for r in runs] == ["0", "1"]
+    assert [OmegaConf.load(r / "config.yaml").optim.lr for r in runs] == [1e-3, 2e-3]
 
 
 def test_a_sweep_logs_one_finished_run_per_job_named_grouped_and_tagged(sweep):

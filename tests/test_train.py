@@ -154,15 +154,6 @@ def test_tiny_model_learns_a_batch(cv_corpus):
     assert model.model.lm_head.out_features == len(dm.vocab) == len(Vocabulary.from_transcripts(dm.load("train").column("text")))
 
 
-def test_multirun_sweep_writes_one_run_per_job(cv_corpus, tmp_path):
-    run("train.py", "-m", "sched=linear,tristage", "precision=32", f"data.root={cv_corpus}", "trainer.max_steps=2",
-        "trainer.val_check_interval=2", "data.max_batch_seconds=20", "data.num_workers=0", "logger=none",
-        f"hydra.sweep.dir={tmp_path}")
-    runs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
-    assert len(runs) == 2
-    assert {OmegaConf.load(r / "config.yaml").sched.name for r in runs} == {"linear", "tristage"}
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     """Real DDP through train.py: 2 CPU processes (gloo), 4 updates, the first 2 of the CTC head only.
