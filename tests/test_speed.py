@@ -64,18 +64,33 @@ def test_the_flop_count_behind_mfu_is_torchs_count_of_the_model(cv_corpus):
 
 
 def test_the_speed_figures_are_logged_per_window_with_mfu_against_a_given_peak(cv_corpus, tmp_path):
+    batches = Batches()
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
                     "trainer.log_every_n_steps=2", "callbacks.speed.peak_tflops=0.001", "logger=none",
-                    max_steps=4, limit_val_batches=0, accelerator="cpu", enable_progress_bar=False)
+                    callbacks=[batches], max_steps=4, limit_val_batches=0, accelerator="cpu", enable_progress_bar=False)
     run.fit()
-    model = run.model
-    figures = next(c for c in run.callbacks if isinstance(c, speed.SpeedMonitor)).last
-    assert 0 < figures["train/audio_seconds_per_second"] < 10_000
-    assert 0 <= figures["train/loader_wait"] < 1 and 0 <= figures["train/padding_fraction"] < 1
-    # MFU = the window's model FLOPs per second / peak: 1 GFLOP/s x mfu = FLOPs per audio-second x audio-s/s
-    per_audio_second = speed.flops_per_audio_second(model.model.config, 2.0, conv_trained=True)
-    assert figures["train/mfu"] * 1e9 == pytest.approx(figures["train/audio_seconds_per_second"] * per_audio_second,
-                                                       rel=0.5)
+    monitor = next(c for c in run.callbacks if isinstance(c, speed.SpeedMonitor))
+    figures, seconds, window = monitor.last, monitor.last_window_seconds, batches.seen[-2:]  # updates 3 and 4
+    assert figures["train/audio_seconds_per_second"] == pytest.approx(sum(b["audio_seconds"] for b in window) / seconds,
+                                                                      rel=1e-9)
+    assert figures["train/padding_fraction"] == pytest.approx(
+        1 - sum(b["audio_seconds"] for b in window) / sum(b["padded_seconds"] for b in window), rel=1e-9)
+    assert 0 <= figures["train/loader_wait"] < 1
+    # MFU = the window's model FLOPs per second / the peak given (0.001 TFLOP/s = 1e9 FLOP/s)
+    config = run.model.model.config
+    conv_trained = any(p.requires_grad for p in run.model.model.wav2vec2.feature_extractor.parameters())
+    flops = sum(speed.training_flops(config, b["lengths"], conv_trained) for b in window)
+    assert figures["train/mfu"] == pytest.approx(flops / seconds / 1e9, rel=1e-9)
+
+
+class Batches(L.Callback):
+    """Each training batch's host figures, in order."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append({k: batch[k] for k in ("audio_seconds", "padded_seconds", "lengths")})
 
 
 
