@@ -137,12 +137,12 @@ def check_root(corpus: str, root: str | None, lang: str) -> str | None:
     return None
 
 
-def read_split(corpus: str, root: str, split: str, language: str, columns: dict | None = None,
-               cache_dir: str | Path = "~/.cache/asr") -> Clips:
+def read_split(corpus: str, root: str, split: str, language: str, columns: dict | None = None, *,
+               cache_dir: str | Path) -> Clips:
     """Utterances of one split as the release names it (train, dev, validation, test, validated...).
 
-    Audio held inside a `datasets` copy is written once to files under `cache_dir` (bytes as stored,
-    no re-encoding), so every corpus reaches the loader as audio files.
+    Audio held inside a `datasets` copy is written once to files under `cache_dir` (`data.cache_dir`:
+    bytes as stored, no re-encoding), so every corpus reaches the loader as audio files.
     """
     if problem := check_root(corpus, root, language):
         raise SetupError(problem)

@@ -425,7 +425,7 @@ class SpeechDataModule(L.LightningDataModule):
             if cached is not None and cached.is_file():
                 table = cache.read_arrow(cached)
             else:
-                table = prepare(corpora.read_split(h.corpus, h.root, name, h.language, h.columns, self.cache_dir),
+                table = prepare(corpora.read_split(h.corpus, h.root, name, h.language, h.columns, cache_dir=self.cache_dir),
                                 h.language)
                 if cached is not None:
                     cache.write_arrow(table, cached)

@@ -286,7 +286,7 @@ def _adam_room(optimizers, pl_module) -> list[torch.Tensor]:
 
 # The planner: python -m asr.memory [cards=true] [train overrides] (settings: conf/memory.yaml).
 # Random weights of the config's architecture; a batch of the worst shape the config allows: clips of
-# data.max_seconds, as many as data.max_batch_seconds (and data.max_batch_size) hold; labels of 15
+# data.max_seconds, as many as data.max_batch_seconds (and data.max_batch_size) hold; labels of LABELS_PER_SECOND
 # characters per second; forward and backward in training mode with the config's precision, with AdamW's
 # moments allocated. On CUDA, the allocator's peak; the budget that fits is the largest whose peak stays
 # under (1 - margin) of the device's memory. On a CPU (the tiny model, or a look at the arithmetic), the
@@ -300,10 +300,10 @@ def _autocast(precision: str, device: torch.device):
 
 
 def synthetic_batch(clips: int, seconds: float, vocab_size: int, device: torch.device) -> dict:
-    """`clips` clips of `seconds` of noise with labels of 15 characters per second, as `asr.data.collate`
-    lays a batch out."""
+    """`clips` clips of `seconds` of noise with labels of `LABELS_PER_SECOND` characters per second, as
+    `asr.data.collate` lays a batch out."""
     samples = int(seconds * audio.SAMPLE_RATE)
-    label_length = max(1, int(15 * seconds))
+    label_length = max(1, int(LABELS_PER_SECOND * seconds))
     generator = torch.Generator().manual_seed(0)
     return {"ids": [str(i) for i in range(clips)], "audio": torch.randn(clips, samples, generator=generator).to(device),
             "lengths": [samples] * clips, "label_lengths": [label_length] * clips,

@@ -20,6 +20,11 @@ ASCEND = [("我想要一杯咖啡", "zh"), ("this is very good", "en"), ("我们
           ("今天天气很好", "zh"), ("see you tomorrow", "en"), ("我觉得 ok 没问题", "mixed")]
 
 
+def session_cache() -> str:
+    """The test session's data.cache_dir (conftest's `_cache_dir`)."""
+    return os.environ["ASR_CACHE_DIR"]
+
+
 def korean(sentence: str) -> np.ndarray:
     return synth.speak(sentence, synth.Voice("ko", 170, 50), sample_rate=16_000)
 
@@ -35,14 +40,14 @@ def zeroth_openslr(tmp_path_factory) -> Path:
 
 
 def test_zeroth_openslr_layout_reads_and_carves_dev_by_speaker(zeroth_openslr):
-    train = corpora.read_split("zeroth", str(zeroth_openslr), "train", "ko")
+    train = corpora.read_split("zeroth", str(zeroth_openslr), "train", "ko", cache_dir=session_cache())
     assert len(train) == 12 and train[0].id == "100_003_0000" and train[0].speaker == "100"
     assert train[0].text == KOREAN[0] and Path(train[0].path).is_file() and train[0].language == "ko"
     rest, dev = corpora.carve_dev(train, 1)
     assert {u.speaker for u in dev} == {corpora.carve_dev(train.select(slice(None, None, -1)), 1)[1][0].speaker}
     assert len(dev) == 3 and not {u.speaker for u in dev} & {u.speaker for u in rest}
     with pytest.raises(SetupError, match="dev_split=null"):
-        corpora.read_split("zeroth", str(zeroth_openslr), "dev", "ko")
+        corpora.read_split("zeroth", str(zeroth_openslr), "dev", "ko", cache_dir=session_cache())
     data = data_module("lang=ko", f"data.root={zeroth_openslr}", "data.dev_speakers=1", "data.num_workers=1")
     assert len(data.load("train")) == 9 and len(data.load("dev")) == 3 and len(data.load("test")) == 2
     assert {u.id for u in data.load("train")}.isdisjoint(u.id for u in data.load("dev"))
@@ -107,7 +112,7 @@ def test_ascend_csv_folder(tmp_path, ascend_rows):
                 (root / row["path"]).parent.mkdir(exist_ok=True)
                 (root / row["path"]).write_bytes(row["audio"]["bytes"])
                 writer.writerow({k: v for k, v in row.items() if k != "audio"})
-    utts = corpora.read_split("ascend", str(root), "test", "zh-en")
+    utts = corpora.read_split("ascend", str(root), "test", "zh-en", cache_dir=session_cache())
     assert [(u.id, u.language, u.speaker) for u in utts] == [("test-3", "zh", "1"), ("test-4", "en", "0"),
                                                              ("test-5", "mixed", "1")]
     assert utts[2].text == ASCEND[5][0] and audio.duration(utts[2].path) == pytest.approx(utts[2].duration)
@@ -118,18 +123,19 @@ def test_any_local_dataset_by_column_names(tmp_path):
     synth.write_hf_dataset(tmp_path / "mine", {"train": rows}, "save_to_disk")
     root = str(tmp_path / "mine")
     with pytest.raises(SetupError, match="needs data.columns"):
-        corpora.read_split("hf_dataset", root, "train", "pt")
+        corpora.read_split("hf_dataset", root, "train", "pt", cache_dir=tmp_path)
     with pytest.raises(SetupError, match=r"lacks the column\(s\) \['text=text'\].*'sentence'"):
-        corpora.read_split("hf_dataset", root, "train", "pt", {"audio": "clip", "text": "text"}, tmp_path)
+        corpora.read_split("hf_dataset", root, "train", "pt", {"audio": "clip", "text": "text"}, cache_dir=tmp_path)
     with pytest.raises(SetupError, match=r"no split 'validation'; it has \['train'\]"):
-        corpora.read_split("hf_dataset", root, "validation", "pt", {"audio": "clip", "text": "sentence"}, tmp_path)
+        corpora.read_split("hf_dataset", root, "validation", "pt", {"audio": "clip", "text": "sentence"}, cache_dir=tmp_path)
     (utt,) = corpora.read_split("hf_dataset", root, "train", "pt",
-                                {"audio": "clip", "text": "sentence", "speaker": "who"}, tmp_path)
+                                {"audio": "clip", "text": "sentence", "speaker": "who"}, cache_dir=tmp_path)
     assert (utt.id, utt.text, utt.speaker, utt.language) == ("0", "Olá!", "a", "pt")
     assert audio.duration(utt.path) == 0.25
     (tmp_path / "empty").mkdir()
     with pytest.raises(SetupError, match="does not load with datasets"):
-        corpora.read_split("hf_dataset", str(tmp_path / "empty"), "train", "pt", {"audio": "a", "text": "b"})
+        corpora.read_split("hf_dataset", str(tmp_path / "empty"), "train", "pt", {"audio": "a", "text": "b"},
+                           cache_dir=tmp_path)
 
 
 def test_missing_roots_and_layouts_name_the_path(tmp_path):
@@ -137,7 +143,7 @@ def test_missing_roots_and_layouts_name_the_path(tmp_path):
     assert "clips" in corpora.check_root("common_voice", str(tmp_path), "pt")
     with pytest.raises(SetupError, match="train_data_01.*OpenSLR 40"):
         (tmp_path / "train_data_01").mkdir()
-        corpora.read_split("zeroth", str(tmp_path), "train", "ko")
+        corpora.read_split("zeroth", str(tmp_path), "train", "ko", cache_dir=tmp_path)
 
 
 QUOTES = 'Ele disse "o gato" e ela disse "o pão"'
