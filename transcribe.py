@@ -81,6 +81,11 @@ def main(argv: list[str]) -> None:
                 print(f"error: {error}", file=sys.stderr, flush=True)
                 failed += 1
                 continue
+            if audio.encoder_frames(len(wave)) < 1:
+                print(f"error: {name} holds {len(wave)} samples at 16 kHz, too few for one encoder frame (25 ms)",
+                      file=sys.stderr, flush=True)
+                failed += 1
+                continue
             seconds = len(wave) / audio.SAMPLE_RATE
             chunking = {"chunk_length_s": args.chunk_seconds, "stride_length_s": args.stride_seconds} \
                 if seconds > args.chunk_seconds else {}

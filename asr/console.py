@@ -133,7 +133,7 @@ class Progress(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if outputs is not None and batch["ids"]:
-            loss = outputs["loss"].detach().float()
+            loss = outputs["loss"].detach().float() * trainer.accumulate_grad_batches  # Lightning divided it
             self._sum += torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0), torch.isfinite(loss).float()])
         self._audio += batch["audio_seconds"]
         step = trainer.global_step

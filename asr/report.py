@@ -90,7 +90,8 @@ class RunReport(L.Callback):
         self.truncated_seconds += batch.get("truncated_seconds", 0.0)
         if outputs is None:
             return
-        loss = outputs["loss"].detach().float()  # stays on the device: no sync per step
+        # stays on the device: no sync per step. Lightning hands on the loss divided by the accumulation
+        loss = outputs["loss"].detach().float() * trainer.accumulate_grad_batches
         finite = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)  # skipped updates
         self.loss_sum += finite
         self.loss_count += torch.isfinite(loss)

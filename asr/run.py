@@ -271,8 +271,9 @@ def conclude(run: Run) -> dict:
 
 def nothing_left(cfg: DictConfig) -> None:
     """`Complete` when the checkpoint a run resumes from (`cfg.ckpt_path`, as `resumed` set it) is already at
-    the end of its schedule: trainer.max_steps updates or trainer.max_epochs epochs, whichever it set. Read before
-    anything is built or written: the run directory stays as it was."""
+    the end of its schedule (trainer.max_steps updates or trainer.max_epochs epochs, whichever it set) and
+    the run was concluded (results.json's state: complete); a run killed between its last update and its
+    conclusion goes on to `conclude`. Read before anything is built or written: the directory stays as it was."""
     ckpt = checkpoints.resume_checkpoint(expand_path(cfg.ckpt_path), Path(expand_path(cfg.run_dir)) / "checkpoints")
     if not ckpt:
         return
@@ -289,10 +290,15 @@ def nothing_left(cfg: DictConfig) -> None:
     else:
         return
     source = checkpoints.run_dir_of(ckpt) or Path(ckpt).parent
-    results = source / "results.json"
+    results = json.loads((source / "results.json").read_text()) if (source / "results.json").is_file() else {}
+    # results.json of before its `state`: written at the end, unless the run was requeued or stopped
+    ended = "requeue_checkpoint" not in results and "stopped_checkpoint" not in results
+    if results.get("state", "complete" if results and ended else None) != "complete":
+        log.warning("%s reached %s but was not concluded (killed or signalled after its last update): it exports "
+                    "its best model and writes its results now", source, limit)
+        return
     raise Complete(f"{source} is complete at update {update} ({limit}); nothing is left to train. {more} goes "
-                   f"on from {Path(ckpt).name}; its results are as they were.",
-                   json.loads(results.read_text()) if results.is_file() else {})
+                   f"on from {Path(ckpt).name}; its results are as they were.", results)
 
 
 def train(cfg: DictConfig) -> dict:

@@ -10,10 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from omegaconf import OmegaConf
 
@@ -32,8 +35,9 @@ def command(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def start(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([PY, script, *args], cwd=asr.REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    """A command in the background, its output in a file (a pipe nobody reads could fill and block it)."""
+    return subprocess.Popen([PY, script, *args], cwd=asr.REPO_DIR, stdout=tempfile.TemporaryFile(),
+                            stderr=subprocess.STDOUT)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -52,7 +56,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
 def wait_for(condition, process: subprocess.Popen, seconds: float = 120, what: str = "") -> None:
     deadline = time.time() + seconds
     while not condition():
-        assert process.poll() is None, f"{what}: the run ended first: {process.stderr.read()[-3000:]}"
+        assert process.poll() is None, f"{what}: the run ended first (exit {process.returncode})"
         assert time.time() < deadline, f"{what}: not within {seconds} s"
         time.sleep(0.01)
 
@@ -191,12 +195,15 @@ def test_transcribe_names_each_file_it_cannot_read_and_exits_1(finished, cv_corp
         shutil.copy(clip, folder / f"day{1 - i}" / "a.mp3")
     (folder / "notes.txt").write_text("not audio, not listed")
     (folder / "empty.wav").write_bytes(b"")
+    sf.write(folder / "short.wav", np.zeros(0, dtype=np.float32), 16_000)  # a header and no samples
     missing = tmp_path / "gone.wav"
     result = in_process(transcribe.main, [f"model_path={finished / 'model'}", f"audio=[{folder},{missing}]", "json=true"])
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {folder / 'empty.wav'} is empty (0 bytes)", f"error: {missing} does not exist",
-                      "error: 2 of 4 files failed (named above); the others were transcribed"]
+    assert errors == [f"error: {folder / 'empty.wav'} is empty (0 bytes)",
+                      f"error: {folder / 'short.wav'} holds 0 samples at 16 kHz, too few for one encoder frame (25 ms)",
+                      f"error: {missing} does not exist",
+                      "error: 3 of 5 files failed (named above); the others were transcribed"]
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == \
         [str(folder / "day0" / "a.mp3"), str(folder / "day1" / "a.mp3")]  # a directory: recursively, sorted
 
@@ -244,9 +251,17 @@ def test_a_console_in_a_file_prints_a_plain_line_per_log_step(cv_corpus, tmp_pat
 def test_a_terminal_bar_shows_the_loss_and_plain_lines_wait_their_seconds(cv_corpus, capfd):
     common = (f"data.root={cv_corpus}", "logger=none", "~callbacks.checkpoint", "~callbacks.last", *TINY,
               "trainer.max_steps=4", "trainer.log_every_n_steps=2", "+trainer.enable_model_summary=false")
-    assembled(*common, "callbacks.progress.plain=false").fit()
+    run = assembled(*common, "callbacks.progress.plain=false", "trainer.accumulate_grad_batches=2")
+    losses, step = [], run.model.training_step  # (updates done before it, the batch's own loss)
+    run.model.training_step = lambda *args, **kwargs: losses.append(
+        (run.trainer.global_step, float(out := step(*args, **kwargs)))) or out
+    run.fit()
     bar = capfd.readouterr().out  # Lightning's bars write to stdout
-    assert "loss=" in bar and float(bar.rsplit("loss=", 1)[1][:6]) > 0  # the bar, with the mean loss
+    progress = next(c for c in run.callbacks if isinstance(c, Progress))
+    window = [loss for done, loss in losses if done >= 2]  # updates 3 and 4 (an epoch's end cuts one short)
+    mean = sum(window) / len(window)
+    assert progress.loss == pytest.approx(mean, rel=1e-5) and f"loss={progress.loss:.4f}" in bar  # not / 2
+    assert run.report.state_dict()["curve"]["loss"][-1] == pytest.approx(mean, rel=1e-5)  # curves.png's too
     assembled(*common, "callbacks.progress.plain=true", "callbacks.progress.every_seconds=3600").fit()
     out = capfd.readouterr().out
     assert not [line for line in out.splitlines() if line.startswith("update ")] and "it/s" not in out  # none before its hour
@@ -270,7 +285,6 @@ def test_results_json_is_written_at_each_evaluation_and_a_killed_run_keeps_it(cv
         process.wait()
     kept = json.loads((run / "results.json").read_text())  # whole: written through a rename
     assert kept["state"] == "training" and len(kept["evaluations"]) >= 1
-    assert not list(run.glob(".results.json.*"))
 
 
 # 8. Characters outside the vocabulary at evaluation
@@ -317,6 +331,15 @@ def test_resuming_a_finished_run_says_it_is_complete_and_changes_nothing(finishe
         nothing_left(cfg)
     assert done.value.results == json.loads((run / "results.json").read_text())
 
+    results = json.loads((run / "results.json").read_text())  # killed after its last update, before concluding
+    (run / "results.json").write_text(json.dumps({**results, "state": "training"}))
+    shutil.rmtree(run / "model")
+    concluded = command("train.py", f"hydra.run.dir={run}", "ckpt_path=last")
+    assert concluded.returncode == 0, concluded.stderr[-3000:]
+    assert "reached trainer.max_steps=4 but was not concluded" in concluded.stdout
+    assert json.loads((run / "results.json").read_text())["state"] == "complete"
+    assert (run / "model" / "model.safetensors").is_file()
+
 
 def test_a_run_at_the_end_of_its_epochs_is_complete_and_one_with_more_goes_on(cv_corpus, tmp_path):
     """max_epochs counts the epoch whose last batch the checkpoint trained, saved before the epoch closed."""
@@ -352,8 +375,11 @@ def test_sigkill_during_a_checkpoint_save_leaves_a_last_checkpoint_that_resumes(
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert checkpoints.problem(folder / "last.ckpt") is None
+    assert list(folder.glob(".last.ckpt.*.partial"))  # the kill landed mid-save: its file is still there
     saved_at = torch.load(folder / "last.ckpt", weights_only=True, mmap=True)["global_step"]
     resumed = command("train.py", f"hydra.run.dir={run}", "ckpt_path=last", f"trainer.max_steps={saved_at + 2}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run} from {folder / 'last.ckpt'}" in resumed.stdout  # from the checkpoint, not afresh
+    assert not list(folder.glob(".*.partial"))  # what the killed save left, removed once the lock was held
     results = json.loads((run / "results.json").read_text())
     assert results["state"] == "complete" and results["evaluations"][-1]["step"] == saved_at + 2
