@@ -23,7 +23,6 @@ import soundfile as sf
 from tqdm import tqdm
 
 from asr import audio
-from asr.audio import MISSING
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ def durations(paths: list[str], cache_file: Path, workers: int) -> list[float | 
         partial = cache_file.with_suffix(f".{os.getpid()}.partial")
         partial.write_text(json.dumps(cached))
         partial.replace(cache_file)  # ranks or runs sharing a cache never read half a file
-    return [MISSING if s is None else fresh[p] if p in fresh else cached[p][2] for p, s in zip(paths, stamps)]
+    return [audio.MISSING if s is None else fresh[p] if p in fresh else cached[p][2] for p, s in zip(paths, stamps)]
 
 
 def _convert(job: tuple[str, str]) -> str | None:

@@ -132,12 +132,14 @@ class Progress(TQDMProgressBar):
         self._lr = optimizer.param_groups[0]["lr"]  # the rate of this update (the schedule steps after it)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:  # the other ranks print nothing: nothing to count
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if outputs is not None and batch["ids"]:
             loss = outputs["loss"].detach().float() * trainer.accumulate_grad_batches  # Lightning divided it
             self._sum += torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0), torch.isfinite(loss).float()])
         self._audio += batch["audio_seconds"]
         step = trainer.global_step
-        if step != self._step and step % trainer.log_every_n_steps == 0 and trainer.is_global_zero:
+        if step != self._step and step % trainer.log_every_n_steps == 0:
             now = time.perf_counter()
             if not self.plain or now - self._line_at >= self.every_seconds:
                 total, count = self._sum.tolist()  # the one read of the device per line

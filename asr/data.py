@@ -499,10 +499,10 @@ class SpeechDataModule(L.LightningDataModule):
             failed = pa.array(~readable)
             ids, paths = kept.arrow("id").filter(failed).to_pylist(), kept.arrow("path").filter(failed).to_pylist()
             for utt_id, path in zip(ids, paths):
-                why = audio.problem(path)[0]
+                why, message = audio.problem(path)
                 report["dropped"][why] = report["dropped"].get(why, 0) + 1
                 if len(report["examples"].setdefault(why, [])) < 5:
-                    report["examples"][why].append(example(utt_id, path, why))
+                    report["examples"][why].append(f"{utt_id}: {message}")
         table = kept.table.take(kept.rows).filter(pa.array(readable))
         table = table.set_column(table.column_names.index("path"), "path",
                                  pa.array([c for c in copies if c is not None], pa.string()))

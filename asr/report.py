@@ -31,7 +31,7 @@ class RunReport(L.Callback):
     evaluations and totals from before the restart. Totals are per rank and summed at the end: a
     checkpoint holds rank 0's, which only rank 0 restores (each rank's are not gathered at a save)."""
 
-    def __init__(self, run_dir: str | Path, batch_per_update: dict | None = None):
+    def __init__(self, run_dir: str | Path, batch_per_update: dict):
         self.run_dir = Path(run_dir)
         self.batch_per_update = batch_per_update  # in results.json (asr.cluster.batch_per_update)
         self.rows: list[dict] = []
@@ -56,7 +56,7 @@ class RunReport(L.Callback):
         return {"rows": self.rows, "curve": self.curve, "audio_seconds": self.audio_seconds, "padded_seconds": self.padded_seconds,
                 "truncated_seconds": self.truncated_seconds, "skipped_clips": self.skipped_clips, "empty_batches": self.empty_batches, "dropped": self.dropped,
                 "loss_sum": float(self.loss_sum), "loss_count": float(self.loss_count),
-                "train_seconds": self.seconds_before + (time.perf_counter() - self.started if self.started else 0.0)}
+                "train_seconds": self.seconds_so_far()}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = state["rows"]
@@ -127,7 +127,7 @@ class RunReport(L.Callback):
         self.loss_count.zero_()
         if trainer.is_global_zero:
             rundir.write(self.run_dir / "results.md", HEADER + "".join(map(table_row, self.rows)))
-            self.write_results(state="training", batch_per_update=self.batch_per_update)
+            self.write_results(state="training")
             self.write_curves()
 
     def _read_curve(self) -> None:
@@ -145,7 +145,7 @@ class RunReport(L.Callback):
         plots.run_curves(self.run_dir / "curves.png", self.curve, self.rows)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.train_seconds = self.seconds_before + (time.perf_counter() - self.started if self.started else 0.0)
+        self.train_seconds = self.seconds_so_far()
         self.skipped_updates = pl_module.skipped_updates
         totals = trainer.strategy.reduce(
             torch.tensor([self.audio_seconds, self.padded_seconds, self.truncated_seconds, self.skipped_clips,
@@ -166,8 +166,7 @@ class RunReport(L.Callback):
         return {
             **{k: best[k] for k in ("val_loss", "val_wer", "val_cer", "step", "epoch") if k in best},
             "train_audio_seconds": self.audio_seconds,
-            "train_seconds": self.train_seconds if self.train_seconds is not None else self.seconds_before + (
-                time.perf_counter() - self.started if self.started else 0.0),
+            "train_seconds": self.train_seconds if self.train_seconds is not None else self.seconds_so_far(),
             # padded audio / all audio the encoder saw in training batches
             "padding_fraction": 1 - self.audio_seconds / self.padded_seconds if self.padded_seconds else 0.0,
             # codec padding cut from clips that decoded longer than their stated duration (asr.data.CODEC_SLACK)
@@ -176,8 +175,13 @@ class RunReport(L.Callback):
             "empty_batches": int(self.empty_batches),
             "skipped_updates": self.skipped_updates,
             "evaluations": self.rows,
+            "batch_per_update": self.batch_per_update,
             **extra,
         }
+
+    def seconds_so_far(self) -> float:
+        """Training time of the run: before it was resumed, and since this start began training."""
+        return self.seconds_before + (time.perf_counter() - self.started if self.started else 0.0)
 
     def write_results(self, **extra) -> dict:
         results = self.results(**extra)

@@ -58,8 +58,7 @@ class Run:
         requeue = next((c for c in self.callbacks if isinstance(c, cluster.Requeue) and c.saved), None)
         if requeue is not None:
             if self.trainer.is_global_zero:
-                self.report.write_results(state="requeued", requeue_checkpoint=str(requeue.saved),
-                                          batch_per_update=self.batch)
+                self.report.write_results(state="requeued", requeue_checkpoint=str(requeue.saved))
             how = f"SLURM job {requeue.requeued} requeued" if requeue.requeued else "run the same command to resume"
             raise Requeued(f"signalled at update {self.trainer.global_step}: saved {requeue.saved}; {how}")
         if self.model.stop_reason:  # every rank stops alike; the state is kept for a look or a restart
@@ -258,8 +257,7 @@ def conclude(run: Run) -> dict:
     export(CTCModel.from_checkpoint(best) if best else run.model.cpu(), run.dir / "model")
     first = {} if run.report.rows else {"updates": run.trainer.global_step,
                                         "first_evaluation_at_update": run.first_evaluation()}
-    results = run.report.write_results(state="complete", best_checkpoint=best or None, batch_per_update=run.batch,
-                                       **first,
+    results = run.report.write_results(state="complete", best_checkpoint=best or None, **first,
                                        **({"pruned_at_step": run.pruning.pruned_at_step} if run.pruning else {}))
     run.report.write_curves()
     tracking.summarize(results)

@@ -16,7 +16,7 @@ def test_duration_cache_reads_each_header_once(tmp_path, monkeypatch):
         sf.write(tmp_path / f"{n}.wav", np.zeros(16000 * (n + 1), dtype=np.float32), 16000)
         clips.append(str(tmp_path / f"{n}.wav"))
     index = tmp_path / "cache" / "durations.json"
-    assert cache.durations(clips + [str(tmp_path / "gone.wav")], index, workers=1) == [1.0, 2.0, 3.0, cache.MISSING]
+    assert cache.durations(clips + [str(tmp_path / "gone.wav")], index, workers=1) == [1.0, 2.0, 3.0, audio.MISSING]
     opened = []
     monkeypatch.setattr(cache, "_header_seconds", lambda p: opened.append(p) or 9.0)
     assert cache.durations(clips, index, workers=1) == [1.0, 2.0, 3.0] and opened == []
