@@ -96,7 +96,7 @@ def evaluate(cfg: DictConfig) -> dict:
     data = instantiate(cfg.data, _convert_="all")
     if problem := data.check():
         raise SetupError(problem)
-    data.vocab = model.vocab  # labels and [UNK] counts in the model's own vocabulary
+    data.vocab, data.geometry = model.vocab, model.geometry  # labels, [UNK] counts and frames: the model's own
     loader = data.dataloader(role)
     if unknown := data.report[role]["unk_characters"]:
         log.warning("%d characters of the %s transcripts are not in the model's vocabulary, among them %s: the "

@@ -67,6 +67,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: audio={args.audio} matches no file (a directory: no audio file in it)")
 
     from asr import audio, text
+    from asr.frames import WAV2VEC2
 
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> None:
                 print(f"error: {error}", file=sys.stderr, flush=True)
                 failed += 1
                 continue
-            if audio.encoder_frames(len(wave)) < 1:
+            if WAV2VEC2.frames(len(wave)) < 1:
                 print(f"error: {name} holds {len(wave)} samples at 16 kHz, too few for one encoder frame (25 ms)",
                       file=sys.stderr, flush=True)
                 failed += 1

@@ -11,11 +11,6 @@ SAMPLE_RATE = 16_000  # Hz, what every wav2vec2 / XLS-R checkpoint expects
 # Why a clip cannot be used, as the data report counts it (asr.data) and transcribe.py says it
 MISSING, EMPTY, UNREADABLE = "missing_file", "empty_file", "unreadable_audio"
 
-# The wav2vec2 convolutional feature encoder, (kernel, stride) per layer: 400-sample receptive
-# field, 320-sample hop, i.e. 50 frames per second at 16 kHz.
-CONV_LAYERS = [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2
-HOP = 320  # samples per encoder frame: the product of the strides
-
 
 def load(path, sample_rate: int = SAMPLE_RATE, speed: float = 1.0) -> np.ndarray:
     """(samples,) float32 at `sample_rate`, channels averaged. Raises `AudioError` (reason, message) for a file
@@ -89,10 +84,3 @@ def duration(path) -> float:
     """Seconds, from the file header (no decoding)."""
     return sf.info(path).duration
 
-
-def encoder_frames(samples):
-    """Output frames of the wav2vec2 feature encoder for `samples` at 16 kHz (about samples / 320); an int
-    or a numpy array of them."""
-    for kernel, stride in CONV_LAYERS:
-        samples = np.maximum(0, (samples - kernel) // stride + 1)
-    return samples

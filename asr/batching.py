@@ -7,8 +7,8 @@ long. Here every batch of an epoch has one of at most `num_buckets + 1` shapes.
 
 The plan is fixed once, a pure function of the durations and the settings, so it is the same on every
 DDP rank, in every epoch and in a resumed run:
-- Durations are rounded up to the conv encoder's hop (320 samples, 20 ms at 16 kHz): every padded
-  length is a whole number of encoder frames.
+- Durations are rounded up to the conv encoder's hop (`asr.frames`; 320 samples, 20 ms, for wav2vec2):
+  every padded length is a whole number of encoder frames.
 - `num_buckets` upper lengths are chosen to minimise the padded audio (each clip padded to its bucket's
   upper length). This is an exact dynamic programme over the distinct rounded lengths (~1,000 for clips
   up to 20 s, a few ms). Equal-count (quantile) buckets would waste their widths where clips are rare.
@@ -23,6 +23,9 @@ Every batch row is a real clip. No clip rows are padded, so the loss, the metric
 `lengths` (SpecAugment, frame masks) need no row mask. Padding is therefore audio only:
 1 - clips' audio / (clips x padded length), summed over an epoch.
 
+Each batch is yielded as a `Planned` list of clip indices that carries its planned (clips, samples)
+shape: the loader's dataset passes it on with the decoded clips, and `asr.data.collate` pads to it.
+
 Each epoch the clips within every bucket are shuffled and the batch order is shuffled, seeded by
 (seed, epoch). The batch sizes, and so the number of batches per epoch, do not change between epochs:
 Lightning's count of batches, the schedule's total updates and DDP's equal steps hold exactly.
@@ -34,15 +37,26 @@ import math
 import numpy as np
 from torch.utils.data import Sampler
 
-from asr.audio import HOP, SAMPLE_RATE
+from asr.audio import SAMPLE_RATE
+from asr.frames import WAV2VEC2, Geometry
 
 # The dynamic programme holds a (lengths x lengths) table. Above this many distinct lengths, the
 # lengths are rounded to a coarser multiple of the hop (clips over ~20 s at 20 ms steps).
 _MAX_GRID = 1024
 
 
-class DurationBatchSampler(Sampler[list[int]]):
-    """Index batches for a DataLoader's `batch_sampler`; `shapes` says what `asr.data.collate` pads them to.
+class Planned(list):
+    """The items of one batch (clip indices, or the clips a dataset decoded from them) and `shape`, the
+    (clips, samples) the plan gave it. A list, so a DataLoader sends it to its workers as it is."""
+
+    def __init__(self, items, shape: tuple[int, int]):
+        super().__init__(items)
+        self.shape = shape
+
+
+class DurationBatchSampler(Sampler[Planned]):
+    """Index batches for a DataLoader's `batch_sampler`, each `Planned` with the shape `asr.data.collate` pads
+    it to; `shapes` is the set of them.
 
     durations: seconds per clip. max_batch_seconds: the budget of a batch, `padded length x clips` seconds.
     With `attention_q` it is `(length + length^2 / attention_q) x clips`: self-attention grows with the
@@ -69,12 +83,15 @@ class DurationBatchSampler(Sampler[list[int]]):
     perturbation from (seed, epoch, clip). With speed perturbation `durations` are the longest each clip can
     last (its duration / the slowest factor): every epoch's clips fit the plan. `audio_seconds` are then the
     clips' expected seconds, for the padding figure (None: `durations`).
+
+    geometry: the model's frame geometry (`asr.frames`): every padded length is a whole number of its hops.
     """
 
     def __init__(self, durations, max_batch_seconds: float, *, max_batch_size: int | None, num_buckets: int,
                  attention_q: float | None, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
-                 tag_epoch: bool = False, audio_seconds=None):
+                 tag_epoch: bool = False, audio_seconds=None, geometry: Geometry = WAV2VEC2):
         super().__init__()
+        self.geometry, self.hop = geometry, geometry.hop
         self.durations = np.asarray(durations, dtype=np.float64)
         self.max_batch_seconds, self.max_batch_size, self.attention_q = max_batch_seconds, max_batch_size, attention_q
         if len(self.durations) and self.cost(self.durations.max(), 1) > max_batch_seconds:
@@ -114,11 +131,11 @@ class DurationBatchSampler(Sampler[list[int]]):
         moved where that packs with fewer leftovers (`_refine`)."""
         if not len(self.durations):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        hops = np.ceil(np.round(self.durations * SAMPLE_RATE) / HOP).astype(np.int64)  # rounded up to the hop
+        hops = self.geometry.padded(self.durations) // self.hop  # rounded up to the hop
         step = max(1, -(-(hops.max() - hops.min() + 1) // _MAX_GRID))  # coarser grid for very long clips
         hops = -(-hops // step) * step
         values, counts = np.unique(hops, return_counts=True)
-        samples = values * HOP
+        samples = values * self.hop
         samples[-1] = min(samples[-1], self._samples_within_budget())  # within 20 ms of the budget: off the grid
         fits = self._fits(samples)
         below = np.concatenate([[0], np.cumsum(counts)])  # clips shorter than each value
@@ -193,8 +210,8 @@ class DurationBatchSampler(Sampler[list[int]]):
         order = np.lexsort((rng.permutation(len(self.durations)), self.bucket))  # buckets in duration order
         return order, rng.permutation(len(self.sizes))
 
-    def batches(self, epoch: int) -> list[list[int]]:
-        """All batches of an epoch, before the split across ranks."""
+    def batches(self, epoch: int) -> list[Planned]:
+        """All batches of an epoch, before the split across ranks, each with its planned shape."""
         order, batch_order = self._order(epoch)
         return [self._batch(order, j) for j in batch_order]
 
@@ -203,9 +220,10 @@ class DurationBatchSampler(Sampler[list[int]]):
         _, batch_order = self._order(epoch)
         return [(int(self.sizes[j]), int(self.lengths[j])) for j in batch_order]
 
-    def _batch(self, order: np.ndarray, j: int) -> list[int]:
-        """Clip indices of batch j of an epoch whose clip order is `order`."""
-        return order[self.ends[j] - self.sizes[j] : self.ends[j]].tolist()
+    def _batch(self, order: np.ndarray, j: int) -> Planned:
+        """Clip indices of batch j of an epoch whose clip order is `order`, with its planned shape."""
+        return Planned(order[self.ends[j] - self.sizes[j] : self.ends[j]].tolist(),
+                       (int(self.sizes[j]), int(self.lengths[j])))
 
     def _rank_batches(self, batch_order: np.ndarray) -> np.ndarray:
         if self.shuffle:  # training: equal counts per rank, the epoch's first batches again where short
@@ -221,7 +239,7 @@ class DurationBatchSampler(Sampler[list[int]]):
             j = mine[self.position]
             self.position += 1  # batches handed out this epoch, the one being yielded included
             batch = self._batch(order, j)
-            yield [(epoch, i) for i in batch] if self.tag_epoch else batch
+            yield Planned([(epoch, i) for i in batch], batch.shape) if self.tag_epoch else batch
         if self.shuffle:  # a complete pass: the next one is a new epoch, unless set_epoch says otherwise
             self.epoch += 1
             self.position = 0

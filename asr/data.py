@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from asr import SetupError, audio, cache, corpora, text
 from asr.augment import NONE, Augment, Choice, mix
-from asr.batching import DurationBatchSampler
+from asr.batching import DurationBatchSampler, Planned
+from asr.frames import WAV2VEC2, Geometry
 
 log = logging.getLogger(__name__)
 AUDIO_PROBLEMS = (audio.MISSING, audio.EMPTY, audio.UNREADABLE)  # drop reasons of a clip's file
@@ -52,6 +53,11 @@ class UtteranceDataset(Dataset):
         epoch, i = index if isinstance(index, tuple) else (None, index)
         return self.item(i, NONE if self.augment is None or epoch is None else self.augment.choose(epoch, i))
 
+    def __getitems__(self, batch: list) -> list[dict]:
+        """The clips of a batch (a DataLoader's batched fetch); a `Planned` batch's shape goes on with them."""
+        items = [self[index] for index in batch]
+        return Planned(items, batch.shape) if isinstance(batch, Planned) else items
+
     def item(self, i: int, choice: Choice) -> dict:
         """Clip i as `choice` (`Augment.choose`) perturbs it."""
         row = int(self.clips.rows[i])
@@ -77,37 +83,34 @@ class UtteranceDataset(Dataset):
         return item
 
 
-def collate(items: list[dict], shapes: list[tuple[int, int]] | None = None, pooled: bool = False) -> dict:
+def collate(items: list[dict], pooled: bool = False, hop: int = WAV2VEC2.hop) -> dict:
     """Pad a batch. audio: (B, S) float32 at 16 kHz, zeros past each clip; labels: (B, L) ids padded with -100
     (ignored by the CTC loss). lengths (samples) and label_lengths are host lists, which Lightning leaves on
     the host: the encoder pass and the loss take them there, so no (B, S) mask is built or sent to the device
     (`attention_mask` makes HF's from them). `shape` is (B, S).
 
-    shapes: the batch plan's (clips, samples) shapes (`DurationBatchSampler.shapes`). The batch is padded
-    to the shortest one with its number of clips that holds its longest clip as the plan measured it
-    (`seconds`, rounded up to the encoder's hop): the shape the plan gave it, or a shorter one of the set.
-    A clip that decodes longer than its stated duration by MP3 codec padding (25-48 ms on the demo; at most
-    `CODEC_SLACK`) is cut at that length, counted in `truncated_seconds` (results.json sums them); one longer
-    than that (a stated duration that is wrong) is never cut: the batch takes the next hop-rounded length
-    that holds it, a shape outside the plan, and a warning names the clip. `lengths` are the samples the
-    batch holds. Labels stay
-    padded to the batch's longest transcript (L varies): padding them to the shape's frames would fix their
-    shape too, but a CTC over (frames, 2L + 1) states costs in proportion to L. Without `shapes` (or with a
-    number of clips the plan has no shape for: a clip of the batch could not be read), the batch is padded
-    to its longest clip.
+    A `Planned` batch (`asr.batching`: what the batch sampler yields, passed on by the dataset) is padded to
+    the samples of its planned shape. A clip that decodes longer than its stated duration by MP3 codec
+    padding (25-48 ms on the demo; at most `CODEC_SLACK`) is cut at that length, counted in
+    `truncated_seconds` (results.json sums them); one longer than that (a stated duration that is wrong) is
+    never cut: the batch takes the next length of whole `hop`s that holds it, a shape outside the plan, and a
+    warning names the clip. `lengths` are the samples the batch holds. Labels stay padded to the batch's
+    longest transcript (L varies): padding them to the shape's frames would fix their shape too, but a CTC
+    over (frames, 2L + 1) states costs in proportion to L. A batch without a plan is padded to its longest clip.
 
     Clips that could not be read are left out, listed in `dropped` as (id, reason) and counted in
     `skipped`; a batch of nothing but those has no `audio` and empty `ids`.
 
     pooled (a `SpeechLoader`'s workers): the tensors are views of shared-memory buffers the worker reuses
     (`_SharedPool`), which the loader copies as it receives them."""
+    planned = items.shape[1] if isinstance(items, Planned) else None
     dropped = [(item["id"], item["dropped"]) for item in items if "dropped" in item]
     items = [item for item in items if "dropped" not in item]
     if not items:
         return {"ids": [], "dropped": dropped, "skipped": len(dropped), "audio_seconds": 0.0, "padded_seconds": 0.0,
                 "truncated_seconds": 0.0}
     decoded = [len(item["audio"]) for item in items]
-    samples = _padded_length(items, decoded, shapes)
+    samples = max(decoded) if planned is None else _padded_length(items, decoded, planned, hop)
     lengths = [min(n, samples) for n in decoded]
     label_lengths = [len(item["labels"]) for item in items]
     width = max(1, *label_lengths)  # the batch's longest transcript: asr.ctc's cost grows with it
@@ -199,25 +202,15 @@ class _SharedPool:
         return self.slots[self.turn]
 
 
-def _padded_length(items: list[dict], decoded: list[int], shapes: list[tuple[int, int]] | None) -> int:
-    """Samples to pad a batch to: see `collate`."""
-    if shapes:
-        planned = [item.get("seconds") for item in items]
-        if None in planned:  # clips not checked: their decoded length is all there is
-            longest = max(decoded)
-        else:  # as DurationBatchSampler rounds durations
-            longest = -(-round(max(planned) * audio.SAMPLE_RATE) // audio.HOP) * audio.HOP
-        fitting = [samples for clips, samples in shapes if clips == len(items)]
-        if fitting:
-            samples = min((s for s in fitting if s >= longest), default=max(fitting))
-            if max(decoded) - samples <= CODEC_SLACK * audio.SAMPLE_RATE:
-                return samples
-            over = max(range(len(items)), key=lambda i: decoded[i])
-            log.warning("%s decodes to %.2f s, %.2f s more than its stated duration: its batch is padded to hold "
-                        "it (a shape outside the plan); check the corpus' durations", items[over]["id"],
-                        decoded[over] / audio.SAMPLE_RATE, (decoded[over] - samples) / audio.SAMPLE_RATE)
-            return -(-max(decoded) // audio.HOP) * audio.HOP
-    return max(decoded)
+def _padded_length(items: list[dict], decoded: list[int], planned: int, hop: int) -> int:
+    """Samples to pad a planned batch to: see `collate`."""
+    if max(decoded) - planned <= CODEC_SLACK * audio.SAMPLE_RATE:
+        return planned
+    over = max(range(len(items)), key=lambda i: decoded[i])
+    log.warning("%s decodes to %.2f s, %.2f s more than its stated duration: its batch is padded to hold it (a "
+                "shape outside the plan); check the corpus' durations", items[over]["id"],
+                decoded[over] / audio.SAMPLE_RATE, (decoded[over] - planned) / audio.SAMPLE_RATE)
+    return -(-max(decoded) // hop) * hop
 
 
 _REPEAT = re.compile(r"(.)(?=\1)")  # a character followed by the same one
@@ -256,12 +249,13 @@ def characters(clips: corpora.Clips) -> set[str]:
 
 
 def check_split(clips: corpora.Clips, seconds: np.ndarray, problems: dict[int, str], vocab: text.Vocabulary,
-                min_seconds: float, max_seconds: float, training: bool) -> tuple[corpora.Clips, dict]:
+                min_seconds: float, max_seconds: float, training: bool, geometry: Geometry = WAV2VEC2
+                ) -> tuple[corpora.Clips, dict]:
     """Drop and count what cannot train or be scored; the run goes on with the rest.
 
     clips: a prepared listing (`prepare`: normalised `text`, `frames`). seconds: per clip, from the
     release or the header. problems: clip position -> why its audio cannot be used (missing, unreadable).
-    Transcripts longer than the encoder's frames (infinite CTC loss) are dropped from training only:
+    Transcripts longer than the encoder's frames (`geometry`; infinite CTC loss) are dropped from training only:
     in dev and test they are scored, as any other utterance, and unseen characters count as `[UNK]`.
 
     Returns the kept clips (with `seconds`) and a report
@@ -276,7 +270,7 @@ def check_split(clips: corpora.Clips, seconds: np.ndarray, problems: dict[int, s
     for i, problem in problems.items():
         checks[reasons.index(problem)][i] = True
     checks += [seconds < min_seconds, seconds > max_seconds, frames == 0,
-               training & (frames > audio.encoder_frames(samples))]
+               training & (frames > geometry.frames(samples))]
     for code, failed in reversed(list(enumerate(checks))):
         reason[failed] = code
     dropped, examples = {}, {}
@@ -390,6 +384,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
         self.cache_dir = Path(cache_dir).expanduser()
         self.vocab: text.Vocabulary | None = None
+        self.geometry = WAV2VEC2  # the model's frame geometry (asr.frames): set before setup when it differs
         self.utterances: dict[str, corpora.Clips] = {}
         self.report: dict[str, dict] = {}
         self._raw: dict[str, corpora.Clips] = {}
@@ -476,7 +471,7 @@ class SpeechDataModule(L.LightningDataModule):
             seconds, problems = durations(raw, self.cache_dir / "durations" / f"{self.corpus_key}.json",
                                           self.num_workers)
             kept, report = check_split(raw, seconds, problems, self.vocab, h.min_seconds, h.max_seconds,
-                                       training=split == "train")
+                                       training=split == "train", geometry=self.geometry)
             if h.decode_cache:
                 kept, report = self._decoded(kept, report)
             if split == "train" and self.added:
@@ -583,7 +578,7 @@ class SpeechDataModule(L.LightningDataModule):
             seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
             attention_q=h.attention_q, seed=h.seed, shuffle=training, num_replicas=world, rank=rank,
             tag_epoch=augmented, audio_seconds=utterances.seconds * self.augment.mean_stretch if augmented else None,
-        )
+            geometry=self.geometry)
 
     def dataloader(self, split: str) -> DataLoader:
         training = split == "train"
@@ -594,7 +589,7 @@ class SpeechDataModule(L.LightningDataModule):
         workers = self.num_workers
         return (TrainingLoader if training else SpeechLoader)(
             UtteranceDataset(self.load(split), self.vocab, self.augment if training else None), batch_sampler=sampler,
-            collate_fn=functools.partial(collate, shapes=sampler.shapes, pooled=workers > 0),
+            collate_fn=functools.partial(collate, pooled=workers > 0, hop=self.geometry.hop),
             # kept between epochs, and between evaluations (Lightning reuses the dev loader)
             num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),

@@ -20,6 +20,8 @@ import torch
 from transformers import Wav2Vec2ForCTC
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStableLayerNorm, _compute_mask_indices
 
+from asr.frames import Geometry
+
 
 class _Frames:
     """A host frame mask as HF's `_compute_mask_indices` reads an attention mask (`.detach().sum(-1).tolist()`,
@@ -67,29 +69,34 @@ class SyncFreeWav2Vec2ForCTC(Wav2Vec2ForCTC):
         with torch.autocast(audio.device.type, dtype=self._feature_dtype):
             return extractor(audio).float()
 
+    @property
+    def geometry(self) -> Geometry:
+        """How the feature encoder turns samples into frames (`asr.frames`), from the config."""
+        return Geometry.of(self.config)
+
     def frames(self, samples) -> torch.Tensor:
-        """(B,) encoder output frames of each clip, from its samples (a host list or a tensor)."""
-        return self._get_feat_extract_output_lengths(torch.as_tensor(samples))
+        """(B,) encoder output frames of each clip, from its samples (a host list or array): on the host."""
+        return torch.from_numpy(np.asarray(self.geometry.frames(np.asarray(samples, dtype=np.int64)))).reshape(-1)
 
-    def logits(self, audio: torch.Tensor, lengths, train_encoder: bool = True) -> torch.Tensor:
-        """(B, T, V) CTC logits of `audio` (B, S) samples at 16 kHz, `lengths` (B,) host samples per clip.
-        train_encoder=False: no graph through the encoder (only the head learns)."""
+    def logits(self, audio: torch.Tensor, lengths, train_encoder: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, V) CTC logits of `audio` (B, S) samples at 16 kHz, `lengths` (B,) host samples per clip, and
+        the (B,) frames of each clip, on the host. train_encoder=False: no graph through the encoder (only the
+        head learns)."""
         with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
-            hidden = self.encode(audio, lengths)
-        return self.lm_head(self.dropout(hidden))
+            hidden, frames = self.encode(audio, lengths)
+        return self.lm_head(self.dropout(hidden)), frames
 
-    def encode(self, audio: torch.Tensor, lengths) -> torch.Tensor:
-        """The encoder's hidden states (B, T, H): HF's `Wav2Vec2Model.forward` with its own modules, the
-        frame mask from the host `lengths`. Equals `self.wav2vec2(audio, attention_mask=...)` from the same
-        numpy random state (tests/test_encoder.py)."""
+    def encode(self, audio: torch.Tensor, lengths) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's hidden states (B, T, H), and the (B,) frames of each clip on the host: HF's
+        `Wav2Vec2Model.forward` with its own modules, the frame mask from the host `lengths`. Equals
+        `self.wav2vec2(audio, attention_mask=...)` from the same numpy random state (tests/test_encoder.py)."""
         wav2vec2 = self.wav2vec2
         features = self.features(audio).transpose(1, 2)
-        frames = self.frames(lengths).numpy()  # host lengths, host frames
-        frame_mask = np.arange(features.shape[1])[None, :] < frames[:, None]  # (B, T), numpy: on the host
+        frames = self.frames(lengths)  # host lengths, host frames
+        frame_mask = np.arange(features.shape[1])[None, :] < frames.numpy()[:, None]  # (B, T), numpy: on the host
         hidden, _ = wav2vec2.feature_projection(features)
         hidden = self._spec_augment(hidden, frame_mask)
-        hidden = self._transformer(hidden, frame_mask)
-        return hidden if wav2vec2.adapter is None else wav2vec2.adapter(hidden)
+        return self._transformer(hidden, frame_mask), frames
 
     def _transformer(self, hidden: torch.Tensor, frame_mask: np.ndarray) -> torch.Tensor:
         """HF's `Wav2Vec2EncoderStableLayerNorm.forward` (XLS-R's pre-norm transformer) with its own modules,

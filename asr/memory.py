@@ -62,10 +62,10 @@ def shape_lengths(sampler, seconds: np.ndarray) -> dict[Shape, list[int]]:
     """For each shape of the sampler's plan, the clip lengths (samples, at most the shape's) of the first batch
     of that shape in its current epoch; and how many batches have it (the dict is in order of that count)."""
     lengths, counts = {}, {}
-    for shape, batch in zip(sampler.batch_shapes(sampler.epoch), sampler.batches(sampler.epoch)):
-        counts[shape] = counts.get(shape, 0) + 1
-        if shape not in lengths:
-            lengths[shape] = [min(int(round(seconds[i] * audio.SAMPLE_RATE)), shape[1]) for i in batch]
+    for batch in sampler.batches(sampler.epoch):  # each `Planned` with its shape
+        counts[batch.shape] = counts.get(batch.shape, 0) + 1
+        if batch.shape not in lengths:
+            lengths[batch.shape] = [min(int(round(seconds[i] * audio.SAMPLE_RATE)), batch.shape[1]) for i in batch]
     return {s: lengths[s] for s in sorted(lengths, key=counts.get, reverse=True)}
 
 
@@ -227,7 +227,7 @@ class WorstBatchFirst(L.Callback):
     def _choose_attention(self, trainer, pl_module, commonest: tuple[Shape, list[int]]) -> None:
         (clips, samples), lengths = commonest
         dtype = PRECISION_DTYPE.get(str(trainer.precision), torch.float32)
-        candidates = attention_candidates(pl_module.model.config, lengths, samples, pl_module.frames, dtype,
+        candidates = attention_candidates(pl_module.model.config, lengths, samples, pl_module.model.frames, dtype,
                                           pl_module.device)
         choice, times = fastest(candidates, cuda_seconds)
         off = keep_attention(choice, times)
@@ -356,7 +356,7 @@ def capacity_gb(device: torch.device) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
-def batch_of(budget: float, max_seconds: float, max_batch_size: int | None) -> int:
+def clips_within(budget: float, max_seconds: float, max_batch_size: int | None) -> int:
     """Clips of the longest allowed duration a budget of padded seconds holds."""
     clips = max(1, int(budget // max_seconds))
     return min(clips, max_batch_size) if max_batch_size else clips
@@ -369,7 +369,7 @@ def plan(cfg, device: torch.device, margin: float, limit: float) -> dict:
     allowed = (1 - margin) * capacity_gb(device)
     rows, budget, fit, failed = [], longest, None, None
     while budget <= limit:
-        clips = batch_of(budget, longest, size)
+        clips = clips_within(budget, longest, size)
         if rows and rows[-1]["peak_gb"] * clips / rows[-1]["clips"] > 1.5 * allowed:
             failed = budget  # far past the limit by the last rung's rate: not run (a CPU would swap or be killed)
             break
@@ -388,8 +388,8 @@ def plan(cfg, device: torch.device, margin: float, limit: float) -> dict:
             middle = (low + high) // longest // 2 * longest
             if middle <= low:
                 break
-            peak = probe.peak_gb(batch_of(middle, longest, size), longest)
-            rows.append({"max_batch_seconds": middle, "clips": batch_of(middle, longest, size), "peak_gb": peak})
+            peak = probe.peak_gb(clips_within(middle, longest, size), longest)
+            rows.append({"max_batch_seconds": middle, "clips": clips_within(middle, longest, size), "peak_gb": peak})
             low, high = (middle, high) if peak is not None and peak <= allowed else (low, middle)
         fit = low
     return {"rows": sorted(rows, key=lambda r: r["max_batch_seconds"]), "fits": fit, "allowed_gb": allowed,

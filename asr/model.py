@@ -7,10 +7,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from transformers import Wav2Vec2Config
-from transformers.modeling_outputs import CausalLMOutput
 
 from asr import SetupError, ctc, schedules, speed, text
 from asr.encoder import SyncFreeWav2Vec2ForCTC
+from asr.frames import Geometry
 from asr.metrics import ErrorRate, Share
 from asr.speed import PRECISION_DTYPE, LateRead
 from asr.text import Vocabulary
@@ -44,6 +44,13 @@ def check_pretrained(pretrained: str | None) -> str | None:
 HEAD_INITS = ("normal", "xavier")
 
 
+def wav2vec2_config(pretrained: str | None, arch: dict) -> Wav2Vec2Config:
+    """The architecture `build_wav2vec2` builds: `pretrained`'s config.json, or `arch` for random weights."""
+    if pretrained is None:
+        return Wav2Vec2Config(**arch)
+    return Wav2Vec2Config.from_pretrained(pretrained)
+
+
 def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config: dict,
                    attn_implementation: str, head_init: str) -> SyncFreeWav2Vec2ForCTC:
     """`pretrained` (hub id or directory; its config.json fixes the architecture), or random weights
@@ -69,10 +76,22 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
         except OSError as error:
             raise SetupError(check_pretrained(pretrained) or str(error)) from error
         new_head = "lm_head.weight" in {*loading["missing_keys"], *(key for key, *_ in loading["mismatched_keys"])}
+    if model.config.add_adapter:  # HF's strided adapter after the transformer: frames asr.frames does not count
+        raise SetupError(f"{pretrained} has add_adapter=true in its config.json; this framework trains the CTC head "
+                         f"on the transformer's frames (add_adapter=false)")
     if head_init == "xavier" and new_head:
         torch.nn.init.xavier_uniform_(model.lm_head.weight)
         torch.nn.init.zeros_(model.lm_head.bias)
     return model
+
+
+@dataclass
+class Output:
+    """A forward pass: logits (B, T, V), the frames (B,) of each clip (host), the CTC loss when the batch had labels."""
+
+    logits: torch.Tensor
+    frames: torch.Tensor
+    loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -195,34 +214,32 @@ class CTCModel(L.LightningModule):
         model.load_state_dict(checkpoint["state_dict"])
         return model
 
-    def frames(self, samples) -> torch.Tensor:
-        """(B,) encoder output frames of each utterance, from its samples (a host list or a tensor)."""
-        return self.model.frames(samples)
+    @property
+    def geometry(self) -> Geometry:
+        """How the network's feature encoder turns samples into frames (`asr.frames`)."""
+        return self.model.geometry
 
-    def forward(self, batch: dict) -> CausalLMOutput:
-        """`.logits` (B, T, V), and `.loss` (`ctc_loss`) when the batch has labels. The encoder pass reads
-        nothing back from the device (`asr.encoder.SyncFreeWav2Vec2ForCTC`)."""
-        logits = self.model.logits(batch["audio"], batch["lengths"], train_encoder=not self._encoder_frozen_now())
-        if "labels" not in batch:
-            return CausalLMOutput(logits=logits)
-        return CausalLMOutput(loss=self.ctc_loss(logits, batch), logits=logits)
+    def forward(self, batch: dict) -> Output:
+        """`.logits` (B, T, V) with the `.frames` (B,) of each clip, and `.loss` (`ctc_loss`) when the batch has
+        labels. The encoder pass reads nothing back from the device (`asr.encoder.SyncFreeWav2Vec2ForCTC`)."""
+        logits, frames = self.model.logits(batch["audio"], batch["lengths"], train_encoder=not self._encoder_frozen_now())
+        return Output(logits, frames, self.ctc_loss(logits, frames, batch) if "labels" in batch else None)
 
-    def ctc_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    def ctc_loss(self, logits: torch.Tensor, frames: torch.Tensor, batch: dict) -> torch.Tensor:
         """HF's CTC loss (float32, per-utterance loss / label length, batch mean, infeasible zeroed) from the
-        `lengths` and `label_lengths` the collator counted on the host. No op here reads a value back from
-        the device (no `.item()`, no data-dependent shape; tests/test_model.py counts them), where HF's
+        host `frames` of each clip and the `label_lengths` the collator counted. No op here reads a value back
+        from the device (no `.item()`, no data-dependent shape; tests/test_model.py counts them), where HF's
         `labels=` path has three (its `labels.max()` check, a `masked_select` of the labels, the lengths).
         torch's CUDA CTC kernel copies the host lengths to the device with blocking copies (6 syncs per
         update); `asr.ctc` (model.ctc_loss=tensor, or auto on CUDA) takes them on the device and has none."""
         log_probs = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
         labels = batch["labels"].clamp(min=0)  # -100 padding past each label length is not read
         if ctc.use_tensor_ops(self.hparams.ctc_loss, logits.device):
-            frames, label_lengths = ctc.to_device(self.frames(batch["lengths"]), batch["label_lengths"],
-                                                  device=logits.device)  # one non-blocking copy
+            frames, label_lengths = ctc.to_device(frames, batch["label_lengths"], device=logits.device)  # one copy
             return ctc.ctc_loss(log_probs, labels, frames, label_lengths, blank=self.vocab.blank_id)
         with torch.backends.cudnn.flags(enabled=False):  # as HF: cuDNN's CTC has other length limits
             return torch.nn.functional.ctc_loss(
-                log_probs, labels, self.frames(batch["lengths"]), torch.as_tensor(batch["label_lengths"]),
+                log_probs, labels, frames, torch.as_tensor(batch["label_lengths"]),
                 blank=self.vocab.blank_id, reduction="mean", zero_infinity=True)  # host tensors
 
     def _encoder_frozen_now(self) -> bool:
@@ -243,8 +260,7 @@ class CTCModel(L.LightningModule):
         through the encoder pass that reads nothing back from the device (`forward`); the beam search runs on
         the host, one clip at a time, as transformers' Wav2Vec2ProcessorWithLM runs pyctcdecode."""
         audio = batch["audio"].to(self.device, non_blocking=True)
-        logits = self.model.logits(audio, batch["lengths"], train_encoder=not self._encoder_frozen_now())
-        frames = self.frames(batch["lengths"])
+        logits, frames = self.model.logits(audio, batch["lengths"], train_encoder=not self._encoder_frozen_now())
         greedy = self.transcribe(logits, frames)
         if decoder is None:
             return Decoded(logits, frames, greedy, greedy)
@@ -273,7 +289,7 @@ class CTCModel(L.LightningModule):
         if not batch["ids"]:  # no clip of the batch could be read (logged by the loader)
             return
         out = self.decode(batch)
-        frames, hypotheses, loss = out.frames, out.hypotheses, self.ctc_loss(out.logits, batch)
+        frames, hypotheses, loss = out.frames, out.hypotheses, self.ctc_loss(out.logits, out.frames, batch)
         self.val_wer.update(batch["texts"], hypotheses)
         self.val_cer.update(batch["texts"], hypotheses)
         blank = out.logits.argmax(dim=-1) == self.vocab.blank_id  # (B, T)

@@ -166,7 +166,7 @@ def feasibility_check(datamodule) -> str:
     if "dev" in datamodule.utterances:
         dev = datamodule.utterances["dev"]
         samples = (np.nan_to_num(dev.seconds) * audio.SAMPLE_RATE).astype(np.int64)
-        said += f"; dev clips: {int((dev.column('frames') > audio.encoder_frames(samples)).sum())} of {len(dev)}"
+        said += f"; dev clips: {int((dev.column('frames') > datamodule.geometry.frames(samples)).sum())} of {len(dev)}"
     return said
 
 

@@ -23,7 +23,8 @@ from asr import Complete, Requeued, SetupError, TrainingStopped, checkpoints, cl
 from asr.config import checked, command_line_changes, expand_path
 from asr.data import SpeechDataModule
 from asr.export import export
-from asr.model import CTCModel, check_pretrained
+from asr.frames import Geometry
+from asr.model import CTCModel, check_pretrained, wav2vec2_config
 from asr.report import RunReport, framework_versions, model_card
 from asr.text import Vocabulary
 
@@ -209,6 +210,8 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     problems = [p for p in (data.check(), check_pretrained(cfg.model.pretrained)) if p]
     if problems:
         raise SetupError("\n".join(problems))
+    arch = OmegaConf.to_container(cfg.model.arch)
+    data.geometry = Geometry.of(wav2vec2_config(cfg.model.pretrained, arch))  # the frames of the model to come
     rundir.hold(run_dir)  # one process per run directory, from its first write on
     _write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)

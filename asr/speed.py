@@ -30,19 +30,11 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
 from asr import audio
+from asr.frames import Geometry
 
 log = logging.getLogger(__name__)
 PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                    "16-true": torch.float16, "32-true": torch.float32, "64-true": torch.float64}
-
-
-def conv_lengths(samples: int, config) -> list[int]:
-    """The output length of each layer of the convolutional feature encoder for a clip of `samples`."""
-    lengths = []
-    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
-        samples = (samples - kernel) // stride + 1
-        lengths.append(max(samples, 0))
-    return lengths
 
 
 def training_flops(config, samples: list[int], conv_trained: bool) -> float:
@@ -61,7 +53,7 @@ def training_flops(config, samples: list[int], conv_trained: bool) -> float:
     conv_per_out = [k * channels[i] * channels[i + 1] for i, k in enumerate(config.conv_kernel)]
     total = 0.0
     for n in samples:
-        lengths = conv_lengths(int(n), config)
+        lengths = Geometry.of(config).layer_lengths(int(n))
         frames = lengths[-1]
         conv = 2 * sum(w * length for w, length in zip(conv_per_out, lengths))
         total += 3 * (2 * dense * frames + 4 * h * frames * frames * layers) + (3 if conv_trained else 1) * conv

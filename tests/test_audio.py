@@ -10,6 +10,7 @@ import torchaudio
 from torch.utils.data import DataLoader
 
 from asr import audio, data
+from asr.batching import Planned
 
 
 def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
@@ -95,6 +96,8 @@ class _Clips(torch.utils.data.Dataset):
         return {"id": str(i), "audio": np.full(samples, i + 1, np.float32), "text": "ab", "labels": [1, 2],
                 "seconds": samples / 16_000}
 
+    __getitems__ = data.UtteranceDataset.__getitems__  # a planned batch's shape goes on to collate
+
 
 def test_a_worker_collates_into_shared_memory_once():
     """In a worker, collate writes the batch straight into shared memory (as torch's default_collate does);
@@ -102,8 +105,8 @@ def test_a_worker_collates_into_shared_memory_once():
     tensors start uninitialised."""
     import functools
 
-    loader = DataLoader(_Clips(), batch_sampler=[[0, 1, 2]], num_workers=1,
-                        collate_fn=functools.partial(data.collate, shapes=[(3, 19_200)]))
+    loader = DataLoader(_Clips(), batch_sampler=[Planned([0, 1, 2], (3, 19_200))], num_workers=1,
+                        collate_fn=data.collate)
     batch = next(iter(loader))
     assert batch["audio"].is_shared() and batch["labels"].is_shared() and "attention_mask" not in batch
     assert batch["audio"].shape == (3, 19_200) and batch["lengths"] == [16_000, 17_000, 18_000]

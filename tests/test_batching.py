@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 
 import asr
 from asr import audio
-from asr.batching import DurationBatchSampler
+from asr.batching import DurationBatchSampler, Planned
 from asr.data import collate
+from asr.frames import WAV2VEC2
 from tests.callbacks import RecordUpdates
 from tests.conftest import SHRUNK, assembled, data_module
 
@@ -95,7 +96,7 @@ def test_bucket_lengths_minimise_padding():
     """The upper lengths are the least padding ones (checked against every choice on a small corpus), and more
     buckets pad less."""
     durations = np.random.default_rng(2).uniform(1, 3, 60)
-    hops = np.ceil(np.round(durations * audio.SAMPLE_RATE) / audio.HOP).astype(int)
+    hops = WAV2VEC2.padded(durations) // WAV2VEC2.hop
     values = np.unique(hops)
 
     def length_padded(uppers):  # every clip padded to the shortest upper that holds it
@@ -103,7 +104,7 @@ def test_bucket_lengths_minimise_padding():
 
     best = min(length_padded(np.array([*ends, values[-1]])) for ends in itertools.combinations(values[:-1], 3))
     sampler = make_sampler(durations, 1000, num_buckets=4, max_batch_size=1)  # one clip a batch: no leftovers
-    assert length_padded(sampler.upper // audio.HOP) == best
+    assert length_padded(sampler.upper // WAV2VEC2.hop) == best
     paddings = [make_sampler(DURATIONS, 60, num_buckets=k).padding() for k in (5, 10, 19, 40)]
     assert paddings == sorted(paddings, reverse=True) and paddings[-1] < 0.03
 
@@ -131,9 +132,9 @@ def test_an_epoch_uses_at_most_20_shapes_with_at_most_4_percent_padding(name, du
     batches, shapes = sampler.batches(0), sampler.batch_shapes(0)
     assert len(set(shapes)) <= 20 and set(shapes) == set(sampler.shapes)
     assert sorted(i for b in batches for i in b) == list(range(len(durations)))
-    need = np.ceil(np.round(durations * audio.SAMPLE_RATE) / audio.HOP) * audio.HOP
+    need = np.ceil(np.round(durations * audio.SAMPLE_RATE) / 320) * 320  # wav2vec2's hop
     for batch, (clips, samples) in zip(batches, shapes):
-        assert len(batch) == clips and need[batch].max() <= samples and samples % audio.HOP == 0
+        assert len(batch) == clips and need[batch].max() <= samples and samples % 320 == 0
     padded = padded_seconds(sampler, shapes)
     assert padded.max() <= 30
     assert 1 - durations.sum() / padded.sum() <= 0.04
@@ -163,28 +164,29 @@ def test_every_rank_plans_the_same_shapes():
 def test_collate_pads_to_the_planned_shape():
     """collate pads samples to the plan's length (labels to the longest transcript); a clip decoded longer than its stated
     duration (MP3 codec padding) is cut at that length and counted; `lengths` are what the batch holds."""
-    shapes = [(3, 16_000), (2, 32_000), (1, 48_000)]
-
     def item(seconds, decoded, labels=3):
         return {"id": f"{seconds}", "audio": np.ones(decoded, np.float32), "text": "a" * labels,
                 "labels": [1] * labels, "seconds": seconds}
 
-    batch = collate([item(1.2, 19_200), item(1.9, 30_800)], shapes)
+    def planned(items, samples):
+        return Planned(items, (len(items), samples))
+
+    batch = collate(planned([item(1.2, 19_200), item(1.9, 30_800)], 32_000))
     assert batch["shape"] == (2, 32_000) == tuple(batch["audio"].shape)
     assert batch["lengths"] == [19_200, 30_800] and not batch["audio"][0, 19_200:].any()
     assert batch["labels"].shape == (2, 3) and batch["truncated_seconds"] == 0
     assert batch["audio"][0, 19_200:].abs().sum() == 0 and batch["padded_seconds"] == 4.0
-    batch = collate([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 16_500)], shapes)  # 500 samples past the plan
+    batch = collate(planned([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 16_500)], 16_000))  # 500 samples past it
     assert batch["shape"] == (3, 16_000) and batch["lengths"] == [14_000, 8_000, 16_000]
     assert batch["truncated_seconds"] == 500 / 16_000
     # A stated duration that is wrong (2 s more decoded than stated): never cut, a longer batch instead
-    batch = collate([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 48_000)], shapes)
+    batch = collate(planned([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 48_000)], 16_000))
     assert batch["lengths"] == [14_000, 8_000, 48_000] and batch["shape"] == (3, 48_000)
     assert batch["truncated_seconds"] == 0
-    batch = collate([item(0.9, 14_400)], shapes)  # one clip: a shorter one fits the (1, 48000) shape only
+    batch = collate(planned([item(0.9, 14_400)], 48_000))  # a short clip in a long batch: the plan's length
     assert batch["shape"] == (1, 48_000)
-    batch = collate([item(1.2, 19_200), item(1.0, 16_000), item(0.5, 8_000), item(0.5, 8_000)], shapes)
-    assert batch["shape"] == (4, 19_200)  # no shape of 4 clips (not the plan's): padded to its longest
+    batch = collate([item(1.2, 19_200), item(1.0, 16_000), item(0.5, 8_000), item(0.5, 8_000)])
+    assert batch["shape"] == (4, 19_200)  # no plan: padded to its longest
 
 
 def test_lightning_loader_batches_have_the_planned_shapes():

@@ -131,14 +131,15 @@ def test_the_model_option_picks_the_loss_with_equal_results(monkeypatch):
     lengths = [16000, 9000, 12000]
     labels = torch.tensor([[0, 1, 1, 2, 5], [3, 3, -100, -100, -100], [4, 2, 0, 1, -100]])
     batch = {"audio": torch.randn(3, 16000), "lengths": lengths, "labels": labels, "label_lengths": [5, 2, 4]}
-    logits = model(batch).logits
+    out = model(batch)
+    logits = out.logits
     calls, ctc_loss = [], ctc.ctc_loss
     monkeypatch.setattr(ctc, "ctc_loss", lambda *args, **kwargs: calls.append(1) or ctc_loss(*args, **kwargs))
     results = {}
     for implementation in ("tensor", "torch"):
         model.hparams.ctc_loss = implementation
         with DeviceReads() as mode:
-            loss = model.ctc_loss(logits, batch)
+            loss = model.ctc_loss(logits, out.frames, batch)
             grad = torch.autograd.grad(loss, model.model.lm_head.weight, retain_graph=True)[0]
         results[implementation] = loss, grad, mode.reads
     assert len(calls) == 1  # tensor took asr.ctc's loss, torch did not

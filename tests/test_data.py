@@ -7,6 +7,7 @@ import torch
 
 from asr import SetupError, audio, corpora, data
 from asr.corpora import Utterance
+from asr.frames import WAV2VEC2, Geometry
 from asr.text import Vocabulary
 
 
@@ -27,12 +28,15 @@ def test_encoder_frames_match_the_hf_feature_encoder():
                                           intermediate_size=32, conv_dim=[8] * 7))
     for samples in (400, 401, 16000, 48_123):
         expected = model._get_feat_extract_output_lengths(torch.tensor(samples)).item()
-        assert audio.encoder_frames(samples) == expected
-    assert audio.encoder_frames(16000) == 49  # about 50 frames per second
+        assert Geometry.of(model.config).frames(samples) == expected == WAV2VEC2.frames(samples)
+    assert WAV2VEC2 == Geometry.of(Wav2Vec2Config())  # XLS-R's: transformers' defaults
+    assert WAV2VEC2.frames(16000) == 49 and WAV2VEC2.hop == 320  # about 50 frames per second
+    odd = Geometry.of({"conv_kernel": [10, 3], "conv_stride": [5, 4]})  # another model's: its own count
+    assert odd.hop == 20 and odd.frames(16000) == (((16000 - 10) // 5 + 1) - 3) // 4 + 1
 
 
 def test_ctc_feasibility_counts_blanks_between_repeats():
-    frames = audio.encoder_frames(16000)  # 49 in one second
+    frames = WAV2VEC2.frames(16000)  # 49 in one second
     assert data.frames_needed("a" * 25) == frames  # 25 labels + 24 blanks
     assert data.frames_needed("a" * 26) == frames + 2
     assert data.frames_needed("abcdefghij" * 4 + "a b c d e") == frames  # no repeats: one frame a label

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from asr import SetupError
+from asr.batching import Planned
 from asr.memory import (WorstBatchFirst, fastest, keep_attention, shape_lengths, warmup_batch, warmup_order,
                         worst_shapes)
 from tests.conftest import SHRUNK, assembled
@@ -54,10 +55,7 @@ def test_a_shapes_batch_has_a_real_batchs_lengths_and_the_commonest_shape_comes_
         epoch = 0
 
         def batches(self, epoch):
-            return [[0, 1], [2], [3, 4]]
-
-        def batch_shapes(self, epoch):
-            return [(2, 32_000), (1, 48_000), (2, 32_000)]
+            return [Planned([0, 1], (2, 32_000)), Planned([2], (1, 48_000)), Planned([3, 4], (2, 32_000))]
 
     seconds = np.array([1.5, 2.0, 3.0, 0.5, 1.0])
     lengths = shape_lengths(Sampler(), seconds)

@@ -53,7 +53,7 @@ def test_the_flop_count_behind_mfu_is_torchs_count_of_the_model(cv_corpus):
     n = batch["lengths"][0]
     with FlopCounterMode(display=False) as counter:
         model.model.encode(batch["audio"][:1, :n], [n])
-        model.model.lm_head(torch.zeros(1, int(model.frames([n])[0]), model.model.config.hidden_size))
+        model.model.lm_head(torch.zeros(1, int(model.model.frames([n])[0]), model.model.config.hidden_size))
     counted = counter.get_total_flops()
     config = model.model.config
     assert speed.training_flops(config, [n], conv_trained=True) == pytest.approx(3 * counted, rel=0.01)
