@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import asr
-from asr import SetupError, checkpoints, lm, quote_numeric_choices, text, tracking
-from asr.config import check_overrides, checked, command_line_changes, expand_path_overrides, register_resolvers
+from asr import SetupError, checkpoints, cli, lm, text, tracking
+from asr.config import checked, command_line_changes, register_resolvers
 from asr.metrics import ErrorRates, utterance_cer
 from asr.model import CTCModel
 
@@ -192,9 +192,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = expand_path_overrides(quote_numeric_choices(sys.argv))  # ~ and $VAR in paths, as users type them
-    try:
-        check_overrides(sys.argv[1:], "evaluate")  # a mistyped key, named with the valid ones
-    except SetupError as error:
-        sys.exit(f"error: {error}")
-    main()
+    cli.start("evaluate", main)

@@ -22,8 +22,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from asr import Complete, Requeued, SetupError, TrainingStopped, quote_numeric_choices, tracking
-from asr.config import check_overrides, expand_path_overrides, register_resolvers
+from asr import Complete, Requeued, SetupError, TrainingStopped, cli, tracking
+from asr.config import register_resolvers
 from asr.run import train
 
 register_resolvers()  # before Hydra composes, here and in a SLURM job that unpickles `main`
@@ -67,9 +67,4 @@ def outcome(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.argv = expand_path_overrides(quote_numeric_choices(sys.argv))  # ~ and $VAR in paths, as users type them
-    try:
-        check_overrides(sys.argv[1:], "train")  # a mistyped key, named with the valid ones
-    except SetupError as error:
-        sys.exit(f"error: {error}")
-    main()
+    cli.start("train", main)

@@ -1,32 +1,113 @@
 """One command grammar for every tool: `key=value` as Hydra parses it (train.py and evaluate.py are Hydra
-apps), the defaults in conf/<tool>.yaml, and `--help` listing the tool's own settings, each with its
-default and the comment beside it in the YAML.
+apps, started by `start`), the defaults in conf/<tool>.yaml, and `--help` listing the tool's own settings,
+each with its default and the comment beside it in the YAML.
 
     python transcribe.py model_path=<run>/model audio=clip.mp3
     python -m asr.sweep dir=multirun/2026-12-01/10-00-00 key=val_wer
 """
 
+import ast
 import re
 import sys
+import textwrap
+from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from asr import REPO_DIR
-from asr.config import expand_path
+from asr import REPO_DIR, SetupError, quote_numeric_choices
+from asr.config import check_overrides, expand_path, expand_path_overrides, package
 
-_SETTING = re.compile(r"^(\w+):\s*(.*?)\s*(?:#\s*(.*))?$")  # a top-level `key: value  # comment`
+_SETTING = re.compile(r"^( *)(\w+):\s*(.*?)\s*(?:#\s*(.*))?$")  # `key: value  # comment`, at its indentation
+
+# The settings `python train.py --help` shows (every one has a comment in conf/; tests/test_cli.py checks).
+# evaluate.py's --help is the hydra.help template in conf/evaluate.yaml.
+KEY_SETTINGS = {"train": (
+    "hydra.run.dir", "ckpt_path", "seed", "data.root", "data.max_batch_seconds", "data.max_batch_size",
+    "data.max_seconds", "data.num_workers", "data.decode_cache", "update_clips", "update_seconds",
+    "val_every_updates", "optim.lr", "optim.head_lr", "sched.warmup_steps", "trainer.max_steps",
+    "trainer.max_time", "trainer.devices", "model.pretrained", "model.freeze_finetune_updates",
+    "model.gradient_checkpointing", "model.compile")}
+
+
+def yaml_settings(path: Path, prefix: str = "") -> dict[str, tuple[str, str | None]]:
+    """{dotted key: (value as written, comment)} of the `key: value  # comment` lines of a YAML file, nested
+    keys by their indentation, under `prefix` (a group option's package). A list item (`- ...`) is none."""
+    settings, parents = {}, []  # parents: (indentation, key) of the mappings the line is in
+    for match in map(_SETTING.match, path.read_text(encoding="utf-8").splitlines()):
+        if match:
+            indent, key, value, comment = len(match[1]), match[2], match[3], match[4]
+            parents = [(i, k) for i, k in parents if i < indent]
+            settings[".".join([*filter(None, [prefix]), *(k for _, k in parents), key])] = (value, comment)
+            parents.append((indent, key))
+    return settings
 
 
 def help_text(tool: str) -> str:
     """The header of conf/<tool>.yaml (what the tool does, how it is called), then each of its settings:
     name, default, and its comment."""
-    lines = (REPO_DIR / "conf" / f"{tool}.yaml").read_text(encoding="utf-8").splitlines()
-    header = [line.removeprefix("#").removeprefix(" ") for line in lines if line.startswith("#")]
-    rows = [m.groups() for m in map(_SETTING.match, lines) if m]
+    path = REPO_DIR / "conf" / f"{tool}.yaml"
+    header = [line.removeprefix("#").removeprefix(" ") for line in path.read_text(encoding="utf-8").splitlines()
+              if line.startswith("#")]
+    rows = [(key, value, comment) for key, (value, comment) in yaml_settings(path).items() if "." not in key]
     width = max(len(key) for key, _, _ in rows)
     values = max(len(value) for _, value, _ in rows)
     return "\n".join([*header, "", f"settings (key=value; defaults in conf/{tool}.yaml):",
                       *(f"  {key:<{width}}  {value:<{values}}  {comment or ''}".rstrip() for key, value, comment in rows)])
+
+
+def script_help(tool: str) -> str:
+    """`--help` of a Hydra app (train.py): the top of its docstring (what it does, how it is called), its
+    config groups with their options (the default starred, from the defaults list of conf/<tool>.yaml), and
+    its `KEY_SETTINGS`, each with its default as composed (interpolations as written) and the comment of the
+    first file of the composition that comments it: where the key is defined, not where a group sets it."""
+    from hydra import compose, initialize_config_dir
+
+    conf, command = REPO_DIR / "conf", _command(tool)
+    doc = ast.get_docstring(ast.parse((REPO_DIR / f"{tool}.py").read_text(encoding="utf-8")))
+    choices = {group: option for item in OmegaConf.load(conf / f"{tool}.yaml").defaults
+               if isinstance(item, DictConfig) for group, option in item.items()}
+    width = max(map(len, choices))
+    groups = [f"  {group:<{width}}  " + ", ".join(f"{o}*" if o == choice else o for o in
+                                                 sorted(p.stem for p in (conf / group).glob("*.yaml")))
+              + ("" if choice else "  (none by default)") for group, choice in choices.items()]
+    comments = {}
+    for path, prefix in [(conf / f"{tool}.yaml", ""), *((conf / group / f"{option}.yaml", package(group, option))
+                                                         for group, option in choices.items() if option)]:
+        for key, (_, comment) in yaml_settings(path, prefix).items():
+            if comment:
+                comments.setdefault(key, comment)
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(tool, return_hydra_config=True), resolve=False)
+    settings = []
+    for key in KEY_SETTINGS[tool]:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        value = yaml.safe_dump(node, default_flow_style=True, width=1000).removesuffix("...\n").strip()
+        settings += [f"  {key}={value}", textwrap.fill(comments[key], 104, initial_indent=" " * 6,
+                                                      subsequent_indent=" " * 6)]
+    return "\n".join(["\n\n".join(doc.split("\n\n")[:2]), "",
+                      "config groups (group=option; * the default; conf/<group>/<option>.yaml):", *groups, "",
+                      "settings you will reach for (key=value: the default; its comment in conf/):", *settings, "",
+                      f"Every setting, as composed: {command} [key=value ...] --cfg job",
+                      f"Hydra's own options: {command} --hydra-help"])
+
+
+def start(tool: str, main) -> None:
+    """The start-up of train.py and evaluate.py (`main` is their `@hydra.main` function, which reads sys.argv):
+    with `KEY_SETTINGS` for the tool, -h/--help prints `script_help`; `~` and `$VAR` in paths and numeric
+    group choices (precision=32) are made what Hydra takes; a key the code does not take exits with one
+    line naming the valid ones; then `main` runs, and with it Hydra's -m, --cfg, --hydra-help and launchers."""
+    if tool in KEY_SETTINGS and {"-h", "--help"} & set(sys.argv[1:]):
+        print(script_help(tool))
+        sys.exit(0)
+    sys.argv = expand_path_overrides(quote_numeric_choices(sys.argv))  # ~ and $VAR in paths, as users type them
+    try:
+        check_overrides(sys.argv[1:], tool)  # a mistyped key, named with the valid ones
+    except SetupError as error:
+        sys.exit(f"error: {error}")
+    main()
 
 
 def parse(tool: str, argv: list[str], passthrough: bool = False) -> tuple[DictConfig, list[str]]:

@@ -251,6 +251,17 @@ def _flat(node, prefix: str = "") -> dict:
     return {prefix.rstrip("."): node}
 
 
+def package(group: str, option: str) -> str:
+    """Where the keys of conf/<group>/<option>.yaml land: its `# @package` header, else the group's path;
+    "" for `_global_` (the root)."""
+    from asr import REPO_DIR
+
+    lines = (REPO_DIR / "conf" / group / f"{option}.yaml").read_text().splitlines()[:5]
+    header = [line.split()[-1] for line in lines if line.startswith("# @package")]
+    name = header[0] if header else group.replace("/", ".")
+    return "" if name == "_global_" else name
+
+
 def _written_by(group: str, option: str) -> set[str]:
     """The dotted keys a group option writes (conf/<group>/<option>.yaml, at its `# @package`)."""
     from asr import REPO_DIR
@@ -258,10 +269,9 @@ def _written_by(group: str, option: str) -> set[str]:
     path = REPO_DIR / "conf" / group / f"{option}.yaml"
     if group.startswith("hydra") or not path.is_file():
         return set()
-    header = [line.split()[-1] for line in path.read_text().splitlines()[:5] if line.startswith("# @package")]
-    package = header[0] if header else group.replace("/", ".")
+    prefix = package(group, option)
     node = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items() if k != "defaults"}
-    return {k if package == "_global_" else f"{package}.{k}" for k in _flat(node) if k}
+    return {f"{prefix}.{k}" if prefix else k for k in _flat(node) if k}
 
 
 def command_line_changes(cfg: DictConfig, config_name: str) -> tuple[dict, set[str]]:
