@@ -5,8 +5,11 @@
 
 Any format soundfile reads, any sample rate (resampled to 16 kHz), any length: files longer than
 chunk_seconds are cut into overlapping windows (stride_seconds of context on each side, dropped from the
-output), as the transformers ASR pipeline does, which this command runs. Transcripts follow the model's
-text rules (asr.text.normalize). Greedy decoding. Settings: conf/transcribe.yaml (`--help`).
+output), as the transformers ASR pipeline cuts them. The model path is evaluate.py's (`asr.transcription`):
+files batched by duration (batch_seconds of padded audio), decoded by num_workers loader processes, greedy
+transcripts under the model's text rules (asr.text.normalize); an exported directory with an LM
+(asr.export lm_path=...) decodes by beam search with it. Transcripts come out in the order of the files.
+Settings: conf/transcribe.yaml (`--help`).
 
 A directory means its audio files, recursively, in sorted order. A file that does not exist, is empty or
 does not decode is named on stderr and the others are transcribed; then the exit status is 1 and the last
@@ -16,31 +19,10 @@ line counts the failures.
 import glob
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import asr
 from asr import cli
-
-
-def load_pipeline(model_path: str, device: str, out_dir: str):
-    """(transformers ASR pipeline, language of the text rules) for a checkpoint or an exported directory."""
-    from transformers import pipeline
-    from transformers.utils import logging as hf_logging
-
-    from asr import checkpoints
-    from asr.export import export
-    from asr.model import CTCModel
-
-    hf_logging.disable_progress_bar()  # its "Loading weights" bar: transcripts only on stdout, errors on stderr
-    path = Path(model_path)
-    if path.is_file():  # a Lightning checkpoint: export it next to nothing, in a temporary directory
-        path = export(CTCModel.from_checkpoint(checkpoints.verified(model_path, "model_path")), out_dir)
-    if not (path / "config.json").is_file():
-        sys.exit(f"error: model_path={model_path} is neither a checkpoint (.ckpt) nor an exported model directory "
-                 f"(train.py writes <run>/model/ and <run>/checkpoints/)")
-    rules = json.loads((path / "asr.json").read_text()) if (path / "asr.json").is_file() else {}
-    return pipeline("automatic-speech-recognition", model=str(path), device=asr.device(device)), rules.get("language")
 
 
 def audio_files(audio) -> list[str]:
@@ -65,38 +47,33 @@ def main(argv: list[str]) -> None:
     files = audio_files(args.audio)
     if not files:
         sys.exit(f"error: audio={args.audio} matches no file (a directory: no audio file in it)")
+    if args.chunk_seconds and args.chunk_seconds <= 2 * args.stride_seconds:
+        sys.exit(f"error: chunk_seconds={args.chunk_seconds} leaves nothing between its two strides of "
+                 f"stride_seconds={args.stride_seconds}: give chunk_seconds above {2 * args.stride_seconds:g}")
 
-    from asr import audio, text
-    from asr.frames import WAV2VEC2
+    from transformers.utils import logging as hf_logging
 
+    from asr.model import CTCModel
+    from asr.transcription import transcribe, workers
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar: transcripts only on stdout, errors on stderr
+    try:
+        model, decoder = CTCModel.load(args.model_path)
+    except asr.SetupError as error:
+        sys.exit(f"error: {error}")
+    model = model.to(asr.device(args.device)).eval()
     failed = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            transcriber, language = load_pipeline(str(Path(args.model_path).expanduser()), args.device, tmp)
-        except asr.SetupError as error:
-            sys.exit(f"error: {error}")
-        for name in files:
-            try:
-                wave = audio.load(name)
-            except audio.AudioError as error:  # a bad file is named, the others are transcribed
-                print(f"error: {error}", file=sys.stderr, flush=True)
-                failed += 1
-                continue
-            if WAV2VEC2.frames(len(wave)) < 1:
-                print(f"error: {name} holds {len(wave)} samples at 16 kHz, too few for one encoder frame (25 ms)",
-                      file=sys.stderr, flush=True)
-                failed += 1
-                continue
-            seconds = len(wave) / audio.SAMPLE_RATE
-            chunking = {"chunk_length_s": args.chunk_seconds, "stride_length_s": args.stride_seconds} \
-                if seconds > args.chunk_seconds else {}
-            result = transcriber({"raw": wave, "sampling_rate": audio.SAMPLE_RATE}, **chunking)
-            transcript = text.normalize(result["text"], language)
-            if args.json:
-                print(json.dumps({"path": name, "seconds": round(seconds, 3), "text": transcript},
-                                 ensure_ascii=False))
-            else:
-                print(transcript, flush=True)
+    for _, name, seconds, transcript, error in transcribe(
+            model, files, decoder, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
+            batch_seconds=args.batch_seconds, num_workers=workers(args.num_workers)):
+        if error is not None:  # a bad file is named, the others are transcribed
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            failed += 1
+        elif args.json:
+            print(json.dumps({"path": name, "seconds": round(seconds, 3), "text": transcript}, ensure_ascii=False),
+                  flush=True)
+        else:
+            print(transcript, flush=True)
     if failed:
         sys.exit(f"error: {failed} of {len(files)} files failed (named above); the others were transcribed")
 

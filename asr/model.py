@@ -1,6 +1,7 @@
 """The LightningModule around the network (`asr.encoder.SyncFreeWav2Vec2ForCTC`): training and evaluation
 steps, the CTC loss, WER/CER/MER, the guard against non-finite updates, AdamW and its schedule."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +203,31 @@ class CTCModel(L.LightningModule):
                            _convert_="all")
 
     @classmethod
+    def load(cls, path: str | Path) -> tuple["CTCModel", object]:
+        """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.checkpoints`) or a
+        directory `asr.export` wrote; an exported directory with an LM (language_model/) brings its
+        pyctcdecode decoder, with the alpha and beta it was exported with. SetupError for anything else."""
+        from asr import checkpoints
+
+        path = Path(path).expanduser()
+        if path.is_file() or path.suffix == ".ckpt":
+            return cls.from_checkpoint(checkpoints.verified(str(path), "model_path")), None
+        if not (path / "config.json").is_file():
+            raise SetupError(f"model_path={path} is neither a checkpoint (.ckpt) nor an exported model directory "
+                             f"(train.py writes <run>/model/ and <run>/checkpoints/)")
+        rules = json.loads((path / "asr.json").read_text()) if (path / "asr.json").is_file() else {}
+        model = cls(vocab=Vocabulary.load(path / "vocab.json").tokens, pretrained=str(path), arch={}, config={},
+                    language=rules.get("language"), freeze_feature_encoder=False, freeze_finetune_updates=0,
+                    gradient_checkpointing=False, attn_implementation="sdpa", compile=False, ctc_loss="auto",
+                    max_consecutive_skips=1, expandable_segments=False, optim={}, sched={}, head_init="normal")
+        decoder = None
+        if (path / "language_model").is_dir():
+            from transformers import Wav2Vec2ProcessorWithLM
+
+            decoder = Wav2Vec2ProcessorWithLM.from_pretrained(str(path)).decoder
+        return model, decoder
+
+    @classmethod
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         # ctc_loss: checkpoints older than the option trained with torch's loss; auto gives the same figures.
@@ -259,8 +285,12 @@ class CTCModel(L.LightningModule):
         keeping `beam_width` beams. Validation, evaluate.py and the W&B predictions table all decode here,
         through the encoder pass that reads nothing back from the device (`forward`); the beam search runs on
         the host, one clip at a time, as transformers' Wav2Vec2ProcessorWithLM runs pyctcdecode."""
-        audio = batch["audio"].to(self.device, non_blocking=True)
-        logits, frames = self.model.logits(audio, batch["lengths"], train_encoder=not self._encoder_frozen_now())
+        out = self({"audio": batch["audio"].to(self.device, non_blocking=True), "lengths": batch["lengths"]})
+        return self.decoded(out.logits, out.frames, decoder, beam_width)
+
+    def decoded(self, logits: torch.Tensor, frames: torch.Tensor, decoder=None, beam_width: int = 100) -> Decoded:
+        """The transcripts of logits (B, T, V) of clips of `frames` (B,) frames: `decode`'s second half, for
+        logits put together otherwise (transcribe.py joins a long file's windows)."""
         greedy = self.transcribe(logits, frames)
         if decoder is None:
             return Decoded(logits, frames, greedy, greedy)

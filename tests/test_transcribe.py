@@ -66,9 +66,21 @@ def test_transcribe_equals_evaluate_from_checkpoint_and_export(cv_corpus, barely
     clips = [str(cv_corpus / "clips" / clip) for clip in sorted(predictions)]
     assert sum(map(len, predictions.values())) > 20  # not a blank model
     run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'exported'}")
+    expected = [predictions[clip] for clip in sorted(predictions)]
     for model in (str(ckpt), str(tmp_path / "exported"), str(barely_trained / "model")):
-        out = [json.loads(line) for line in run("transcribe.py", f"model_path={model}", audio_list(clips), "json=true").stdout.splitlines()]
-        assert_same_transcripts([o["text"] for o in out], [predictions[clip] for clip in sorted(predictions)])
+        out = [json.loads(line) for line in run("transcribe.py", f"model_path={model}", audio_list(clips), "json=true",
+                                                "batch_seconds=10").stdout.splitlines()]
+        assert [o["path"] for o in out] == clips  # in the files' order, though batched by duration
+        assert_same_transcripts([o["text"] for o in out], expected)
+    # the export works where transformers' own pipeline loads it
+    pipe = pipeline(tmp_path / "exported")
+    assert_same_transcripts([text.normalize(pipe({"raw": audio.load(c), "sampling_rate": 16000})["text"], "pt") for c in clips], expected)
+
+
+def pipeline(model_dir):
+    from transformers import pipeline as hf_pipeline
+
+    return hf_pipeline("automatic-speech-recognition", model=str(model_dir), device="cpu")
 
 
 def test_long_file_at_44khz_transcribes_in_chunks(cv_corpus, barely_trained, tmp_path):
@@ -82,7 +94,12 @@ def test_long_file_at_44khz_transcribes_in_chunks(cv_corpus, barely_trained, tmp
                              "chunk_seconds=6", "stride_seconds=1").stdout)
     assert chunked["seconds"] == pytest.approx(len(wave) / 16000, abs=0.01)
     # same model, same audio: the chunked transcript covers the file as the whole one does
-    assert 0.8 < len(chunked["text"]) / len(whole) < 1.25
+    assert 0.8 < len(chunked["text"]) / len(whole) < 1.25 and chunked["text"] != whole
+    # and its windows are the transformers pipeline's: the same transcript as the pipeline cutting it so
+    wave_44k = sf.read(tmp_path / "long.wav", dtype="float32")[0]
+    theirs = pipeline(model)({"raw": audio.resample(wave_44k, 44100, 16000), "sampling_rate": 16000},
+                             chunk_length_s=6, stride_length_s=1)["text"]
+    assert_same_transcripts([chunked["text"]], [text.normalize(theirs, "pt")])
 
 
 def test_transcribe_reports_a_bad_file_and_goes_on(barely_trained, cv_corpus, tmp_path):
@@ -116,8 +133,10 @@ def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, b
     assert (tmp_path / "with-lm" / "language_model" / "3gram.arpa").is_file()
     clips = [str(cv_corpus / "clips" / clip) for clip in sorted(predictions)]
     out = [json.loads(line) for line in run("transcribe.py", f"model_path={tmp_path / 'with-lm'}", audio_list(clips), "json=true").stdout.splitlines()]
-    assert_same_transcripts([o["text"] for o in out], [predictions[clip]["hypothesis"] for clip in sorted(predictions)],
-                            max_cer=0.05)
+    expected = [predictions[clip]["hypothesis"] for clip in sorted(predictions)]
+    assert_same_transcripts([o["text"] for o in out], expected, max_cer=0.05)
+    pipe = pipeline(tmp_path / "with-lm")  # transformers' pipeline decodes with the exported LM alike
+    assert_same_transcripts([text.normalize(pipe({"raw": audio.load(c), "sampling_rate": 16000})["text"], "pt") for c in clips], expected, max_cer=0.05)
 
 
 def test_alpha_beta_sweep_is_a_hydra_multirun(cv_corpus, barely_trained, tmp_path):
