@@ -1,9 +1,12 @@
 """One command grammar for every tool: `key=value` as Hydra parses it (train.py and evaluate.py are Hydra
 apps, started by `start`), the defaults in conf/<tool>.yaml, and `--help` listing the tool's own settings,
-each with its default and the comment beside it in the YAML.
+each with its default and the comment beside it in the YAML. A benchmark is the tool `bench/<name>`:
+benchmarks/<name>.py with its defaults in conf/bench/<name>.yaml (`# @package _global_` first: its settings
+at the top level).
 
     python transcribe.py model_path=<run>/model audio=clip.mp3
     python -m asr.sweep dir=multirun/2026-12-01/10-00-00 key=val_wer
+    python benchmarks/throughput.py steps=150 profile=true
 """
 
 import ast
@@ -13,10 +16,10 @@ import textwrap
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from asr import REPO_DIR, SetupError, quote_numeric_choices
-from asr.config import check_overrides, expand_path, expand_path_overrides, package
+from asr.config import check_overrides, expand_path, expand_path_overrides, package, register_resolvers
 
 _SETTING = re.compile(r"^( *)(\w+):\s*(.*?)\s*(?:#\s*(.*))?$")  # `key: value  # comment`, at its indentation
 
@@ -48,7 +51,7 @@ def help_text(tool: str) -> str:
     name, default, and its comment."""
     path = REPO_DIR / "conf" / f"{tool}.yaml"
     header = [line.removeprefix("#").removeprefix(" ") for line in path.read_text(encoding="utf-8").splitlines()
-              if line.startswith("#")]
+              if line.startswith("#") and not line.startswith("# @package")]
     rows = [(key, value, comment) for key, (value, comment) in yaml_settings(path).items() if "." not in key]
     width = max(len(key) for key, _, _ in rows)
     values = max(len(value) for _, value, _ in rows)
@@ -133,6 +136,7 @@ def parse(tool: str, argv: list[str], passthrough: bool = False) -> tuple[DictCo
     if other and not passthrough:
         names = ", ".join(sorted(own))
         sys.exit(f"error: {other[0].partition('=')[0]} is not a setting of {_command(tool)}; its settings: {names}")
+    register_resolvers()  # ${repo:} in a default path
     try:
         with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base="1.3"):
             cfg = compose(tool, overrides=mine)
@@ -146,6 +150,23 @@ def parse(tool: str, argv: list[str], passthrough: bool = False) -> tuple[DictCo
     return cfg, other
 
 
+def values(settings: DictConfig, key: str, choices=None) -> list:
+    """Setting `key`, which takes one value or a list (`models=xlsr_1b`, `models=[xlsr_300m,xlsr_1b]`), as a
+    list. With `choices`, each value as a lowercase string (Hydra reads 16 as a number and false as a bool)
+    that must be one of them, or the tool exits with one line saying which."""
+    value = settings[key]
+    found = list(value) if isinstance(value, ListConfig) else [value]
+    if choices is None:
+        return found
+    found = [str(v).lower() for v in found]
+    for v in found:
+        if v not in choices:
+            sys.exit(f"error: {key}={v}: expected one of {', '.join(choices)}")
+    return found
+
+
 def _command(tool: str) -> str:
+    if tool.startswith("bench/"):
+        return f"python benchmarks/{tool.removeprefix('bench/')}.py"
     return f"python {tool}.py" if (REPO_DIR / f"{tool}.py").is_file() else f"python -m asr.{tool}"
 

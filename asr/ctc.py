@@ -17,7 +17,7 @@ in log space, one step per frame for the whole batch:
   occupation exp(alpha + beta - emission + nll) is the posterior of the state. torch's kernel returns that
   plus softmax(log_probs) (the gradient through a log_softmax it assumes); through `log_softmax` both give
   the same gradient of the logits. The backward pass is analytic, so autograd saves nothing per frame
-  (autograd through the loop took 10-70x longer on a CPU: benchmarks/ctc.py --autograd).
+  (autograd through the loop took 10-70x longer on a CPU: benchmarks/ctc.py autograd=true).
 A clip's frames past its length and states past 2L are computed alike but never read.
 
 Cost: 4 elementwise ops on (S+2, 2B) per frame (one loop, alpha and beta together), ~10 vectorised ops on

@@ -4,7 +4,7 @@ transformers' own LengthGroupedSampler), ours before fixed shapes (main at 8f8c1
 each batch padded to its longest clip) and ours now (asr.batching.DurationBatchSampler: every batch padded
 to one of at most data.num_buckets + 1 shapes).
 
-    python benchmarks/batching.py
+    python benchmarks/batching.py [budgets=[30,200]]
 
 shapes: distinct (clips, samples) batch shapes in an epoch (each costs a cuDNN plan and a compiled graph on
 a GPU). Padded to the longest clip, a batch is (clips, longest clip's samples).
@@ -13,6 +13,7 @@ fill: audio in a batch / the batch budget, averaged over batches. Our budget is 
 a clip-count batching has no budget, so its budget is the largest padded batch of the epoch (the
 memory it must be given). The clip-count samplers use the batch size that gives the same number of
 batches per epoch as ours, so every sampler puts the same audio into an average optimizer step.
+The settings and their defaults: conf/bench/batching.yaml (`--help`).
 """
 
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from asr import cli  # noqa: E402
 from asr.audio import SAMPLE_RATE  # noqa: E402
 from asr.batching import DurationBatchSampler  # noqa: E402
 
@@ -93,13 +95,14 @@ def fixed_size(order: list[int], size: int) -> list[list[int]]:
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    args, _ = cli.parse("bench/batching", argv)
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     print(f"{'durations':<28} {'budget s':>8} {'sampler':<40} {'batches':>7} {'clips/b':>7} {'shapes':>6} "
           f"{'padding':>8} {'fill':>6}")
     for name, durations in corpora().items():
-        for budget in (30.0, 200.0):
+        for budget in cli.values(args, "budgets"):
             sampler = DurationBatchSampler(durations, budget, max_batch_size=None, num_buckets=19, attention_q=None,
                                            seed=0)
             ours = sampler.batches(0)
@@ -123,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -3,16 +3,16 @@ Common Voice layout corpus that is not the demo, for a wall-clock budget; prints
 the update where it left the CTC blank plateau (first dev CER below 0.9) and where it ended.
 
     python benchmarks/convergence.py                          # 8 minutes, the short-sentence corpus
-    python benchmarks/convergence.py --corpus demo --minutes 0  # the demo as `make demo` runs it
+    python benchmarks/convergence.py corpus=demo minutes=0    # the demo as `make demo` runs it
     python benchmarks/convergence.py model.config.mask_time_prob=0 sched.warmup_steps=10   # any override
 
 The corpus (`asr.synth.make_short`: 800 clips of about 2.3 s, 700 train / 50 dev / 50 test, other
 sentences and voices than the demo) is generated once into $ASR_CACHE_DIR/corpora/ (about a minute).
---minutes 0 runs the recipe's own budget in updates. The figures depend on the machine's speed: the
-updates done in the budget are printed beside the CER.
+minutes=0 runs the recipe's own budget in updates. The figures depend on the machine's speed: the
+updates done in the budget are printed beside the CER. The settings and their defaults:
+conf/bench/convergence.yaml (`--help`); any other key=value overrides the run's train config.
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import synth  # noqa: E402
+from asr import cli, synth  # noqa: E402
 
 
 def corpus(name: str) -> Path:
@@ -36,16 +36,14 @@ def corpus(name: str) -> Path:
     return root
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--corpus", default="short", choices=sorted(synth.CORPORA))
-    parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the fit loop; 0: none")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the run (key=value)")
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    args, overrides = cli.parse("bench/convergence", argv, passthrough=True)  # the others: the train config's
+    if args.corpus not in synth.CORPORA:
+        sys.exit(f"error: corpus={args.corpus}: expected one of {', '.join(sorted(synth.CORPORA))}")
     root = corpus(args.corpus)
     run_dir = Path(tempfile.mkdtemp(prefix="convergence-"))
     budget = [f"trainer.max_time=00:00:{int(args.minutes):02d}:{round(args.minutes % 1 * 60):02d}"] if args.minutes else []
-    command = [sys.executable, "train.py", "lang=pt", f"data.root={root}", "logger=none", *budget, *args.overrides,
+    command = [sys.executable, "train.py", "lang=pt", f"data.root={root}", "logger=none", *budget, *overrides,
                f"hydra.run.dir={run_dir}"]
     print(" ".join(command[1:]), flush=True)
     started = time.perf_counter()
@@ -63,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

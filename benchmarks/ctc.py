@@ -1,28 +1,26 @@
 """torch's ctc_loss against asr.ctc on this machine's CPU: time of loss + backward, and how far apart they are.
 
-    python benchmarks/ctc.py [--shapes T,B,V,L ...] [--repeats 5] [--autograd]
+    python benchmarks/ctc.py [shapes=[[T,B,V,L],...]] [repeats=5] [autograd=true]
 
 Per shape (frames, clips, vocabulary, longest label; frame counts and label lengths drawn down to half of
 those): milliseconds of loss + backward through log_softmax (as CTCModel computes it), the fastest of
-`--repeats` runs, for torch's `ctc_loss` (reduction="mean", zero_infinity=True) and `asr.ctc.ctc_loss`; the
+`repeats` runs, for torch's `ctc_loss` (reduction="mean", zero_infinity=True) and `asr.ctc.ctc_loss`; the
 forward alone (evaluation, under no_grad); the largest difference of the loss and of the logits gradient
-between the two in float32, and of each from the float64 values. `--autograd` adds the first version: the
-same forward recursion with autograd through the loop over frames instead of the analytic backward.
+between the two in float32, and of each from the float64 values. autograd=true adds the first version: the
+same forward recursion with autograd through the loop over frames instead of the analytic backward. The
+settings and their defaults (the shapes): conf/bench/ctc.yaml (`--help`).
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
+from omegaconf import ListConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import ctc  # noqa: E402
-
-# 50 frames per second; characters per clip as in Common Voice-like read speech (~15 per second)
-SHAPES = ["250,32,40,80", "500,16,40,150", "1000,8,40,300", "500,16,3000,60"]  # 5 s, 10 s, 20 s, 10 s of Han
+from asr import cli, ctc  # noqa: E402
 
 
 def batch(frames: int, clips: int, vocab: int, length: int, seed: int = 0):
@@ -72,12 +70,10 @@ def fastest(loss_fn, data, blank: int, repeats: int, backward: bool = True) -> f
     return 1e3 * min(run(loss_fn, *data, blank=blank, backward=backward)[0] for _ in range(repeats + 1))
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="frames,clips,vocabulary,longest label")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--autograd", action="store_true", help="also time autograd through the recursion")
-    args = parser.parse_args(argv)
+def main(argv: list[str]) -> list[dict]:
+    args, _ = cli.parse("bench/ctc", argv)
+    if not all(isinstance(shape, ListConfig) and len(shape) == 4 for shape in args.shapes):
+        sys.exit("error: shapes: a list of [frames,clips,vocabulary,longest label], e.g. shapes=[[500,16,40,150]]")
     print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; ms of loss + backward (fastest of "
           f"{args.repeats}), forward alone under no_grad; largest differences in float32 (loss relative, logits "
           f"gradient absolute, and each one's gradient error against float64)\n")
@@ -85,8 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{'autograd':>8} {'loss rel':>9} {'grad abs':>9} {'torch err':>9} {'ours err':>9}")
     print(header)
     rows = []
-    for shape in args.shapes:
-        frames, clips, vocab, length = (int(n) for n in shape.split(","))
+    for frames, clips, vocab, length in args.shapes:
+        shape = f"{frames},{clips},{vocab},{length}"
         data = batch(frames, clips, vocab, length)
         blank = vocab - 1
         row = {"shape": shape, "torch_ms": fastest(torch_loss, data, blank, args.repeats),
@@ -110,4 +106,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,13 +1,14 @@
 """Decode + resample speed per loader worker, with and without the 16 kHz cache (data.decode_cache).
 
-    python benchmarks/decode.py [corpus clips directory, default demo/cv-pt/clips] [--clips N]
+    python benchmarks/decode.py                                      # 300 clips of the demo
+    python benchmarks/decode.py dir=<cv-corpus/pt>/clips clips=1000  # a corpus's clips directory
 
 Prints audio-seconds decoded per second of one process (one DataLoader worker) for the release audio
 (48 kHz MP3 for Common Voice: decode, then resample to 16 kHz) and for the FLAC and WAV copies, plus the
 one-time cost of making the copies and their size on disk. All measured in this one run, same clips.
+The settings and their defaults: conf/bench/decode.yaml (`--help`).
 """
 
-import argparse
 import sys
 import tempfile
 import time
@@ -17,8 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-import asr  # noqa: E402
-from asr import audio, cache  # noqa: E402
+from asr import audio, cache, cli  # noqa: E402
 
 
 def rate(paths: list[str]) -> tuple[float, float]:
@@ -29,13 +29,10 @@ def rate(paths: list[str]) -> tuple[float, float]:
     return seconds, seconds / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("clips", nargs="?", default=str(asr.REPO_DIR / "demo" / "cv-pt" / "clips"))
-    parser.add_argument("--clips", dest="n", type=int, default=300)
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    args, _ = cli.parse("bench/decode", argv)
     torch.set_num_threads(1)  # as a loader worker (asr.data._one_thread)
-    paths = sorted(str(p) for p in Path(args.clips).iterdir() if p.suffix in (".mp3", ".flac", ".wav"))[: args.n]
+    paths = sorted(str(p) for p in Path(args.dir).iterdir() if p.suffix in (".mp3", ".flac", ".wav"))[: args.clips]
     rate(paths[:10])  # warm-up: imports, resampling kernels
     seconds, release = rate(paths)
     size = sum(Path(p).stat().st_size for p in paths)
@@ -55,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

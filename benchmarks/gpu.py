@@ -1,31 +1,34 @@
 """Training speed and memory on the GPU at hand, over a matrix of settings, ours against the HF Trainer.
 
-    python benchmarks/gpu.py --model xlsr_300m xlsr_1b --hf --profile     # the one command (~4 min, H200)
-    python benchmarks/gpu.py --model xlsr_300m --precision bf16 16 --batch-seconds 100 200
-    python benchmarks/gpu.py --model xlsr_1b --checkpointing off on --attention sdpa eager --compile false encoder
-    python benchmarks/gpu.py --model tiny --steps 4 --warmup 2 --hf --profile    # on a CPU (what the tests run)
+    python benchmarks/gpu.py 'models=[xlsr_300m,xlsr_1b]' hf=true profile=true   # the one command (~4 min, H200)
+    python benchmarks/gpu.py models=xlsr_300m precisions=[bf16,16] batch_seconds=[100,200]
+    python benchmarks/gpu.py models=xlsr_1b checkpointing=[false,true] attention=[sdpa,eager] compile=[false,encoder]
+    python benchmarks/gpu.py models=tiny steps=4 warmup=2 hf=true profile=true    # on a CPU (what the tests run)
+
+Settings and their defaults: conf/bench/gpu.yaml (`--help`); each matrix setting (models, precisions,
+batch_seconds, checkpointing, attention, compile) takes one value or a list. Any other key=value overrides
+the train config of every setting.
 
 Random weights shaped as the model group says (`model.pretrained=null`: no download), the conv feature
 encoder frozen as in fine-tuning (not for tiny, which trains from scratch). Clips: synthetic tones of
-distinct random lengths in [--min-seconds, --max-seconds] in the Common Voice layout (48 kHz MP3, decoded
+distinct random lengths in [min_seconds, max_seconds] in the Common Voice layout (48 kHz MP3, decoded
 by the loader workers as in a real run; numpy and soundfile make them, no espeak-ng), as many as the
-run's updates need so that no epoch ends inside the measured updates; or a corpus (--root, a Common Voice
+run's updates need so that no epoch ends inside the measured updates; or a corpus (root=, a Common Voice
 locale directory). Our run is train.py's (`asr.run.assemble`), its warm-up of every batch shape included.
 
-Per setting, over --steps updates after --warmup (the timed span starts and ends with a device
+Per setting, over `steps` updates after `warmup` (the timed span starts and ends with a device
 synchronisation, the only ones the benchmark adds): audio-seconds per second (real audio), MFU
 (`asr.speed`: model FLOPs of the real audio / the device's dense peak from Lightning's table or
---peak-tflops), peak GPU memory (the allocator's, read at the span's end), loader wait (share of the span
+peak_tflops), peak GPU memory (the allocator's, read at the span's end), loader wait (share of the span
 the training loop waited for a batch, `asr.speed.SpeedMonitor`), host ms per update (batch end to batch
-end). With --profile, then --profile-steps updates under torch.profiler (GPU-busy share: the union of
-the device's kernels and copies over the wall time; the top kernels) and --sync-steps updates under
+end). With profile=true, then `profile_steps` updates under torch.profiler (GPU-busy share: the union of
+the device's kernels and copies over the wall time; the top kernels) and `sync_steps` updates under
 torch's sync debug mode (`asr.speed.SyncSites`: the calls that made the host wait, by project frame). With
---hf, the HF Trainer on the same job right after: same architecture and initial weights, same clips
+hf=true, the HF Trainer on the same job right after: same architecture and initial weights, same clips
 decoded beforehand (as run_speech_recognition_ctc.py does), the same clips per update on average
 (group_by_length), the same precision, checkpointing and attention.
 """
 
-import argparse
 import gc
 import itertools
 import math
@@ -44,10 +47,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from asr import speed, synth  # noqa: E402
+from asr import cli, speed, synth  # noqa: E402
 
 PRECISION = {"bf16": "bf16", "16": "16", "32": "32"}
 COMPILE = {"off": "false", "on": "layers", "false": "false", "layers": "layers", "encoder": "encoder", "all": "all"}
+CHECKPOINTING = {"off": "off", "on": "on", "false": "off", "true": "on"}
 SENTENCES = ["a b c", "d e f", "g h i", "j k l", "m n o", "p q r", "s t u", "v w x"]
 DEV_CLIPS = 8
 MARGIN = 1.3  # clips beyond what the updates need on average: a uniform draw of lengths packs unevenly
@@ -276,7 +280,7 @@ def _free() -> None:
 
 
 def details(r: dict) -> list[str]:
-    """The --profile lines of one of our rows."""
+    """The profile=true lines of one of our rows."""
     fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
     lines = [f"-- {r['model']} {r['precision']} {r['batch_s']:.0f} s, compile {r['compile']}, ckpt {r['ckpt']}, "
              f"{r['attention']}: fit {r['fit_s']:.0f} s"]
@@ -290,7 +294,7 @@ def details(r: dict) -> list[str]:
     lines.append(f"   host ms per update (timed): median {r['host_ms_median']:.0f}, max {r['host_ms_max']:.0f}; "
                  f"batch shapes: {r['shapes']} in the run, {r['timed_shapes']} in the timed updates, "
                  f"{r['plan_shapes']} in the plan; epoch boundary in the timed updates: "
-                 f"{'YES (a bigger corpus: --clips)' if r['epoch_boundary'] else 'no'}")
+                 f"{'YES (a bigger corpus: clips=)' if r['epoch_boundary'] else 'no'}")
     if "profiled_updates" in r:
         lines.append(f"   profiled {r['profiled_updates']} updates: {r['profiled_ms_per_update']:.0f} ms per update, "
                      f"GPU busy {fmt(r['gpu_busy'], '.0%')} (union of kernels and copies / wall)")
@@ -305,45 +309,33 @@ def details(r: dict) -> list[str]:
     return lines
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", nargs="+", default=["xlsr_300m"], help="model groups: tiny, xlsr_300m, xlsr_1b")
-    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=list(PRECISION))
-    parser.add_argument("--batch-seconds", nargs="+", type=float, default=[None], help="data.max_batch_seconds")
-    parser.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"])
-    parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "eager"])
-    parser.add_argument("--compile", nargs="+", default=["false"], choices=list(COMPILE), help="model.compile")
-    parser.add_argument("--steps", type=int, default=12, help="timed updates, after --warmup")
-    parser.add_argument("--warmup", type=int, default=3, help="updates before the timed ones (every batch shape "
-                                                               "already ran once before the first: the warm-up)")
-    parser.add_argument("--profile", action="store_true", help="then profiled and sync-debug updates")
-    parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--sync-steps", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="fewest updates that still measure: 5 timed after 2, "
-                                                            "2 profiled, 1 sync-debug")
-    parser.add_argument("--clips", type=int, help="synthetic train clips (default: as many as the updates need)")
-    parser.add_argument("--min-seconds", type=float, default=2.0)
-    parser.add_argument("--max-seconds", type=float, default=15.0)
-    parser.add_argument("--root", help="a Common Voice locale directory instead of synthetic clips")
-    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak (default: Lightning's table)")
-    parser.add_argument("--hf", action="store_true", help="also the HF Trainer on each setting's job")
-    parser.add_argument("overrides", nargs="*", help="more Hydra overrides of our run (key=value)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.warmup, args.profile_steps, args.sync_steps = 5, 2, 2, 1
-    from asr.config import compose
-
+def matrix(args, train_overrides: list[str]) -> list[tuple[dict, list[str]]]:
+    """Each setting of the matrix (one per combination of the matrix settings' values) with the train config
+    overrides of its run; one line and exit for a value a matrix setting does not take."""
     configs = []
     for model, precision, seconds, ckpt, attention, compiled in itertools.product(
-            args.model, args.precision, args.batch_seconds, args.checkpointing, args.attention, args.compile):
+            cli.values(args, "models"), cli.values(args, "precisions", PRECISION), cli.values(args, "batch_seconds"),
+            cli.values(args, "checkpointing", CHECKPOINTING), cli.values(args, "attention", ("sdpa", "eager")),
+            cli.values(args, "compile", COMPILE)):
+        ckpt = CHECKPOINTING[ckpt]
         overrides = [f"model={model}", "model.pretrained=null", f"precision='{PRECISION[precision]}'", "lang=pt",
                      "logger=none", "~callbacks.checkpoint", "~callbacks.last", "~callbacks.speed",
                      f"model.gradient_checkpointing={ckpt == 'on'}", f"model.attn_implementation={attention}",
                      f"model.compile={COMPILE[compiled]}", *([f"data.max_batch_seconds={seconds}"] if seconds else []),
-                     *args.overrides]
+                     *train_overrides]
         setting = {"model": model, "precision": precision, "ckpt": ckpt, "attention": attention,
                    "compile": COMPILE[compiled]}
         configs.append((setting, overrides))
+    return configs
+
+
+def main(argv: list[str]) -> list[dict]:
+    args, train_overrides = cli.parse("bench/gpu", argv, passthrough=True)  # the others: the train config's
+    if args.quick:
+        args.steps, args.warmup, args.profile_steps, args.sync_steps = 5, 2, 2, 1
+    from asr.config import compose
+
+    configs = matrix(args, train_overrides)
     root = args.root
     if root is None:  # one corpus for every setting, sized for the largest batch
         budget = max(compose("train", [*o, "data.root=/tmp", "run_dir=/tmp"]).data.max_batch_seconds
@@ -409,4 +401,4 @@ def print_rows(rows: list[dict], args, details_too: bool = True) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

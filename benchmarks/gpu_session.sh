@@ -8,7 +8,7 @@
 # Parts, in order of value, each under its own `timeout` within BUDGET seconds for the whole (default 570,
 # under the 600 s a device command may run); a part that would get under MIN_PART (30) s is skipped:
 #   check  the packages import, and which versions (seconds)
-#   bench  benchmarks/gpu.py --profile: xlsr_300m and xlsr_1b, bf16, with the HF Trainer (~5 min on an H200)
+#   bench  benchmarks/gpu.py profile=true: xlsr_300m and xlsr_1b, bf16, with the HF Trainer (~5 min on an H200)
 #   tests  pytest -m gpu on the two files that hold GPU tests (others import packages the image lacks);
 #          the cards test deselected: the next part runs the same command
 #   cards  python -m asr.memory cards=true: each model card's batch, its peak memory
@@ -67,14 +67,14 @@ try:
     import datasets; print('datasets', datasets.__version__, '(the HF side)')
 except ImportError:
     print('no datasets: the HF Trainer side cannot run')" ;;
-    bench) part bench 320 "$PYTHON" benchmarks/gpu.py --model xlsr_300m xlsr_1b --precision bf16 --hf --profile \
-             --peak-tflops "$PEAK_TFLOPS" ;;
+    bench) part bench 320 "$PYTHON" benchmarks/gpu.py 'models=[xlsr_300m,xlsr_1b]' precisions=bf16 hf=true \
+             profile=true peak_tflops="$PEAK_TFLOPS" ;;
     tests) part tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_ctc.py \
              --deselect tests/test_gpu.py::test_the_cards_memory_table_runs_on_the_gpu ;;
     cards) part cards 90 "$PYTHON" -m asr.memory cards=true ;;
-    extra) part compile 90 "$PYTHON" benchmarks/gpu.py --model xlsr_300m --compile encoder --quick --profile \
-             --peak-tflops "$PEAK_TFLOPS"
-           part segments 60 "$PYTHON" benchmarks/gpu.py --model xlsr_300m --quick --peak-tflops "$PEAK_TFLOPS" \
+    extra) part compile 90 "$PYTHON" benchmarks/gpu.py models=xlsr_300m compile=encoder quick=true profile=true \
+             peak_tflops="$PEAK_TFLOPS"
+           part segments 60 "$PYTHON" benchmarks/gpu.py models=xlsr_300m quick=true peak_tflops="$PEAK_TFLOPS" \
              model.expandable_segments=true ;;
     *) echo "no part $p (check bench tests cards extra)"; exit 2 ;;
   esac
@@ -83,7 +83,7 @@ done
 echo; echo "==================== summary ($SECONDS s; logs in $OUT) ===================="
 printf '%s\n' "${summary[@]}"
 [ -f "$OUT/check.log" ] && { echo; tail -3 "$OUT/check.log"; }
-for log in bench compile segments; do  # the table and, with --profile, the details after it
+for log in bench compile segments; do  # the table and, with profile=true, the details after it
   [ -f "$OUT/$log.log" ] && { echo; echo "-- $log"; sed -n '/^random weights/,$p' "$OUT/$log.log" | grep -v "Warning\|warn(" | head -80; }
 done
 [ -f "$OUT/tests.log" ] && { echo; echo "-- pytest -m gpu"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -12; }

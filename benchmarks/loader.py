@@ -1,8 +1,8 @@
 """Does one loader worker keep up with decoding? Audio-seconds per second of one process, side by side in one run.
 
-    python benchmarks/loader.py [--clips 200] [--passes 2] [--repeats 3] [--old]
+    python benchmarks/loader.py [clips=200] [passes=2] [repeats=3] [old=true]
 
-The corpus: `--clips` 48 kHz MP3 clips of distinct lengths (2-10 s) in the Common Voice layout, written to a
+The corpus: `clips` 48 kHz MP3 clips of distinct lengths (2-10 s) in the Common Voice layout, written to a
 temporary directory. The audio is numpy, not espeak-ng (no system package needed): a pitch contour with
 harmonics, syllable-like envelopes and noise. MP3 decoding costs much the same whatever it holds.
 
@@ -13,21 +13,20 @@ Rows, all in this process with one torch thread (as a loader worker, `asr.data._
 - new load path: `asr.audio.load` (soxr HQ) and `asr.audio.normalize` (in place), as `UtteranceDataset` runs.
 - one worker, end to end: `SpeechDataModule.train_dataloader()` with data.num_workers=1 (dataset + collate
   into the planned shapes, in the worker process), timed from the iterator's creation to its last batch over
-  `--passes` epochs after a first, untimed, one (the worker is persistent). The main process only takes
-  batches. With `--old`, the same with the old load path patched in (the worker is forked, so it inherits it).
+  `passes` epochs after a first, untimed, one (the worker is persistent). The main process only takes
+  batches. With old=true, the same with the old load path patched in (the worker is forked, so it inherits it).
 - one worker with augmentation: augment=speed (0.9/1.0/1.1: another resampling ratio), augment=noise
   (half of the clips get a segment of a 16 kHz WAV file from a folder of 20 s files, as MUSAN's) and
   augment=speed_noise.
 
-Every row is measured `--repeats` times, in turns (a shared machine drifts): the table gives the median and
+Every row is measured `repeats` times, in turns (a shared machine drifts): the table gives the median and
 the range of the ratios.
 
 audio-s/s is per wall second; per CPU-s is per CPU second of the process doing the work (this one, or the
 worker), which other processes on a shared machine disturb less. ratio: the row's rate / decode only's.
-The bar: one worker >= 0.7x decode only.
+The bar: one worker >= 0.7x decode only. The settings and their defaults: conf/bench/loader.yaml (`--help`).
 """
 
-import argparse
 import os
 import random
 import sys
@@ -44,7 +43,7 @@ from hydra.utils import instantiate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
-from asr import audio, synth  # noqa: E402
+from asr import audio, cli, synth  # noqa: E402
 from asr.config import compose  # noqa: E402
 
 
@@ -136,13 +135,8 @@ def worker_rate(root: Path, passes: int, *overrides: str) -> tuple[tuple[float, 
     return (wall, seconds / (cpu_seconds(worker) - cpu)), len(shapes)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--clips", type=int, default=200)
-    parser.add_argument("--passes", type=int, default=2, help="timed epochs of the worker rows")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements of every row, in turns")
-    parser.add_argument("--old", action="store_true", help="also the old load path (main at 8f8c191)")
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    args, _ = cli.parse("bench/loader", argv)
     torch.set_num_threads(1)  # as a loader worker
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "pt"
@@ -184,4 +178,4 @@ def spread(ratios: list[float]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

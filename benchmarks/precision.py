@@ -1,15 +1,15 @@
 """Training loss in fp32, bf16 and fp16 side by side: same model, data, seed and batches.
 
-    python benchmarks/precision.py --steps 300                    # tiny model on the demo (CPU or GPU)
-    python benchmarks/precision.py --model xlsr_300m --steps 300 data.max_batch_seconds=100   # on a GPU
+    python benchmarks/precision.py steps=300                      # tiny model on the demo (CPU or GPU)
+    python benchmarks/precision.py steps=300 model=xlsr_300m data.max_batch_seconds=100   # on a GPU
 
 Prints the mean training loss per window of updates for each precision, and per precision the skipped
 updates, non-finite losses and (fp16) the final loss scale. On a CPU, fp16 runs with an explicit fp16
 autocast and GradScaler (Lightning would turn `16-mixed` into bf16 there); on a GPU each precision is
-what `precision=<p>` gives train.py. Any Hydra override of the run follows the options.
+what `precision=<p>` gives train.py. The settings and their defaults: conf/bench/precision.yaml (`--help`);
+any other key=value (model=...) overrides the train config.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from asr import cli  # noqa: E402
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -50,30 +51,26 @@ def run(cfg, steps: int, precision: str) -> dict:
             "scale": scaler.get_scale() if scaler is not None else None, "precision": trainer.precision}
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--every", type=int, default=25, help="updates per printed window")
-    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+def main(argv: list[str]) -> dict:
+    args, overrides = cli.parse("bench/precision", argv, passthrough=True)  # the others: the train config's
+    precisions = cli.values(args, "precisions", PRECISIONS)
     from asr.config import compose
 
-    cfg = compose("train", [f"model={args.model}", "logger=none", "~callbacks.checkpoint", "~callbacks.last",
-                            "run_dir=/tmp/precision-benchmark", *args.overrides])
-    results = {p: run(cfg, args.steps, p) for p in args.precisions}
+    cfg = compose("train", ["logger=none", "~callbacks.checkpoint", "~callbacks.last",
+                            "run_dir=/tmp/precision-benchmark", *overrides])
+    results = {p: run(cfg, args.steps, p) for p in precisions}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{args.model}, {args.steps} updates, seed {cfg.seed}, {device}: mean training loss per {args.every} updates")
-    print(f"{'updates':>9} " + " ".join(f"{results[p]['precision']:>10}" for p in args.precisions))
+    print(f"\n{' '.join(overrides) or 'defaults'}, {args.steps} updates, seed {cfg.seed}, {device}: mean training "
+          f"loss per {args.every} updates")
+    print(f"{'updates':>9} " + " ".join(f"{results[p]['precision']:>10}" for p in precisions))
     for start in range(0, args.steps, args.every):
         cells = []
-        for p in args.precisions:
+        for p in precisions:
             window = results[p]["losses"][start:start + args.every]
             finite = window[torch.isfinite(window)]
             cells.append(f"{finite.mean().item():>10.4f}" if len(finite) else f"{'-':>10}")
         print(f"{start + 1:>4}-{min(start + args.every, args.steps):<4} " + " ".join(cells))
-    for p in args.precisions:
+    for p in precisions:
         r = results[p]
         print(f"{r['precision']:>10}: skipped updates {r['skipped']}, non-finite losses {r['nonfinite']}"
               + (f", final loss scale {r['scale']:g}" if r["scale"] is not None else ""))
@@ -81,4 +78,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -2,12 +2,13 @@
 update by `python train.py` as a user runs it, cold (empty caches) and warm (caches in place).
 
     python benchmarks/scale.py                       # N = 10k, 100k, 1M (the 1M layout: ~1 min to build)
-    python benchmarks/scale.py --clips 100000 --no-train   # only the in-process figures
-    python benchmarks/scale.py --headers     # as if the release stated no durations: headers are read
+    python benchmarks/scale.py clips=100000 no_train=true   # only the in-process figures
+    python benchmarks/scale.py headers=true          # as if the release stated no durations: headers are read
 
 The layout (TSVs with every release column, clip_durations.tsv, clips/ as hard links to the demo's
-real MP3s, so every file check stays real) is built once under --dir. Each train clip has its own
-sentence. dev and test hold 2,000 clips each.
+real MP3s, so every file check stays real) is built once under `dir`. Each train clip has its own
+sentence. dev and test hold 2,000 clips each. The settings and their defaults: conf/bench/scale.yaml
+(`--help`).
 
 Printed per N:
 - cold / warm: seconds to the data report and to the end of the first update (the whole command),
@@ -18,7 +19,6 @@ Printed per N:
   object's header, so per-clip Python objects get copied into every worker).
 """
 
-import argparse
 import csv
 import gc
 import hashlib
@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import synth  # noqa: E402
+from asr import cli, synth  # noqa: E402
 
 DEMO = REPO / "demo" / "cv-pt"
 EVAL_CLIPS = 2_000
@@ -149,29 +149,22 @@ def in_process(root: Path, cache: Path) -> dict:
             "main_mb": main_mb}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clips", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("ASR_CACHE_DIR", "~/.cache/asr")).expanduser()
-                        / "corpora" / "scale")
-    parser.add_argument("--no-train", action="store_true", help="skip the train.py runs")
-    parser.add_argument("--no-process", action="store_true", help="skip the in-process figures")
-    parser.add_argument("--headers", action="store_true",
-                        help="hide clip_durations.tsv during the runs: every duration is read from its clip's header")
-    parser.add_argument("--in-process", nargs=2, type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.in_process:
-        r = in_process(*args.in_process)
-        print(f"  in-process: load (warm) {r['load']:.2f} s, plan an epoch {r['plan']:.2f} s "
-              f"({r['batches']:,} batches), len() {r['len_us']:.1f} us, main process private "
-              f"{r['main_mb']:.0f} MB, 4 workers private " + ", ".join(f"{m:.0f}" for m in r["workers_mb"])
-              + " MB", flush=True)
-        return
-    for n in args.clips:
+def report_in_process(root: str, cache: str) -> None:
+    r = in_process(Path(root), Path(cache))
+    print(f"  in-process: load (warm) {r['load']:.2f} s, plan an epoch {r['plan']:.2f} s "
+          f"({r['batches']:,} batches), len() {r['len_us']:.1f} us, main process private "
+          f"{r['main_mb']:.0f} MB, 4 workers private " + ", ".join(f"{m:.0f}" for m in r["workers_mb"])
+          + " MB", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    args, _ = cli.parse("bench/scale", argv)
+    layouts = Path(args.dir).expanduser()
+    for n in cli.values(args, "clips"):
         started = time.perf_counter()
-        root = build(args.dir / f"cv-{n}", n)
+        root = build(layouts / f"cv-{n}", n)
         print(f"N={n:,}: layout {root} ready ({time.perf_counter() - started:.0f} s)", flush=True)
-        cache = Path(tempfile.mkdtemp(prefix="scale-cache-", dir=args.dir))
+        cache = Path(tempfile.mkdtemp(prefix="scale-cache-", dir=layouts))
         stated = root / "clip_durations.tsv"
         if args.headers:
             stated.rename(stated.with_suffix(".off"))
@@ -192,8 +185,11 @@ def measure(root: Path, cache: Path, n: int, args) -> None:
     if not args.no_process:
         if args.no_train:
             run_train(root, cache)  # fills the caches
-        # a process of its own, so that one N's memory does not count in the next
-        subprocess.run([sys.executable, __file__, "--in-process", str(root), str(cache)], check=True)
+        # a process of its own, so that one N's memory does not count in the next (not multiprocessing's spawn:
+        # its child would spawn the loader workers too, which then hold their own imports)
+        code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import scale; "
+                f"scale.report_in_process({str(root)!r}, {str(cache)!r})")
+        subprocess.run([sys.executable, "-c", code], check=True)
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,7 +1,7 @@
 """Training throughput, ours against the HF Trainer doing the same job, side by side in one run.
 
-    python benchmarks/throughput.py [--steps 150] [--profile]
-    python benchmarks/throughput.py --ours-only model.freeze_finetune_updates=1000   # any config override
+    python benchmarks/throughput.py [steps=150] [profile=true]
+    python benchmarks/throughput.py ours_only=true model.freeze_finetune_updates=1000   # any config override
 
 Same tiny architecture (conf/model/tiny.yaml), same random initialisation, same demo training data,
 same optimizer (AdamW, lr, betas, eps, weight decay, linear schedule with warm-up), gradient clipping
@@ -12,10 +12,10 @@ audio decoded and normalised once by `datasets.map` before training (not timed),
 Ours decodes in its loader workers while it trains (timed). Validation is off on both sides.
 
 Prints audio-seconds per second of training (real audio, padding excluded) and the ratio. With
---profile, also Lightning's simple profiler for our run: where a step's time goes.
+profile=true, also Lightning's simple profiler for our run: where a step's time goes. The settings and
+their defaults: conf/bench/throughput.yaml (`--help`); any other key=value overrides our run's train config.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from asr import audio  # noqa: E402
+from asr import audio, cli  # noqa: E402
 
 # train.py's run without what is not training: no logger, no checkpoints, no progress bar, no evaluation
 OVERRIDES = ["logger=none", "~callbacks.checkpoint", "~callbacks.last", "data.num_workers=2",
@@ -105,21 +105,16 @@ def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model, callbacks=(),
             "padding": 1 - seen["audio"] / seen["padded"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--ours-only", action="store_true", help="skip the HF Trainer")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of our run (key=value)")
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    args, overrides = cli.parse("bench/throughput", argv, passthrough=True)  # the others: the train config's
     from asr.config import compose
 
-    cfg = compose("train", OVERRIDES + args.overrides)
+    cfg = compose("train", OVERRIDES + overrides)
     torch.manual_seed(cfg.seed)
     mine = ours(cfg, args.steps, args.profile)
     data, initial_weights = mine.pop("data"), mine.pop("initial")
     if args.ours_only:
-        print(f"\nours, {args.steps} updates, {' '.join(args.overrides) or 'defaults'}: "
+        print(f"\nours, {args.steps} updates, {' '.join(overrides) or 'defaults'}: "
               f"{mine['audio_seconds'] / mine['seconds']:.1f} audio-s/s, padding {mine['padding']:.1%}")
         return
     # The HF model: the same Wav2Vec2ForCTC, with our initial weights.
@@ -141,4 +136,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -1,14 +1,100 @@
-"""benchmarks/gpu.py runs (here on the CPU with the tiny model) and prints what it claims to measure."""
+"""The benchmarks take key=value as the tools do (conf/bench/<name>.yaml, --help, one-line errors), the GPU
+session's command lines parse, and benchmarks/gpu.py runs (here on the CPU with the tiny model) and prints
+what it claims to measure."""
+
+import importlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+
+import asr
+from asr import audio, cli
+from asr.config import compose
+from benchmarks import ctc, gpu, precision
+from tests.conftest import in_process
+
+BENCHMARKS = sorted(p.stem for p in (asr.REPO_DIR / "benchmarks").glob("*.py"))
+
+
+def test_every_benchmark_has_its_settings_file():
+    settings_files = sorted(p.stem for p in (asr.REPO_DIR / "conf" / "bench").glob("*.yaml"))
+    assert len(BENCHMARKS) == 9 and settings_files == BENCHMARKS
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_answers_help_and_takes_its_settings_at_the_top_level(name):
+    """`--help` through the script's `main(sys.argv[1:])`; the settings compose as conf/bench/<name>.yaml writes
+    them, not nested under `bench` (the file's `# @package _global_`)."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert "main(sys.argv[1:])" in Path(module.__file__).read_text().split('if __name__ == "__main__":')[1]
+    result = in_process(module.main, ["--help"])
+    assert result.returncode == 0 and f"settings (key=value; defaults in conf/bench/{name}.yaml)" in result.stdout
+    assert f"python benchmarks/{name}.py" in result.stdout and "@package" not in result.stdout
+    written = OmegaConf.load(asr.REPO_DIR / "conf" / "bench" / f"{name}.yaml")
+    settings, rest = cli.parse(f"bench/{name}", [])
+    assert list(settings) == list(written) and rest == []
+    listed = [line.split()[0] for line in result.stdout.split("settings (key=value")[1].splitlines()[1:]]
+    assert listed == list(written)
+
+
+def test_a_benchmark_runs_with_key_value_overrides():
+    [row] = ctc.main(["shapes=[[40,2,6,5]]", "repeats=1", "autograd=true"])
+    assert row["shape"] == "40,2,6,5" and row["autograd_ms"] > 0
+    assert row["loss_rel"] < 1e-5 and row["grad_abs"] < 1e-5  # asr.ctc and torch's ctc_loss agree
+
+
+def test_an_unknown_key_a_flag_or_a_value_out_of_choices_is_one_line():
+    result = subprocess.run([sys.executable, "benchmarks/ctc.py", "repeat=1"], cwd=asr.REPO_DIR, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "error: repeat is not a setting of python benchmarks/ctc.py; its settings: autograd, " \
+                            "repeats, shapes\n"
+    result = in_process(ctc.main, ["--repeats", "1"])  # the old grammar
+    assert (result.returncode, result.stderr) == (
+        1, "error: '--repeats' is not key=value; `python benchmarks/ctc.py --help` lists the settings\n")
+    result = in_process(ctc.main, ["shapes=[40,2,6,5]"])
+    assert result.returncode == 1 and result.stderr.startswith("error: shapes: a list of [frames,clips,")
+    result = in_process(precision.main, ["precisions=[32,fp8]"])
+    assert (result.returncode, result.stderr) == (1, "error: precisions=fp8: expected one of 32, bf16, 16\n")
+
+
+def session_commands(program: str) -> list[list[str]]:
+    """The arguments of each `"$PYTHON" <program> ...` command in benchmarks/gpu_session.sh, as bash splits
+    them, with $PEAK_TFLOPS at its default."""
+    script = (asr.REPO_DIR / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", " ")
+    peak = re.search(r"^PEAK_TFLOPS=\$\{PEAK_TFLOPS:-(\d+)\}", script, re.M).group(1)
+    found = re.findall(rf'"\$PYTHON" {re.escape(program)} (.*?)(?:;;|$)', script, re.M)
+    return [shlex.split(command.replace('"$PEAK_TFLOPS"', peak)) for command in found]
+
+
+def test_the_gpu_session_runs_benchmark_command_lines_that_parse():
+    """Each benchmarks/gpu.py command of gpu_session.sh: its settings, the matrix they make and each setting's
+    train config composed (a bad override of the train config fails here, not on the GPU machine)."""
+    commands = session_commands("benchmarks/gpu.py")
+    assert len(commands) == 3
+    composed = []
+    for argv in commands:
+        args, rest = cli.parse("bench/gpu", argv, passthrough=True)
+        assert args.peak_tflops == 790
+        composed.append([(setting, compose("train", [*overrides, "data.root=/tmp", "run_dir=/tmp"]))
+                         for setting, overrides in gpu.matrix(args, rest)])
+    bench, compiled, segments = composed
+    assert [(s["model"], s["precision"], cfg.trainer.precision) for s, cfg in bench] == [
+        ("xlsr_300m", "bf16", "bf16-mixed"), ("xlsr_1b", "bf16", "bf16-mixed")]
+    assert [cfg.model.compile for _, cfg in compiled] == ["encoder"]
+    assert [cfg.model.expandable_segments for _, cfg in segments] == [True]
 
 
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_its_matrix_with_the_hf_trainer_side_by_side(capsys):
-    import benchmarks.gpu as gpu
-
-    rows = gpu.main(["--model", "tiny", "--precision", "32", "--checkpointing", "off", "on", "--steps", "3",
-                     "--warmup", "1", "--clips", "24", "--max-seconds", "3", "--hf", "--peak-tflops", "1"])
+    rows = gpu.main(["models=tiny", "precisions=32", "checkpointing=[false,true]", "steps=3", "warmup=1", "clips=24",
+                     "max_seconds=3", "hf=true", "peak_tflops=1"])
     assert [(r["ckpt"], r["who"]) for r in rows] == [("off", "ours"), ("off", "HF Trainer"),
                                                      ("on", "ours"), ("on", "HF Trainer")]
     for r in rows:
@@ -28,14 +114,11 @@ def test_the_gpu_benchmark_runs_its_matrix_with_the_hf_trainer_side_by_side(caps
 
 @pytest.mark.slow
 def test_the_one_gpu_command_profiles_on_a_cpu_too(capsys):
-    """--profile on the tiny model (CPU): the timed updates hold no epoch boundary of the corpus sized for
+    """profile=true on the tiny model (CPU): the timed updates hold no epoch boundary of the corpus sized for
     them, the warm-up ran every training shape, the profiled update's top operators and the sync-debug
     update are reported (syncs: not on a CPU), peak memory and GPU-busy share are CUDA's only."""
-    import benchmarks.gpu as gpu
-
-    [row] = gpu.main(["--model", "tiny", "--precision", "32", "--steps", "2", "--warmup", "1", "--profile",
-                      "--profile-steps", "1", "--sync-steps", "1", "--max-seconds", "4",
-                      "callbacks.worst_batch_first.when=true"])
+    [row] = gpu.main(["models=tiny", "precisions=32", "steps=2", "warmup=1", "profile=true", "profile_steps=1",
+                      "sync_steps=1", "max_seconds=4", "callbacks.worst_batch_first.when=true"])
     assert row["epoch_boundary"] is False and row["host_ms_median"] > 0 and 1 <= row["timed_shapes"] <= 2
     assert row["warmup"]["train_shapes"] == row["plan_shapes"] and row["warmup"]["seconds"] > 0
     assert row["profiled_updates"] == 1 and len(row["top"]) > 5 and row["top"][0][1] > 0
@@ -46,9 +129,6 @@ def test_the_one_gpu_command_profiles_on_a_cpu_too(capsys):
 
 
 def test_the_synthetic_corpus_is_sized_for_the_updates_with_distinct_lengths(tmp_path):
-    import benchmarks.gpu as gpu
-    from asr import audio
-
     assert gpu.corpus_clips(20, 200, 2, 15) == 613  # 1.3 x 20 x 200 s / 8.5 s per clip, + 1
     root = gpu.synthetic_corpus(tmp_path / "pt", clips=5, low=2, high=3)
     durations = (root / "clip_durations.tsv").read_text().splitlines()[1:]
@@ -60,8 +140,6 @@ def test_the_synthetic_corpus_is_sized_for_the_updates_with_distinct_lengths(tmp
 
 
 def test_the_gpu_busy_share_is_the_union_of_kernel_intervals():
-    import benchmarks.gpu as gpu
-
     assert gpu.busy_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
     assert gpu.busy_seconds([]) == 0
 
@@ -69,12 +147,6 @@ def test_the_gpu_busy_share_is_the_union_of_kernel_intervals():
 def test_the_gpu_session_script_runs_its_parts_under_a_budget_and_summarises(tmp_path):
     """Its `check` part (imports and versions) on this machine, a part the budget leaves no time for skipped,
     and the summary last."""
-    import os
-    import subprocess
-    import sys
-
-    import asr
-
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "BUDGET": "60", "MIN_PART": "60"}
     # check gets the whole budget and takes seconds (it imports torch), so cards is left under MIN_PART
     out = subprocess.run(["bash", "benchmarks/gpu_session.sh", "check", "cards"], cwd=asr.REPO_DIR, env=env,
