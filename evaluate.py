@@ -20,90 +20,26 @@ import heapq
 import json
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-import asr
-from asr import SetupError, checkpoints, cli, lm, text, tracking
-from asr.config import checked, command_line_changes, register_resolvers
+from asr import SetupError, cli, text, tracking
+from asr.config import register_resolvers
 from asr.metrics import ErrorRates, utterance_cer
-from asr.model import CTCModel
+from asr.run import assemble_evaluation
 
 register_resolvers()  # before Hydra composes
 log = logging.getLogger("evaluate")
-# What defines the data a run was trained on (its data node): what evaluate.py scores unless told otherwise.
-RUN_DATA = ("corpus", "root", "language", "lang", "train_split", "dev_split", "test_split", "dev_speakers",
-            "train_extra", "columns", "min_seconds", "max_seconds")
-
-
-def the_runs_data(cfg: DictConfig, changes: dict, ckpt: str) -> tuple[DictConfig, dict]:
-    """`cfg` with the data the checkpoint's run was trained on (`RUN_DATA` from the config.yaml beside its
-    checkpoints/), except what the command line changed (`changes`), and what the scoring needs to know of
-    that run: {run, group (its W&B group), other (key -> [trained on, scored]: other data, said so)}."""
-    run = checkpoints.run_dir_of(ckpt)
-    record = run / "config.yaml" if run else None
-    if record is None or not record.is_file():
-        language = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["language"]
-        log.warning("%s has no config.yaml beside its checkpoints/: scoring the data as configured (lang=%s, "
-                    "data.root=%s)%s", ckpt, cfg.data.lang, cfg.data.root,
-                    f"; the model was trained with the text rules of {language!r}" if language != cfg.data.language
-                    else "")
-        return cfg, {"run": run, "group": None, "other": {}}
-    trained = OmegaConf.to_container(OmegaConf.load(record))
-    settings = OmegaConf.to_container(cfg)
-    for key in RUN_DATA:
-        if f"data.{key}" not in changes and not any(k.startswith(f"data.{key}.") for k in changes):
-            settings["data"][key] = trained["data"].get(key)
-    other = {k: [trained["data"].get(k), settings["data"][k]] for k in RUN_DATA
-             if settings["data"][k] != trained["data"].get(k)}
-    if other:
-        log.warning("scoring other data than %s was trained on: %s", run,
-                    ", ".join(f"data.{k}={new!r} (trained on {old!r})" for k, (old, new) in other.items()))
-    group = (trained.get("logger") or {}).get("group")
-    return OmegaConf.create(settings), {"run": run, "group": group, "other": other}
-
-
-def split_role(split: str, data: DictConfig) -> tuple[str, str]:
-    """(train, dev or test, the release's name of it) of `split`, given as either; SetupError listing both
-    kinds of name otherwise. A dev split carved from train has no release name: "dev (carved from train)"."""
-    names = {"train": data.train_split, "dev": data.dev_split, "test": data.test_split}
-    for role, name in names.items():
-        if split in (role, name):
-            return role, name or f"{role} (carved from train)"
-    valid = ", ".join(role + (f" ({name})" if name and name != role else "") for role, name in names.items())
-    raise SetupError(f"split={split} is not a split of {data.corpus} at {data.root}: give one of {valid}.")
-
-
 def evaluate(cfg: DictConfig) -> dict:
-    changes, _ = command_line_changes(cfg, "evaluate")
-    cfg = checked(cfg, "evaluate")
-    if cfg.logger and not str(cfg.logger._target_).endswith("WandbLogger"):
-        raise SetupError("evaluate.py logs to W&B only (logger=wandb); metrics.json holds its figures")
-    ckpt = checkpoints.best_checkpoint(cfg.ckpt_path)  # a run directory: its best
-    cfg, trained = the_runs_data(cfg, changes, ckpt)
-    role, split = split_role(cfg.split, cfg.data)
-    scored = {"corpus": cfg.data.corpus, "root": cfg.data.root, "split": split, "checkpoint": ckpt}
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = asr.device(cfg.device)
-    model = CTCModel.from_checkpoint(ckpt).to(device).eval()
-
-    data = instantiate(cfg.data, _convert_="all")
-    if problem := data.check():
-        raise SetupError(problem)
-    data.vocab, data.geometry = model.vocab, model.geometry  # labels, [UNK] counts and frames: the model's own
+    scoring = assemble_evaluation(cfg)  # the checkpoint, the run's data, the model, the decoder
+    cfg, data, model, decoder, role, split = (scoring.cfg, scoring.data, scoring.model, scoring.decoder, scoring.role,
+                                              scoring.split)
+    trained, run_dir = scoring.trained, scoring.dir
+    scored = {"corpus": cfg.data.corpus, "root": cfg.data.root, "split": split, "checkpoint": scoring.checkpoint}
     loader = data.dataloader(role)
-    if unknown := data.report[role]["unk_characters"]:
-        log.warning("%d characters of the %s transcripts are not in the model's vocabulary, among them %s: the "
-                    "model cannot write them, so each is a character error (the model was trained on other text, "
-                    "or these transcripts need the text rules of another lang=)", unknown, split,
-                    " ".join(data.report[role]["unk_examples"]))
-    decoder, lm_path = build_decoder(cfg, model, data, run_dir)
     errors, greedy_errors = ErrorRates(), ErrorRates()
     seconds, skipped = 0.0, 0
     worst = []  # with a W&B logger: (CER, line) of the worst_utterances highest, as a min-heap
@@ -137,7 +73,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if decoder is not None:
         decoding.update(beam_width=cfg.beam_width, greedy=greedy_rates)
     if cfg.decoder == "beam_lm":
-        decoding.update(alpha=cfg.alpha, beta=cfg.beta, lm_path=str(lm_path))
+        decoding.update(alpha=cfg.alpha, beta=cfg.beta, lm_path=str(scoring.lm_path))
     metrics = {**rates, **decoding, "n_utterances": sum(errors.utterances.values()), "audio_seconds": seconds,
                "skipped_clips": skipped, **scored, "language": cfg.data.language,
                "train_run": str(trained["run"]) if trained["run"] else None,
@@ -152,24 +88,6 @@ def evaluate(cfg: DictConfig) -> dict:
                                                for _, _, row in sorted(worst, key=lambda e: -e[0])],
                                 trained["run"], trained["group"])
     return metrics
-
-
-def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
-    """(pyctcdecode decoder or None for greedy, the LM file). Without lm_path, beam_lm builds a
-    `lm_order`-gram model from the training transcripts into the run directory."""
-    if cfg.decoder == "greedy":
-        return None, None
-    if cfg.decoder not in ("beam", "beam_lm"):
-        raise SetupError(f"decoder={cfg.decoder} is unknown; expected greedy, beam or beam_lm")
-    lm_path = None
-    if cfg.decoder == "beam_lm":
-        lm_path = cfg.lm_path
-        if lm_path is None:
-            lm_path = lm.build([u.text for u in data.raw("train")], run_dir / "lm", cfg.lm_order,
-                               data.hparams.language)
-        elif not Path(lm_path).is_file():
-            raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
-    return lm.beam_decoder(model.vocab.tokens, lm_path, cfg.alpha, cfg.beta), lm_path
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

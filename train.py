@@ -9,7 +9,7 @@ Writes into the run directory: config.yaml, vocab.json, data_report.json, checkp
 best by dev CER), model/ (the best model, HF format), results.md and results.json. A run signalled by
 SLURM saves checkpoints/requeue.ckpt and requeues its job; started again in that directory it resumes.
 A resumed run starts from its own config.yaml (kept as config.<n>.yaml at each start); the command line
-applies on top, but may not change what the checkpoint means (asr.run.resumed). One process trains in a
+applies on top, but may not change what the checkpoint means (asr.provenance.resumed). One process trains in a
 run directory at a time (asr.rundir).
 
 Exit status: 0 when the run completed, was signalled and saved (requeued), or had nothing left to train;

@@ -83,7 +83,7 @@ class UtteranceDataset(Dataset):
         return item
 
 
-def collate(items: list[dict], pooled: bool = False, hop: int = WAV2VEC2.hop) -> dict:
+def collate(items: list[dict], ring: int = 0, hop: int = WAV2VEC2.hop) -> dict:
     """Pad a batch. audio: (B, S) float32 at 16 kHz, zeros past each clip; labels: (B, L) ids padded with -100
     (ignored by the CTC loss). lengths (samples) and label_lengths are host lists, which Lightning leaves on
     the host: the encoder pass and the loss take them there, so no (B, S) mask is built or sent to the device
@@ -101,8 +101,8 @@ def collate(items: list[dict], pooled: bool = False, hop: int = WAV2VEC2.hop) ->
     Clips that could not be read are left out, listed in `dropped` as (id, reason) and counted in
     `skipped`; a batch of nothing but those has no `audio` and empty `ids`.
 
-    pooled (a `SpeechLoader`'s workers): the tensors are views of shared-memory buffers the worker reuses
-    (`_SharedPool`), which the loader copies as it receives them."""
+    ring (a `SpeechLoader`'s workers): the tensors are views of shared-memory buffers the worker reuses, in
+    turn among `ring` sets (`_SharedPool`), which the loader copies as it receives them; 0: new tensors."""
     planned = items.shape[1] if isinstance(items, Planned) else None
     dropped = [(item["id"], item["dropped"]) for item in items if "dropped" in item]
     items = [item for item in items if "dropped" not in item]
@@ -114,7 +114,7 @@ def collate(items: list[dict], pooled: bool = False, hop: int = WAV2VEC2.hop) ->
     lengths = [min(n, samples) for n in decoded]
     label_lengths = [len(item["labels"]) for item in items]
     width = max(1, *label_lengths)  # the batch's longest transcript: asr.ctc's cost grows with it
-    pool = _SharedPool.of_this_worker() if pooled else None
+    pool = _SharedPool.of_this_worker(ring) if ring else None
     slot = pool.next() if pool is not None else None
     batch_audio = _empty((len(items), samples), torch.float32, slot, "audio")
     labels = _empty((len(items), width), torch.long, slot, "labels")
@@ -173,32 +173,32 @@ def _new_shared(size: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _SharedPool:
-    """A loader worker's shared-memory batch buffers, RING sets taken in turn, one set per batch.
+    """A loader worker's shared-memory batch buffers, `ring` sets taken in turn, one set per batch.
 
     Why: a new shared-memory tensor per batch costs its creation and a page fault per fresh 4 KiB page,
     ~0.07 ms per audio-second in the worker (a fifth of MP3 decoding: benchmarks/loader.py); reused pages
     cost nothing. Why it is safe: a DataLoader hands a worker a new batch of indices only when the loader
     receives a batch, and keeps at most prefetch_factor batches per worker in flight; `SpeechLoader` copies
     each batch out of shared memory as it receives it (or pin_memory's thread does, before). A set is
-    reused RING = prefetch_factor + 2 batches later, after the copy of the batch that held it."""
+    reused `ring` = prefetch_factor + 2 batches later (`SpeechDataModule.ring`), after the copy of the batch
+    that held it."""
 
-    RING = 4  # SpeechLoader's prefetch_factor (2) + 2
     _this_worker: "_SharedPool | None" = None
 
-    def __init__(self):
-        self.slots: list[dict] = [{} for _ in range(self.RING)]
+    def __init__(self, ring: int):
+        self.slots: list[dict] = [{} for _ in range(ring)]
         self.turn = -1
 
     @classmethod
-    def of_this_worker(cls) -> "_SharedPool | None":
+    def of_this_worker(cls, ring: int) -> "_SharedPool | None":
         if torch.utils.data.get_worker_info() is None:
             return None
         if cls._this_worker is None:  # the worker's own, made after the fork
-            cls._this_worker = cls()
+            cls._this_worker = cls(ring)
         return cls._this_worker
 
     def next(self) -> dict:
-        self.turn = (self.turn + 1) % self.RING
+        self.turn = (self.turn + 1) % len(self.slots)
         return self.slots[self.turn]
 
 
@@ -377,8 +377,8 @@ class SpeechDataModule(L.LightningDataModule):
                  dev_split: str | None, test_split: str, train_extra: list[str], dev_speakers: int,
                  columns: dict | None, max_batch_seconds: float, max_batch_size: int | None,
                  eval_max_batch_size: int | None, num_buckets: int, attention_q: float | None, min_seconds: float,
-                 max_seconds: float, num_workers: int | str, seed: int, cache_dir: str, decode_cache: bool,
-                 cache_format: str, augment: dict):
+                 max_seconds: float, num_workers: int | str, max_workers: int, prefetch_factor: int, seed: int,
+                 cache_dir: str, decode_cache: bool, cache_format: str, augment: dict):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
@@ -527,7 +527,7 @@ class SpeechDataModule(L.LightningDataModule):
     @property
     def num_workers(self) -> int:
         """`num_workers`, or for "auto" the CPU cores of this process's share, less one for the training
-        loop, at most 8: the cores of a SLURM task (`--cpus-per-task`), else the cores this process may run
+        loop, at most `max_workers`: the cores of a SLURM task (`--cpus-per-task`), else the cores this process may run
         on divided among the node's ranks."""
         if self.hparams.num_workers != "auto":
             if not str(self.hparams.num_workers).isdigit():
@@ -539,7 +539,13 @@ class SpeechDataModule(L.LightningDataModule):
         else:
             ranks = self.trainer.num_devices if self.trainer else 1
             cores = len(os.sched_getaffinity(0)) // max(1, ranks)
-        return max(1, min(8, cores - 1))
+        return max(1, min(self.hparams.max_workers, cores - 1))
+
+    @property
+    def ring(self) -> int:
+        """Shared-memory buffer sets per loader worker (`_SharedPool`): a set is reused after the copy of the
+        batch it held, which is at most prefetch_factor + 1 batches behind."""
+        return self.hparams.prefetch_factor + 2
 
     @property
     def corpus_key(self) -> str:
@@ -589,9 +595,9 @@ class SpeechDataModule(L.LightningDataModule):
         workers = self.num_workers
         return (TrainingLoader if training else SpeechLoader)(
             UtteranceDataset(self.load(split), self.vocab, self.augment if training else None), batch_sampler=sampler,
-            collate_fn=functools.partial(collate, pooled=workers > 0, hop=self.geometry.hop),
+            collate_fn=functools.partial(collate, ring=self.ring if workers else 0, hop=self.geometry.hop),
             # kept between epochs, and between evaluations (Lightning reuses the dev loader)
-            num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
+            num_workers=workers, persistent_workers=workers > 0, prefetch_factor=self.hparams.prefetch_factor if workers else None,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),
         )
 

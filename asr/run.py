@@ -1,5 +1,6 @@
 """One run, built in one place: `assemble` (config -> batch per update -> data -> model -> callbacks ->
-logger -> trainer, returned as a `Run`), `Run.fit`, then `conclude` (export, results, model card).
+logger -> trainer, returned as a `Run`), `Run.fit`, then `conclude` (export, results, model card). An
+evaluation of a checkpoint is built here too, from the same objects: `assemble_evaluation` (evaluate.py).
 
 train.py, the benchmarks and the tests build their runs here. Overrides (of the config, or the trainer
 arguments `assemble` takes) may shrink a run; nothing retypes it.
@@ -19,7 +20,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from asr import Complete, Requeued, SetupError, TrainingStopped, checkpoints, cluster, console, rundir, search, speed, tracking
+import asr
+from asr import (Complete, Requeued, SetupError, TrainingStopped, checkpoints, cluster, console, lm, provenance,
+                 rundir, search, speed, tracking)
 from asr.config import checked, command_line_changes, expand_path
 from asr.data import SpeechDataModule
 from asr.export import export
@@ -29,12 +32,6 @@ from asr.report import RunReport, framework_versions, model_card
 from asr.text import Vocabulary
 
 log = logging.getLogger(__name__)
-# What a checkpoint means: a resumed run keeps these as its config.yaml has them (dotted key prefixes).
-MEANING = {"model.arch": "architecture", "model.pretrained": "architecture", "data.language": "language",
-           "data.lang": "language", "data.corpus": "corpus", "data.root": "data root",
-           "data.train_split": "vocabulary", "data.train_extra": "vocabulary", "data.columns": "vocabulary"}
-
-
 @dataclass
 class Run:
     """What `assemble` built. `batch` is what one optimizer update trains on (`cluster.batch_per_update`):
@@ -92,82 +89,9 @@ def validation_cadence(cfg: DictConfig, batch: dict) -> dict:
     return {"val_check_interval": cfg.val_every_updates * batch["accumulate"], "check_val_every_n_epoch": None}
 
 
-def _set(node: dict, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[leaf] = value
-
-
-def _remove(node: dict, key: str) -> None:
-    """Removes a dotted key, and a branch it leaves empty."""
-    first, _, rest = key.partition(".")
-    if not isinstance(node, dict) or first not in node:
-        return
-    if rest:
-        _remove(node[first], rest)
-        if node[first] == {}:
-            del node[first]
-    else:
-        del node[first]
-
-
-def _reroot(node, old: str, new: str):
-    """Paths inside the run directory `old` moved to `new` (checkpoint and logger directories)."""
-    if isinstance(node, dict):
-        return {k: _reroot(v, old, new) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_reroot(v, old, new) for v in node]
-    if isinstance(node, str) and (node == old or node.startswith(old + "/")):
-        return new + node[len(old):]
-    return node
-
-
-def resumed(cfg: DictConfig) -> DictConfig:
-    """The config a run starts from. One that resumes from a checkpoint of a run directory (ckpt_path=last, a
-    run directory or one of its checkpoints, a requeued or restarted job) starts from that run's config.yaml,
-    the resolved config it was built from. What the command line changes (`command_line_changes`) applies on
-    top and is logged; a change of what the checkpoint means (`MEANING`: architecture, vocabulary, language,
-    corpus, data root) is refused, naming each key and both values. The checkpoint is checked here, before
-    any data is read. A run that does not resume keeps `cfg`."""
-    run_dir = Path(expand_path(cfg.run_dir)).absolute()
-    ckpt = checkpoints.resume_checkpoint(expand_path(cfg.ckpt_path), run_dir / "checkpoints")
-    ckpt = ckpt and checkpoints.verified(ckpt)  # readable, with this project's keys; else the others named
-    source = ckpt and checkpoints.run_dir_of(ckpt)
-    if not source or not (source / "config.yaml").is_file():
-        if ckpt:
-            log.warning("resuming from %s, which has no config.yaml beside its checkpoints/: the config as composed",
-                        ckpt)
-        return cfg
-    record = OmegaConf.to_container(OmegaConf.load(source / "config.yaml"))
-    changes, removed = command_line_changes(cfg, "train")
-    changes = {k: v for k, v in changes.items() if k not in ("run_dir", "ckpt_path")}
-    flat = {k: OmegaConf.select(OmegaConf.create(record), k, default=None) for k in changes}
-    refused = [f"{k} ({what}): {flat[k]!r} in the run, {v!r} on the command line"
-               for k, v in changes.items() for prefix, what in MEANING.items()
-               if (k == prefix or k.startswith(prefix + ".")) and v != flat[k]]
-    if refused:
-        raise SetupError(f"resuming {source} cannot change what its checkpoint means: {'; '.join(refused)}. "
-                         f"Leave these out to resume it, or start a new run (another hydra.run.dir, no ckpt_path).")
-    for key in removed:
-        _remove(record, key)
-    for key, value in changes.items():
-        _set(record, key, value)
-    if source != run_dir:
-        record = _reroot(record, str(source), str(run_dir))
-    record.update(run_dir=str(run_dir), ckpt_path=ckpt)
-    shown = [f"{k}: {flat[k]!r} -> {v!r}" for k, v in changes.items() if v != flat[k]] + [f"{k} removed" for k in
-                                                                                          sorted(removed)]
-    log.warning("resuming %s from %s with its config.yaml%s", source, ckpt,
-                f"; from the command line: {', '.join(shown)}" if shown else " (the command line changes nothing)")
-    return OmegaConf.create(record)
-
-
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:
     """config.yaml, written whole (`rundir.write`); a config.yaml of an earlier start is kept as config.<n>.yaml (as the
-    CSV logger keeps metrics.<n>.csv). Rank 0 only: other ranks may be reading it (`resumed`)."""
+    CSV logger keeps metrics.<n>.csv). Rank 0 only: other ranks may be reading it (`provenance.resumed`)."""
     if rank_zero_only.rank != 0:
         return
     path = run_dir / "config.yaml"
@@ -271,7 +195,7 @@ def conclude(run: Run) -> dict:
 
 
 def nothing_left(cfg: DictConfig) -> None:
-    """`Complete` when the checkpoint a run resumes from (`cfg.ckpt_path`, as `resumed` set it) is already at
+    """`Complete` when the checkpoint a run resumes from (`cfg.ckpt_path`, as `provenance.resumed` set it) is already at
     the end of its schedule (trainer.max_steps updates or trainer.max_epochs epochs, whichever it set) and
     the run was concluded (results.json's state: complete); a run killed between its last update and its
     conclusion goes on to `conclude`. Read before anything is built or written: the directory stays as it was."""
@@ -305,7 +229,7 @@ def nothing_left(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> dict:
     """Assemble (from the run's own config when it resumes: `resumed`), fit and conclude the run of a train
     config: its results (results.json). `Complete` when it resumes a run with nothing left to train."""
-    cfg = resumed(cfg)
+    cfg = provenance.resumed(cfg)
     nothing_left(cfg)
     try:
         run = assemble(cfg)
@@ -313,3 +237,76 @@ def train(cfg: DictConfig) -> dict:
         return conclude(run)
     finally:
         rundir.release()
+
+
+@dataclass
+class Evaluation:
+    """What `assemble_evaluation` built: the scoring of a checkpoint on a split, ready to decode."""
+
+    cfg: DictConfig  # resolved and checked, with the data of the checkpoint's run (`provenance.the_runs_data`)
+    dir: Path
+    checkpoint: str
+    model: CTCModel  # in evaluation mode, on its device
+    data: SpeechDataModule  # in the model's vocabulary and frame geometry
+    role: str  # train, dev or test
+    split: str  # the release's name of it
+    decoder: object | None  # pyctcdecode's, or None: greedy
+    lm_path: Path | None
+    trained: dict  # the run it was trained in: {run, group, other (the data keys scored otherwise)}
+
+
+def assemble_evaluation(cfg: DictConfig) -> Evaluation:
+    """The evaluation an evaluate config describes: the checkpoint (a run directory: its best), the data its
+    run was trained on unless the command line says otherwise, the model, the decoder. Warns about
+    characters of the split that the model's vocabulary lacks."""
+    changes, _ = command_line_changes(cfg, "evaluate")
+    cfg = checked(cfg, "evaluate")
+    if cfg.logger and not str(cfg.logger._target_).endswith("WandbLogger"):
+        raise SetupError("evaluate.py logs to W&B only (logger=wandb); metrics.json holds its figures")
+    ckpt = checkpoints.best_checkpoint(cfg.ckpt_path)
+    cfg, trained = provenance.the_runs_data(cfg, changes, ckpt)
+    role, split = split_role(cfg.split, cfg.data)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = CTCModel.from_checkpoint(ckpt).to(asr.device(cfg.device)).eval()
+    data = instantiate(cfg.data, _convert_="all")
+    if problem := data.check():
+        raise SetupError(problem)
+    data.vocab, data.geometry = model.vocab, model.geometry  # labels, [UNK] counts and frames: the model's own
+    data.load(role)
+    if unknown := data.report[role]["unk_characters"]:
+        log.warning("%d characters of the %s transcripts are not in the model's vocabulary, among them %s: the "
+                    "model cannot write them, so each is a character error (the model was trained on other text, "
+                    "or these transcripts need the text rules of another lang=)", unknown, split,
+                    " ".join(data.report[role]["unk_examples"]))
+    decoder, lm_path = build_decoder(cfg, model, data, run_dir)
+    return Evaluation(cfg, run_dir, ckpt, model, data, role, split, decoder, lm_path, trained)
+
+
+def split_role(split: str, data: DictConfig) -> tuple[str, str]:
+    """(train, dev or test, the release's name of it) of `split`, given as either; SetupError listing both
+    kinds of name otherwise. A dev split carved from train has no release name: "dev (carved from train)"."""
+    names = {"train": data.train_split, "dev": data.dev_split, "test": data.test_split}
+    for role, name in names.items():
+        if split in (role, name):
+            return role, name or f"{role} (carved from train)"
+    valid = ", ".join(role + (f" ({name})" if name and name != role else "") for role, name in names.items())
+    raise SetupError(f"split={split} is not a split of {data.corpus} at {data.root}: give one of {valid}.")
+
+
+def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
+    """(pyctcdecode decoder or None for greedy, the LM file). Without lm_path, beam_lm builds a
+    `lm_order`-gram model from the training transcripts into the run directory."""
+    if cfg.decoder == "greedy":
+        return None, None
+    if cfg.decoder not in ("beam", "beam_lm"):
+        raise SetupError(f"decoder={cfg.decoder} is unknown; expected greedy, beam or beam_lm")
+    lm_path = None
+    if cfg.decoder == "beam_lm":
+        lm_path = cfg.lm_path
+        if lm_path is None:
+            lm_path = lm.build([u.text for u in data.raw("train")], run_dir / "lm", cfg.lm_order,
+                               data.hparams.language)
+        elif not Path(lm_path).is_file():
+            raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
+    return lm.beam_decoder(model.vocab.tokens, lm_path, cfg.alpha, cfg.beta), lm_path

@@ -38,6 +38,26 @@ def hy_run(trained_run) -> tuple[Path, subprocess.CompletedProcess]:
     return trained_run.dir, trained_run.resumed
 
 
+def test_a_run_older_than_a_setting_resumes_with_its_default_and_says_so(hy_run, tmp_path, caplog):
+    """A setting added to the code after a run started (here data.prefetch_factor, taken out of the run's
+    config.yaml) takes today's default on resume, and the log names it; a node the run removed
+    (~callbacks.last) stays removed."""
+    import shutil
+
+    from asr import provenance
+    from asr.config import compose
+
+    run = tmp_path / "run"
+    shutil.copytree(hy_run[0], run)
+    record = config(run)
+    del record["data"]["prefetch_factor"], record["callbacks"]["last"]
+    (run / "config.yaml").write_text(yaml.safe_dump(record))
+    cfg = provenance.resumed(compose("train", [f"run_dir={run}", "ckpt_path=last"]))
+    assert cfg.data.prefetch_factor == 2 and cfg.data.lang == "hy"  # the run's own config, plus the new setting
+    assert "last" not in cfg.callbacks and "checkpoint" in cfg.callbacks
+    assert "config.yaml predates data.prefetch_factor=2: today's default" in caplog.text
+
+
 def test_resume_with_only_ckpt_path_keeps_the_runs_corpus_language_and_vocabulary(hy_run):
     run_dir, resumed = hy_run
     data = config(run_dir)["data"]
