@@ -13,7 +13,7 @@ and says so. Split: train, dev, test, or the release's own name (ASCEND's valida
 Writes metrics.json (wer, cer, and mer for Mandarin; with a beam decoder also the greedy figures; per language tag under by_language when the corpus
 tags utterances, as ASCEND does) and predictions.jsonl (id, language, reference, hypothesis per
 utterance) into the run directory. Streams: one batch of logits in memory at a time. With logger=wandb,
-also a W&B eval run in the training run's group (asr.tracking.log_evaluation).
+also a W&B eval run in the training run's group (asr.run.tracking.log_evaluation).
 """
 
 import heapq
@@ -26,10 +26,12 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from asr import SetupError, cli, text, tracking
+from asr import SetupError, cli
 from asr.config import register_resolvers
-from asr.metrics import ErrorRates, utterance_cer
-from asr.run import assemble_evaluation
+from asr.data import text
+from asr.model.metrics import ErrorRates, utterance_cer
+from asr.run import tracking
+from asr.run.evaluation import assemble_evaluation
 
 register_resolvers()  # before Hydra composes
 log = logging.getLogger("evaluate")

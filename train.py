@@ -9,8 +9,8 @@ Writes into the run directory: config.yaml, vocab.json, data_report.json, checkp
 best by dev CER), model/ (the best model, HF format), results.md and results.json. A run signalled by
 SLURM saves checkpoints/requeue.ckpt and requeues its job; started again in that directory it resumes.
 A resumed run starts from its own config.yaml (kept as config.<n>.yaml at each start); the command line
-applies on top, but may not change what the checkpoint means (asr.provenance.resumed). One process trains in a
-run directory at a time (asr.rundir).
+applies on top, but may not change what the checkpoint means (asr.run.provenance.resumed). One process trains in a
+run directory at a time (asr.run.rundir).
 
 Exit status: 0 when the run completed, was signalled and saved (requeued), or had nothing left to train;
 1 with one `error:` line for what the user fixes (a setting, a file, a checkpoint, a run directory in use)
@@ -22,9 +22,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from asr import Complete, Requeued, SetupError, TrainingStopped, cli, tracking
+from asr import Complete, Requeued, SetupError, TrainingStopped, cli
 from asr.config import register_resolvers
-from asr.run import train
+from asr.run import tracking
+from asr.run.training import train
 
 register_resolvers()  # before Hydra composes, here and in a SLURM job that unpickles `main`
 

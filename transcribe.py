@@ -7,7 +7,7 @@ Any format soundfile reads, any sample rate (resampled to 16 kHz), any length: f
 chunk_seconds are cut into overlapping windows (stride_seconds of context on each side, dropped from the
 output), as the transformers ASR pipeline cuts them. The model path is evaluate.py's (`asr.transcription`):
 files batched by duration (batch_seconds of padded audio), decoded by num_workers loader processes, greedy
-transcripts under the model's text rules (asr.text.normalize); an exported directory with an LM
+transcripts under the model's text rules (asr.data.text.normalize); an exported directory with an LM
 (asr.export lm_path=...) decodes by beam search with it. Transcripts come out in the order of the files.
 Settings: conf/transcribe.yaml (`--help`).
 
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from asr.model import CTCModel
+    from asr.model.module import CTCModel
     from asr.transcription import transcribe, workers
 
     hf_logging.disable_progress_bar()  # its "Loading weights" bar: transcripts only on stdout, errors on stderr

@@ -2,8 +2,8 @@
 
 Every default lives in the YAML under conf/. The Python side gives names and types only: a node with a
 `_target_` is checked against the signature of what it builds (`SpeechDataModule`, `CTCModel`,
-`lightning.Trainer`, the logger and callbacks), `optim` against `asr.model.adamw` and `sched` against its
-function in `asr.schedules`. `checked(cfg)` runs right after Hydra composes: a key the code does not take,
+`lightning.Trainer`, the logger and callbacks), `optim` against `asr.model.module.adamw` and `sched` against its
+function in `asr.model.schedules`. `checked(cfg)` runs right after Hydra composes: a key the code does not take,
 or a value of the wrong type, stops the run with the valid keys named, before any data or weights load.
 """
 
@@ -22,12 +22,12 @@ from asr import SetupError
 
 # Arguments the scripts pass at the call site (built from other nodes or from the data); never in the YAML.
 CALL_SITE = {
-    "asr.model.CTCModel": ("vocab", "language", "optim", "sched"),
+    "asr.model.module.CTCModel": ("vocab", "language", "optim", "sched"),
     "lightning.Trainer": ("callbacks", "logger", "plugins"),
-    "asr.model.adamw": ("model",),
-    "asr.schedules.linear": ("optimizer", "total_steps"),
-    "asr.schedules.tristage": ("optimizer", "total_steps"),
-    "asr.augment.Augment": ("seed",),
+    "asr.model.module.adamw": ("model",),
+    "asr.model.schedules.linear": ("optimizer", "total_steps"),
+    "asr.model.schedules.tristage": ("optimizer", "total_steps"),
+    "asr.data.augment.Augment": ("seed",),
 }
 
 
@@ -129,7 +129,7 @@ def _targeted(node: dict, path: str) -> dict:
 def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
     """The composed config resolved (interpolations filled in) and checked; SetupError if it does not fit
     the code. train.py and evaluate.py call this first."""
-    from asr import schedules  # torch and transformers: not for the command-line tools that only read defaults
+    from asr.model import schedules
 
     register_resolvers()
     plain = expand_paths(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
@@ -140,19 +140,19 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
             raise _not_a_setting(key, f"{script}.py", valid)
     out = check_node({k: plain[k] for k in own if k in plain}, script, f"asr.config.{script}_settings")
     out["data"] = _targeted(plain["data"], "data")
-    out["data"]["augment"] = check_node(out["data"]["augment"], "data.augment", "asr.augment.Augment")
+    out["data"]["augment"] = check_node(out["data"]["augment"], "data.augment", "asr.data.augment.Augment")
     out["logger"] = _targeted(plain["logger"], "logger") if plain.get("logger") else None
     if script == "train":
         out["model"] = _targeted(plain["model"], "model")
         out["trainer"] = _targeted(plain["trainer"], "trainer")
         out["callbacks"] = {name: _targeted(node, f"callbacks.{name}")
                             for name, node in (plain.get("callbacks") or {}).items() if node is not None}
-        out["optim"] = check_node(plain["optim"], "optim", "asr.model.adamw")
+        out["optim"] = check_node(plain["optim"], "optim", "asr.model.module.adamw")
         sched = dict(plain["sched"])
         name = sched.pop("name", None)
         if name not in schedules.SCHEDULES:
             raise SetupError(f"sched.name={name!r}: expected {' or '.join(schedules.SCHEDULES)} (conf/sched/).")
-        out["sched"] = {"name": name, **check_node(sched, "sched", f"asr.schedules.{name}")}
+        out["sched"] = {"name": name, **check_node(sched, "sched", f"asr.model.schedules.{name}")}
     result = OmegaConf.create(out)
     OmegaConf.set_struct(result, True)
     return result
@@ -181,7 +181,7 @@ def check_overrides(argv: list[str], script: str) -> None:
     groups = {key for item in primary.defaults if isinstance(item, DictConfig) for key in item}
     targets = {"data": OmegaConf.load(conf / "data" / "default.yaml")._target_}
     if script == "train":
-        targets |= {"model": primary.model._target_, "trainer": primary.trainer._target_, "optim": "asr.model.adamw"}
+        targets |= {"model": primary.model._target_, "trainer": primary.trainer._target_, "optim": "asr.model.module.adamw"}
     top = sorted({*_script_keys(script), *NODES[script], *groups, "hydra"})
     parser, parsed = OverridesParser.create(), []
     for arg in [a for a in argv if "=" in a and not a.startswith("-")]:
@@ -205,9 +205,9 @@ def check_overrides(argv: list[str], script: str) -> None:
             if rest[0] not in fields:
                 raise _not_a_setting(key, f"{first} ({targets[first]})", fields, prefix=f"{first}.")
         if first == "data" and rest[:1] == ["augment"] and len(rest) > 1:  # the augment group's node
-            fields = sorted(f.name for f in dataclasses.fields(schema("asr.augment.Augment")[0]))
+            fields = sorted(f.name for f in dataclasses.fields(schema("asr.data.augment.Augment")[0]))
             if rest[1] not in fields:
-                raise _not_a_setting(key, "data.augment (asr.augment.Augment)", fields, prefix="data.augment.")
+                raise _not_a_setting(key, "data.augment (asr.data.augment.Augment)", fields, prefix="data.augment.")
 
 
 # Settings that hold a path, by the last part of their key (data.root, ckpt_path, callbacks.*.dirpath,

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
-from asr import audio, text
-from asr.model import CTCModel
+from asr.data import audio, text
+from asr.model.module import CTCModel
 
 
 def processor(vocab_json: str | Path) -> Wav2Vec2Processor:
     """The feature extractor and tokenizer matching our data pipeline and vocabulary."""
     feature_extractor = Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=audio.SAMPLE_RATE, padding_value=0.0,
-        do_normalize=True,  # zero mean, unit variance per utterance, as asr.audio.normalize
+        do_normalize=True,  # zero mean, unit variance per utterance, as asr.data.audio.normalize
         return_attention_mask=True,  # XLS-R (layer-norm feature encoder) is trained with masks
     )
     tokenizer = Wav2Vec2CTCTokenizer(str(vocab_json), unk_token=text.UNK, pad_token=text.PAD,
@@ -33,7 +33,7 @@ def processor(vocab_json: str | Path) -> Wav2Vec2Processor:
 def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = None, alpha: float | None = None,
            beta: float | None = None) -> Path:
     """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
-    (the text rules, `language`, that transcripts follow: `asr.text.normalize`). With `lm_path`, the
+    (the text rules, `language`, that transcripts follow: `asr.data.text.normalize`). With `lm_path`, the
     Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model, `alpha` and
     `beta`, which it then needs): transformers' ASR pipeline then decodes by beam search with the LM."""
     out_dir = Path(out_dir)
@@ -64,7 +64,8 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
 
 
 def main(argv: list[str]) -> None:
-    from asr import checkpoints, cli
+    from asr.run import checkpoints
+    from asr import cli
     from asr.config import decoding_defaults
 
     args, _ = cli.parse("export", argv)

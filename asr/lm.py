@@ -4,7 +4,7 @@ Estimation is interpolated modified Kneser-Ney as KenLM's lmplz does it (Chen & 
 et al. 2013), written as ARPA, which KenLM (the `kenlm` module, pyctcdecode) loads. PyPI's ARPA builders
 were checked: `arpabo` implements Kneser-Ney with one fixed absolute discount and Katz-style backoff,
 not modified Kneser-Ney with discounts estimated from the counts; KenLM's own builder (lmplz) needs a
-C++ build with Boost. Text is normalised with the same rules as the transcripts (`asr.text.normalize`).
+C++ build with Boost. Text is normalised with the same rules as the transcripts (`asr.data.text.normalize`).
 
     python -m asr.lm text=<file, one sentence per line> out=<dir> [order=<lm_order of conf/evaluate.yaml>] [language=hy]
 
@@ -120,7 +120,7 @@ def write_arpa(model: list[dict], path: str | Path) -> Path:
 def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
     """An ARPA model (and KenLM's binary format when `build_binary` is on the PATH) of the normalised
     `texts` in `out_dir`; returns the path decoders should load."""
-    from asr.text import normalize
+    from asr.data.text import normalize
 
     sentences = [s.split() for s in (normalize(t, language) for t in texts) if s]
     if not sentences:
@@ -158,7 +158,7 @@ if __name__ == "__main__":
 
 def ctc_labels(tokens: list[str]) -> list[str]:
     """Our vocabulary as pyctcdecode's labels: the word delimiter is a space, the blank is ''."""
-    from asr.text import PAD, UNK, WORD_DELIMITER
+    from asr.data.text import PAD, UNK, WORD_DELIMITER
 
     return ["" if t == PAD else " " if t == WORD_DELIMITER else "⁇" if t == UNK else t for t in tokens]
 

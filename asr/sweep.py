@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from asr import plots
+from asr.run import plots
 
 
 def jobs(directory: Path) -> list[dict]:

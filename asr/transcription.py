@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from asr import audio
-from asr.frames import Geometry
+from asr.data import audio
+from asr.model.frames import Geometry
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Batch shapes, padding and fill of four batchings on the same durations: random clip-count batches (the HF
 Trainer's default), the HF Trainer's length-grouped sampler (`train_sampling_strategy="group_by_length"`,
 transformers' own LengthGroupedSampler), ours before fixed shapes (main at 8f8c191: 100 quantile buckets,
-each batch padded to its longest clip) and ours now (asr.batching.DurationBatchSampler: every batch padded
+each batch padded to its longest clip) and ours now (asr.data.batching.DurationBatchSampler: every batch padded
 to one of at most data.num_buckets + 1 shapes).
 
     python benchmarks/batching.py [budgets=[30,200]]
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from asr import cli  # noqa: E402
-from asr.audio import SAMPLE_RATE  # noqa: E402
-from asr.batching import DurationBatchSampler  # noqa: E402
+from asr import cli
+from asr.data.audio import SAMPLE_RATE
+from asr.data.batching import DurationBatchSampler
 
 
 def demo_durations() -> np.ndarray:

@@ -1,10 +1,10 @@
-"""torch's ctc_loss against asr.ctc on this machine's CPU: time of loss + backward, and how far apart they are.
+"""torch's ctc_loss against asr.model.ctc on this machine's CPU: time of loss + backward, and how far apart they are.
 
     python benchmarks/ctc.py [shapes=[[T,B,V,L],...]] [repeats=5] [autograd=true]
 
 Per shape (frames, clips, vocabulary, longest label; frame counts and label lengths drawn down to half of
 those): milliseconds of loss + backward through log_softmax (as CTCModel computes it), the fastest of
-`repeats` runs, for torch's `ctc_loss` (reduction="mean", zero_infinity=True) and `asr.ctc.ctc_loss`; the
+`repeats` runs, for torch's `ctc_loss` (reduction="mean", zero_infinity=True) and `asr.model.ctc.ctc_loss`; the
 forward alone (evaluation, under no_grad); the largest difference of the loss and of the logits gradient
 between the two in float32, and of each from the float64 values. autograd=true adds the first version: the
 same forward recursion with autograd through the loop over frames instead of the analytic backward. The
@@ -20,7 +20,8 @@ from omegaconf import ListConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import cli, ctc  # noqa: E402
+from asr import cli
+from asr.model import ctc
 
 
 def batch(frames: int, clips: int, vocab: int, length: int, seed: int = 0):
@@ -39,7 +40,7 @@ def torch_loss(log_probs, targets, input_lengths, target_lengths, blank):
 
 
 def autograd_loss(log_probs, targets, input_lengths, target_lengths, blank):
-    """asr.ctc's forward recursion, out of place, differentiated by autograd: it saves tensors at every frame."""
+    """asr.model.ctc's forward recursion, out of place, differentiated by autograd: it saves tensors at every frame."""
     states, skip = ctc._extended(targets, blank)
     emit = log_probs.transpose(1, 2).gather(1, states.expand(log_probs.shape[0], -1, -1))  # (T, S, B)
     alpha = torch.full_like(emit[0], ctc.NEG_INF)

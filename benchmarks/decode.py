@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import audio, cache, cli  # noqa: E402
+from asr import cli
+from asr.data import audio, cache
 
 
 def rate(paths: list[str]) -> tuple[float, float]:
@@ -31,7 +32,7 @@ def rate(paths: list[str]) -> tuple[float, float]:
 
 def main(argv: list[str]) -> None:
     args, _ = cli.parse("bench/decode", argv)
-    torch.set_num_threads(1)  # as a loader worker (asr.data._one_thread)
+    torch.set_num_threads(1)  # as a loader worker (asr.data.loading._one_thread)
     paths = sorted(str(p) for p in Path(args.dir).iterdir() if p.suffix in (".mp3", ".flac", ".wav"))[: args.clips]
     rate(paths[:10])  # warm-up: imports, resampling kernels
     seconds, release = rate(paths)

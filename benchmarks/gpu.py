@@ -14,16 +14,16 @@ encoder frozen as in fine-tuning (not for tiny, which trains from scratch). Clip
 distinct random lengths in [min_seconds, max_seconds] in the Common Voice layout (48 kHz MP3, decoded
 by the loader workers as in a real run; numpy and soundfile make them, no espeak-ng), as many as the
 run's updates need so that no epoch ends inside the measured updates; or a corpus (root=, a Common Voice
-locale directory). Our run is train.py's (`asr.run.assemble`), its warm-up of every batch shape included.
+locale directory). Our run is train.py's (`asr.run.training.assemble`), its warm-up of every batch shape included.
 
 Per setting, over `steps` updates after `warmup` (the timed span starts and ends with a device
 synchronisation, the only ones the benchmark adds): audio-seconds per second (real audio), MFU
-(`asr.speed`: model FLOPs of the real audio / the device's dense peak from Lightning's table or
+(`asr.model.speed`: model FLOPs of the real audio / the device's dense peak from Lightning's table or
 peak_tflops), peak GPU memory (the allocator's, read at the span's end), loader wait (share of the span
-the training loop waited for a batch, `asr.speed.SpeedMonitor`), host ms per update (batch end to batch
+the training loop waited for a batch, `asr.model.speed.SpeedMonitor`), host ms per update (batch end to batch
 end). With profile=true, then `profile_steps` updates under torch.profiler (GPU-busy share: the union of
 the device's kernels and copies over the wall time; the top kernels) and `sync_steps` updates under
-torch's sync debug mode (`asr.speed.SyncSites`: the calls that made the host wait, by project frame). With
+torch's sync debug mode (`asr.model.speed.SyncSites`: the calls that made the host wait, by project frame). With
 hf=true, the HF Trainer on the same job right after: same architecture and initial weights, same clips
 decoded beforehand (as run_speech_recognition_ctc.py does), the same clips per update on average
 (group_by_length), the same precision, checkpointing and attention.
@@ -47,7 +47,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from asr import cli, speed, synth  # noqa: E402
+from asr import cli, synth
+from asr.model import speed
 
 PRECISION = {"bf16": "bf16", "16": "16", "32": "32"}
 COMPILE = {"off": "false", "on": "layers", "false": "false", "layers": "layers", "encoder": "encoder", "all": "all"}
@@ -222,9 +223,9 @@ def ours(cfg, args) -> tuple[dict, object, object]:
     """Our run (train.py's assembly) measured; its data and a model with its initial weights (for the HF side)."""
     from omegaconf import OmegaConf
 
-    from asr.memory import WorstBatchFirst
-    from asr.model import CTCModel
-    from asr.run import assemble
+    from asr.run.warmup import WorstBatchFirst
+    from asr.model.module import CTCModel
+    from asr.run.training import assemble
 
     profile, syncs = (args.profile_steps, args.sync_steps) if args.profile else (0, 0)
     measure = Measure(args.warmup, args.steps, profile, syncs, args.peak_tflops)

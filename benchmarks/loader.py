@@ -6,11 +6,11 @@ The corpus: `clips` 48 kHz MP3 clips of distinct lengths (2-10 s) in the Common 
 temporary directory. The audio is numpy, not espeak-ng (no system package needed): a pitch contour with
 harmonics, syllable-like envelopes and noise. MP3 decoding costs much the same whatever it holds.
 
-Rows, all in this process with one torch thread (as a loader worker, `asr.data._one_thread`), except the last:
+Rows, all in this process with one torch thread (as a loader worker, `asr.data.loading._one_thread`), except the last:
 - decode only: soundfile's read of the MP3 (float32, 48 kHz), nothing else. The bar's reference.
 - old load path: main at 8f8c191, `torchaudio.functional.resample` (a filter designed per clip), then a
   normalisation that copies.
-- new load path: `asr.audio.load` (soxr HQ) and `asr.audio.normalize` (in place), as `UtteranceDataset` runs.
+- new load path: `asr.data.audio.load` (soxr HQ) and `asr.data.audio.normalize` (in place), as `UtteranceDataset` runs.
 - one worker, end to end: `SpeechDataModule.train_dataloader()` with data.num_workers=1 (dataset + collate
   into the planned shapes, in the worker process), timed from the iterator's creation to its last batch over
   `passes` epochs after a first, untimed, one (the worker is persistent). The main process only takes
@@ -43,8 +43,9 @@ from hydra.utils import instantiate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
-from asr import audio, cli, synth  # noqa: E402
-from asr.config import compose  # noqa: E402
+from asr import cli, synth
+from asr.config import compose
+from asr.data import audio
 
 
 def speechlike(seconds: float, rng: np.random.Generator, rate: int = 48_000) -> np.ndarray:
@@ -72,7 +73,7 @@ def make_corpus(root: Path, clips: int) -> list[Path]:
 
 
 def old_load(path, sample_rate: int = audio.SAMPLE_RATE, speed: float = 1.0) -> np.ndarray:
-    """asr.audio.load at 8f8c191: torchaudio's resample."""
+    """asr.data.audio.load at 8f8c191: torchaudio's resample."""
     wave, rate = sf.read(path, dtype="float32", always_2d=True)
     wave = wave.mean(axis=1)
     if rate != sample_rate:
@@ -81,7 +82,7 @@ def old_load(path, sample_rate: int = audio.SAMPLE_RATE, speed: float = 1.0) -> 
 
 
 def old_normalize(wave: np.ndarray) -> np.ndarray:
-    """asr.audio.normalize at 8f8c191: a new array (and float64 temporaries)."""
+    """asr.data.audio.normalize at 8f8c191: a new array (and float64 temporaries)."""
     return (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
 
 

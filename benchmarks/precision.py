@@ -17,7 +17,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import cli  # noqa: E402
+from asr import cli
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -26,7 +26,7 @@ def run(cfg, steps: int, precision: str) -> dict:
     import lightning as L
     from lightning.pytorch.plugins import MixedPrecision
 
-    from asr.run import assemble
+    from asr.run.training import assemble
 
     class Losses(L.Callback):
         def __init__(self):

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from asr import audio, cli  # noqa: E402
+from asr import cli
+from asr.data import audio
 
 # train.py's run without what is not training: no logger, no checkpoints, no progress bar, no evaluation
 OVERRIDES = ["logger=none", "~callbacks.checkpoint", "~callbacks.last", "data.num_workers=2",
@@ -31,8 +32,8 @@ OVERRIDES = ["logger=none", "~callbacks.checkpoint", "~callbacks.last", "data.nu
 
 
 def ours(cfg, steps: int, profile: bool) -> dict:
-    """train.py's run (`asr.run.assemble`) for `steps` updates; `initial`: its weights before the first."""
-    from asr.run import assemble
+    """train.py's run (`asr.run.training.assemble`) for `steps` updates; `initial`: its weights before the first."""
+    from asr.run.training import assemble
 
     run = assemble(cfg, max_steps=steps, max_time=None, limit_val_batches=0, enable_progress_bar=False,
                    enable_model_summary=False, profiler="simple" if profile else None)
@@ -62,7 +63,7 @@ def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model, callbacks=(),
 
     def prepare(row):  # as run_speech_recognition_ctc.py: decode, normalise, tokenize, keep the length
         values = audio.normalize(audio.load(row["path"]))
-        from asr.text import normalize
+        from asr.data.text import normalize
         return {"input_values": values, "input_length": len(values),
                 "labels": data.vocab.encode(normalize(row["text"], cfg.data.language))}
 
@@ -118,7 +119,7 @@ def main(argv: list[str]) -> None:
               f"{mine['audio_seconds'] / mine['seconds']:.1f} audio-s/s, padding {mine['padding']:.1%}")
         return
     # The HF model: the same Wav2Vec2ForCTC, with our initial weights.
-    from asr.model import CTCModel
+    from asr.model.module import CTCModel
 
     initial = CTCModel.from_config(cfg, data.vocab.tokens)
     initial.model.load_state_dict(initial_weights)

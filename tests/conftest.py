@@ -101,9 +101,9 @@ SHRUNK = ("logger=none", "~callbacks.checkpoint", "~callbacks.last", "+trainer.e
 
 
 def assembled(*overrides: str, callbacks=(), **trainer_args):
-    """The run train.py would build (`asr.run.assemble`) from the train config with these overrides;
+    """The run train.py would build (`asr.run.training.assemble`) from the train config with these overrides;
     `callbacks` and `trainer_args` as `assemble` takes them."""
-    from asr.run import assemble
+    from asr.run.training import assemble
 
     return assemble(compose_config(overrides=overrides), callbacks=list(callbacks), **trainer_args)
 

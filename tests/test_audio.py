@@ -9,8 +9,8 @@ import torch
 import torchaudio
 from torch.utils.data import DataLoader
 
-from asr import audio, data
-from asr.batching import Planned
+from asr.data import audio, loading
+from asr.data.batching import Planned
 
 
 def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
@@ -83,7 +83,7 @@ class _Threads(torch.utils.data.Dataset):
 
 def test_a_loader_worker_runs_one_torch_thread():
     """Workers decode one clip at a time; more intra-op threads would only contend for the rank's cores."""
-    loader = DataLoader(_Threads(), batch_size=None, num_workers=1, worker_init_fn=data._one_thread)
+    loader = DataLoader(_Threads(), batch_size=None, num_workers=1, worker_init_fn=loading._one_thread)
     assert list(loader) == [1, 1]
 
 
@@ -96,17 +96,16 @@ class _Clips(torch.utils.data.Dataset):
         return {"id": str(i), "audio": np.full(samples, i + 1, np.float32), "text": "ab", "labels": [1, 2],
                 "seconds": samples / 16_000}
 
-    __getitems__ = data.UtteranceDataset.__getitems__  # a planned batch's shape goes on to collate
+    __getitems__ = loading.UtteranceDataset.__getitems__  # a planned batch's shape goes on to collate
 
 
 def test_a_worker_collates_into_shared_memory_once():
     """In a worker, collate writes the batch straight into shared memory (as torch's default_collate does);
     otherwise sending it to the training process copies it there first. Every element is written: the
     tensors start uninitialised."""
-    import functools
 
     loader = DataLoader(_Clips(), batch_sampler=[Planned([0, 1, 2], (3, 19_200))], num_workers=1,
-                        collate_fn=data.collate)
+                        collate_fn=loading.collate)
     batch = next(iter(loader))
     assert batch["audio"].is_shared() and batch["labels"].is_shared() and "attention_mask" not in batch
     assert batch["audio"].shape == (3, 19_200) and batch["lengths"] == [16_000, 17_000, 18_000]

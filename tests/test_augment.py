@@ -1,4 +1,4 @@
-"""Training augmentation (asr/augment.py): decided by (seed, epoch, clip), so a resume and every DDP rank replay
+"""Training augmentation (asr/data/augment.py): decided by (seed, epoch, clip), so a resume and every DDP rank replay
 it; speed-perturbed durations known before batching, within the plan's shapes and budget; noise at the SNR
 asked for; a bad noise folder stops the start, a bad noise file is skipped and counted."""
 
@@ -11,9 +11,9 @@ import pytest
 import soundfile as sf
 
 import asr
-from asr import audio, corpora, data
-from asr.augment import Augment, mix
-from asr.text import Vocabulary
+from asr.data import audio, corpora, listing, loading
+from asr.data.augment import Augment, mix
+from asr.data.text import Vocabulary
 from tests.conftest import data_module
 
 OFF = {"speed_prob": 0.0, "speed_factors": [0.9, 1.0, 1.1], "noise_prob": 0.0, "noise_dir": None,
@@ -49,10 +49,10 @@ def test_speed_perturbed_durations_match_the_decoded_audio(tmp_path):
         path = tmp_path / f"c{i}.wav"
         sf.write(path, np.random.default_rng(i).standard_normal(int(rate * seconds)).astype(np.float32) * 0.1, rate)
         records.append(corpora.Utterance(f"c{i}", str(path), "texto", seconds, "s", "pt"))
-    clips = corpora.Clips(data.prepare(corpora.Clips.from_records(records), "pt"))
+    clips = corpora.Clips(listing.prepare(corpora.Clips.from_records(records), "pt"))
     clips.seconds = clips.column("duration")
     augment = Augment(**{**OFF, "speed_prob": 1.0}, seed=3)
-    dataset = data.UtteranceDataset(clips, Vocabulary.from_transcripts(["texto"]), augment)
+    dataset = loading.UtteranceDataset(clips, Vocabulary.from_transcripts(["texto"]), augment)
     factors = set()
     for epoch in range(6):
         for i in range(len(clips)):
@@ -64,7 +64,7 @@ def test_speed_perturbed_durations_match_the_decoded_audio(tmp_path):
     assert factors == {0.9, 1.0, 1.1}
     demo = data_module("data.num_workers=0", "augment=speed")
     train = demo.load("train")
-    dataset = data.UtteranceDataset(train, demo.vocab, demo.augment)
+    dataset = loading.UtteranceDataset(train, demo.vocab, demo.augment)
     for i in range(0, len(train), 50):
         item = dataset[(1, i)]
         assert 0 <= len(item["audio"]) / audio.SAMPLE_RATE - item["seconds"] < 0.06  # MP3 codec padding
@@ -210,7 +210,7 @@ def test_no_augmentation_leaves_the_plan_and_the_batches_as_they_were():
 
 def test_the_predictions_table_sample_gains_an_augmented_example(noise_dir):
     """With augmentation, PredictionsTable's dev sample ends with its first clip as training perturbs it."""
-    from asr.tracking import PredictionsTable
+    from asr.run.tracking import PredictionsTable
 
     module = data_module("data.num_workers=0", "augment=speed_noise", f"data.augment.noise_dir={noise_dir}")
     sample = PredictionsTable(clips=3, seed=0)._draw(module)

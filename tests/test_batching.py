@@ -9,10 +9,10 @@ import torch
 from omegaconf import OmegaConf
 
 import asr
-from asr import audio
-from asr.batching import DurationBatchSampler, Planned
-from asr.data import collate
-from asr.frames import WAV2VEC2
+from asr.data import audio
+from asr.data.batching import DurationBatchSampler, Planned
+from asr.data.loading import collate
+from asr.model.frames import WAV2VEC2
 from tests.callbacks import RecordUpdates
 from tests.conftest import SHRUNK, assembled, data_module
 

@@ -14,8 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import asr
-from asr import audio, cli
+from asr import cli
 from asr.config import compose
+from asr.data import audio
 from benchmarks import ctc, gpu, precision
 from tests.conftest import in_process
 
@@ -46,7 +47,7 @@ def test_every_benchmark_answers_help_and_takes_its_settings_at_the_top_level(na
 def test_a_benchmark_runs_with_key_value_overrides():
     [row] = ctc.main(["shapes=[[40,2,6,5]]", "repeats=1", "autograd=true"])
     assert row["shape"] == "40,2,6,5" and row["autograd_ms"] > 0
-    assert row["loss_rel"] < 1e-5 and row["grad_abs"] < 1e-5  # asr.ctc and torch's ctc_loss agree
+    assert row["loss_rel"] < 1e-5 and row["grad_abs"] < 1e-5  # asr.model.ctc and torch's ctc_loss agree
 
 
 def test_an_unknown_key_a_flag_or_a_value_out_of_choices_is_one_line():

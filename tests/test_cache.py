@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from asr import audio, cache, corpora, synth
+from asr import synth
+from asr.data import audio, cache, corpora
 from tests.conftest import data_module
 
 

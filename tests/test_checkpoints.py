@@ -8,7 +8,7 @@ import time
 import torch
 
 import asr
-from asr import checkpoints
+from asr.run import checkpoints
 
 PY = sys.executable
 SAVE_TWICE = """

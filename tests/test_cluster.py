@@ -20,9 +20,10 @@ import torch
 from hydra.utils import instantiate
 
 import asr
-from asr import SetupError, checkpoints, cluster
-from asr.batching import DurationBatchSampler
-from asr.model import CTCModel
+from asr import SetupError
+from asr.data.batching import DurationBatchSampler
+from asr.model.module import CTCModel
+from asr.run import checkpoints, cluster
 from tests.conftest import compose_config, data_module
 
 PY = sys.executable
@@ -280,7 +281,7 @@ def test_a_requeue_signal_that_is_not_one_stops_with_its_name():
 def test_a_cards_batch_and_evaluation_cadence_hold_on_1_and_8_gpus():
     """experiment=cv8_hy_1b states 128 clips per update and an evaluation every 100 updates: on 1 GPU
     that is 8 accumulated batches and an evaluation every 800 of them, on 8 GPUs 1 and 100."""
-    from asr.run import validation_cadence
+    from asr.run.training import validation_cadence
 
     cfg = compose_config(overrides=["experiment=cv8_hy_1b", "data.root=x"])
     for world, accumulate in ((1, 8), (8, 1)):

@@ -15,10 +15,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import asr
-from asr import SetupError, config, schedules
-from asr.data import SpeechDataModule
-from asr.augment import Augment
-from asr.model import CTCModel, adamw, check_pretrained
+from asr import SetupError, config
+from asr.data.augment import Augment
+from asr.data.module import SpeechDataModule
+from asr.model import schedules
+from asr.model.encoder import check_pretrained
+from asr.model.module import CTCModel, adamw
 from tests.conftest import compose_config
 
 GROUPS = {
@@ -222,10 +224,10 @@ def test_experiments_override_only_what_their_card_changed():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("data.max_batch_secs=3", "data.max_batch_secs is not a setting of data (asr.data.SpeechDataModule). "
+    ("data.max_batch_secs=3", "data.max_batch_secs is not a setting of data (asr.data.module.SpeechDataModule). "
                               "Did you mean data.max_batch_seconds? Its settings: attention_q, augment, cache_dir"),
     ("trainer.max_step=3", "Did you mean trainer.max_steps?"),
-    ("optim.learning_rate=1", "optim.learning_rate is not a setting of optim (asr.model.adamw)."),
+    ("optim.learning_rate=1", "optim.learning_rate is not a setting of optim (asr.model.module.adamw)."),
     ("sed=3", "sed is not a setting of train.py. Did you mean seed?"),
 ])
 def test_a_mistyped_key_is_named_with_the_valid_ones(override, message):
@@ -234,9 +236,9 @@ def test_a_mistyped_key_is_named_with_the_valid_ones(override, message):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("+data.max_batch_secs=3", "data.max_batch_secs is not a setting of data (asr.data.SpeechDataModule). "
+    ("+data.max_batch_secs=3", "data.max_batch_secs is not a setting of data (asr.data.module.SpeechDataModule). "
                                "Did you mean data.max_batch_seconds?"),
-    ("+sched.warmup=3", "sched.warmup is not a setting of sched (asr.schedules.linear). Did you mean "
+    ("+sched.warmup=3", "sched.warmup is not a setting of sched (asr.model.schedules.linear). Did you mean "
                         "sched.warmup_steps? Its settings: warmup_ratio, warmup_steps."),
     ("data.max_batch_seconds=abc", "data.max_batch_seconds='abc': Value 'abc' of type 'str' could not be "
                                    "converted to Float"),

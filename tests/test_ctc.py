@@ -1,11 +1,12 @@
-"""asr.ctc: torch's ctc_loss (reduction="mean", zero_infinity=True) as tensor ops over time. The same loss and
+"""asr.model.ctc: torch's ctc_loss (reduction="mean", zero_infinity=True) as tensor ops over time. The same loss and
 logits gradient as torch's in float32, and nothing read back from the device; the model option that picks it."""
 
 import pytest
 import torch
 
-from asr import SetupError, ctc
-from asr.model import CTCModel
+from asr import SetupError
+from asr.model import ctc
+from asr.model.module import CTCModel
 from tests.conftest import compose_config
 from tests.test_model import DeviceReads
 
@@ -142,7 +143,7 @@ def test_the_model_option_picks_the_loss_with_equal_results(monkeypatch):
             loss = model.ctc_loss(logits, out.frames, batch)
             grad = torch.autograd.grad(loss, model.model.lm_head.weight, retain_graph=True)[0]
         results[implementation] = loss, grad, mode.reads
-    assert len(calls) == 1  # tensor took asr.ctc's loss, torch did not
+    assert len(calls) == 1  # tensor took asr.model.ctc's loss, torch did not
     assert results["tensor"][2] == []
     torch.testing.assert_close(results["tensor"][0], results["torch"][0], rtol=1e-5, atol=0)
     ours, theirs = results["tensor"][1], results["torch"][1]  # sums over frames: compared to their scale

@@ -5,18 +5,21 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr import SetupError, audio, corpora, data
-from asr.corpora import Utterance
-from asr.frames import WAV2VEC2, Geometry
-from asr.text import Vocabulary
+from asr import SetupError
+
+from asr.data import audio, corpora, listing, loading
+from asr.data.corpora import Utterance
+from asr.data.module import SpeechDataModule
+from asr.data.text import Vocabulary
+from asr.model.frames import Geometry, WAV2VEC2
 
 
 def test_collate_pads_audio_and_labels_with_masks():
     items = [{"id": f"u{n}", "audio": np.ones(n, dtype=np.float32), "text": "ab"[: k], "labels": [1] * k}
              for n, k in ((16000, 2), (8000, 1))]
-    batch = data.collate(items)
+    batch = loading.collate(items)
     assert batch["audio"].shape == (2, 16000) and batch["lengths"] == [16000, 8000] and "attention_mask" not in batch
-    assert data.attention_mask(batch["lengths"], 16000).sum(1).tolist() == [16000, 8000]
+    assert loading.attention_mask(batch["lengths"], 16000).sum(1).tolist() == [16000, 8000]
     assert batch["audio"][1, 8000:].abs().sum() == 0
     assert batch["labels"].tolist() == [[1, 1], [1, -100]]
     assert batch["audio_seconds"] == 1.5 and batch["padded_seconds"] == 2.0
@@ -37,10 +40,10 @@ def test_encoder_frames_match_the_hf_feature_encoder():
 
 def test_ctc_feasibility_counts_blanks_between_repeats():
     frames = WAV2VEC2.frames(16000)  # 49 in one second
-    assert data.frames_needed("a" * 25) == frames  # 25 labels + 24 blanks
-    assert data.frames_needed("a" * 26) == frames + 2
-    assert data.frames_needed("abcdefghij" * 4 + "a b c d e") == frames  # no repeats: one frame a label
-    assert data.frames_needed("aab b") == 6  # the space is a label (`|`) too
+    assert listing.frames_needed("a" * 25) == frames  # 25 labels + 24 blanks
+    assert listing.frames_needed("a" * 26) == frames + 2
+    assert listing.frames_needed("abcdefghij" * 4 + "a b c d e") == frames  # no repeats: one frame a label
+    assert listing.frames_needed("aab b") == 6  # the space is a label (`|`) too
 
 
 def test_audio_is_decoded_resampled_and_normalised(tmp_path):
@@ -89,9 +92,9 @@ def test_check_split_drops_and_counts(tmp_path):
     vocab = Vocabulary.from_transcripts(["um texto bom longo demais para meio segundo"])
 
     def check(utterances, training):
-        clips = corpora.Clips(data.prepare(corpora.Clips.from_records(utterances), "pt"))
-        seconds, problems = data.durations(clips, tmp_path / "cache.json", workers=1)
-        return data.check_split(clips, seconds, problems, vocab, min_seconds=0.0, max_seconds=20.0, training=training)
+        clips = corpora.Clips(listing.prepare(corpora.Clips.from_records(utterances), "pt"))
+        seconds, problems = listing.durations(clips, tmp_path / "cache.json", workers=1)
+        return listing.check_split(clips, seconds, problems, vocab, min_seconds=0.0, max_seconds=20.0, training=training)
 
     kept, report = check(utts, training=True)
     assert [u.id for u in kept] == ["ok"] and kept[0].duration == pytest.approx(2.0)
@@ -111,15 +114,15 @@ def test_stated_durations_are_not_probed_and_unreadable_clips_are_counted_when_m
     (tmp_path / "corrupt.mp3").write_bytes(b"not audio at all" * 10)
     utts = [Utterance(name, str(tmp_path / name), "texto", 1.0, "s", "pt")
             for name in ("ok.wav", "corrupt.mp3", "gone.mp3")]
-    clips = corpora.Clips(data.prepare(corpora.Clips.from_records(utts), "pt"))
-    seconds, problems = data.durations(clips, tmp_path / "cache.json", workers=1)
+    clips = corpora.Clips(listing.prepare(corpora.Clips.from_records(utts), "pt"))
+    seconds, problems = listing.durations(clips, tmp_path / "cache.json", workers=1)
     assert problems == {2: "missing_file"} and not (tmp_path / "cache.json").exists()  # no header read
     vocab = Vocabulary.from_transcripts(["texto"])
-    kept, report = data.check_split(clips, seconds, problems, vocab, 0.0, 20.0, training=True)
+    kept, report = listing.check_split(clips, seconds, problems, vocab, 0.0, 20.0, training=True)
     assert [u.id for u in kept] == ["ok.wav", "corrupt.mp3"] and report["dropped"] == {"missing_file": 1}
-    batch = data.collate([data.UtteranceDataset(kept, vocab)[i] for i in range(2)])
+    batch = loading.collate([loading.UtteranceDataset(kept, vocab)[i] for i in range(2)])
     assert batch["ids"] == ["ok.wav"] and batch["dropped"] == [("corrupt.mp3", "unreadable_audio")]
-    module = data.SpeechDataModule.__new__(data.SpeechDataModule)  # only its report
+    module = SpeechDataModule.__new__(SpeechDataModule)  # only its report
     module.report, module._met, module.utterances = {"train": report}, {}, {"train": kept}
     module.count_dropped("train", batch["dropped"])
     module.count_dropped("train", batch["dropped"])  # met again next epoch: counted once

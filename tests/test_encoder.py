@@ -3,16 +3,16 @@
 import numpy as np
 import torch
 
-from asr.data import attention_mask
+from asr.data.loading import attention_mask
 from tests.conftest import assembled
 from tests.test_model import DeviceReads
 
 
 def _model_and_batch(cv_corpus, *overrides):
-    from asr import data as asr_data
+    from asr.data import loading
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "logger=none", *overrides)
-    dataset = asr_data.UtteranceDataset(run.data.load("train"), run.data.vocab)
-    return run.model, asr_data.collate([dataset[i] for i in range(4)])
+    dataset = loading.UtteranceDataset(run.data.load("train"), run.data.vocab)
+    return run.model, loading.collate([dataset[i] for i in range(4)])
 
 
 def test_our_encoder_pass_is_hfs_with_spec_augment_and_reads_nothing_back(cv_corpus):

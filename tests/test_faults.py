@@ -22,8 +22,10 @@ from omegaconf import OmegaConf
 
 import asr
 import transcribe
-from asr import SetupError, checkpoints, cluster, rundir, text
-from asr.console import Progress
+from asr import SetupError
+from asr.data import text
+from asr.run import checkpoints, cluster, rundir
+from asr.run.console import Progress
 from tests.conftest import assembled, data_module, in_process
 
 PY = sys.executable
@@ -315,7 +317,7 @@ def test_characters_outside_the_vocabulary_get_one_warning_line(finished, cv_cor
 # 9. A run with nothing left to train
 
 def test_resuming_a_finished_run_says_it_is_complete_and_changes_nothing(finished, tmp_path):
-    from asr.run import nothing_left
+    from asr.run.training import nothing_left
 
     run = copy_of(finished, tmp_path)
     before = snapshot(run)
@@ -343,7 +345,7 @@ def test_resuming_a_finished_run_says_it_is_complete_and_changes_nothing(finishe
 
 def test_a_run_at_the_end_of_its_epochs_is_complete_and_one_with_more_goes_on(cv_corpus, tmp_path):
     """max_epochs counts the epoch whose last batch the checkpoint trained, saved before the epoch closed."""
-    from asr.run import nothing_left
+    from asr.run.training import nothing_left
 
     result = command("train.py", f"data.root={cv_corpus}", "trainer.max_steps=-1", "trainer.max_epochs=1",
                      "trainer.check_val_every_n_epoch=1", "trainer.val_check_interval=1.0", *TINY,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import asr
-from asr import speed
+from asr.model import speed
 from tests.conftest import assembled
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -30,7 +30,7 @@ def corpus(request, tmp_path_factory):
 
 
 class CountSyncs(L.Callback):
-    """Synchronising CUDA calls (`asr.speed.SyncSites`) from one batch end to the next, and their sites."""
+    """Synchronising CUDA calls (`asr.model.speed.SyncSites`) from one batch end to the next, and their sites."""
 
     def on_train_start(self, trainer, pl_module):
         self.per_update, self._seen = {}, 0

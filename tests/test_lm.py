@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from asr import lm, synth, text
-from asr.metrics import ErrorRates
-from asr.text import Vocabulary
+from asr import lm, synth
+from asr.data import text
+from asr.data.text import Vocabulary
+from asr.model.metrics import ErrorRates
 
 # <s> a b </s> / <s> a c </s> / <s> b a </s>, order 2. Every order falls back to discounts 0.5, 1, 1.5
 # (no n-gram is seen 3 and 4 times). Unigram adjusted counts (distinct left neighbours): a 2, b 2, c 1,

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from asr import SetupError
-from asr.batching import Planned
-from asr.memory import (WorstBatchFirst, fastest, keep_attention, shape_lengths, warmup_batch, warmup_order,
-                        worst_shapes)
+from asr.data.batching import Planned
+from asr.run.warmup import (WorstBatchFirst, fastest, keep_attention, shape_lengths, warmup_batch, warmup_order, worst_shapes)
 from tests.conftest import SHRUNK, assembled
 
 

@@ -14,10 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
 import asr
-from asr import schedules
-from asr.data import attention_mask
-from asr.frames import WAV2VEC2
-from asr.model import CTCModel
+from asr.data.loading import attention_mask
+from asr.model import schedules
+from asr.model.frames import WAV2VEC2
+from asr.model.module import CTCModel
 from tests.callbacks import RecordUpdates
 from tests.conftest import SHRUNK, assembled, compose_config
 
@@ -50,8 +50,8 @@ def test_head_init_xavier_starts_a_new_head_and_keeps_a_trained_one(tmp_path):
     vocabulary) gets Xavier-uniform weights and zero bias; a checkpoint's head of this vocabulary is kept."""
     import math
 
-    from asr.model import build_wav2vec2
-    from asr.text import Vocabulary
+    from asr.model.encoder import build_wav2vec2
+    from asr.data.text import Vocabulary
 
     vocab = Vocabulary(VOCAB)
     arch = dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -98,11 +98,11 @@ class DeviceReads(TorchDispatchMode):
 def test_our_ctc_loss_equals_hf_and_reads_nothing_back_from_the_device(cv_corpus):
     """The loss computed from the collator's host lengths is HF's own (labels= path), and its gradients
     too; ours dispatches no op that reads a value back from the device, HF's does."""
-    from asr import data as asr_data
+    from asr.data import loading
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0", "logger=none")
     model = run.model.eval()
-    dataset = asr_data.UtteranceDataset(run.data.load("train"), run.data.vocab)
-    batch = asr_data.collate([dataset[i] for i in range(4)])
+    dataset = loading.UtteranceDataset(run.data.load("train"), run.data.vocab)
+    batch = loading.collate([dataset[i] for i in range(4)])
     batch["labels"][0, 3:] = -100  # an utterance whose label is shorter
     batch["label_lengths"][0] = 3
     out = model(batch)

@@ -1,6 +1,6 @@
-"""The CTC blank plateau: the dev shares of empty transcripts and blank frames (asr.model), in the logs and
-results.json (asr.report); the run says once that it is on the plateau and, past warn_after, what to check,
-each check with its value (asr.plateau)."""
+"""The CTC blank plateau: the dev shares of empty transcripts and blank frames (asr.model.module), in the logs and
+results.json (asr.run.report); the run says once that it is on the plateau and, past warn_after, what to check,
+each check with its value (asr.run.plateau)."""
 
 import logging
 import random
@@ -11,7 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Timer
 
-from asr import plateau, synth
+from asr import synth
+from asr.run import plateau
 from tests.conftest import SHRUNK, assembled
 
 
@@ -56,7 +57,7 @@ def test_results_and_logs_carry_both_shares(cv_corpus, tmp_path, caplog):
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=20", f"run_dir={tmp_path}",
                     "callbacks.plateau.warn_after=0.5", "callbacks.plateau.cer=0", "logger=csv", accelerator="cpu",
                     max_steps=4, val_check_interval=2, check_val_every_n_epoch=None)
-    with caplog.at_level(logging.INFO, logger="asr.plateau"):
+    with caplog.at_level(logging.INFO, logger="asr.run.plateau"):
         run.fit()
     results = run.report.write_results()
     rows = results["evaluations"]
@@ -66,7 +67,7 @@ def test_results_and_logs_carry_both_shares(cv_corpus, tmp_path, caplog):
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "val/empty_hypotheses" in header and "val/blank_frames" in header
     assert (tmp_path / "results.md").read_text().splitlines()[0] == plateau_free_header()
-    said = [r.getMessage() for r in caplog.records if r.name == "asr.plateau" and r.levelno >= logging.WARNING]
+    said = [r.getMessage() for r in caplog.records if r.name == "asr.run.plateau" and r.levelno >= logging.WARNING]
     assert len(said) == 2, said  # once on the plateau (update 2, 50%: the checks too at 50%), nothing again at 4
     assert "update 2 (50% of the schedule): on the CTC blank plateau" in said[0] and "typical" in said[0]
     assert "still on the CTC blank plateau" in said[1]
@@ -76,7 +77,7 @@ def test_results_and_logs_carry_both_shares(cv_corpus, tmp_path, caplog):
 
 
 def plateau_free_header() -> str:
-    from asr.report import HEADER
+    from asr.run.report import HEADER
 
     return HEADER.splitlines()[0]
 
@@ -91,14 +92,14 @@ def _trainer(run, step: int, cer: float, total: int = 100, **extra) -> SimpleNam
 
 def _said(caplog, watch, run, *trainers) -> list[str]:
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="asr.plateau"):
+    with caplog.at_level(logging.INFO, logger="asr.run.plateau"):
         for trainer in trainers:
             run.model._trainer = trainer
             try:
                 watch.on_validation_end(trainer, run.model)
             finally:
                 run.model._trainer = None
-    return [r.getMessage() for r in caplog.records if r.name == "asr.plateau"]
+    return [r.getMessage() for r in caplog.records if r.name == "asr.run.plateau"]
 
 
 @pytest.mark.parametrize("hold,pretrained,held", [("auto", None, True), ("auto", "facebook/wav2vec2-xls-r-300m", False),

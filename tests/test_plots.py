@@ -3,7 +3,7 @@
 import matplotlib.image
 import numpy as np
 
-from asr import plots
+from asr.run import plots
 
 
 def test_the_sweep_plot_draws_one_line_per_job(tmp_path):

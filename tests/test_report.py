@@ -4,8 +4,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import asr
-from asr import cluster
-from asr.report import hyperparameters
+from asr.run import cluster
+from asr.run.report import hyperparameters
 from tests.conftest import compose_config
 
 EXPERIMENTS = {  # experiment -> (lang, base model, a figure its card reports)

@@ -14,9 +14,10 @@ import torch
 import yaml
 
 import asr
-from asr import SetupError, checkpoints, tracking
+from asr import SetupError
 from asr.config import check_overrides, expand_path_overrides
-from asr.run import _warn_cpu_oversubscription
+from asr.run import checkpoints, tracking
+from asr.run.training import _warn_cpu_oversubscription
 from tests.conftest import compose_config
 
 PY = sys.executable
@@ -41,20 +42,22 @@ def hy_run(trained_run) -> tuple[Path, subprocess.CompletedProcess]:
 def test_a_run_older_than_a_setting_resumes_with_its_default_and_says_so(hy_run, tmp_path, caplog):
     """A setting added to the code after a run started (here data.prefetch_factor, taken out of the run's
     config.yaml) takes today's default on resume, and the log names it; a node the run removed
-    (~callbacks.last) stays removed."""
+    (~callbacks.last) stays removed; a class the record names where it was before a move is found where it is."""
     import shutil
 
-    from asr import provenance
+    from asr.run import provenance
     from asr.config import compose
 
     run = tmp_path / "run"
     shutil.copytree(hy_run[0], run)
     record = config(run)
     del record["data"]["prefetch_factor"], record["callbacks"]["last"]
+    record["data"]["_target_"] = "asr.data.SpeechDataModule"  # where the class was before asr/data/ was a package
     (run / "config.yaml").write_text(yaml.safe_dump(record))
     cfg = provenance.resumed(compose("train", [f"run_dir={run}", "ckpt_path=last"]))
     assert cfg.data.prefetch_factor == 2 and cfg.data.lang == "hy"  # the run's own config, plus the new setting
     assert "last" not in cfg.callbacks and "checkpoint" in cfg.callbacks
+    assert cfg.data._target_ == "asr.data.module.SpeechDataModule"
     assert "config.yaml predates data.prefetch_factor=2: today's default" in caplog.text
 
 

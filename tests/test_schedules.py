@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from asr import schedules
+from asr.model import schedules
 
 
 def lrs(name, total, **options):

@@ -15,7 +15,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 import asr
-from asr import search, tracking
+from asr import search
+from asr.run import tracking
 
 
 def test_the_search_space_reads_hydras_sweep_grammar():

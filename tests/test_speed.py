@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from asr import speed
+from asr.model import speed
 from tests.conftest import assembled, compose_config
 from tests.test_encoder import _model_and_batch
 from tests.test_model import DeviceReads
@@ -97,15 +97,15 @@ class Batches(L.Callback):
 def test_the_loader_wait_is_timed_where_the_training_loop_blocks_for_its_batch(cv_corpus, tmp_path, monkeypatch):
     """A loader that takes 0.5 s per clip, on the training loop's own thread (no worker): the figure holds
     that sleep, all of it and no more."""
-    from asr import data
+    from asr.data import loading
 
-    decode = data.UtteranceDataset.__getitem__
+    decode = loading.UtteranceDataset.__getitem__
 
     def slow(self, i):
         time.sleep(0.5)
         return decode(self, i)
 
-    monkeypatch.setattr(data.UtteranceDataset, "__getitem__", slow)
+    monkeypatch.setattr(loading.UtteranceDataset, "__getitem__", slow)
     clips = []
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=8", f"run_dir={tmp_path}",
                     "trainer.log_every_n_steps=2", "logger=none", callbacks=[Clips(clips)], max_steps=4,
@@ -229,7 +229,7 @@ def test_compile_takes_false_layers_encoder_or_all(cv_corpus, compile):
 
 
 def test_a_compile_choice_that_is_not_one_is_named():
-    from asr.model import CTCModel
+    from asr.model.module import CTCModel
 
     cfg = compose_config(overrides=["model.compile=graphs"])
     with pytest.raises(Exception, match="model.compile='graphs': give false, layers, encoder or all"):

@@ -17,10 +17,11 @@ from omegaconf import OmegaConf
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 import asr
-from asr import data as asr_data
-from asr import schedules, synth
-from asr.model import CTCModel
-from asr.text import Vocabulary
+from asr import synth
+from asr.data import audio, loading
+from asr.data.text import Vocabulary
+from asr.model import schedules
+from asr.model.module import CTCModel
 from tests.conftest import assembled
 from tests.wandb_records import read_run, records
 
@@ -67,9 +68,9 @@ def test_train_export_evaluate(cv_corpus, tmp_path):
     assert json.loads((run_dir / "model" / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]
     processor = Wav2Vec2Processor.from_pretrained(run_dir / "model")
     assert processor.tokenizer.get_vocab() == best.vocab.ids
-    wave = asr_data.audio.load(next((cv_corpus / "clips").glob("*.mp3")))
+    wave = audio.load(next((cv_corpus / "clips").glob("*.mp3")))
     inputs = processor(wave, sampling_rate=16000, return_tensors="pt")
-    batch = asr_data.collate([{"id": "x", "audio": asr_data.audio.normalize(wave), "text": "", "labels": []}])
+    batch = loading.collate([{"id": "x", "audio": audio.normalize(wave), "text": "", "labels": []}])
     with torch.no_grad():
         ours = best(batch).logits
         theirs = hf_model(inputs.input_values, attention_mask=inputs.attention_mask).logits
@@ -141,7 +142,7 @@ def test_tiny_model_learns_a_batch(cv_corpus):
     """Gradients reach the whole model: 60 updates on one batch cut its CTC loss by more than half."""
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0", "logger=none")
     model, dm = run.model, run.data
-    batch = asr_data.collate([asr_data.UtteranceDataset(dm.load("train"), dm.vocab)[i] for i in range(4)])
+    batch = loading.collate([loading.UtteranceDataset(dm.load("train"), dm.vocab)[i] for i in range(4)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):

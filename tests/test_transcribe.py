@@ -14,8 +14,9 @@ import torchaudio
 
 import asr
 import transcribe
-from asr import audio, export, text  # noqa: F401  (asr.text in the LM test)
-from asr.metrics import utterance_cer
+from asr import export
+from asr.data import audio, text
+from asr.model.metrics import utterance_cer
 from tests.conftest import in_process
 
 
@@ -123,7 +124,7 @@ def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, b
     predictions = {p["id"]: p for p in map(json.loads, (tmp_path / "eval" / "predictions.jsonl").open())}
     assert all("greedy_hypothesis" in p for p in predictions.values())
     lm_words = {w for line in (cv_corpus / "train.tsv").read_text().splitlines()[1:]
-                for w in asr.text.normalize(line.split("\t")[3], "pt").split()}
+                for w in asr.data.text.normalize(line.split("\t")[3], "pt").split()}
     hypotheses = " ".join(p["hypothesis"] for p in predictions.values()).split()
     assert hypotheses and sum(w in lm_words for w in hypotheses) / len(hypotheses) > 0.8  # the LM steers to words
 

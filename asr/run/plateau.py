@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Timer
 
-from asr import audio, text
-from asr.data import characters
+from asr.data import audio, text
+from asr.data.listing import characters
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from asr import audio
+from asr.data import audio
 
 log = logging.getLogger(__name__)
 # Overrides that say where, not what: left out of a run's name.
@@ -172,7 +172,7 @@ class PredictionsTable(L.Callback):
         self.seconds: list[float] = []
 
     def _draw(self, datamodule) -> list[dict]:
-        from asr.data import UtteranceDataset
+        from asr.data.loading import UtteranceDataset
 
         dev = datamodule.load("dev")
         rows = np.random.default_rng(self.seed).choice(len(dev), size=min(self.clips, len(dev)), replace=False)
@@ -199,8 +199,8 @@ class PredictionsTable(L.Callback):
         if trainer.sanity_checking or logger is None or not trainer.is_global_zero:
             return
         import wandb
-        from asr.data import collate
-        from asr.metrics import utterance_cer
+        from asr.data.loading import collate
+        from asr.model.metrics import utterance_cer
 
         started = time.perf_counter()
         if self.sample is None:

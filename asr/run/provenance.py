@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from asr import SetupError, checkpoints
+from asr import SetupError
 from asr.config import command_line_changes, expand_path
+from asr.run import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,14 @@ DEFINES = {"model.arch": "architecture", "model.pretrained": "architecture", "da
            "data.train_split": "vocabulary", "data.train_extra": "vocabulary", "data.columns": "vocabulary",
            "data.dev_split": "splits", "data.test_split": "splits", "data.dev_speakers": "splits",
            "data.min_seconds": "clips kept", "data.max_seconds": "clips kept"}
+# Classes a config.yaml names (`_target_`) that have moved since it was written: a run recorded before a move
+# resumes with the class where it is now.
+MOVED = {f"asr.{old}": new for old, new in {
+    "data.SpeechDataModule": "asr.data.module.SpeechDataModule", "model.CTCModel": "asr.model.module.CTCModel",
+    "speed.SpeedMonitor": "asr.model.speed.SpeedMonitor", "cluster.Requeue": "asr.run.cluster.Requeue",
+    "console.Progress": "asr.run.console.Progress", "plateau.PlateauWatch": "asr.run.plateau.PlateauWatch",
+    "tracking.PredictionsTable": "asr.run.tracking.PredictionsTable",
+    "memory.WorstBatchFirst": "asr.run.warmup.WorstBatchFirst"}.items()}
 CHECKPOINT_MEANS = ("architecture", "language", "corpus", "data root", "vocabulary")
 MEANING = {key: what for key, what in DEFINES.items() if what in CHECKPOINT_MEANS}
 RUN_DATA = tuple(key.removeprefix("data.") for key in DEFINES if key.startswith("data."))
@@ -76,7 +85,7 @@ def resumed(cfg: DictConfig) -> DictConfig:
             log.warning("resuming from %s, which has no config.yaml beside its checkpoints/: the config as composed",
                         ckpt)
         return cfg
-    record = OmegaConf.to_container(OmegaConf.load(source / "config.yaml"))
+    record = _moved(OmegaConf.to_container(OmegaConf.load(source / "config.yaml")))
     changes, removed = command_line_changes(cfg, "train")
     changes = {k: v for k, v in changes.items() if k not in ("run_dir", "ckpt_path")}
     flat = {k: OmegaConf.select(OmegaConf.create(record), k, default=None) for k in changes}
@@ -105,6 +114,13 @@ def resumed(cfg: DictConfig) -> DictConfig:
                 f"; from the command line: {', '.join(shown)}" if shown else " (the command line changes nothing)")
     return OmegaConf.create(record)
 
+
+
+def _moved(node):
+    """A config with each `_target_` that names a class in `MOVED` naming it where it is now."""
+    if isinstance(node, dict):
+        return {k: MOVED.get(v, v) if k == "_target_" else _moved(v) for k, v in node.items()}
+    return [_moved(v) for v in node] if isinstance(node, list) else node
 
 
 def _settings_added_since(record: dict, cfg: DictConfig) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from asr import rundir
+from asr.run import rundir
 
 HEADER = ("| Training Loss | Epoch | Step | Validation Loss | Wer    | Cer    |\n"
           "|:-------------:|:-----:|:----:|:---------------:|:------:|:------:|\n")
@@ -33,10 +33,10 @@ class RunReport(L.Callback):
 
     def __init__(self, run_dir: str | Path, batch_per_update: dict):
         self.run_dir = Path(run_dir)
-        self.batch_per_update = batch_per_update  # in results.json (asr.cluster.batch_per_update)
+        self.batch_per_update = batch_per_update  # in results.json (asr.run.cluster.batch_per_update)
         self.rows: list[dict] = []
         self.audio_seconds = self.padded_seconds = 0.0
-        self.truncated_seconds = 0.0  # codec padding cut from clips that decode longer than stated (asr.data.collate)
+        self.truncated_seconds = 0.0  # codec padding cut from clips that decode longer than stated (asr.data.loading.collate)
         self.skipped_clips = 0  # training clips that could not be read and were left out of their batch
         self.empty_batches = 0  # training batches of which no clip could be read: zero-loss steps
         self.dropped: dict[str, list] = {"train": [], "dev": []}  # (id, reason) of clips that could not be read
@@ -119,7 +119,7 @@ class RunReport(L.Callback):
             "val_wer": metrics["val/wer"].item(),
             "val_cer": metrics["val/cer"].item(),
             **({"val_mer": metrics["val/mer"].item()} if "val/mer" in metrics else {}),
-            # the CTC blank plateau (asr.plateau): shares of empty dev transcripts and of blank dev frames
+            # the CTC blank plateau (asr.run.plateau): shares of empty dev transcripts and of blank dev frames
             **{f"val_{name}": metrics[f"val/{name}"].item() for name in ("empty_hypotheses", "blank_frames")
                if f"val/{name}" in metrics},
         })
@@ -139,7 +139,7 @@ class RunReport(L.Callback):
 
     def write_curves(self) -> None:
         """curves.png: training loss, dev CER and learning rate against update."""
-        from asr import plots
+        from asr.run import plots
 
         self._read_curve()
         plots.run_curves(self.run_dir / "curves.png", self.curve, self.rows)
@@ -169,7 +169,7 @@ class RunReport(L.Callback):
             "train_seconds": self.train_seconds if self.train_seconds is not None else self.seconds_so_far(),
             # padded audio / all audio the encoder saw in training batches
             "padding_fraction": 1 - self.audio_seconds / self.padded_seconds if self.padded_seconds else 0.0,
-            # codec padding cut from clips that decoded longer than their stated duration (asr.data.CODEC_SLACK)
+            # codec padding cut from clips that decoded longer than their stated duration (asr.data.loading.CODEC_SLACK)
             "truncated_seconds": round(self.truncated_seconds, 3),
             "skipped_clips": int(self.skipped_clips),
             "empty_batches": int(self.empty_batches),
@@ -191,7 +191,7 @@ class RunReport(L.Callback):
 
 def hyperparameters(cfg: dict, batch: dict) -> list[str]:
     """The card's "Training hyperparameters" list, in the HF Trainer's words, from a resolved run config and
-    its batch per update (`asr.cluster.batch_per_update`, as the run computed it)."""
+    its batch per update (`asr.run.cluster.batch_per_update`, as the run computed it)."""
     data, trainer, optim, sched = cfg["data"], cfg["trainer"], cfg["optim"], cfg["sched"]
     world = batch["world_size"]
     lines = {"learning_rate": repr(float(optim["lr"]))}

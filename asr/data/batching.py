@@ -7,7 +7,7 @@ long. Here every batch of an epoch has one of at most `num_buckets + 1` shapes.
 
 The plan is fixed once, a pure function of the durations and the settings, so it is the same on every
 DDP rank, in every epoch and in a resumed run:
-- Durations are rounded up to the conv encoder's hop (`asr.frames`; 320 samples, 20 ms, for wav2vec2):
+- Durations are rounded up to the conv encoder's hop (`asr.model.frames`; 320 samples, 20 ms, for wav2vec2):
   every padded length is a whole number of encoder frames.
 - `num_buckets` upper lengths are chosen to minimise the padded audio (each clip padded to its bucket's
   upper length). This is an exact dynamic programme over the distinct rounded lengths (~1,000 for clips
@@ -24,7 +24,7 @@ Every batch row is a real clip. No clip rows are padded, so the loss, the metric
 1 - clips' audio / (clips x padded length), summed over an epoch.
 
 Each batch is yielded as a `Planned` list of clip indices that carries its planned (clips, samples)
-shape: the loader's dataset passes it on with the decoded clips, and `asr.data.collate` pads to it.
+shape: the loader's dataset passes it on with the decoded clips, and `asr.data.loading.collate` pads to it.
 
 Each epoch the clips within every bucket are shuffled and the batch order is shuffled, seeded by
 (seed, epoch). The batch sizes, and so the number of batches per epoch, do not change between epochs:
@@ -37,8 +37,8 @@ import math
 import numpy as np
 from torch.utils.data import Sampler
 
-from asr.audio import SAMPLE_RATE
-from asr.frames import WAV2VEC2, Geometry
+from asr.data.audio import SAMPLE_RATE
+from asr.model.frames import Geometry, WAV2VEC2
 
 # The dynamic programme holds a (lengths x lengths) table. Above this many distinct lengths, the
 # lengths are rounded to a coarser multiple of the hop (clips over ~20 s at 20 ms steps).
@@ -55,7 +55,7 @@ class Planned(list):
 
 
 class DurationBatchSampler(Sampler[Planned]):
-    """Index batches for a DataLoader's `batch_sampler`, each `Planned` with the shape `asr.data.collate` pads
+    """Index batches for a DataLoader's `batch_sampler`, each `Planned` with the shape `asr.data.loading.collate` pads
     it to; `shapes` is the set of them.
 
     durations: seconds per clip. max_batch_seconds: the budget of a batch, `padded length x clips` seconds.
@@ -79,12 +79,12 @@ class DurationBatchSampler(Sampler[Planned]):
     start at batch `position` of this rank, so a run resumed mid-epoch continues with exactly the next
     batch.
 
-    Augmentation (`asr.augment`): `tag_epoch` yields each clip as (epoch, clip), so that the dataset draws its
+    Augmentation (`asr.data.augment`): `tag_epoch` yields each clip as (epoch, clip), so that the dataset draws its
     perturbation from (seed, epoch, clip). With speed perturbation `durations` are the longest each clip can
     last (its duration / the slowest factor): every epoch's clips fit the plan. `audio_seconds` are then the
     clips' expected seconds, for the padding figure (None: `durations`).
 
-    geometry: the model's frame geometry (`asr.frames`): every padded length is a whole number of its hops.
+    geometry: the model's frame geometry (`asr.model.frames`): every padded length is a whole number of its hops.
     """
 
     def __init__(self, durations, max_batch_seconds: float, *, max_batch_size: int | None, num_buckets: int,

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from asr import SetupError, audio
+from asr import SetupError
+from asr.data import audio
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Several processes, nodes and clusters: the batch per update on any number of GPUs, the launcher's
 allocation checked against the config, and requeue on SLURM's warning signal (checkpoints written
-atomically, and which one a run resumes from: `asr.checkpoints`).
-(One-time data work done once over ranks: `asr.cache.one_at_a_time`, held by the datamodule's setup.)
+atomically, and which one a run resumes from: `asr.run.checkpoints`).
+(One-time data work done once over ranks: `asr.data.cache.one_at_a_time`, held by the datamodule's setup.)
 
 Who owns the signal: this module's `Requeue` callback. SLURM sends a signal before a job's time limit
 (`--signal=USR1@90`) or when it is preempted (`scancel --signal=USR1`). Lightning's own SLURM handler
@@ -25,7 +25,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from asr import SetupError, slurm_job_id
-from asr.checkpoints import REQUEUE_CHECKPOINT, AtomicCheckpointIO
+from asr.run.checkpoints import AtomicCheckpointIO, REQUEUE_CHECKPOINT
 
 log = logging.getLogger(__name__)
 _SIGNALS = signal.Signals  # Requeue's argument `signal` shadows the module

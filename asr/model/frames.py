@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from asr.audio import SAMPLE_RATE
+from asr.data.audio import SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Geometry:
 
     def padded(self, seconds) -> np.ndarray:
         """Samples of clips of `seconds` rounded up to a whole number of hops: the lengths the batch plan
-        pads to (`asr.batching`). int64, elementwise."""
+        pads to (`asr.data.batching`). int64, elementwise."""
         samples = np.round(np.asarray(seconds, dtype=np.float64) * SAMPLE_RATE)
         return (np.ceil(samples / self.hop) * self.hop).astype(np.int64)
 

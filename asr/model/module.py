@@ -1,4 +1,4 @@
-"""The LightningModule around the network (`asr.encoder.SyncFreeWav2Vec2ForCTC`): training and evaluation
+"""The LightningModule around the network (`asr.model.encoder.SyncFreeWav2Vec2ForCTC`): training and evaluation
 steps, the CTC loss, WER/CER/MER, the guard against non-finite updates, AdamW and its schedule."""
 
 import json
@@ -7,83 +7,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from transformers import Wav2Vec2Config
 
-from asr import SetupError, ctc, schedules, speed, text
-from asr.encoder import SyncFreeWav2Vec2ForCTC
-from asr.frames import Geometry
-from asr.metrics import ErrorRate, Share
-from asr.speed import PRECISION_DTYPE, LateRead
-from asr.text import Vocabulary
+from asr import SetupError
+from asr.data import text
+from asr.data.text import Vocabulary
+from asr.model import ctc, schedules, speed
+from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2
+from asr.model.frames import Geometry
+from asr.model.metrics import ErrorRate, Share
+from asr.model.speed import LateRead, PRECISION_DTYPE
 
 COMPILE = {False: "false", True: "layers", "false": "false", "layers": "layers", "encoder": "encoder", "all": "all"}
-
-
-def check_pretrained(pretrained: str | None) -> str | None:
-    """Why `pretrained` cannot load (with the override that fixes it), or None. Fails in seconds offline."""
-    if pretrained is None or Path(pretrained).is_dir():
-        return None
-    if Path(pretrained).exists() or pretrained.startswith((".", "/", "~")):
-        return f"model.pretrained={pretrained} is not a model directory (config.json and weights)."
-    try:  # in the local HF cache?
-        Wav2Vec2Config.from_pretrained(pretrained, local_files_only=True)
-        return None
-    except OSError:
-        pass
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-
-    try:  # one quick probe of the hub, without transformers' retries
-        get_hf_file_metadata(hf_hub_url(pretrained, "config.json"), timeout=5)
-        return None
-    except Exception as error:
-        return (f"model.pretrained={pretrained} is neither a local directory nor in the HF cache, and the "
-                f"hub cannot be reached ({type(error).__name__}). Download it where you have a network "
-                f"(hf download {pretrained} --local-dir <dir>) and pass model.pretrained=<dir>, "
-                f"or model.pretrained=null for random weights.")
-
-
-HEAD_INITS = ("normal", "xavier")
-
-
-def wav2vec2_config(pretrained: str | None, arch: dict) -> Wav2Vec2Config:
-    """The architecture `build_wav2vec2` builds: `pretrained`'s config.json, or `arch` for random weights."""
-    if pretrained is None:
-        return Wav2Vec2Config(**arch)
-    return Wav2Vec2Config.from_pretrained(pretrained)
-
-
-def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config: dict,
-                   attn_implementation: str, head_init: str) -> SyncFreeWav2Vec2ForCTC:
-    """`pretrained` (hub id or directory; its config.json fixes the architecture), or random weights
-    shaped by `arch`; `config` (dropouts, LayerDrop, SpecAugment) overrides either. A CTC head that is new
-    (random weights, or a checkpoint without a head of this vocabulary) starts as `head_init` says:
-    normal, HF's N(0, initializer_range) with bias 0; xavier, fairseq's Wav2VecCtc (Xavier uniform, bias 0),
-    about 6x larger weights on a 128-wide encoder, so more of the loss's gradient reaches the encoder at
-    the start. A head the checkpoint holds is kept."""
-    if head_init not in HEAD_INITS:
-        raise SetupError(f"model.head_init={head_init!r}: give one of {', '.join(HEAD_INITS)}.")
-    config = dict(config, vocab_size=len(vocab), pad_token_id=vocab.blank_id,
-                  ctc_loss_reduction="mean",  # per-utterance loss / label length, batch mean (HF recipe)
-                  ctc_zero_infinity=True)  # an infeasible alignment gives 0, not inf
-    if pretrained is None:
-        model = SyncFreeWav2Vec2ForCTC._from_config(Wav2Vec2Config(**{**arch, **config}),
-                                                    attn_implementation=attn_implementation)
-        new_head = True
-    else:
-        try:  # a CTC head of another vocabulary is replaced (mismatched sizes); nothing else may mismatch
-            model, loading = SyncFreeWav2Vec2ForCTC.from_pretrained(
-                pretrained, attn_implementation=attn_implementation, ignore_mismatched_sizes=True,
-                output_loading_info=True, **config)
-        except OSError as error:
-            raise SetupError(check_pretrained(pretrained) or str(error)) from error
-        new_head = "lm_head.weight" in {*loading["missing_keys"], *(key for key, *_ in loading["mismatched_keys"])}
-    if model.config.add_adapter:  # HF's strided adapter after the transformer: frames asr.frames does not count
-        raise SetupError(f"{pretrained} has add_adapter=true in its config.json; this framework trains the CTC head "
-                         f"on the transformer's frames (add_adapter=false)")
-    if head_init == "xavier" and new_head:
-        torch.nn.init.xavier_uniform_(model.lm_head.weight)
-        torch.nn.init.zeros_(model.lm_head.bias)
-    return model
 
 
 @dataclass
@@ -112,7 +46,7 @@ class CTCModel(L.LightningModule):
     vocab: tokens, id = index, last is the blank `[PAD]`. pretrained: hub id or directory, None for
     random weights. arch: Wav2Vec2Config architecture fields, used only for random weights (a
     pretrained model keeps its own). config: Wav2Vec2Config fields applied in both cases (dropouts,
-    LayerDrop, SpecAugment). language: the text rules of `asr.text.normalize`, applied to hypotheses
+    LayerDrop, SpecAugment). language: the text rules of `asr.data.text.normalize`, applied to hypotheses
     (zh-*: no space between Han characters) and deciding whether MER is scored.
     freeze_finetune_updates: for this many first optimizer updates only the CTC head learns, the
     encoder stays as pretrained (fairseq's `freeze_finetune_updates`). max_consecutive_skips: updates
@@ -121,11 +55,11 @@ class CTCModel(L.LightningModule):
     layers (torch.compile each transformer layer, dynamic shapes: one graph for every length); encoder (the
     convolutional feature encoder, static shapes: one graph per batch shape of the plan, which the
     warm-up builds before the first update); all (both). true means layers. expandable_segments: the CUDA
-    allocator's (`asr.speed.configure_cuda_allocator`). optim: lr, betas, eps, weight_decay, head_lr (the CTC head's
+    allocator's (`asr.model.speed.configure_cuda_allocator`). optim: lr, betas, eps, weight_decay, head_lr (the CTC head's
     own learning rate; None: lr), fused, as `adamw` takes them. sched: name and options of a schedule in
-    `asr.schedules`. All are plain values, so checkpoints load with `weights_only=True`. The defaults
+    `asr.model.schedules`. All are plain values, so checkpoints load with `weights_only=True`. The defaults
     are in conf/ (train.yaml, model/, sched/).
-    ctc_loss: torch's `ctc_loss` (torch), `asr.ctc`'s (tensor: no host sync on a GPU), or auto (tensor on
+    ctc_loss: torch's `ctc_loss` (torch), `asr.model.ctc`'s (tensor: no host sync on a GPU), or auto (tensor on
     CUDA, torch elsewhere). head_init: how a new CTC head starts (`build_wav2vec2`): normal or xavier.
     """
 
@@ -149,15 +83,15 @@ class CTCModel(L.LightningModule):
             for layer in self.model.wav2vec2.encoder.layers:
                 layer.compile(dynamic=True)  # one graph for every length
         if compiled in ("encoder", "all"):  # its layer norms and transposes fused, per batch shape
-            # One graph per (clips, samples) shape (asr.batching: num_buckets + 1 per split), in training
+            # One graph per (clips, samples) shape (asr.data.batching: num_buckets + 1 per split), in training
             # and in evaluation mode: more than dynamo's default of 8 recompiles before it falls back to eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
             self.model.wav2vec2.feature_extractor.compile(dynamic=False)
         self._kept_in_compute_dtype: list[str] = []  # feature encoder parameters cast for the fit
-        self.val_wer, self.val_cer = ErrorRate("wer"), ErrorRate("cer")  # asr.metrics: equal to jiwer's
+        self.val_wer, self.val_cer = ErrorRate("wer"), ErrorRate("cer")  # asr.model.metrics: equal to jiwer's
         # Mixed error rate (Mandarin by character, English by word): edits over `text.mixed_tokens`.
         self.val_mer = ErrorRate("mer") if text.is_chinese(language) else None
-        # The CTC blank plateau (asr.plateau): dev clips whose greedy transcript is empty, dev frames whose
+        # The CTC blank plateau (asr.run.plateau): dev clips whose greedy transcript is empty, dev frames whose
         # best token is the blank.
         self.val_empty_hypotheses, self.val_blank_frames = Share(), Share()
         self._skipped_before, self.consecutive_skips = 0, 0  # from a checkpoint
@@ -204,10 +138,10 @@ class CTCModel(L.LightningModule):
 
     @classmethod
     def load(cls, path: str | Path) -> tuple["CTCModel", object]:
-        """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.checkpoints`) or a
+        """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.run.checkpoints`) or a
         directory `asr.export` wrote; an exported directory with an LM (language_model/) brings its
         pyctcdecode decoder, with the alpha and beta it was exported with. SetupError for anything else."""
-        from asr import checkpoints
+        from asr.run import checkpoints
 
         path = Path(path).expanduser()
         if path.is_file() or path.suffix == ".ckpt":
@@ -242,12 +176,12 @@ class CTCModel(L.LightningModule):
 
     @property
     def geometry(self) -> Geometry:
-        """How the network's feature encoder turns samples into frames (`asr.frames`)."""
+        """How the network's feature encoder turns samples into frames (`asr.model.frames`)."""
         return self.model.geometry
 
     def forward(self, batch: dict) -> Output:
         """`.logits` (B, T, V) with the `.frames` (B,) of each clip, and `.loss` (`ctc_loss`) when the batch has
-        labels. The encoder pass reads nothing back from the device (`asr.encoder.SyncFreeWav2Vec2ForCTC`)."""
+        labels. The encoder pass reads nothing back from the device (`asr.model.encoder.SyncFreeWav2Vec2ForCTC`)."""
         logits, frames = self.model.logits(batch["audio"], batch["lengths"], train_encoder=not self._encoder_frozen_now())
         return Output(logits, frames, self.ctc_loss(logits, frames, batch) if "labels" in batch else None)
 
@@ -257,7 +191,7 @@ class CTCModel(L.LightningModule):
         from the device (no `.item()`, no data-dependent shape; tests/test_model.py counts them), where HF's
         `labels=` path has three (its `labels.max()` check, a `masked_select` of the labels, the lengths).
         torch's CUDA CTC kernel copies the host lengths to the device with blocking copies (6 syncs per
-        update); `asr.ctc` (model.ctc_loss=tensor, or auto on CUDA) takes them on the device and has none."""
+        update); `asr.model.ctc` (model.ctc_loss=tensor, or auto on CUDA) takes them on the device and has none."""
         log_probs = torch.nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
         labels = batch["labels"].clamp(min=0)  # -100 padding past each label length is not read
         if ctc.use_tensor_ops(self.hparams.ctc_loss, logits.device):
@@ -280,7 +214,7 @@ class CTCModel(L.LightningModule):
         return [text.normalize(h, self.hparams.language) for h in self.vocab.greedy_decode(logits, frames)]
 
     def decode(self, batch: dict, decoder=None, beam_width: int = 100) -> Decoded:
-        """The model's transcripts of a collated batch (`asr.data.collate`, on the host or the device):
+        """The model's transcripts of a collated batch (`asr.data.loading.collate`, on the host or the device):
         greedy, or by `decoder` (`asr.lm.beam_decoder`: CTC prefix beam search, with an n-gram LM if it has one)
         keeping `beam_width` beams. Validation, evaluate.py and the W&B predictions table all decode here,
         through the encoder pass that reads nothing back from the device (`forward`); the beam search runs on

@@ -8,7 +8,7 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16_000  # Hz, what every wav2vec2 / XLS-R checkpoint expects
-# Why a clip cannot be used, as the data report counts it (asr.data) and transcribe.py says it
+# Why a clip cannot be used, as the data report counts it (asr.data.module) and transcribe.py says it
 MISSING, EMPTY, UNREADABLE = "missing_file", "empty_file", "unreadable_audio"
 
 
@@ -22,7 +22,7 @@ def load(path, sample_rate: int = SAMPLE_RATE, speed: float = 1.0) -> np.ndarray
     The two agree to ~73 dB on a tone (tests/test_audio.py); soxr gives round(n x ratio) samples where
     torchaudio gave ceil(n x ratio), one sample fewer at most.
 
-    speed: speed perturbation (`asr.augment`): the clip is read as if recorded at `speed` x its rate, so it
+    speed: speed perturbation (`asr.data.augment`): the clip is read as if recorded at `speed` x its rate, so it
     lasts duration / speed, pitch and tempo changed together (sox `speed`); one resampling either way."""
     try:
         wave, rate = sf.read(path, dtype="float32", always_2d=True)

@@ -2,7 +2,7 @@
 
 Layouts are those users download (docs/data.md). A missing directory, split file or
 column raises `SetupError` naming the path and the layout expected. Readers only list utterances;
-`asr.data` checks the audio (missing, unreadable, too long...) and counts what it drops.
+`asr.data.module` checks the audio (missing, unreadable, too long...) and counts what it drops.
 """
 
 import csv
@@ -45,7 +45,7 @@ class Clips:
     Arrow columns are a few buffers, memory-mapped from the cache where the table comes from one, and
     selecting clips copies row numbers only. `clips[i]` is one `Utterance`; `clips.column(name)` a whole
     column of the rows in use (numpy for numbers, a list for strings). `seconds`, once the clips are
-    checked (`asr.data.check_split`), is every clip's duration, from the release or its header.
+    checked (`asr.data.listing.check_split`), is every clip's duration, from the release or its header.
     """
 
     def __init__(self, table: pa.Table, rows: np.ndarray | None = None, seconds: np.ndarray | None = None):
@@ -161,7 +161,7 @@ def read_split(corpus: str, root: str, split: str, language: str, columns: dict 
 
 
 def sources(corpus: str, root: str, split: str) -> list[Path] | None:
-    """The files a split is listed in (their stamps key `asr.data`'s listing cache), or None where the
+    """The files a split is listed in (their stamps key `asr.data.module`'s listing cache), or None where the
     listing also writes files (a datasets copy's audio is extracted) and is not cached."""
     root = Path(root)
     if corpus == "common_voice":
@@ -178,7 +178,7 @@ def read_common_voice(root: Path, split: str, language: str) -> Clips:
 
     Read by Arrow's CSV reader (a million rows in about a second) with quoting off: quotes are data.
     A row with another number of fields than the header is left out and counted (`malformed_rows` in
-    the table's metadata, reported by `asr.data`).
+    the table's metadata, reported by `asr.data.module`).
     """
     tsv = root / f"{split}.tsv"
     if not tsv.is_file():

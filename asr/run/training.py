@@ -20,18 +20,22 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import asr
-from asr import (Complete, Requeued, SetupError, TrainingStopped, checkpoints, cluster, console, lm, provenance,
-                 rundir, search, speed, tracking)
-from asr.config import checked, command_line_changes, expand_path
-from asr.data import SpeechDataModule
+from asr import Complete, Requeued, SetupError, TrainingStopped, search
+from asr.config import checked, expand_path
+from asr.data.module import SpeechDataModule
+from asr.data.text import Vocabulary
 from asr.export import export
-from asr.frames import Geometry
-from asr.model import CTCModel, check_pretrained, wav2vec2_config
-from asr.report import RunReport, framework_versions, model_card
-from asr.text import Vocabulary
+from asr.model import speed
+from asr.model.encoder import check_pretrained, wav2vec2_config
+from asr.model.frames import Geometry
+from asr.model.module import CTCModel
+from asr.run import checkpoints, cluster, console, provenance, rundir, tracking
+from asr.run.report import RunReport, framework_versions, model_card
+
 
 log = logging.getLogger(__name__)
+
+
 @dataclass
 class Run:
     """What `assemble` built. `batch` is what one optimizer update trains on (`cluster.batch_per_update`):
@@ -237,76 +241,3 @@ def train(cfg: DictConfig) -> dict:
         return conclude(run)
     finally:
         rundir.release()
-
-
-@dataclass
-class Evaluation:
-    """What `assemble_evaluation` built: the scoring of a checkpoint on a split, ready to decode."""
-
-    cfg: DictConfig  # resolved and checked, with the data of the checkpoint's run (`provenance.the_runs_data`)
-    dir: Path
-    checkpoint: str
-    model: CTCModel  # in evaluation mode, on its device
-    data: SpeechDataModule  # in the model's vocabulary and frame geometry
-    role: str  # train, dev or test
-    split: str  # the release's name of it
-    decoder: object | None  # pyctcdecode's, or None: greedy
-    lm_path: Path | None
-    trained: dict  # the run it was trained in: {run, group, other (the data keys scored otherwise)}
-
-
-def assemble_evaluation(cfg: DictConfig) -> Evaluation:
-    """The evaluation an evaluate config describes: the checkpoint (a run directory: its best), the data its
-    run was trained on unless the command line says otherwise, the model, the decoder. Warns about
-    characters of the split that the model's vocabulary lacks."""
-    changes, _ = command_line_changes(cfg, "evaluate")
-    cfg = checked(cfg, "evaluate")
-    if cfg.logger and not str(cfg.logger._target_).endswith("WandbLogger"):
-        raise SetupError("evaluate.py logs to W&B only (logger=wandb); metrics.json holds its figures")
-    ckpt = checkpoints.best_checkpoint(cfg.ckpt_path)
-    cfg, trained = provenance.the_runs_data(cfg, changes, ckpt)
-    role, split = split_role(cfg.split, cfg.data)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model = CTCModel.from_checkpoint(ckpt).to(asr.device(cfg.device)).eval()
-    data = instantiate(cfg.data, _convert_="all")
-    if problem := data.check():
-        raise SetupError(problem)
-    data.vocab, data.geometry = model.vocab, model.geometry  # labels, [UNK] counts and frames: the model's own
-    data.load(role)
-    if unknown := data.report[role]["unk_characters"]:
-        log.warning("%d characters of the %s transcripts are not in the model's vocabulary, among them %s: the "
-                    "model cannot write them, so each is a character error (the model was trained on other text, "
-                    "or these transcripts need the text rules of another lang=)", unknown, split,
-                    " ".join(data.report[role]["unk_examples"]))
-    decoder, lm_path = build_decoder(cfg, model, data, run_dir)
-    return Evaluation(cfg, run_dir, ckpt, model, data, role, split, decoder, lm_path, trained)
-
-
-def split_role(split: str, data: DictConfig) -> tuple[str, str]:
-    """(train, dev or test, the release's name of it) of `split`, given as either; SetupError listing both
-    kinds of name otherwise. A dev split carved from train has no release name: "dev (carved from train)"."""
-    names = {"train": data.train_split, "dev": data.dev_split, "test": data.test_split}
-    for role, name in names.items():
-        if split in (role, name):
-            return role, name or f"{role} (carved from train)"
-    valid = ", ".join(role + (f" ({name})" if name and name != role else "") for role, name in names.items())
-    raise SetupError(f"split={split} is not a split of {data.corpus} at {data.root}: give one of {valid}.")
-
-
-def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
-    """(pyctcdecode decoder or None for greedy, the LM file). Without lm_path, beam_lm builds a
-    `lm_order`-gram model from the training transcripts into the run directory."""
-    if cfg.decoder == "greedy":
-        return None, None
-    if cfg.decoder not in ("beam", "beam_lm"):
-        raise SetupError(f"decoder={cfg.decoder} is unknown; expected greedy, beam or beam_lm")
-    lm_path = None
-    if cfg.decoder == "beam_lm":
-        lm_path = cfg.lm_path
-        if lm_path is None:
-            lm_path = lm.build([u.text for u in data.raw("train")], run_dir / "lm", cfg.lm_order,
-                               data.hparams.language)
-        elif not Path(lm_path).is_file():
-            raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
-    return lm.beam_decoder(model.vocab.tokens, lm_path, cfg.alpha, cfg.beta), lm_path

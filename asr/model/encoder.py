@@ -1,5 +1,5 @@
 """The network: HF's Wav2Vec2ForCTC (its modules and weights, unchanged) with an encoder pass that never
-reads a value back from the device. Plain `nn.Module` code; the trainer's side is `asr.model.CTCModel`.
+reads a value back from the device. Plain `nn.Module` code; the trainer's side is `asr.model.module.CTCModel`.
 
 HF's own pass reads the clip lengths back from the device twice per training step (SpecAugment's
 `.tolist()` and boolean-index masking; transformers' attention-mask builder's `padding_mask.all()`).
@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Wav2Vec2ForCTC
+from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStableLayerNorm, _compute_mask_indices
 
-from asr.frames import Geometry
+from asr import SetupError
+from asr.data.text import Vocabulary
+from asr.model.frames import Geometry
 
 
 class _Frames:
@@ -71,7 +73,7 @@ class SyncFreeWav2Vec2ForCTC(Wav2Vec2ForCTC):
 
     @property
     def geometry(self) -> Geometry:
-        """How the feature encoder turns samples into frames (`asr.frames`), from the config."""
+        """How the feature encoder turns samples into frames (`asr.model.frames`), from the config."""
         return Geometry.of(self.config)
 
     def frames(self, samples) -> torch.Tensor:
@@ -146,3 +148,70 @@ class SyncFreeWav2Vec2ForCTC(Wav2Vec2ForCTC):
         config = json.loads(path.read_text())
         config["architectures"] = ["Wav2Vec2ForCTC"]
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def check_pretrained(pretrained: str | None) -> str | None:
+    """Why `pretrained` cannot load (with the override that fixes it), or None. Fails in seconds offline."""
+    if pretrained is None or Path(pretrained).is_dir():
+        return None
+    if Path(pretrained).exists() or pretrained.startswith((".", "/", "~")):
+        return f"model.pretrained={pretrained} is not a model directory (config.json and weights)."
+    try:  # in the local HF cache?
+        Wav2Vec2Config.from_pretrained(pretrained, local_files_only=True)
+        return None
+    except OSError:
+        pass
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    try:  # one quick probe of the hub, without transformers' retries
+        get_hf_file_metadata(hf_hub_url(pretrained, "config.json"), timeout=5)
+        return None
+    except Exception as error:
+        return (f"model.pretrained={pretrained} is neither a local directory nor in the HF cache, and the "
+                f"hub cannot be reached ({type(error).__name__}). Download it where you have a network "
+                f"(hf download {pretrained} --local-dir <dir>) and pass model.pretrained=<dir>, "
+                f"or model.pretrained=null for random weights.")
+
+
+HEAD_INITS = ("normal", "xavier")
+
+
+def wav2vec2_config(pretrained: str | None, arch: dict) -> Wav2Vec2Config:
+    """The architecture `build_wav2vec2` builds: `pretrained`'s config.json, or `arch` for random weights."""
+    if pretrained is None:
+        return Wav2Vec2Config(**arch)
+    return Wav2Vec2Config.from_pretrained(pretrained)
+
+
+def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config: dict,
+                   attn_implementation: str, head_init: str) -> SyncFreeWav2Vec2ForCTC:
+    """`pretrained` (hub id or directory; its config.json fixes the architecture), or random weights
+    shaped by `arch`; `config` (dropouts, LayerDrop, SpecAugment) overrides either. A CTC head that is new
+    (random weights, or a checkpoint without a head of this vocabulary) starts as `head_init` says:
+    normal, HF's N(0, initializer_range) with bias 0; xavier, fairseq's Wav2VecCtc (Xavier uniform, bias 0),
+    about 6x larger weights on a 128-wide encoder, so more of the loss's gradient reaches the encoder at
+    the start. A head the checkpoint holds is kept."""
+    if head_init not in HEAD_INITS:
+        raise SetupError(f"model.head_init={head_init!r}: give one of {', '.join(HEAD_INITS)}.")
+    config = dict(config, vocab_size=len(vocab), pad_token_id=vocab.blank_id,
+                  ctc_loss_reduction="mean",  # per-utterance loss / label length, batch mean (HF recipe)
+                  ctc_zero_infinity=True)  # an infeasible alignment gives 0, not inf
+    if pretrained is None:
+        model = SyncFreeWav2Vec2ForCTC._from_config(Wav2Vec2Config(**{**arch, **config}),
+                                                    attn_implementation=attn_implementation)
+        new_head = True
+    else:
+        try:  # a CTC head of another vocabulary is replaced (mismatched sizes); nothing else may mismatch
+            model, loading = SyncFreeWav2Vec2ForCTC.from_pretrained(
+                pretrained, attn_implementation=attn_implementation, ignore_mismatched_sizes=True,
+                output_loading_info=True, **config)
+        except OSError as error:
+            raise SetupError(check_pretrained(pretrained) or str(error)) from error
+        new_head = "lm_head.weight" in {*loading["missing_keys"], *(key for key, *_ in loading["mismatched_keys"])}
+    if model.config.add_adapter:  # HF's strided adapter after the transformer: frames asr.model.frames does not count
+        raise SetupError(f"{pretrained} has add_adapter=true in its config.json; this framework trains the CTC head "
+                         f"on the transformer's frames (add_adapter=false)")
+    if head_init == "xavier" and new_head:
+        torch.nn.init.xavier_uniform_(model.lm_head.weight)
+        torch.nn.init.zeros_(model.lm_head.bias)
+    return model

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import soundfile as sf
 from tqdm import tqdm
 
-from asr import audio
+from asr.data import audio
 
 log = logging.getLogger(__name__)
 
