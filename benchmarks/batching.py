@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from asr import cli
-from asr.data.audio import SAMPLE_RATE
-from asr.data.batching import DurationBatchSampler
+from asr import cli  # noqa: E402
+from asr.data.audio import SAMPLE_RATE  # noqa: E402
+from asr.data.batching import DurationBatchSampler  # noqa: E402
 
 
 def demo_durations() -> np.ndarray:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import cli, synth
+from asr import cli, synth  # noqa: E402
 
 
 def corpus(name: str) -> Path:

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import cli
-from asr.data import audio, cache
+from asr import cli  # noqa: E402
+from asr.data import audio, cache  # noqa: E402
 
 
 def rate(paths: list[str]) -> tuple[float, float]:

@@ -47,8 +47,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from asr import cli, synth
-from asr.model import speed
+from asr import cli, synth  # noqa: E402
+from asr.model import speed  # noqa: E402
 
 PRECISION = {"bf16": "bf16", "16": "16", "32": "32"}
 COMPILE = {"off": "false", "on": "layers", "false": "false", "layers": "layers", "encoder": "encoder", "all": "all"}

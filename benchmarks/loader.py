@@ -43,9 +43,9 @@ from hydra.utils import instantiate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
-from asr import cli, synth
-from asr.config import compose
-from asr.data import audio
+from asr import cli, synth  # noqa: E402
+from asr.config import compose  # noqa: E402
+from asr.data import audio  # noqa: E402
 
 
 def speechlike(seconds: float, rng: np.random.Generator, rate: int = 48_000) -> np.ndarray:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import cli, synth
+from asr import cli, synth  # noqa: E402
 
 DEMO = REPO / "demo" / "cv-pt"
 EVAL_CLIPS = 2_000

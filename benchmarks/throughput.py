@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from asr import cli
-from asr.data import audio
+from asr import cli  # noqa: E402
+from asr.data import audio  # noqa: E402
 
 # train.py's run without what is not training: no logger, no checkpoints, no progress bar, no evaluation
 OVERRIDES = ["logger=none", "~callbacks.checkpoint", "~callbacks.last", "data.num_workers=2",

@@ -1,6 +1,6 @@
 """The benchmarks take key=value as the tools do (conf/bench/<name>.yaml, --help, one-line errors), the GPU
-session's command lines parse, and benchmarks/gpu.py runs (here on the CPU with the tiny model) and prints
-what it claims to measure."""
+session's command lines parse, and benchmarks/gpu.py (here on the CPU with the tiny model) and
+benchmarks/transcribe.py run and print what they claim to measure."""
 
 import importlib
 import os
@@ -17,7 +17,7 @@ import asr
 from asr import cli
 from asr.config import compose
 from asr.data import audio
-from benchmarks import ctc, gpu, precision
+from benchmarks import ctc, gpu, precision, transcribe
 from tests.conftest import in_process
 
 BENCHMARKS = sorted(p.stem for p in (asr.REPO_DIR / "benchmarks").glob("*.py"))
@@ -25,7 +25,7 @@ BENCHMARKS = sorted(p.stem for p in (asr.REPO_DIR / "benchmarks").glob("*.py"))
 
 def test_every_benchmark_has_its_settings_file():
     settings_files = sorted(p.stem for p in (asr.REPO_DIR / "conf" / "bench").glob("*.yaml"))
-    assert len(BENCHMARKS) == 9 and settings_files == BENCHMARKS
+    assert len(BENCHMARKS) == 10 and settings_files == BENCHMARKS
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -63,6 +63,30 @@ def test_an_unknown_key_a_flag_or_a_value_out_of_choices_is_one_line():
     assert result.returncode == 1 and result.stderr.startswith("error: shapes: a list of [frames,clips,")
     result = in_process(precision.main, ["precisions=[32,fp8]"])
     assert (result.returncode, result.stderr) == (1, "error: precisions=fp8: expected one of 32, bf16, 16\n")
+
+
+def test_the_transcribe_benchmark_times_both_paths_on_the_same_clips(tmp_path, capsys):
+    """6 clips of a directory of 2 (the list repeated): each path's audio-s/s is the clips' audio over its wall
+    time, the ratio is theirs, and the two paths, greedy on the same weights, give the same transcripts in the
+    files' order (a near-tie of the random model, alone or padded into a batch, may part one)."""
+    clips = sorted((asr.REPO_DIR / "demo" / "cv-pt" / "clips").glob("*.mp3"))[:2]
+    for clip in clips:
+        (tmp_path / clip.name).symlink_to(clip)
+    result = transcribe.main([f"dir={tmp_path}", "clips=6"])
+    seconds = 3 * sum(len(audio.load(c)) for c in clips) / audio.SAMPLE_RATE
+    assert result["clips"] == 6 and result["audio_seconds"] == pytest.approx(seconds)
+    old, new = result["old"], result["new"]
+    assert old == old[:2] * 3 and old[0] != old[1] and min(map(len, old)) > 10  # not a blank model
+    assert result["equal"] == sum(a == b for a, b in zip(old, new)) >= 5
+    out = capsys.readouterr().out
+    assert out.startswith(f"6 clips of {tmp_path} (2 distinct), ")
+    for side in ("old", "new"):
+        [row] = [line.split() for line in out.splitlines() if line.endswith(f"({side})") or f"({side}) " in line]
+        assert float(row[-2]) == pytest.approx(result[f"{side}_seconds"], abs=0.006)
+        assert float(row[-1]) == pytest.approx(seconds / result[f"{side}_seconds"], abs=0.06)
+    ratio = float(out.split("new / old: ")[1].split("x")[0])
+    assert ratio == pytest.approx(result["new_rate"] / result["old_rate"], abs=0.006)
+    assert f"equal transcripts: {result['equal']} of 6" in out
 
 
 def session_commands(program: str) -> list[list[str]]:
