@@ -1,7 +1,9 @@
 """Transcribe audio files with a trained model: a checkpoint of train.py or an exported directory.
 
     python transcribe.py model_path=<run>/model audio=clip.mp3                  # one transcript per line
-    python transcribe.py model_path=<run>/checkpoints/last.ckpt audio='*.flac' json=true   # path, seconds, text
+    python transcribe.py model_path=<run>/checkpoints/last.ckpt audio='*.flac' format=json timestamps=word
+    python transcribe.py model_path=<run>/model audio=talk.wav format=srt > talk.srt
+    python transcribe.py model_path=<run>/model audio=<archive> out=archive.jsonl   # appended, resumable
 
 Any format soundfile reads, any sample rate (resampled to 16 kHz), any length: files longer than
 chunk_seconds are cut into overlapping windows (stride_seconds of context on each side, dropped from the
@@ -9,11 +11,14 @@ output), as the transformers ASR pipeline cuts them. The model path is evaluate.
 files batched by duration (batch_seconds of padded audio), decoded by num_workers loader processes, greedy
 transcripts under the model's text rules (asr.data.text.normalize); an exported directory with an LM
 (asr.export lm_path=...) decodes by beam search with it. Transcripts come out in the order of the files.
-Settings: conf/transcribe.yaml (`--help`).
+timestamps=word|char give each word's (character's) start and end in seconds and a confidence, from the
+CTC frames (`asr.transcription`); format=srt|vtt cuts the words into subtitle lines. out=<file.jsonl>
+appends a line per file as it is done, with a progress bar (audio-s/s, time left) on stderr, and a run
+started again skips the files already there. Settings: conf/transcribe.yaml (`--help`).
 
 A directory means its audio files, recursively, in sorted order. A file that does not exist, is empty or
-does not decode is named on stderr and the others are transcribed; then the exit status is 1 and the last
-line counts the failures.
+does not decode is named on stderr (and in out=, as a line with its error) and the others are transcribed;
+then the exit status is 1 and the last line counts the failures.
 """
 
 import glob
@@ -42,40 +47,120 @@ def audio_files(audio) -> list[str]:
     return names
 
 
+FORMATS, TIMESTAMPS = ("text", "json", "srt", "vtt"), ("none", "word", "char")
+
+
+def check(args, files: list[str]) -> str | None:
+    """Why these settings cannot run together, or None."""
+    if args.format not in FORMATS:
+        return f"format={args.format}: give one of {', '.join(FORMATS)}"
+    if args.timestamps not in TIMESTAMPS:
+        return f"timestamps={args.timestamps}: give one of {', '.join(TIMESTAMPS)}"
+    if args.chunk_seconds and args.chunk_seconds <= 2 * args.stride_seconds:
+        return (f"chunk_seconds={args.chunk_seconds} leaves nothing between its two strides of "
+                f"stride_seconds={args.stride_seconds}: give chunk_seconds above {2 * args.stride_seconds:g}")
+    if args.format == "text" and args.timestamps != "none" and not args.out:
+        return f"timestamps={args.timestamps} needs format=json (or srt, vtt for words): text is one line per file"
+    if args.format in ("srt", "vtt"):
+        if args.timestamps == "char":
+            return f"format={args.format} makes lines of words: timestamps=word (or none)"
+        if len(files) > 1 and not args.out:
+            return f"format={args.format} for {len(files)} files needs out=<directory> (one subtitle file each)"
+    return None
+
+
+def resume(out: Path, model: str) -> set[str]:
+    """The files an earlier run already wrote into the JSON lines file `out` (its lines after the first, which
+    names the model); a line cut short by a killed run is dropped. A file of another model is refused. A new
+    file gets its first line."""
+    header = {"transcribed_with": {"model": model}}
+    if not out.is_file() or out.stat().st_size == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(header, ensure_ascii=False) + "\n", encoding="utf-8")
+        return set()
+    data = out.read_bytes()
+    if not data.endswith(b"\n"):  # the last line was being written when the run stopped
+        data = data[: data.rfind(b"\n") + 1]
+        out.write_bytes(data)
+    lines = data.decode("utf-8").splitlines()
+    first = json.loads(lines[0]) if lines else {}
+    theirs = first.get("transcribed_with", {}).get("model")
+    if theirs != model:
+        raise asr.SetupError(f"out={out} holds transcripts of {theirs or 'something else (its first line names no model)'}, "
+                             f"not of model_path={model}: give another out= (or that model_path to go on with it)")
+    return {json.loads(line)["path"] for line in lines[1:] if line.strip()}
+
+
 def main(argv: list[str]) -> None:
     args, _ = cli.parse("transcribe", argv)
     files = audio_files(args.audio)
     if not files:
         sys.exit(f"error: audio={args.audio} matches no file (a directory: no audio file in it)")
-    if args.chunk_seconds and args.chunk_seconds <= 2 * args.stride_seconds:
-        sys.exit(f"error: chunk_seconds={args.chunk_seconds} leaves nothing between its two strides of "
-                 f"stride_seconds={args.stride_seconds}: give chunk_seconds above {2 * args.stride_seconds:g}")
+    if problem := check(args, files):
+        sys.exit(f"error: {problem}")
 
+    from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
+    from asr import transcription
     from asr.model.module import CTCModel
-    from asr.transcription import transcribe, workers
 
     hf_logging.disable_progress_bar()  # its "Loading weights" bar: transcripts only on stdout, errors on stderr
+    subtitles = args.format in ("srt", "vtt")
+    timestamps = "word" if subtitles else args.timestamps
+    archive = Path(args.out).expanduser() if args.out and not subtitles else None
     try:
         model, decoder = CTCModel.load(args.model_path)
+        if timestamps == "char" and decoder is not None:
+            raise asr.SetupError(f"timestamps=char comes from the greedy path; {args.model_path} decodes with its "
+                                 f"language model (its words have timestamps: timestamps=word)")
+        done = resume(archive, str(Path(args.model_path).expanduser().resolve())) if archive else set()
     except asr.SetupError as error:
         sys.exit(f"error: {error}")
+    todo = [f for f in files if f not in done]
+    if done:
+        print(f"{len(files) - len(todo)} of {len(files)} files are in {archive} already; transcribing the other "
+              f"{len(todo)}", file=sys.stderr, flush=True)
     model = model.to(asr.device(args.device)).eval()
+    seconds = [transcription.header_seconds(f) for f in todo]
+    bar = tqdm(total=round(sum(s or 0 for s in seconds), 1), unit="audio-s", desc="transcribing", file=sys.stderr,
+               disable=archive is None, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, "
+                                                  "{rate_fmt}]")
+    sink = archive.open("a", encoding="utf-8") if archive else sys.stdout
     failed = 0
-    for _, name, seconds, transcript, error in transcribe(
-            model, files, decoder, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
-            batch_seconds=args.batch_seconds, num_workers=workers(args.num_workers)):
-        if error is not None:  # a bad file is named, the others are transcribed
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            failed += 1
-        elif args.json:
-            print(json.dumps({"path": name, "seconds": round(seconds, 3), "text": transcript}, ensure_ascii=False),
-                  flush=True)
-        else:
-            print(transcript, flush=True)
+    try:
+        for result in transcription.transcribe(
+                model, todo, decoder, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
+                batch_seconds=args.batch_seconds, num_workers=transcription.workers(args.num_workers),
+                timestamps=timestamps, progress=bar.update, seconds=seconds):
+            if result.error is not None:  # a bad file is named, the others are transcribed
+                print(f"error: {result.error}", file=sys.stderr, flush=True)
+                failed += 1
+                if archive:
+                    sink.write(json.dumps({"path": result.path, "error": result.error}, ensure_ascii=False) + "\n")
+            elif subtitles:
+                lines = transcription.subtitles(result.words, args.max_line_seconds, args.max_line_chars)
+                written = transcription.subtitle_file(lines, args.format)
+                if args.out:
+                    target = Path(args.out).expanduser() / f"{Path(result.path).stem}.{args.format}"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(written, encoding="utf-8")
+                else:
+                    sink.write(written)
+            elif args.format == "json" or archive:
+                line = {"path": result.path, "seconds": round(result.seconds, 3), "text": result.text}
+                if result.words is not None:
+                    line["words" if timestamps == "word" else "chars"] = result.words
+                sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+            else:
+                sink.write(result.text + "\n")
+            sink.flush()
+    finally:
+        bar.close()
+        if archive:
+            sink.close()
     if failed:
-        sys.exit(f"error: {failed} of {len(files)} files failed (named above); the others were transcribed")
+        sys.exit(f"error: {failed} of {len(todo)} files failed (named above); the others were transcribed")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ A file longer than `chunk_seconds` is cut into overlapping windows as transforme
 (`chunk_iter`, `rescale_stride`): windows of chunk_seconds that overlap by stride_seconds on each side, each
 normalised on its own; the frames of each window's strides are dropped and the rest joined before decoding,
 so a window's edge never decides a character. tests/test_transcribe.py holds the two to the same transcripts.
+
+Timestamps come from the CTC frames of the joined logits (one frame per hop: 20 ms for wav2vec2; frame t
+starts at t x hop samples, as transformers' word offsets count): on the greedy path a character spans its
+run of frames, a word its characters; with a beam decoder the words and their frames are the best beam's
+(pyctcdecode's). A word's confidence is the mean, over its frames, of the probability of the frame's best
+token.
 """
 
 import math
@@ -15,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from asr.data import audio
+from asr.data import audio, text
 from asr.model.frames import Geometry
 
 
@@ -114,35 +120,162 @@ def header_seconds(path: str) -> float | None:
         return None
 
 
+@dataclass
+class Transcript:
+    """One file transcribed: its seconds, text and (with timestamps) its `words` or characters as
+    {"word" (or "char"), "start", "end" (seconds), "confidence"}; or the `error` that stopped it."""
+
+    index: int
+    path: str
+    seconds: float | None = None
+    text: str | None = None
+    words: list[dict] | None = None
+    error: str | None = None
+
+
+def greedy_spans(best: np.ndarray, confidence: np.ndarray, tokens: list[str], blank: int, level: str,
+                 seconds_per_frame: float) -> list[dict]:
+    """The characters (level="char") or words (level="word") of a greedy CTC path, with their times and
+    confidence. best: (T,) the best token of each frame; confidence: (T,) its probability. A character is a
+    run of frames of one token (the run of blanks between two of the same character separates them), a space
+    the first of the word delimiters (`|`) between two words; a word is the characters between two word
+    delimiters, from its first character's first frame to its last character's last."""
+    chars = []  # (token, first frame, last frame)
+    for t, token in enumerate(best.tolist()):
+        if token == blank:
+            continue
+        if chars and chars[-1][0] == token and chars[-1][2] == t - 1:
+            chars[-1][2] = t
+        else:
+            chars.append([token, t, t])
+    units, current = [], []
+    for token, first, last in chars:
+        if level == "char":
+            if tokens[token] == text.WORD_DELIMITER and (not units or units[-1][0] == text.WORD_DELIMITER):
+                continue  # one space between words, none before the first: as the transcript has them
+            units.append((tokens[token], first, last))
+        elif tokens[token] == text.WORD_DELIMITER:
+            if current:
+                units.append(("".join(tokens[c[0]] for c in current), current[0][1], current[-1][2]))
+            current = []
+        else:
+            current.append((token, first, last))
+    if current:
+        units.append(("".join(tokens[c[0]] for c in current), current[0][1], current[-1][2]))
+    if units and units[-1][0] == text.WORD_DELIMITER:
+        units.pop()
+    key = "char" if level == "char" else "word"
+    return [{key: " " if unit == text.WORD_DELIMITER else unit, "start": round(first * seconds_per_frame, 3),
+             "end": round((last + 1) * seconds_per_frame, 3),
+             "confidence": round(float(confidence[first : last + 1].mean()), 4)} for unit, first, last in units]
+
+
+def beam_spans(word_frames: list[tuple[str, tuple[int, int]]], confidence: np.ndarray,
+               seconds_per_frame: float) -> list[dict]:
+    """The words of a beam decoder's best beam (pyctcdecode: (word, (first frame, frame after the last)))."""
+    return [{"word": word, "start": round(first * seconds_per_frame, 3), "end": round(end * seconds_per_frame, 3),
+             "confidence": round(float(confidence[first:end].mean()), 4) if end > first else 0.0}
+            for word, (first, end) in word_frames]
+
+
 def transcribe(model, paths: list[str], decoder=None, *, chunk_seconds: float, stride_seconds: float,
-               batch_seconds: float, num_workers: int, beam_width: int = 100):
-    """Yields (index, path, seconds, transcript or None, error or None) for each of `paths`, in their order.
-    `model`: a `CTCModel` in evaluation mode, on its device."""
+               batch_seconds: float, num_workers: int, beam_width: int = 100, timestamps: str = "none",
+               progress=None, seconds: list[float | None] | None = None):
+    """Yields a `Transcript` for each of `paths`, in their order. `model`: a `CTCModel` in evaluation mode,
+    on its device. timestamps: none, word or char (char: greedy decoding only). progress: called with the
+    header seconds of each batch as it is done (a progress bar's update). seconds: each file's from its header
+    (`header_seconds`), if the caller has them."""
     geometry = model.geometry
     hop = geometry.hop
     chunk, stride = (int(round(s * audio.SAMPLE_RATE / hop) * hop) for s in (chunk_seconds, stride_seconds))
+    seconds = seconds or [header_seconds(p) for p in paths]
     loader = DataLoader(Files(paths, chunk, stride, stride, geometry),
-                        batch_sampler=plan([header_seconds(p) for p in paths], batch_seconds, chunk_seconds),
+                        batch_sampler=plan(seconds, batch_seconds, chunk_seconds),
                         collate_fn=collate, num_workers=num_workers, prefetch_factor=2 if num_workers else None)
     done, turn = {}, 0
     with torch.inference_mode():
         for batch in loader:
             for item in batch["items"]:
                 if "error" in item:
-                    done[item["index"]] = (item["index"], paths[item["index"]], None, None, item["error"])
+                    done[item["index"]] = Transcript(item["index"], paths[item["index"]], error=item["error"])
             if batch["files"]:
-                out = model({"audio": batch["audio"].to(model.device, non_blocking=True), "lengths": batch["lengths"]})
-                kept = [out.logits[r, w.first : n if w.last is None else min(w.last, n)]
-                        for r, (w, n) in enumerate(zip(batch["windows"], out.frames.tolist()))]
-                joined = [torch.cat(kept[first : first + count]) for _, first, count in batch["files"]]
-                frames = torch.tensor([len(j) for j in joined])
-                logits = torch.nn.utils.rnn.pad_sequence(joined, batch_first=True)
+                logits, frames = joined_logits(model, batch)
                 decoded = model.decoded(logits, frames, decoder, beam_width)
-                for (item, _, _), hypothesis in zip(batch["files"], decoded.hypotheses):
-                    done[item["index"]] = (item["index"], paths[item["index"]], item["seconds"], hypothesis, None)
+                spans = _spans(model, logits, frames, decoded, timestamps) if timestamps != "none" else None
+                for i, ((item, _, _), hypothesis) in enumerate(zip(batch["files"], decoded.hypotheses)):
+                    done[item["index"]] = Transcript(item["index"], paths[item["index"]], item["seconds"], hypothesis,
+                                                     spans[i] if spans else None)
+            if progress is not None:  # in the headers' seconds, which the total is counted in
+                progress(sum(seconds[item["index"]] or 0.0 for item in batch["items"]))
             while turn in done:
                 yield done.pop(turn)
                 turn += 1
+
+
+def joined_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(F, T, V) logits of the F files of a `collate`d batch, each file's windows joined with their strides
+    dropped, and the (F,) frames of each."""
+    out = model({"audio": batch["audio"].to(model.device, non_blocking=True), "lengths": batch["lengths"]})
+    kept = [out.logits[r, w.first : n if w.last is None else min(w.last, n)]
+            for r, (w, n) in enumerate(zip(batch["windows"], out.frames.tolist()))]
+    joined = [torch.cat(kept[first : first + count]) for _, first, count in batch["files"]]
+    return torch.nn.utils.rnn.pad_sequence(joined, batch_first=True), torch.tensor([len(j) for j in joined])
+
+
+def file_logits(model, path: str, chunk_seconds: float = 30.0, stride_seconds: float = 5.0) -> tuple[torch.Tensor, float]:
+    """(T, V) logits of one file (in windows as `transcribe` cuts them) and its seconds; `audio.AudioError`
+    for a file that does not decode."""
+    hop = model.geometry.hop
+    chunk, stride = (int(round(s * audio.SAMPLE_RATE / hop) * hop) for s in (chunk_seconds, stride_seconds))
+    item = Files([path], chunk, stride, stride, model.geometry)[0]
+    if "error" in item:
+        raise audio.AudioError(audio.UNREADABLE, item["error"])
+    with torch.inference_mode():
+        logits, frames = joined_logits(model, collate([item]))
+    return logits[0, : int(frames[0])], item["seconds"]
+
+
+def _spans(model, logits: torch.Tensor, frames: torch.Tensor, decoded, level: str) -> list[list[dict]]:
+    """Each file's words or characters with their times (`greedy_spans`, `beam_spans`)."""
+    probabilities = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    confidence, best = probabilities.values.cpu().numpy(), probabilities.indices.cpu().numpy()
+    seconds_per_frame = model.geometry.hop / audio.SAMPLE_RATE
+    out = []
+    for i, n in enumerate(frames.tolist()):
+        if decoded.word_frames is not None:
+            out.append(beam_spans(decoded.word_frames[i], confidence[i, :n], seconds_per_frame))
+        else:
+            out.append(greedy_spans(best[i, :n], confidence[i, :n], model.vocab.tokens, model.vocab.blank_id, level,
+                                    seconds_per_frame))
+    return out
+
+
+def subtitles(words: list[dict], max_line_seconds: float, max_line_chars: int) -> list[tuple[float, float, str]]:
+    """Subtitle lines (start, end, text) of timed words: a line ends before the word that would make it longer
+    than `max_line_chars` characters or `max_line_seconds` seconds (a word longer than either is a line)."""
+    lines, current = [], []
+    for word in words:
+        if current and (len(" ".join(w["word"] for w in current + [word])) > max_line_chars
+                        or word["end"] - current[0]["start"] > max_line_seconds):
+            lines.append(current)
+            current = []
+        current.append(word)
+    if current:
+        lines.append(current)
+    return [(line[0]["start"], line[-1]["end"], " ".join(w["word"] for w in line)) for line in lines]
+
+
+def subtitle_file(lines: list[tuple[float, float, str]], kind: str) -> str:
+    """SubRip (srt) or WebVTT (vtt) text of subtitle lines."""
+    def clock(seconds: float) -> str:
+        ms = int(round(seconds * 1000))
+        stamp = f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}"
+        return f"{stamp}{',' if kind == 'srt' else '.'}{ms % 1000:03d}"
+
+    cues = [f"{clock(start)} --> {clock(end)}\n{words}\n" for start, end, words in lines]
+    if kind == "srt":
+        return "\n".join(f"{n}\n{cue}" for n, cue in enumerate(cues, 1))
+    return "WEBVTT\n\n" + "\n".join(cues)
 
 
 def workers(setting) -> int:

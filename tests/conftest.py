@@ -100,6 +100,19 @@ SHRUNK = ("logger=none", "~callbacks.checkpoint", "~callbacks.last", "+trainer.e
           "+trainer.enable_model_summary=false")
 
 
+@pytest.fixture(scope="session")
+def barely_trained(cv_corpus, tmp_path_factory) -> Path:
+    """A run of one update at a tiny learning rate: near-random weights, so transcripts are long and varied
+    (a trained-to-blank model would make every comparison trivially equal). Its checkpoints/ and model/."""
+    run_dir = tmp_path_factory.mktemp("barely-trained")
+    result = subprocess.run([sys.executable, "train.py", f"data.root={cv_corpus}", "trainer.max_steps=1",
+                             "trainer.val_check_interval=1", "optim.lr=1e-9", "data.num_workers=0",
+                             "data.max_batch_seconds=20", "logger=none", f"hydra.run.dir={run_dir}"],
+                            cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
 def assembled(*overrides: str, callbacks=(), **trainer_args):
     """The run train.py would build (`asr.run.training.assemble`) from the train config with these overrides;
     `callbacks` and `trainer_args` as `assemble` takes them."""

@@ -199,7 +199,7 @@ def test_transcribe_names_each_file_it_cannot_read_and_exits_1(finished, cv_corp
     (folder / "empty.wav").write_bytes(b"")
     sf.write(folder / "short.wav", np.zeros(0, dtype=np.float32), 16_000)  # a header and no samples
     missing = tmp_path / "gone.wav"
-    result = in_process(transcribe.main, [f"model_path={finished / 'model'}", f"audio=[{folder},{missing}]", "json=true"])
+    result = in_process(transcribe.main, [f"model_path={finished / 'model'}", f"audio=[{folder},{missing}]", "format=json"])
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {folder / 'empty.wav'} is empty (0 bytes)",

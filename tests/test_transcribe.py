@@ -49,16 +49,6 @@ def run(*args, check=True):
     return result
 
 
-@pytest.fixture(scope="module")
-def barely_trained(cv_corpus, tmp_path_factory):
-    """A run of one update at a tiny learning rate: near-random weights, so transcripts are long and varied
-    (a trained-to-blank model would make every comparison trivially equal)."""
-    run_dir = tmp_path_factory.mktemp("run")
-    run("train.py", f"data.root={cv_corpus}", "trainer.max_steps=1", "trainer.val_check_interval=1",
-        "optim.lr=1e-9", "data.num_workers=0", "data.max_batch_seconds=20", "logger=none", f"hydra.run.dir={run_dir}")
-    return run_dir
-
-
 def test_transcribe_equals_evaluate_from_checkpoint_and_export(cv_corpus, barely_trained, tmp_path):
     ckpt = barely_trained / "checkpoints" / "last.ckpt"
     run("evaluate.py", f"ckpt_path={ckpt}", f"data.root={cv_corpus}", "split=test", "data.num_workers=0",
@@ -69,7 +59,7 @@ def test_transcribe_equals_evaluate_from_checkpoint_and_export(cv_corpus, barely
     run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'exported'}")
     expected = [predictions[clip] for clip in sorted(predictions)]
     for model in (str(ckpt), str(tmp_path / "exported"), str(barely_trained / "model")):
-        out = [json.loads(line) for line in run("transcribe.py", f"model_path={model}", audio_list(clips), "json=true",
+        out = [json.loads(line) for line in run("transcribe.py", f"model_path={model}", audio_list(clips), "format=json",
                                                 "batch_seconds=10").stdout.splitlines()]
         assert [o["path"] for o in out] == clips  # in the files' order, though batched by duration
         assert_same_transcripts([o["text"] for o in out], expected)
@@ -91,7 +81,7 @@ def test_long_file_at_44khz_transcribes_in_chunks(cv_corpus, barely_trained, tmp
              44100)
     model = str(barely_trained / "model")
     whole = run("transcribe.py", f"model_path={model}", f"audio={tmp_path / 'long.wav'}", "chunk_seconds=60").stdout.strip()
-    chunked = json.loads(run("transcribe.py", f"model_path={model}", f"audio={tmp_path / 'long.wav'}", "json=true",
+    chunked = json.loads(run("transcribe.py", f"model_path={model}", f"audio={tmp_path / 'long.wav'}", "format=json",
                              "chunk_seconds=6", "stride_seconds=1").stdout)
     assert chunked["seconds"] == pytest.approx(len(wave) / 16000, abs=0.01)
     # same model, same audio: the chunked transcript covers the file as the whole one does
@@ -107,7 +97,7 @@ def test_transcribe_reports_a_bad_file_and_goes_on(barely_trained, cv_corpus, tm
     (tmp_path / "bad.mp3").write_bytes(b"\xff\xfb" + bytes(64))
     good = str(sorted((cv_corpus / "clips").glob("*.mp3"))[0])
     result = run("transcribe.py", f"model_path={barely_trained / 'model'}", audio_list([tmp_path / "bad.mp3", good]),
-                 "json=true", check=False)
+                 "format=json", check=False)
     assert "bad.mp3 does not decode as audio" in result.stderr
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == [good]
     assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: 1 of 2 files failed")
@@ -133,9 +123,14 @@ def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, b
     assert (tmp_path / "with-lm" / "alphabet.json").is_file()
     assert (tmp_path / "with-lm" / "language_model" / "3gram.arpa").is_file()
     clips = [str(cv_corpus / "clips" / clip) for clip in sorted(predictions)]
-    out = [json.loads(line) for line in run("transcribe.py", f"model_path={tmp_path / 'with-lm'}", audio_list(clips), "json=true").stdout.splitlines()]
+    out = [json.loads(line) for line in run("transcribe.py", f"model_path={tmp_path / 'with-lm'}", audio_list(clips), "format=json").stdout.splitlines()]
     expected = [predictions[clip]["hypothesis"] for clip in sorted(predictions)]
     assert_same_transcripts([o["text"] for o in out], expected, max_cer=0.05)
+    timed = [json.loads(line) for line in run("transcribe.py", f"model_path={tmp_path / 'with-lm'}", audio_list(clips),
+                                              "format=json", "timestamps=word").stdout.splitlines()]
+    for line in timed:  # the words and frames of the LM's best beam (pyctcdecode's)
+        assert " ".join(w["word"] for w in line["words"]) == line["text"]
+        assert all(0 <= w["start"] < w["end"] <= line["seconds"] + 0.03 for w in line["words"])
     pipe = pipeline(tmp_path / "with-lm")  # transformers' pipeline decodes with the exported LM alike
     assert_same_transcripts([text.normalize(pipe({"raw": audio.load(c), "sampling_rate": 16000})["text"], "pt") for c in clips], expected, max_cer=0.05)
 
@@ -153,7 +148,7 @@ def test_a_glob_transcribes_its_files_in_order_and_a_wrong_key_is_named(barely_t
     is named with its settings; --help lists each setting with its default."""
     clips = sorted((cv_corpus / "clips").glob("*.mp3"))
     out = run("transcribe.py", f"model_path={barely_trained / 'model'}", f"audio='{cv_corpus / 'clips'}/*.mp3'",
-              "json=true").stdout.splitlines()
+              "format=json").stdout.splitlines()
     assert [json.loads(line)["path"] for line in out] == [str(c) for c in clips]
     wrong = run("transcribe.py", f"model_path={barely_trained / 'model'}", "audio=x.mp3", "chunk=10", check=False)
     assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error: chunk is not a setting of python transcribe.py")

@@ -32,12 +32,14 @@ class Output:
 @dataclass
 class Decoded:
     """A batch as `CTCModel.decode` transcribed it: logits (B, T, V), frames (B,) of each clip, the greedy
-    transcripts, and the decoder's (the greedy ones when decoding greedily)."""
+    transcripts, and the decoder's (the greedy ones when decoding greedily); with a decoder, the frames of
+    each word of its best beam, [(word, (first frame, frame after the last))] per clip (pyctcdecode's)."""
 
     logits: torch.Tensor
     frames: torch.Tensor
     greedy: list[str]
     hypotheses: list[str]
+    word_frames: list[list[tuple[str, tuple[int, int]]]] | None = None
 
 
 class CTCModel(L.LightningModule):
@@ -230,8 +232,9 @@ class CTCModel(L.LightningModule):
             return Decoded(logits, frames, greedy, greedy)
         log_probs = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
         # decode_beams, as Wav2Vec2ProcessorWithLM and the pipeline call it (decode() prunes history)
-        beams = [decoder.decode_beams(lp[:n], beam_width=beam_width)[0][0] for lp, n in zip(log_probs, frames.tolist())]
-        return Decoded(logits, frames, greedy, [text.normalize(b, self.hparams.language) for b in beams])
+        beams = [decoder.decode_beams(lp[:n], beam_width=beam_width)[0] for lp, n in zip(log_probs, frames.tolist())]
+        return Decoded(logits, frames, greedy, [text.normalize(b[0], self.hparams.language) for b in beams],
+                       [b[2] for b in beams])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if not batch["ids"]:  # no clip of the batch could be read (each logged and counted by the loader)

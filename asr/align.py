@@ -1,0 +1,175 @@
+"""Forced alignment: where each word of a known transcript is spoken in a recording, by CTC Viterbi over the
+model's frames (`torchaudio.functional.forced_align`, the MMS data preparation's aligner).
+
+    python -m asr.align model_path=<run>/model audio=talk.wav text=talk.txt                 # word segments, JSON
+    python -m asr.align model_path=... audio=talk.wav text='o livro azul' format=textgrid out=talk.TextGrid
+    python -m asr.align model_path=... audio=talk.wav text=talk.txt segment=true out=<dir>  # training clips
+
+The transcript follows the model's text rules (asr.data.text.normalize); characters its vocabulary lacks are
+named and left out, the rest aligns. The recording is read in the windows transcribe.py reads it in, so an
+hour aligns in the memory of 30 s. With segment=true the recording and its transcript become clips of at
+most max_seconds, cut between words, in the Common Voice layout (<out>/clips/*.wav and <out>/train.tsv)
+that train.py reads as its train split. Settings: conf/align.yaml (`--help`).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+import asr
+from asr.data import audio, text
+
+
+def targets(transcript: str, vocab: text.Vocabulary, language: str | None) -> tuple[list[int], list[str]]:
+    """Token ids of the normalised transcript (spaces as the word delimiter) and the characters the
+    vocabulary lacks, which are left out."""
+    normalised = text.normalize(transcript, language)
+    missing = sorted({c for c in normalised if c != " " and c not in vocab.ids})
+    kept = "".join(c for c in normalised if c not in missing)
+    kept = " ".join(kept.split())
+    return [vocab.ids[text.WORD_DELIMITER if c == " " else c] for c in kept], missing
+
+
+def frames_needed(ids: list[int]) -> int:
+    """Frames a CTC path through `ids` needs: one per token and one blank between two equal ones."""
+    return len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
+
+
+def align(log_probs: torch.Tensor, ids: list[int], vocab: text.Vocabulary, seconds_per_frame: float) -> list[dict]:
+    """The words of `ids` with their start and end (seconds) and score (the mean probability of the aligned
+    token over the word's frames), from the Viterbi path of `log_probs` (T, V)."""
+    import torchaudio.functional as F
+
+    path, scores = F.forced_align(log_probs[None].float().cpu(), torch.tensor([ids], dtype=torch.int32),
+                                  blank=vocab.blank_id)
+    spans = F.merge_tokens(path[0], scores[0].exp(), blank=vocab.blank_id)
+    words, current = [], []
+    for span in spans + [None]:
+        if span is None or vocab.tokens[span.token] == text.WORD_DELIMITER:
+            if current:
+                frames = sum(s.end - s.start for s in current)
+                words.append({"word": "".join(vocab.tokens[s.token] for s in current),
+                              "start": round(current[0].start * seconds_per_frame, 3),
+                              "end": round(current[-1].end * seconds_per_frame, 3),
+                              "score": round(sum(s.score * (s.end - s.start) for s in current) / frames, 4)})
+            current = []
+        else:
+            current.append(span)
+    return words
+
+
+def textgrid(words: list[dict], seconds: float) -> str:
+    """A Praat TextGrid with one interval tier, "words": the words and the silences between them."""
+    intervals, at = [], 0.0
+    for word in words:
+        if word["start"] > at:
+            intervals.append((at, word["start"], ""))
+        intervals.append((word["start"], word["end"], word["word"]))
+        at = word["end"]
+    if seconds > at:
+        intervals.append((at, seconds, ""))
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0", f"xmax = {seconds}",
+             "tiers? <exists>", "size = 1", "item []:", "    item [1]:", '        class = "IntervalTier"',
+             '        name = "words"', "        xmin = 0", f"        xmax = {seconds}",
+             f"        intervals: size = {len(intervals)}"]
+    for n, (start, end, label) in enumerate(intervals, 1):
+        lines += [f"        intervals [{n}]:", f"            xmin = {start}", f"            xmax = {end}",
+                  f'            text = "{label}"']
+    return "\n".join(lines) + "\n"
+
+
+def audacity(words: list[dict]) -> str:
+    """Audacity labels: start, end and word per line, tab-separated."""
+    return "".join(f"{w['start']:.3f}\t{w['end']:.3f}\t{w['word']}\n" for w in words)
+
+
+def segments(words: list[dict], max_seconds: float) -> list[list[dict]]:
+    """The words in runs of at most `max_seconds` from the first's start to the last's end (a longer word
+    alone)."""
+    runs = []
+    for word in words:
+        if runs and word["end"] - runs[-1][0]["start"] <= max_seconds:
+            runs[-1].append(word)
+        else:
+            runs.append([word])
+    return runs
+
+
+def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, seconds: float) -> list[dict]:
+    """Each run of words as a clip, cut halfway through the silences beside it (16 kHz WAV in out/clips), and
+    out/train.tsv in the Common Voice layout (client_id: the recording's name). Returns the rows."""
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, run in enumerate(runs):
+        start = (runs[n - 1][-1]["end"] + run[0]["start"]) / 2 if n else max(0.0, run[0]["start"] - 0.1)
+        end = (run[-1]["end"] + runs[n + 1][0]["start"]) / 2 if n + 1 < len(runs) else min(seconds, run[-1]["end"] + 0.1)
+        clip = f"{name}_{n:04d}.wav"
+        sf.write(out / "clips" / clip, wave[int(start * audio.SAMPLE_RATE) : int(end * audio.SAMPLE_RATE)],
+                 audio.SAMPLE_RATE)
+        rows.append({"client_id": name, "path": clip, "sentence": " ".join(w["word"] for w in run),
+                     "start": round(start, 3), "end": round(end, 3)})
+    with open(out / "train.tsv", "w", encoding="utf-8") as tsv:
+        tsv.write("client_id\tpath\tsentence\n")
+        tsv.writelines(f"{r['client_id']}\t{r['path']}\t{r['sentence']}\n" for r in rows)
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    from asr import cli
+
+    args, _ = cli.parse("align", argv)
+    if args.format not in ("json", "textgrid", "audacity"):
+        sys.exit(f"error: format={args.format}: give json, textgrid or audacity")
+    if args.segment and not args.out:
+        sys.exit("error: segment=true writes clips: give out=<directory>")
+    transcript = str(args.text)
+    try:  # a file's name, or the text itself (too long to be a name, or no such file)
+        if Path(transcript).expanduser().is_file():
+            transcript = Path(transcript).expanduser().read_text(encoding="utf-8")
+    except OSError:
+        pass
+
+    from transformers.utils import logging as hf_logging
+
+    from asr.model.module import CTCModel
+    from asr.transcription import file_logits
+
+    hf_logging.disable_progress_bar()
+    try:
+        model, _ = CTCModel.load(args.model_path)
+        model = model.to(asr.device(args.device)).eval()
+        logits, seconds = file_logits(model, str(Path(args.audio).expanduser()), args.chunk_seconds, args.stride_seconds)
+    except (asr.SetupError, audio.AudioError) as error:
+        sys.exit(f"error: {error}")
+    ids, missing = targets(transcript, model.vocab, model.hparams.language)
+    if missing:
+        print(f"warning: {len(missing)} characters of the transcript are not in the model's vocabulary and are "
+              f"left out: {' '.join(missing)}", file=sys.stderr)
+    if not ids:
+        sys.exit("error: nothing of the transcript is in the model's vocabulary")
+    if frames_needed(ids) > len(logits):
+        sys.exit(f"error: the transcript does not fit the audio: its {len(ids)} characters need "
+                 f"{frames_needed(ids)} frames, {args.audio} ({seconds:.2f} s) has {len(logits)}")
+    seconds_per_frame = model.geometry.hop / audio.SAMPLE_RATE
+    words = align(torch.log_softmax(logits.float(), dim=-1), ids, model.vocab, seconds_per_frame)
+    if args.segment:
+        out = Path(args.out).expanduser()
+        wave = audio.load(str(Path(args.audio).expanduser()))
+        rows = write_clips(wave, segments(words, args.max_seconds), out, Path(args.audio).stem, seconds)
+        print(f"{len(rows)} clips of at most {args.max_seconds:g} s in {out}/clips, listed in {out}/train.tsv")
+        return
+    written = {"json": lambda: json.dumps({"audio": str(args.audio), "seconds": round(seconds, 3), "words": words},
+                                          ensure_ascii=False, indent=1) + "\n",
+               "textgrid": lambda: textgrid(words, round(seconds, 3)), "audacity": lambda: audacity(words)}[args.format]()
+    if args.out:
+        Path(args.out).expanduser().write_text(written, encoding="utf-8")
+    else:
+        sys.stdout.write(written)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

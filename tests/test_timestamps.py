@@ -1,0 +1,111 @@
+"""What a trained model is used for, through transcribe.py: word and character timestamps with a confidence,
+subtitles, and a whole archive transcribed into a JSON lines file that a second run resumes."""
+
+import json
+
+import numpy as np
+import pytest
+
+import transcribe
+from asr.transcription import greedy_spans, subtitle_file, subtitles
+from tests.conftest import in_process
+from tests.test_transcribe import assert_same_transcripts, audio_list
+
+TOKENS = ["a", "b", "|", "[UNK]", "[PAD]"]  # blank: 4
+
+
+def test_greedy_spans_time_each_character_and_word_from_its_frames():
+    """A character is its run of frames; two runs of one character with a blank between are two; a word spans
+    its characters; the confidence is the mean best-token probability over the frames it spans."""
+    best = np.array([4, 0, 0, 4, 1, 2, 2, 0, 4, 0, 4])
+    confidence = np.array([0.9, 0.8, 0.6, 0.5, 1.0, 0.9, 0.9, 0.7, 0.5, 0.6, 0.9])
+    words = greedy_spans(best, confidence, TOKENS, 4, "word", 0.02)
+    assert words == [{"word": "ab", "start": 0.02, "end": 0.1, "confidence": round((0.8 + 0.6 + 0.5 + 1.0) / 4, 4)},
+                     {"word": "aa", "start": 0.14, "end": 0.2, "confidence": 0.6}]
+    chars = greedy_spans(best, confidence, TOKENS, 4, "char", 0.02)
+    assert [(c["char"], c["start"], c["end"]) for c in chars] == [
+        ("a", 0.02, 0.06), ("b", 0.08, 0.1), (" ", 0.1, 0.14), ("a", 0.14, 0.16), ("a", 0.18, 0.2)]
+
+
+def test_subtitle_lines_keep_to_their_length_and_duration():
+    words = [{"word": w, "start": s, "end": s + 0.4} for w, s in
+             [("one", 0.0), ("two", 0.5), ("three", 1.0), ("four", 1.5), ("five", 7.0), ("six", 7.5)]]
+    lines = subtitles(words, max_line_seconds=5.0, max_line_chars=14)
+    assert lines == [(0.0, 1.4, "one two three"), (1.5, 1.9, "four"), (7.0, 7.9, "five six")]
+    assert subtitles(words, 1.0, 100)[0] == (0.0, 0.9, "one two")  # 1.4 s would be too long
+    assert subtitle_file(lines[:2], "srt") == ("1\n00:00:00,000 --> 00:00:01,400\none two three\n\n"
+                                               "2\n00:00:01,500 --> 00:00:01,900\nfour\n")
+    assert subtitle_file(lines[2:], "vtt") == "WEBVTT\n\n00:00:07.000 --> 00:00:07.900\nfive six\n"
+
+
+def transcribe_py(*args):
+    return in_process(transcribe.main, [str(a) for a in args])
+
+
+def test_word_and_character_timestamps_cover_the_transcript_in_order(barely_trained, cv_corpus):
+    clips = sorted((cv_corpus / "clips").glob("*.mp3"))[:4]
+    model = barely_trained / "model"
+    out = transcribe_py(f"model_path={model}", audio_list(clips), "format=json", "timestamps=word")
+    assert out.returncode == 0, out.stderr
+    for line in map(json.loads, out.stdout.splitlines()):
+        words = line["words"]
+        assert " ".join(w["word"] for w in words) == line["text"]  # the greedy path's words are the transcript's
+        starts = [w["start"] for w in words]
+        assert starts == sorted(starts) and all(w["start"] < w["end"] <= line["seconds"] + 0.03 for w in words)
+        assert all(0 < w["confidence"] <= 1 for w in words)
+    chars = json.loads(transcribe_py(f"model_path={model}", f"audio={clips[0]}", "format=json",
+                                     "timestamps=char").stdout)
+    assert "".join(c["char"] for c in chars["chars"]) == chars["text"]
+
+
+def test_subtitles_of_one_file_and_of_several(barely_trained, cv_corpus, tmp_path):
+    clips = sorted((cv_corpus / "clips").glob("*.mp3"))[:2]
+    model = barely_trained / "model"
+    srt = transcribe_py(f"model_path={model}", f"audio={clips[0]}", "format=srt", "max_line_chars=12").stdout
+    cues = srt.strip().split("\n\n")
+    assert cues[0].startswith("1\n00:00:0") and all(len(c.splitlines()[2]) <= 12 or " " not in c.splitlines()[2]
+                                                      for c in cues)
+    several = transcribe_py(f"model_path={model}", audio_list(clips), "format=vtt")
+    assert several.returncode == 1 and "needs out=<directory>" in several.stderr
+    assert transcribe_py(f"model_path={model}", audio_list(clips), "format=vtt", f"out={tmp_path}").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c.stem}.vtt" for c in clips)
+    assert (tmp_path / f"{clips[0].stem}.vtt").read_text().startswith("WEBVTT\n\n00:00:0")
+
+
+def test_an_archive_stopped_half_way_is_finished_by_a_second_run_each_file_once(barely_trained, cv_corpus, tmp_path):
+    """out= appends a line per file under a first line naming the model; a run killed mid-line leaves half a
+    line, which the next run drops; the next run transcribes only the files not there; a bad file is a line
+    with its error; a file of another model is refused."""
+    clips = [str(c) for c in sorted((cv_corpus / "clips").glob("*.mp3"))[:6]]
+    (tmp_path / "bad.mp3").write_bytes(b"\xff\xfb" + bytes(64))
+    files = [*clips, str(tmp_path / "bad.mp3")]
+    model, out = barely_trained / "model", tmp_path / "archive.jsonl"
+    whole = transcribe_py(f"model_path={model}", audio_list(files), f"out={tmp_path / 'whole.jsonl'}")
+    assert whole.returncode == 1 and "audio-s" in whole.stderr  # the bad file; the progress bar on stderr
+    lines = (tmp_path / "whole.jsonl").read_text().splitlines()
+    assert json.loads(lines[0]) == {"transcribed_with": {"model": str(model.resolve())}}
+    # as a run killed after three files leaves it: three lines and half of the fourth
+    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
+    again = transcribe_py(f"model_path={model}", audio_list(files), f"out={out}")
+    assert "3 of 7 files are in" in again.stderr and again.returncode == 1
+    written = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    assert sorted(w["path"] for w in written) == sorted(files)  # each file once
+    first = {w["path"]: w.get("text") for w in map(json.loads, lines[1:])}
+    assert_same_transcripts([w.get("text") or "" for w in written], [first[w["path"]] or "" for w in written])
+    assert "does not decode as audio" in next(w["error"] for w in written if w["path"].endswith("bad.mp3"))
+    done = transcribe_py(f"model_path={model}", audio_list(files), f"out={out}")
+    assert done.returncode == 0 and len(out.read_text().splitlines()) == 8  # nothing left: nothing added
+    other = transcribe_py(f"model_path={barely_trained / 'checkpoints' / 'last.ckpt'}", audio_list(files), f"out={out}")
+    assert other.returncode == 1 and other.stderr.strip().splitlines()[-1].startswith(f"error: out={out} holds "
+                                                                                     f"transcripts of {model.resolve()}")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["timestamps=char", "format=text"], "timestamps=char needs format=json"),
+    (["format=srt", "timestamps=char"], "format=srt makes lines of words"),
+    (["format=doc"], "format=doc: give one of text, json, srt, vtt"),
+])
+def test_settings_that_do_not_go_together_are_named(args, message, cv_corpus):
+    clip = sorted((cv_corpus / "clips").glob("*.mp3"))[0]
+    result = transcribe_py("model_path=x.ckpt", f"audio={clip}", *args)
+    assert result.returncode == 1 and result.stderr.strip().startswith(f"error: {message}")
