@@ -38,7 +38,7 @@ class SetupError(Exception):
 
 
 class Requeued(Exception):
-    """The run was signalled, saved where it was and (under SLURM) requeued; see `asr.cluster.Requeue`."""
+    """The run was signalled, saved where it was and (under SLURM) requeued; see `asr.run.cluster.Requeue`."""
 
 
 class Complete(Exception):

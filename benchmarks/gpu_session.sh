@@ -60,7 +60,7 @@ for p in $PARTS; do
   case $p in
     check) part check 60 "$PYTHON" -c "
 import hydra, omegaconf, soundfile, soxr, torch, transformers, lightning
-import asr.audio, asr.run
+import asr.data.audio, asr.run.training
 print('torch', torch.__version__, '| transformers', transformers.__version__, '| lightning', lightning.__version__,
       '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name())
 try:

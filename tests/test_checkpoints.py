@@ -13,7 +13,7 @@ from asr.run import checkpoints
 PY = sys.executable
 SAVE_TWICE = """
 import sys, time, torch
-from asr.checkpoints import AtomicCheckpointIO
+from asr.run.checkpoints import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 io.save_checkpoint({"version": 1}, path)
 print("first saved", flush=True)

@@ -147,7 +147,7 @@ def test_a_second_process_in_a_live_run_directory_is_refused_and_a_killed_one_fr
 
 
 def test_the_lock_is_per_process_and_released_at_exit(tmp_path):
-    holder = subprocess.Popen([PY, "-c", f"from asr import rundir; rundir.hold({str(tmp_path)!r}); print('held', flush=True); "
+    holder = subprocess.Popen([PY, "-c", f"from asr.run import rundir; rundir.hold({str(tmp_path)!r}); print('held', flush=True); "
                                "import time; time.sleep(60)"], cwd=asr.REPO_DIR, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

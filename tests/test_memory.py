@@ -23,7 +23,7 @@ def test_every_shape_runs_first_the_worst_first_and_changes_nothing(cv_corpus, t
     (random states, gradients, module modes and the loader put back). It ran every training shape (forward
     and backward) and every dev shape, the most padded training shape first, and logged what it added."""
     probe = WorstBatchFirst(when=True, every_shape=True, choose_attention=True)
-    with caplog.at_level("INFO", logger="asr.memory"):
+    with caplog.at_level("INFO", logger="asr.run.warmup"):
         probed, data = _train(cv_corpus, tmp_path / "a", probe)
     plain, _ = _train(cv_corpus, tmp_path / "b", WorstBatchFirst(when=False, every_shape=True, choose_attention=True))
     for (name, a), b in zip(probed.state_dict().items(), plain.state_dict().values()):

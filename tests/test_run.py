@@ -159,7 +159,7 @@ def test_more_cpu_processes_than_cores_warns(monkeypatch, caplog):
 
 
 SRUN_HINT = """
-from asr import console
+from asr.run import console
 console.quiet_libraries()
 from lightning.fabric.plugins.environments import SLURMEnvironment
 SLURMEnvironment._validate_srun_used()
