@@ -62,7 +62,7 @@ def new_path(model, paths: list[str], args) -> list[str]:
     """transcribe.py's loop: `asr.transcription.transcribe`, transcripts in the files' order."""
     out = transcribe(model, paths, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
                      batch_seconds=args.batch_seconds, num_workers=workers(args.num_workers))
-    return [transcript for _, _, _, transcript, _ in out]
+    return [result.text for result in out]
 
 
 def timed(run) -> tuple[list[str], float]:
