@@ -25,7 +25,7 @@ BENCHMARKS = sorted(p.stem for p in (asr.REPO_DIR / "benchmarks").glob("*.py"))
 
 def test_every_benchmark_has_its_settings_file():
     settings_files = sorted(p.stem for p in (asr.REPO_DIR / "conf" / "bench").glob("*.yaml"))
-    assert len(BENCHMARKS) == 10 and settings_files == BENCHMARKS
+    assert len(BENCHMARKS) == 11 and settings_files == BENCHMARKS
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -38,7 +38,8 @@ def test_every_benchmark_answers_help_and_takes_its_settings_at_the_top_level(na
     assert result.returncode == 0 and f"settings (key=value; defaults in conf/bench/{name}.yaml)" in result.stdout
     assert f"python benchmarks/{name}.py" in result.stdout and "@package" not in result.stdout
     written = OmegaConf.load(asr.REPO_DIR / "conf" / "bench" / f"{name}.yaml")
-    settings, rest = cli.parse(f"bench/{name}", [])
+    needed = [f"{key}=x" for key in written if OmegaConf.is_missing(written, key)]  # settings without a default
+    settings, rest = cli.parse(f"bench/{name}", needed)
     assert list(settings) == list(written) and rest == []
     listed = [line.split()[0] for line in result.stdout.split("settings (key=value")[1].splitlines()[1:]]
     assert listed == list(written)
@@ -179,3 +180,14 @@ def test_the_gpu_session_script_runs_its_parts_under_a_budget_and_summarises(tmp
     summary = out[out.index("=== summary"):].splitlines()
     assert summary[1].startswith("check    ok") and summary[2].startswith("cards    skipped"), out
     assert "torch 2." in out and (tmp_path / "check.log").exists()
+
+
+def test_the_timestamps_benchmark_compares_each_clip_with_its_speech(barely_trained, capsys):
+    """Two demo test clips joined: a row per clip, and every word of their transcripts aligned."""
+    from benchmarks import timestamps
+
+    result = timestamps.main([f"model_path={barely_trained / 'model'}", "clips=2"])
+    printed = capsys.readouterr().out
+    assert printed.count("common_voice_pt_") == 2 and "worst difference from the speech" in printed
+    words = sum(len(t.split()) for t in ["o vizinho vê as batatas", "às vezes o vizinho pinta o pão na escola"])
+    assert result["aligned_words"] == words and 0 <= result["aligned_outside"] <= words
