@@ -316,6 +316,7 @@ def test_characters_outside_the_vocabulary_get_one_warning_line(finished, cv_cor
 
 # 9. A run with nothing left to train
 
+@pytest.mark.slow  # two train.py processes (14 s)
 def test_resuming_a_finished_run_says_it_is_complete_and_changes_nothing(finished, tmp_path):
     from asr.run.training import nothing_left
 

@@ -94,6 +94,7 @@ def test_a_probe_setting_that_is_not_one_is_named():
         WorstBatchFirst(when="yes", every_shape=True, choose_attention=True)
 
 
+@pytest.mark.slow  # a planner process over several budgets (14 s)
 def test_the_memory_planner_finds_the_largest_budget_that_fits():
     """On the CPU (peak resident memory) with the tiny model: budgets double from one longest clip until
     data.max_batch_size binds; with 99% kept free not even one clip fits, and it says so."""
