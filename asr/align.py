@@ -22,6 +22,7 @@ import torch
 
 import asr
 from asr.data import audio, text
+from asr.data.listing import frames_needed
 
 
 def targets(transcript: str, vocab: text.Vocabulary, language: str | None) -> tuple[list[int], list[str]]:
@@ -32,11 +33,6 @@ def targets(transcript: str, vocab: text.Vocabulary, language: str | None) -> tu
     kept = "".join(c for c in normalised if c not in missing)
     kept = " ".join(kept.split())
     return [vocab.ids[text.WORD_DELIMITER if c == " " else c] for c in kept], missing
-
-
-def frames_needed(ids: list[int]) -> int:
-    """Frames a CTC path through `ids` needs: one per token and one blank between two equal ones."""
-    return len(ids) + sum(a == b for a, b in zip(ids, ids[1:]))
 
 
 def align(log_probs: torch.Tensor, ids: list[int], vocab: text.Vocabulary, seconds_per_frame: float) -> list[dict]:
@@ -151,11 +147,11 @@ def main(argv: list[str]) -> None:
               f"left out: {' '.join(missing)}", file=sys.stderr)
     if not ids:
         sys.exit("error: nothing of the transcript is in the model's vocabulary")
-    if frames_needed(ids) > len(logits):
-        sys.exit(f"error: the transcript does not fit the audio: its {len(ids)} characters need "
-                 f"{frames_needed(ids)} frames, {args.audio} ({seconds:.2f} s) has {len(logits)}")
-    seconds_per_frame = model.geometry.hop / audio.SAMPLE_RATE
-    words = align(torch.log_softmax(logits.float(), dim=-1), ids, model.vocab, seconds_per_frame)
+    needed = frames_needed("".join(model.vocab.tokens[i] for i in ids))  # one token a character
+    if needed > len(logits):
+        sys.exit(f"error: the transcript does not fit the audio: its {len(ids)} characters need {needed} frames, "
+                 f"{args.audio} ({seconds:.2f} s) has {len(logits)}")
+    words = align(torch.log_softmax(logits.float(), dim=-1), ids, model.vocab, model.geometry.seconds_per_frame)
     if args.segment:
         out = Path(args.out).expanduser()
         wave = audio.load(str(Path(args.audio).expanduser()))

@@ -186,8 +186,7 @@ def transcribe(model, paths: list[str], decoder=None, *, chunk_seconds: float, s
     header seconds of each batch as it is done (a progress bar's update). seconds: each file's from its header
     (`header_seconds`), if the caller has them."""
     geometry = model.geometry
-    hop = geometry.hop
-    chunk, stride = (int(round(s * audio.SAMPLE_RATE / hop) * hop) for s in (chunk_seconds, stride_seconds))
+    chunk, stride = geometry.whole_hops(chunk_seconds), geometry.whole_hops(stride_seconds)
     seconds = seconds or [header_seconds(p) for p in paths]
     loader = DataLoader(Files(paths, chunk, stride, stride, geometry),
                         batch_sampler=plan(seconds, batch_seconds, chunk_seconds),
@@ -225,9 +224,9 @@ def joined_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def file_logits(model, path: str, chunk_seconds: float = 30.0, stride_seconds: float = 5.0) -> tuple[torch.Tensor, float]:
     """(T, V) logits of one file (in windows as `transcribe` cuts them) and its seconds; `audio.AudioError`
     for a file that does not decode."""
-    hop = model.geometry.hop
-    chunk, stride = (int(round(s * audio.SAMPLE_RATE / hop) * hop) for s in (chunk_seconds, stride_seconds))
-    item = Files([path], chunk, stride, stride, model.geometry)[0]
+    geometry = model.geometry
+    chunk, stride = geometry.whole_hops(chunk_seconds), geometry.whole_hops(stride_seconds)
+    item = Files([path], chunk, stride, stride, geometry)[0]
     if "error" in item:
         raise audio.AudioError(audio.UNREADABLE, item["error"])
     with torch.inference_mode():
@@ -239,7 +238,7 @@ def _spans(model, logits: torch.Tensor, frames: torch.Tensor, decoded, level: st
     """Each file's words or characters with their times (`greedy_spans`, `beam_spans`)."""
     probabilities = torch.softmax(logits.float(), dim=-1).max(dim=-1)
     confidence, best = probabilities.values.cpu().numpy(), probabilities.indices.cpu().numpy()
-    seconds_per_frame = model.geometry.hop / audio.SAMPLE_RATE
+    seconds_per_frame = model.geometry.seconds_per_frame
     out = []
     for i, n in enumerate(frames.tolist()):
         if decoded.word_frames is not None:

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> dict:
         logits, _ = transcription.file_logits(model, str(recording))  # as python -m asr.align reads it
         ids, _ = align.targets(" ".join(said[p] for p in paths), model.vocab, model.hparams.language)
         aligned = align.align(torch.log_softmax(logits.float(), dim=-1), ids, model.vocab,
-                              model.geometry.hop / audio.SAMPLE_RATE)
+                              model.geometry.seconds_per_frame)
     print(f"{len(paths)} clips joined with {args.gap:g} s of silence; {args.model_path}\n")
     print(f"{'clip':<34} {'speech s':>13} {'words s':>13} {'start':>6} {'end':>6}  aligned outside")
     starts, ends, outside, at = [], [], 0, 0

@@ -34,6 +34,16 @@ class Geometry:
         """Samples per frame: the product of the strides."""
         return math.prod(self.strides)
 
+    @property
+    def seconds_per_frame(self) -> float:
+        """Seconds from one frame's start to the next's (a frame t starts at t x hop samples)."""
+        return self.hop / SAMPLE_RATE
+
+    def whole_hops(self, seconds: float) -> int:
+        """Samples of `seconds` rounded to the nearest whole number of hops (transformers' ASR pipeline's
+        `chunk_length_s` and `stride_length_s`)."""
+        return int(round(seconds * SAMPLE_RATE / self.hop) * self.hop)
+
     def layer_lengths(self, samples: int) -> list[int]:
         """The output length of each layer for a clip of `samples`."""
         lengths = []
