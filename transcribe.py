@@ -2,6 +2,7 @@
 
     python transcribe.py model_path=<run>/model audio=clip.mp3                  # one transcript per line
     python transcribe.py model_path=<run>/checkpoints/last.ckpt audio='*.flac' json=true   # path, seconds, text
+    python transcribe.py backend=onnx model_path=<onnx export>/model.int8.onnx audio=clip.mp3
 
 Any format soundfile reads, any sample rate (resampled to 16 kHz), any length: files longer than
 chunk_seconds are cut into overlapping windows (stride_seconds of context on each side, dropped from the
@@ -9,6 +10,7 @@ output), as the transformers ASR pipeline cuts them. The model path is evaluate.
 files batched by duration (batch_seconds of padded audio), decoded by num_workers loader processes, greedy
 transcripts under the model's text rules (asr.data.text.normalize); an exported directory with an LM
 (asr.export lm_path=...) decodes by beam search with it. Transcripts come out in the order of the files.
+backend=onnx runs an ONNX export (asr.export format=onnx) in onnxruntime on the CPU, through the same path.
 Settings: conf/transcribe.yaml (`--help`).
 
 A directory means its audio files, recursively, in sorted order. A file that does not exist, is empty or
@@ -51,6 +53,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: chunk_seconds={args.chunk_seconds} leaves nothing between its two strides of "
                  f"stride_seconds={args.stride_seconds}: give chunk_seconds above {2 * args.stride_seconds:g}")
 
+    (backend,) = cli.values(args, "backend", ("torch", "onnx"))
+    if backend == "onnx" and args.device not in ("auto", "cpu"):
+        sys.exit(f"error: backend=onnx runs on the CPU (onnxruntime's CPU build): device=cpu, not {args.device}")
+
     from transformers.utils import logging as hf_logging
 
     from asr.model.module import CTCModel
@@ -58,10 +64,15 @@ def main(argv: list[str]) -> None:
 
     hf_logging.disable_progress_bar()  # its "Loading weights" bar: transcripts only on stdout, errors on stderr
     try:
-        model, decoder = CTCModel.load(args.model_path)
+        if backend == "onnx":
+            from asr.onnx import OnnxModel
+
+            model, decoder = OnnxModel.load(args.model_path)
+        else:
+            model, decoder = CTCModel.load(args.model_path)
+            model = model.to(asr.device(args.device)).eval()
     except asr.SetupError as error:
         sys.exit(f"error: {error}")
-    model = model.to(asr.device(args.device)).eval()
     failed = 0
     for _, name, seconds, transcript, error in transcribe(
             model, files, decoder, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,

@@ -49,16 +49,6 @@ def run(*args, check=True):
     return result
 
 
-@pytest.fixture(scope="module")
-def barely_trained(cv_corpus, tmp_path_factory):
-    """A run of one update at a tiny learning rate: near-random weights, so transcripts are long and varied
-    (a trained-to-blank model would make every comparison trivially equal)."""
-    run_dir = tmp_path_factory.mktemp("run")
-    run("train.py", f"data.root={cv_corpus}", "trainer.max_steps=1", "trainer.val_check_interval=1",
-        "optim.lr=1e-9", "data.num_workers=0", "data.max_batch_seconds=20", "logger=none", f"hydra.run.dir={run_dir}")
-    return run_dir
-
-
 def test_transcribe_equals_evaluate_from_checkpoint_and_export(cv_corpus, barely_trained, tmp_path):
     ckpt = barely_trained / "checkpoints" / "last.ckpt"
     run("evaluate.py", f"ckpt_path={ckpt}", f"data.root={cv_corpus}", "split=test", "data.num_workers=0",
