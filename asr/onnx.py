@@ -123,8 +123,8 @@ class OnnxModel:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads or torch.get_num_threads(), 1
         # Idle pool threads sleep instead of spinning: they share the cores with the loader processes (and, on a
-        # shared machine, with others). 100 demo clips on 2 shared cores, tiny model: 2.2 s end to end against
-        # 3.0 s spinning, the forward passes alone 1.5 s against 2.3 s.
+        # shared machine, with others). On 2 shared cores the tiny model's forward passes ran 1.6x as fast, end
+        # to end 1.4x (docs/performance.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
