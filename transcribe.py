@@ -4,6 +4,7 @@
     python transcribe.py model_path=<run>/checkpoints/last.ckpt audio='*.flac' format=json timestamps=word
     python transcribe.py model_path=<run>/model audio=talk.wav format=srt > talk.srt
     python transcribe.py model_path=<run>/model audio=<archive> out=archive.jsonl   # appended, resumable
+    python transcribe.py backend=onnx model_path=<onnx export>/model.int8.onnx audio=clip.mp3
 
 Any format soundfile reads, any sample rate (resampled to 16 kHz), any length: files longer than
 chunk_seconds are cut into overlapping windows (stride_seconds of context on each side, dropped from the
@@ -14,7 +15,8 @@ transcripts under the model's text rules (asr.data.text.normalize); an exported 
 timestamps=word|char give each word's (character's) start and end in seconds and a confidence, from the
 CTC frames (`asr.transcription`); format=srt|vtt cuts the words into subtitle lines. out=<file.jsonl>
 appends a line per file as it is done, with a progress bar (audio-s/s, time left) on stderr, and a run
-started again skips the files already there. Settings: conf/transcribe.yaml (`--help`).
+started again skips the files already there. backend=onnx runs an ONNX export (asr.export format=onnx)
+in onnxruntime on the CPU, through the same path. Settings: conf/transcribe.yaml (`--help`).
 
 A directory means its audio files, recursively, in sorted order. A file that does not exist, is empty or
 does not decode is named on stderr (and in out=, as a line with its error) and the others are transcribed;
@@ -99,6 +101,10 @@ def main(argv: list[str]) -> None:
     if problem := check(args, files):
         sys.exit(f"error: {problem}")
 
+    (backend,) = cli.values(args, "backend", ("torch", "onnx"))
+    if backend == "onnx" and args.device not in ("auto", "cpu"):
+        sys.exit(f"error: backend=onnx runs on the CPU (onnxruntime's CPU build): device=cpu, not {args.device}")
+
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -110,7 +116,13 @@ def main(argv: list[str]) -> None:
     timestamps = "word" if subtitles else args.timestamps
     archive = Path(args.out).expanduser() if args.out and not subtitles else None
     try:
-        model, decoder = CTCModel.load(args.model_path)
+        if backend == "onnx":
+            from asr.onnx import OnnxModel
+
+            model, decoder = OnnxModel.load(args.model_path)
+        else:
+            model, decoder = CTCModel.load(args.model_path)
+            model = model.to(asr.device(args.device)).eval()
         if timestamps == "char" and decoder is not None:
             raise asr.SetupError(f"timestamps=char comes from the greedy path; {args.model_path} decodes with its "
                                  f"language model (its words have timestamps: timestamps=word)")
@@ -121,7 +133,6 @@ def main(argv: list[str]) -> None:
     if done:
         print(f"{len(files) - len(todo)} of {len(files)} files are in {archive} already; transcribing the other "
               f"{len(todo)}", file=sys.stderr, flush=True)
-    model = model.to(asr.device(args.device)).eval()
     seconds = [transcription.header_seconds(f) for f in todo]
     bar = tqdm(total=round(sum(s or 0 for s in seconds), 1), unit="audio-s", desc="transcribing", file=sys.stderr,
                disable=archive is None, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, "

@@ -1,7 +1,8 @@
 """A trained model as an HF directory that `Wav2Vec2ForCTC`, `Wav2Vec2Processor` and
-`transformers.pipeline("automatic-speech-recognition")` load.
+`transformers.pipeline("automatic-speech-recognition")` load, or as an ONNX graph for onnxruntime (`asr.onnx`).
 
     python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> [lm_path=<arpa> alpha=... beta=...]
+    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> format=onnx [quantize=int8]
 
 alpha and beta default to evaluate.py's (conf/evaluate.yaml); pass the ones your sweep found. Settings:
 conf/export.yaml (`--help`).
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
+from asr import SetupError, onnx
 from asr.data import audio, text
 from asr.model.module import CTCModel
 
@@ -31,14 +33,19 @@ def processor(vocab_json: str | Path) -> Wav2Vec2Processor:
 
 
 def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = None, alpha: float | None = None,
-           beta: float | None = None) -> Path:
+           beta: float | None = None, format: str = "hf", quantize: str | None = None) -> Path:
     """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
     (the text rules, `language`, that transcripts follow: `asr.data.text.normalize`). With `lm_path`, the
     Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model, `alpha` and
-    `beta`, which it then needs): transformers' ASR pipeline then decodes by beam search with the LM."""
+    `beta`, which it then needs): transformers' ASR pipeline then decodes by beam search with the LM.
+    format=onnx: model.onnx (`asr.onnx.export`; with quantize=int8 model.int8.onnx too) in place of config.json
+    and model.safetensors."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.model.save_pretrained(out_dir)
+    if format == "onnx":
+        onnx.export(model, out_dir, quantize)
+    else:
+        model.model.save_pretrained(out_dir)
     model.vocab.save(out_dir / "vocab.json")
     both = processor(out_dir / "vocab.json")
     both.save_pretrained(out_dir)  # processor_config.json, tokenizer files (transformers 5)
@@ -69,6 +76,11 @@ def main(argv: list[str]) -> None:
     from asr.config import decoding_defaults
 
     args, _ = cli.parse("export", argv)
+    (format,) = cli.values(args, "format", ("hf", "onnx"))
+    if args.quantize not in (None, "int8"):
+        sys.exit(f"error: quantize={args.quantize}: expected int8 or null")
+    if args.quantize and format != "onnx":
+        sys.exit(f"error: quantize={args.quantize} quantises the ONNX graph: add format=onnx")
     ckpt_path, lm_path = Path(args.ckpt_path).expanduser(), args.lm_path and Path(args.lm_path).expanduser()
     if not ckpt_path.is_file():
         sys.exit(f"error: ckpt_path={ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
@@ -78,7 +90,11 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
     defaults = decoding_defaults()  # alpha and beta as evaluate.py's
     alpha, beta = (defaults[k] if args[k] is None else args[k] for k in ("alpha", "beta"))
-    out = export(CTCModel.from_checkpoint(ckpt_path), Path(args.out).expanduser(), lm_path, float(alpha), float(beta))
+    try:
+        out = export(CTCModel.from_checkpoint(ckpt_path), Path(args.out).expanduser(), lm_path, float(alpha),
+                     float(beta), format, args.quantize)
+    except SetupError as error:
+        sys.exit(f"error: {error}")
     print(f"exported to {out}")
 
 

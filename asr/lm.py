@@ -163,6 +163,16 @@ def ctc_labels(tokens: list[str]) -> list[str]:
     return ["" if t == PAD else " " if t == WORD_DELIMITER else "⁇" if t == UNK else t for t in tokens]
 
 
+def exported_decoder(directory: Path):
+    """The beam decoder of a directory `asr.export` wrote with an LM (language_model/: pyctcdecode's, with the
+    alpha and beta it was exported with), or None without one."""
+    if not (directory / "language_model").is_dir():
+        return None
+    from transformers import Wav2Vec2ProcessorWithLM
+
+    return Wav2Vec2ProcessorWithLM.from_pretrained(str(directory)).decoder
+
+
 def beam_decoder(tokens: list[str], lm_path: str | Path | None, alpha: float, beta: float):
     """pyctcdecode's CTC prefix beam search, with a KenLM word model when `lm_path` is given (ARPA, or a
     KenLM binary with unigrams.txt beside it). alpha weighs the LM, beta is the bonus per word (both unused

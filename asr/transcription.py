@@ -71,9 +71,8 @@ class Files(Dataset):
         except audio.AudioError as error:
             return {"index": i, "error": str(error)}
         if self.geometry.frames(len(wave)) < 1:
-            receptive = sum((k - 1) * math.prod(self.geometry.strides[:n]) for n, k in enumerate(self.geometry.kernels)) + 1
             return {"index": i, "error": f"{path} holds {len(wave)} samples at 16 kHz, too few for one encoder frame "
-                                         f"({receptive / audio.SAMPLE_RATE * 1000:.0f} ms)"}
+                                         f"({self.geometry.receptive_field / audio.SAMPLE_RATE * 1000:.0f} ms)"}
         return {"index": i, "seconds": len(wave) / audio.SAMPLE_RATE,
                 "windows": windows(wave, self.chunk, self.left, self.right, self.geometry.hop)}
 

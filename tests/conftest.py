@@ -80,6 +80,29 @@ def trained_run(cv_corpus, tmp_path_factory) -> TrainedRun:
     return TrainedRun(run_dir, home / "cv", resumed)
 
 
+@dataclass
+class LearnedRun:
+    dir: Path  # the run directory: checkpoints/best-step<N>.ckpt transcribes its dev split at CER < 0.5
+    root: Path  # its corpus: 300 train, 30 dev, 10 test clips of short sentences, in the Common Voice layout
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory) -> LearnedRun:
+    """A model that transcribes, for the slow tests that need one (test_train, test_onnx): `model=tiny` with its
+    defaults on a generated corpus unlike the demo (short sentences of other words and voices), validated every
+    50 updates and stopped once its dev CER is under 0.5 (or at its 1,500 updates)."""
+    root = tmp_path_factory.mktemp("short") / "pt"
+    synth.make_short(root, n_train=300, n_dev=30, n_test=10)
+    run_dir = tmp_path_factory.mktemp("tiny")
+    result = subprocess.run(
+        [sys.executable, "train.py", "lang=pt", f"data.root={root}", "logger=none", "trainer.val_check_interval=50",
+         "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.stop.monitor=val/cer",
+         "+callbacks.stop.stopping_threshold=0.5", "+callbacks.stop.patience=1000", f"hydra.run.dir={run_dir}"],
+        cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return LearnedRun(run_dir, root)
+
+
 @pytest.fixture(scope="session")
 def slurm():
     """The one-node SLURM cluster of slurm/local.sh, started if it is not running. Its tests skip, with the
@@ -102,8 +125,10 @@ SHRUNK = ("logger=none", "~callbacks.checkpoint", "~callbacks.last", "+trainer.e
 
 @pytest.fixture(scope="session")
 def barely_trained(cv_corpus, tmp_path_factory) -> Path:
-    """A run of one update at a tiny learning rate: near-random weights, so transcripts are long and varied
-    (a trained-to-blank model would make every comparison trivially equal). Its checkpoints/ and model/."""
+    """A run of one update at a tiny learning rate, for the tests that compare two ways of transcribing
+    (test_transcribe, test_timestamps, test_align, test_onnx; none writes into it): near-random weights, so
+    transcripts are long and varied (a trained-to-blank model would make every comparison trivially equal).
+    Its checkpoints/ and model/."""
     run_dir = tmp_path_factory.mktemp("barely-trained")
     result = subprocess.run([sys.executable, "train.py", f"data.root={cv_corpus}", "trainer.max_steps=1",
                              "trainer.val_check_interval=1", "optim.lr=1e-9", "data.num_workers=0",

@@ -17,7 +17,6 @@ from omegaconf import OmegaConf
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 import asr
-from asr import synth
 from asr.data import audio, loading
 from asr.data.text import Vocabulary
 from asr.model import schedules
@@ -191,15 +190,9 @@ def test_freeze_finetune_updates_under_ddp(ddp_run):
 
 
 @pytest.mark.slow
-def test_tiny_model_learns_a_corpus_it_was_not_tuned_on(tmp_path_factory):
+def test_tiny_model_learns_a_corpus_it_was_not_tuned_on(learned_run):
     """`model=tiny` with its defaults (learning rate, batch budget, schedule over its update budget) on a
     generated corpus unlike the demo (short sentences of other words and voices) leaves the CTC blank
     plateau: dev CER under 0.5 within 500 updates (validated every 50; it stops once there)."""
-    root = tmp_path_factory.mktemp("short") / "pt"
-    synth.make_short(root, n_train=300, n_dev=30, n_test=10)
-    run_dir = tmp_path_factory.mktemp("tiny")
-    run("train.py", "lang=pt", f"data.root={root}", "logger=none", "trainer.val_check_interval=50",
-        "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.stop.monitor=val/cer",
-        "+callbacks.stop.stopping_threshold=0.5", "+callbacks.stop.patience=1000", f"hydra.run.dir={run_dir}")
-    results = json.loads((run_dir / "results.json").read_text())
+    results = json.loads((learned_run.dir / "results.json").read_text())
     assert results["val_cer"] < 0.5 and results["step"] <= 500, results["evaluations"]

@@ -98,19 +98,19 @@ class SyncFreeWav2Vec2ForCTC(Wav2Vec2ForCTC):
         frame_mask = np.arange(features.shape[1])[None, :] < frames.numpy()[:, None]  # (B, T), numpy: on the host
         hidden, _ = wav2vec2.feature_projection(features)
         hidden = self._spec_augment(hidden, frame_mask)
-        return self._transformer(hidden, frame_mask), frames
+        mask = None if frame_mask.all() else torch.from_numpy(frame_mask).to(hidden.device, non_blocking=True)
+        return self.transformer(hidden, mask), frames
 
-    def _transformer(self, hidden: torch.Tensor, frame_mask: np.ndarray) -> torch.Tensor:
+    def transformer(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """HF's `Wav2Vec2EncoderStableLayerNorm.forward` (XLS-R's pre-norm transformer) with its own modules,
-        given the attention mask it would build. Without padding no mask is passed, so SDPA may take its
-        fastest kernel. Other encoders run as HF's."""
+        given the attention mask it would build from `mask` (B, T), the clips' frames; None: no padding, no
+        mask is passed, so SDPA may take its fastest kernel. Other encoders run as HF's."""
         encoder = self.wav2vec2.encoder
         implementation = self.config._attn_implementation
-        mask = torch.from_numpy(frame_mask).to(hidden.device, non_blocking=True)
         if not isinstance(encoder, Wav2Vec2EncoderStableLayerNorm) or implementation not in ("sdpa", "eager"):
             return encoder(hidden, attention_mask=mask)[0]
         attention = None
-        if not frame_mask.all():
+        if mask is not None:
             hidden = hidden.masked_fill(~mask[..., None], 0)  # padded frames are 0, as HF's
             keys = mask[:, None, None, :]  # (B, 1, 1, T): every query attends to the clip's frames
             attention = keys if implementation == "sdpa" else (~keys).to(hidden.dtype) * torch.finfo(hidden.dtype).min

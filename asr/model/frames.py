@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from asr.data.audio import SAMPLE_RATE
 
@@ -44,6 +45,11 @@ class Geometry:
         `chunk_length_s` and `stride_length_s`)."""
         return int(round(seconds * SAMPLE_RATE / self.hop) * self.hop)
 
+    @property
+    def receptive_field(self) -> int:
+        """Samples behind one frame: the shortest clip with a frame (400 for XLS-R: 25 ms)."""
+        return sum((k - 1) * math.prod(self.strides[:n]) for n, k in enumerate(self.kernels)) + 1
+
     def layer_lengths(self, samples: int) -> list[int]:
         """The output length of each layer for a clip of `samples`."""
         lengths = []
@@ -53,10 +59,12 @@ class Geometry:
         return lengths
 
     def frames(self, samples):
-        """Frames of a clip of `samples` (about samples / hop): an int, or a numpy array of them elementwise.
+        """Frames of a clip of `samples` (about samples / hop): an int, or a numpy array or torch tensor of
+        them elementwise (a tensor stays one: the ONNX graph counts frames with tensor ops, `asr.onnx`).
         HF's `Wav2Vec2Model._get_feat_extract_output_lengths` computes the same (tests/test_data.py)."""
         for kernel, stride in zip(self.kernels, self.strides):
-            samples = np.maximum(0, (samples - kernel) // stride + 1)
+            samples = (samples - kernel) // stride + 1
+            samples = samples.clamp(min=0) if isinstance(samples, torch.Tensor) else np.maximum(0, samples)
         return samples
 
     def padded(self, seconds) -> np.ndarray:

@@ -42,6 +42,20 @@ class Decoded:
     word_frames: list[list[tuple[str, tuple[int, int]]]] | None = None
 
 
+def decoded(logits: torch.Tensor, frames: torch.Tensor, vocab: Vocabulary, language: str | None, decoder=None,
+            beam_width: int = 100) -> Decoded:
+    """The transcripts of logits (B, T, V) of clips of `frames` (B,) frames under the text rules of `language`
+    (`asr.data.text.normalize`): greedy, and by `decoder` (`asr.lm.beam_decoder`) keeping `beam_width` beams.
+    `CTCModel.decoded`, and the ONNX model's (`asr.onnx.OnnxModel`)."""
+    greedy = [text.normalize(h, language) for h in vocab.greedy_decode(logits, frames)]
+    if decoder is None:
+        return Decoded(logits, frames, greedy, greedy)
+    log_probs = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+    # decode_beams, as Wav2Vec2ProcessorWithLM and the pipeline call it (decode() prunes history)
+    beams = [decoder.decode_beams(lp[:n], beam_width=beam_width)[0] for lp, n in zip(log_probs, frames.tolist())]
+    return Decoded(logits, frames, greedy, [text.normalize(b[0], language) for b in beams], [b[2] for b in beams])
+
+
 class CTCModel(L.LightningModule):
     """Fine-tunes a wav2vec2 encoder with CTC; validation decodes greedily and scores WER and CER.
 
@@ -143,12 +157,15 @@ class CTCModel(L.LightningModule):
         """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.run.checkpoints`) or a
         directory `asr.export` wrote; an exported directory with an LM (language_model/) brings its
         pyctcdecode decoder, with the alpha and beta it was exported with. SetupError for anything else."""
+        from asr.lm import exported_decoder
         from asr.run import checkpoints
 
         path = Path(path).expanduser()
         if path.is_file() or path.suffix == ".ckpt":
             return cls.from_checkpoint(checkpoints.verified(str(path), "model_path")), None
         if not (path / "config.json").is_file():
+            if (path / "model.onnx").is_file():
+                raise SetupError(f"model_path={path} is an ONNX export (model.onnx): backend=onnx runs it")
             raise SetupError(f"model_path={path} is neither a checkpoint (.ckpt) nor an exported model directory "
                              f"(train.py writes <run>/model/ and <run>/checkpoints/)")
         rules = json.loads((path / "asr.json").read_text()) if (path / "asr.json").is_file() else {}
@@ -156,12 +173,7 @@ class CTCModel(L.LightningModule):
                     language=rules.get("language"), freeze_feature_encoder=False, freeze_finetune_updates=0,
                     gradient_checkpointing=False, attn_implementation="sdpa", compile=False, ctc_loss="auto",
                     max_consecutive_skips=1, expandable_segments=False, optim={}, sched={}, head_init="normal")
-        decoder = None
-        if (path / "language_model").is_dir():
-            from transformers import Wav2Vec2ProcessorWithLM
-
-            decoder = Wav2Vec2ProcessorWithLM.from_pretrained(str(path)).decoder
-        return model, decoder
+        return model, exported_decoder(path)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
@@ -173,6 +185,9 @@ class CTCModel(L.LightningModule):
                    "pretrained": None,
                    "arch": checkpoint["wav2vec2_config"], "compile": False}
         model = cls(**hparams)
+        if unknown := sorted(set(checkpoint["state_dict"]) - set(model.state_dict())):
+            raise SetupError(f"{path} holds {len(unknown)} parameters this code's model does not have "
+                             f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): written by other code")
         model.load_state_dict(checkpoint["state_dict"])
         return model
 
@@ -211,10 +226,6 @@ class CTCModel(L.LightningModule):
         return (self.training and self._trainer is not None and self.trainer.world_size == 1
                 and self.global_step < self.hparams.freeze_finetune_updates)
 
-    def transcribe(self, logits: torch.Tensor, frames: torch.Tensor) -> list[str]:
-        """Greedy transcripts under the model's text rules. logits: (B, T, V); frames: (B,)."""
-        return [text.normalize(h, self.hparams.language) for h in self.vocab.greedy_decode(logits, frames)]
-
     def decode(self, batch: dict, decoder=None, beam_width: int = 100) -> Decoded:
         """The model's transcripts of a collated batch (`asr.data.loading.collate`, on the host or the device):
         greedy, or by `decoder` (`asr.lm.beam_decoder`: CTC prefix beam search, with an n-gram LM if it has one)
@@ -227,14 +238,7 @@ class CTCModel(L.LightningModule):
     def decoded(self, logits: torch.Tensor, frames: torch.Tensor, decoder=None, beam_width: int = 100) -> Decoded:
         """The transcripts of logits (B, T, V) of clips of `frames` (B,) frames: `decode`'s second half, for
         logits put together otherwise (transcribe.py joins a long file's windows)."""
-        greedy = self.transcribe(logits, frames)
-        if decoder is None:
-            return Decoded(logits, frames, greedy, greedy)
-        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
-        # decode_beams, as Wav2Vec2ProcessorWithLM and the pipeline call it (decode() prunes history)
-        beams = [decoder.decode_beams(lp[:n], beam_width=beam_width)[0] for lp, n in zip(log_probs, frames.tolist())]
-        return Decoded(logits, frames, greedy, [text.normalize(b[0], self.hparams.language) for b in beams],
-                       [b[2] for b in beams])
+        return decoded(logits, frames, self.vocab, self.hparams.language, decoder, beam_width)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if not batch["ids"]:  # no clip of the batch could be read (each logged and counted by the loader)
