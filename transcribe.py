@@ -119,9 +119,11 @@ def main(argv: list[str]) -> None:
         if backend == "onnx":
             from asr.onnx import OnnxModel
 
+            if args.target_lang is not None:
+                raise asr.SetupError("target_lang picks the adapters of an exported MMS directory (backend=torch)")
             model, decoder = OnnxModel.load(args.model_path)
         else:
-            model, decoder = CTCModel.load(args.model_path)
+            model, decoder = CTCModel.load(args.model_path, args.target_lang)
             model = model.to(asr.device(args.device)).eval()
         if timestamps == "char" and decoder is not None:
             raise asr.SetupError(f"timestamps=char comes from the greedy path; {args.model_path} decodes with its "

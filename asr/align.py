@@ -136,7 +136,7 @@ def main(argv: list[str]) -> None:
 
     hf_logging.disable_progress_bar()
     try:
-        model, _ = CTCModel.load(args.model_path)
+        model, _ = CTCModel.load(args.model_path, args.target_lang)
         model = model.to(asr.device(args.device)).eval()
         logits, seconds = file_logits(model, str(Path(args.audio).expanduser()), args.chunk_seconds, args.stride_seconds)
     except (asr.SetupError, audio.AudioError) as error:

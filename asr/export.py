@@ -16,11 +16,13 @@ from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec
 
 from asr import SetupError, onnx
 from asr.data import audio, text
+from asr.model import finetune as tuning
 from asr.model.module import CTCModel
 
 
-def processor(vocab_json: str | Path) -> Wav2Vec2Processor:
-    """The feature extractor and tokenizer matching our data pipeline and vocabulary."""
+def processor(vocab_json: str | Path, target_lang: str | None = None) -> Wav2Vec2Processor:
+    """The feature extractor and tokenizer matching our data pipeline and vocabulary (`target_lang`'s of a
+    nested {lang: vocabulary} file)."""
     feature_extractor = Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=audio.SAMPLE_RATE, padding_value=0.0,
         do_normalize=True,  # zero mean, unit variance per utterance, as asr.data.audio.normalize
@@ -28,22 +30,39 @@ def processor(vocab_json: str | Path) -> Wav2Vec2Processor:
     )
     tokenizer = Wav2Vec2CTCTokenizer(str(vocab_json), unk_token=text.UNK, pad_token=text.PAD,
                                      word_delimiter_token=text.WORD_DELIMITER,
-                                     bos_token=None, eos_token=None)  # CTC labels have no sentence marks
+                                     bos_token=None, eos_token=None,  # CTC labels have no sentence marks
+                                     target_lang=target_lang)
     return Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
 
 def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = None, alpha: float | None = None,
-           beta: float | None = None, format: str = "hf", quantize: str | None = None) -> Path:
+           beta: float | None = None, format: str = "hf", quantize: str | None = None,
+           target_lang: str | None = None) -> Path:
     """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
     (the text rules, `language`, that transcripts follow: `asr.data.text.normalize`). With `lm_path`, the
     Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model, `alpha` and
     `beta`, which it then needs): transformers' ASR pipeline then decodes by beam search with the LM.
     format=onnx: model.onnx (`asr.onnx.export`; with quantize=int8 model.int8.onnx too) in place of config.json
-    and model.safetensors."""
+    and model.safetensors.
+    A model of MMS adapters (finetune=adapters, format=hf) is written in the MMS layout (`export_adapters`), under
+    `target_lang` (None: its text rules' language); a LoRA model (finetune=lora) as a plain Wav2Vec2ForCTC with
+    the LoRA updates merged, and peft's adapter files in lora/."""
     out_dir = Path(out_dir)
+    method = model.hparams.finetune["method"] if model.hparams.get("finetune") else "full"
+    if method == "adapters" and format == "hf":
+        if lm_path is not None:
+            raise SetupError("lm_path with an adapters model: one LM per language is not written yet; export "
+                             "without lm_path and decode with evaluate.py decoder=beam_lm lm_path=<arpa>")
+        return export_adapters(model, out_dir, target_lang)
+    if target_lang is not None:
+        raise SetupError(f"target_lang={target_lang} names the language of an adapters model (finetune=adapters); "
+                         f"this model is finetune={method}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if format == "onnx":
         onnx.export(model, out_dir, quantize)
+    elif method == "lora":
+        tuning.without_lora(model.model, merge=True).save_pretrained(out_dir)
+        tuning.lora_files(model.model, model.hparams.finetune, model.base["pretrained"], out_dir / "lora")
     else:
         model.model.save_pretrained(out_dir)
     model.vocab.save(out_dir / "vocab.json")
@@ -70,6 +89,44 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
     return out_dir
 
 
+def export_adapters(model: CTCModel, out_dir: Path, target_lang: str | None) -> Path:
+    """The MMS layout (facebook/mms-1b-all's) of a model of attention adapters: the base's weights with
+    `adapter_attn_dim` in config.json (model.safetensors holds the first language's adapters and head),
+    adapter.<lang>.safetensors per language (its adapters and CTC head: `Wav2Vec2ForCTC.load_adapter`), and
+    vocab.json as the tokenizer's nested {lang: vocabulary}. `Wav2Vec2ForCTC.from_pretrained(out_dir,
+    target_lang=<lang>, ignore_mismatched_sizes=True)` loads a language. A directory that has a language
+    already gains this one when its base is the same (asr.json holds the base's hash); SetupError otherwise."""
+    from safetensors.torch import save_file
+
+    lang = target_lang or model.hparams.language
+    if not lang:
+        raise SetupError("the model's text rules name no language: give target_lang=<code> (MMS uses ISO 639-3)")
+    rules_file = out_dir / "asr.json"
+    rules = json.loads(rules_file.read_text()) if rules_file.is_file() else None
+    if rules is not None and "adapters" not in rules:
+        raise SetupError(f"{out_dir} holds a model without adapters: export the adapters to another directory")
+    if rules is not None and rules["base_hash"] != model.base["hash"]:
+        raise SetupError(f"{out_dir} holds adapters of another base ({rules['base']}, sha256 {rules['base_hash'][:12]}) "
+                         f"than this model's ({model.base['pretrained']}, sha256 {model.base['hash'][:12]}): a "
+                         f"directory serves the languages of one base")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rules is None:
+        model.model.save_pretrained(out_dir)
+        rules = {"base": model.base["pretrained"], "base_hash": model.base["hash"], "adapters": {}}
+    adapters = {name: tensor.detach().cpu().contiguous() for name, tensor in model.model._get_adapters().items()}
+    save_file(adapters, out_dir / f"adapter.{lang}.safetensors")
+    vocab_file = out_dir / "vocab.json"
+    vocabularies = json.loads(vocab_file.read_text(encoding="utf-8")) if rules["adapters"] else {}
+    vocabularies[lang] = model.vocab.ids
+    vocab_file.write_text(json.dumps(vocabularies, ensure_ascii=False, indent=1), encoding="utf-8")
+    both = processor(vocab_file, target_lang=lang)
+    both.save_pretrained(out_dir)
+    both.feature_extractor.save_pretrained(out_dir)
+    rules["adapters"][lang] = {"language": model.hparams.language}
+    rules_file.write_text(json.dumps(rules, indent=1))
+    return out_dir
+
+
 def main(argv: list[str]) -> None:
     from asr.run import checkpoints
     from asr import cli
@@ -92,7 +149,7 @@ def main(argv: list[str]) -> None:
     alpha, beta = (defaults[k] if args[k] is None else args[k] for k in ("alpha", "beta"))
     try:
         out = export(CTCModel.from_checkpoint(ckpt_path), Path(args.out).expanduser(), lm_path, float(alpha),
-                     float(beta), format, args.quantize)
+                     float(beta), format, args.quantize, args.target_lang)
     except SetupError as error:
         sys.exit(f"error: {error}")
     print(f"exported to {out}")

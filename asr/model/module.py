@@ -12,7 +12,8 @@ from asr import SetupError
 from asr.data import text
 from asr.data.text import Vocabulary
 from asr.model import ctc, schedules, speed
-from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2
+from asr.model import finetune as tuning
+from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2, check_pretrained
 from asr.model.frames import Geometry
 from asr.model.metrics import ErrorRate, Share
 from asr.model.speed import LateRead, PRECISION_DTYPE
@@ -77,18 +78,31 @@ class CTCModel(L.LightningModule):
     are in conf/ (train.yaml, model/, sched/).
     ctc_loss: torch's `ctc_loss` (torch), `asr.model.ctc`'s (tensor: no host sync on a GPU), or auto (tensor on
     CUDA, torch elsewhere). head_init: how a new CTC head starts (`build_wav2vec2`): normal or xavier.
+    finetune: what trains (`asr.model.finetune`, conf/finetune/): method full, adapters (adapter_dim) or lora
+    (rank, alpha, dropout, target_modules). With adapters or LoRA the base stays frozen and a checkpoint holds
+    only what trains, with the base's path and hash (`on_save_checkpoint`); loading one loads the base first and
+    refuses a base whose hash changed (`on_load_checkpoint`).
     """
 
     def __init__(self, vocab: list[str], pretrained: str | None, arch: dict, config: dict, language: str | None,
                  freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
                  attn_implementation: str, compile: bool | str, ctc_loss: str, max_consecutive_skips: int,
-                 expandable_segments: bool, optim: dict, sched: dict, head_init: str):
+                 expandable_segments: bool, optim: dict, sched: dict, head_init: str, finetune: dict | None = None):
+        finetune = tuning.check(dict(finetune or {"method": "full"}))
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.vocab = Vocabulary(vocab)
-        self.model = build_wav2vec2(self.vocab, pretrained, arch, config, attn_implementation, head_init)
+        self.model = build_wav2vec2(self.vocab, pretrained, arch, {**config, **tuning.config_overrides(finetune)},
+                                    attn_implementation, head_init)
         if freeze_feature_encoder:  # the convolutional waveform encoder keeps its pretrained weights
             self.model.freeze_feature_encoder()
+        tuning.prepare(self.model, finetune, pretrained or "the random base (model.pretrained=null)")
+        if head_init == "xavier" and finetune["method"] == "adapters":  # init_adapter_layers made a new head
+            torch.nn.init.xavier_uniform_(self.model.lm_head.weight)
+            torch.nn.init.zeros_(self.model.lm_head.bias)
+        # What a checkpoint holds: every weight (full), or what trains, beside the base's identity
+        self.base = None if finetune["method"] == "full" else {"pretrained": pretrained,
+                                                                "hash": tuning.base_hash(self.model)}
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         speed.configure_cuda_allocator(expandable_segments)  # the model is built before CUDA starts
@@ -136,8 +150,26 @@ class CTCModel(L.LightningModule):
         checkpoint["counters"] = {"skipped_updates": self.skipped_updates,
                                   "consecutive_skips": int(self._skips[1]) if self._skips is not None
                                   else self.consecutive_skips}
+        if self.base is not None:  # the frozen base stays out: its path and hash say which it is
+            trainable = {f"model.{name}" for name in tuning.trainable_names(self.model)}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["base"] = dict(self.base)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of adapters or LoRA completed with this model's base (loaded from the base's path) once
+        its hash is the checkpoint's; a checkpoint of another `finetune` method refused, naming both."""
+        theirs = checkpoint["hyper_parameters"].get("finetune", {"method": "full"})["method"]
+        ours = self.hparams.finetune["method"] if self.hparams.get("finetune") else "full"
+        if theirs != ours:
+            raise SetupError(f"the checkpoint was trained with finetune={theirs}, this run has finetune={ours}: "
+                             f"resume it with finetune={theirs}, or start a new run from its export")
+        if self.base is not None:
+            written = checkpoint.get("base", {})
+            if written.get("hash") != self.base["hash"]:
+                raise SetupError(f"the checkpoint's base {written.get('pretrained')} (sha256 "
+                                 f"{str(written.get('hash'))[:12]}) is not the base loaded now, {self.base['pretrained']} "
+                                 f"(sha256 {self.base['hash'][:12]}): its weights or config changed since")
+            checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
         counters = checkpoint.get("counters", {})
         self._skipped_before = counters.get("skipped_updates", 0)
         self.consecutive_skips = counters.get("consecutive_skips", 0)
@@ -147,21 +179,31 @@ class CTCModel(L.LightningModule):
     def from_config(cls, cfg, vocab: list[str]) -> "CTCModel":
         """The model of a checked train config (`asr.config.checked`) for `vocab`: the model node, with
         the text rules of the data and the optim and sched nodes passed at the call site."""
+        from hydra.errors import InstantiationException
         from hydra.utils import instantiate
 
-        return instantiate(cfg.model, vocab=vocab, language=cfg.data.language, optim=cfg.optim, sched=cfg.sched,
-                           _convert_="all")
+        try:
+            return instantiate(cfg.model, vocab=vocab, language=cfg.data.language, optim=cfg.optim, sched=cfg.sched,
+                               _convert_="all")
+        except InstantiationException as error:  # a setting the model refuses: its one line, not Hydra's wrapping
+            if isinstance(error.__cause__, SetupError):
+                raise error.__cause__ from None
+            raise
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple["CTCModel", object]:
+    def load(cls, path: str | Path, target_lang: str | None = None) -> tuple["CTCModel", object]:
         """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.run.checkpoints`) or a
         directory `asr.export` wrote; an exported directory with an LM (language_model/) brings its
-        pyctcdecode decoder, with the alpha and beta it was exported with. SetupError for anything else."""
+        pyctcdecode decoder, with the alpha and beta it was exported with. A directory of MMS adapters
+        (`asr.export.export_adapters`) gives `target_lang`'s (None: its one language). SetupError for anything else."""
         from asr.lm import exported_decoder
         from asr.run import checkpoints
 
         path = Path(path).expanduser()
         if path.is_file() or path.suffix == ".ckpt":
+            if target_lang is not None:
+                raise SetupError(f"target_lang={target_lang} picks a language of an exported adapters directory; "
+                                 f"{path} is a checkpoint of one language")
             return cls.from_checkpoint(checkpoints.verified(str(path), "model_path")), None
         if not (path / "config.json").is_file():
             if (path / "model.onnx").is_file():
@@ -169,10 +211,23 @@ class CTCModel(L.LightningModule):
             raise SetupError(f"model_path={path} is neither a checkpoint (.ckpt) nor an exported model directory "
                              f"(train.py writes <run>/model/ and <run>/checkpoints/)")
         rules = json.loads((path / "asr.json").read_text()) if (path / "asr.json").is_file() else {}
-        model = cls(vocab=Vocabulary.load(path / "vocab.json").tokens, pretrained=str(path), arch={}, config={},
+        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+        languages = rules.get("adapters")
+        if languages is not None:
+            if target_lang is None and len(languages) > 1:
+                raise SetupError(f"{path} has adapters for {', '.join(languages)}: pick one with target_lang=<lang>")
+            target_lang = target_lang or next(iter(languages))
+            if target_lang not in languages:
+                raise SetupError(f"target_lang={target_lang}: {path} has adapters for {', '.join(languages)} only")
+            vocab, rules = vocab[target_lang], languages[target_lang]
+        elif target_lang is not None:
+            raise SetupError(f"target_lang={target_lang}: {path} is a model of one language, without adapters")
+        model = cls(vocab=sorted(vocab, key=vocab.get), pretrained=str(path), arch={}, config={},
                     language=rules.get("language"), freeze_feature_encoder=False, freeze_finetune_updates=0,
                     gradient_checkpointing=False, attn_implementation="sdpa", compile=False, ctc_loss="auto",
                     max_consecutive_skips=1, expandable_segments=False, optim={}, sched={}, head_init="normal")
+        if target_lang is not None:
+            model.model.load_adapter(target_lang)  # its adapters and CTC head (adapter.<lang>.safetensors)
         return model, exported_decoder(path)
 
     @classmethod
@@ -180,14 +235,20 @@ class CTCModel(L.LightningModule):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
         # ctc_loss: checkpoints older than the option trained with torch's loss; auto gives the same figures.
         # head_init: the weights below replace the head either way
-        hparams = {"ctc_loss": "auto", "expandable_segments": False, "head_init": "normal",
+        # finetune: checkpoints older than the option trained every weight.
+        base = checkpoint.get("base")  # adapters or LoRA: the base comes from its path, the rest from the file
+        hparams = {"ctc_loss": "auto", "expandable_segments": False, "head_init": "normal", "finetune": None,
                    **checkpoint["hyper_parameters"],
-                   "pretrained": None,
+                   "pretrained": base["pretrained"] if base else None,
                    "arch": checkpoint["wav2vec2_config"], "compile": False}
+        if base and (problem := check_pretrained(base["pretrained"])):
+            raise SetupError(f"{path} holds adapters or LoRA weights of the base {base['pretrained']}, which cannot "
+                             f"be loaded: {problem}")
         model = cls(**hparams)
         if unknown := sorted(set(checkpoint["state_dict"]) - set(model.state_dict())):
             raise SetupError(f"{path} holds {len(unknown)} parameters this code's model does not have "
                              f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): written by other code")
+        model.on_load_checkpoint(checkpoint)  # a base's weights filled in (its hash checked), the counters
         model.load_state_dict(checkpoint["state_dict"])
         return model
 

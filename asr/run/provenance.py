@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 # The settings that say what a run is (dotted key prefixes), and what each is part of. A resumed run keeps
 # what its checkpoint means (`CHECKPOINT_MEANS`: `resumed` refuses a change); evaluate.py scores the data of
 # the run (every data key here: `the_runs_data`) unless the command line says otherwise.
-DEFINES = {"model.arch": "architecture", "model.pretrained": "architecture", "data.language": "language",
+DEFINES = {"model.arch": "architecture", "model.pretrained": "architecture", "model.finetune": "what trains",
+           "data.language": "language",
            "data.lang": "language", "data.corpus": "corpus", "data.root": "data root",
            "data.train_split": "vocabulary", "data.train_extra": "vocabulary", "data.columns": "vocabulary",
            "data.dev_split": "splits", "data.test_split": "splits", "data.dev_speakers": "splits",
@@ -30,7 +31,7 @@ MOVED = {f"asr.{old}": new for old, new in {
     "console.Progress": "asr.run.console.Progress", "plateau.PlateauWatch": "asr.run.plateau.PlateauWatch",
     "tracking.PredictionsTable": "asr.run.tracking.PredictionsTable",
     "memory.WorstBatchFirst": "asr.run.warmup.WorstBatchFirst"}.items()}
-CHECKPOINT_MEANS = ("architecture", "language", "corpus", "data root", "vocabulary")
+CHECKPOINT_MEANS = ("architecture", "what trains", "language", "corpus", "data root", "vocabulary")
 MEANING = {key: what for key, what in DEFINES.items() if what in CHECKPOINT_MEANS}
 RUN_DATA = tuple(key.removeprefix("data.") for key in DEFINES if key.startswith("data."))
 
@@ -105,8 +106,9 @@ def resumed(cfg: DictConfig) -> DictConfig:
     if added:
         log.warning("%s's config.yaml predates %s: today's default%s", source,
                     ", ".join(f"{k}={v!r}" for k, v in added.items()), "s" if len(added) > 1 else "")
-    if source != run_dir:
-        record = _reroot(record, str(source), str(run_dir))
+    recorded = record.get("run_dir")  # where the run was when it wrote config.yaml: a copied or moved run's
+    if recorded and recorded != str(run_dir):  # checkpoints and logs go where it is now
+        record = _reroot(record, recorded, str(run_dir))
     record.update(run_dir=str(run_dir), ckpt_path=ckpt)
     shown = [f"{k}: {flat[k]!r} -> {v!r}" for k, v in changes.items() if v != flat[k]] + [f"{k} removed" for k in
                                                                                           sorted(removed)]

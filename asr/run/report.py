@@ -43,6 +43,7 @@ class RunReport(L.Callback):
         self.skipped_updates = 0  # optimizer updates skipped for non-finite gradients
         self.loss_sum = self.loss_count = torch.zeros(())
         self.started = self.train_seconds = None
+        self.cost: dict = {}  # what the model costs: parameters, optimizer state, peak memory (`on_train_end`)
         self.seconds_before = 0.0  # training time of the run before it was resumed
         self._restored: dict | None = None  # a checkpoint's state, applied when training starts
         # curves.png: training loss (mean over each log_every_n_steps updates) and learning rate per point
@@ -146,6 +147,7 @@ class RunReport(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_seconds = self.seconds_so_far()
+        self.cost = training_cost(pl_module, trainer.optimizers)
         self.skipped_updates = pl_module.skipped_updates
         totals = trainer.strategy.reduce(
             torch.tensor([self.audio_seconds, self.padded_seconds, self.truncated_seconds, self.skipped_clips,
@@ -176,6 +178,7 @@ class RunReport(L.Callback):
             "skipped_updates": self.skipped_updates,
             "evaluations": self.rows,
             "batch_per_update": self.batch_per_update,
+            **self.cost,
             **extra,
         }
 
@@ -187,6 +190,25 @@ class RunReport(L.Callback):
         results = self.results(**extra)
         rundir.write(self.run_dir / "results.json", json.dumps(results, indent=1))
         return results
+
+
+def training_cost(model: torch.nn.Module, optimizers: list) -> dict:
+    """What the trained model cost (results.json, the model card): parameters that trained and in all, the
+    optimizer state's bytes, and the peak memory of this process's fit (CUDA: the allocator's peak on this
+    rank's GPU; CPU: the process's peak resident memory, which includes the data and the libraries)."""
+    import resource
+
+    state = [t for optimizer in optimizers for s in optimizer.state.values() for t in s.values()
+             if isinstance(t, torch.Tensor)]
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    return {"finetune": (model.hparams.get("finetune") or {"method": "full"})["method"],
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_parameters": sum(p.numel() for p in model.parameters()),
+            "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state),
+            "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_of": "cuda_allocator" if cuda else "process_rss"}
 
 
 def hyperparameters(cfg: dict, batch: dict) -> list[str]:
@@ -249,11 +271,26 @@ def model_card(cfg: dict, batch: dict, results: dict, versions: dict[str, str]) 
         *(f"- {name}: {results[key]:.4f}" for name, key in scores if key in results), "",
         "## Training procedure", "", "### Training hyperparameters", "",
         "The following hyperparameters were used during training:", *hyperparameters(cfg, batch), "",
+        *cost_lines(results),
         "### Training results", "", HEADER.rstrip("\n"),
         *(table_row(row).rstrip("\n") for row in results.get("evaluations", [])), "",
         "### Framework versions", "", *(f"- {name} {version}" for name, version in versions.items()), "",
     ]
     return "\n".join(lines)
+
+
+def cost_lines(results: dict) -> list[str]:
+    """The card's "What training cost" list, from results.json (`training_cost`)."""
+    if "trainable_parameters" not in results:
+        return []
+    peak = "the GPU allocator's peak" if results.get("peak_memory_of") == "cuda_allocator" else "peak process RSS (CPU)"
+    return ["### What training cost", "",
+            f"- fine-tuning: {results['finetune']}",
+            f"- trainable parameters: {results['trainable_parameters']:,} of {results['total_parameters']:,} "
+            f"({results['trainable_parameters'] / results['total_parameters']:.2%})",
+            f"- optimizer state: {results['optimizer_state_bytes'] / 1e6:.1f} MB",
+            *([f"- checkpoint: {results['checkpoint_bytes'] / 1e6:.1f} MB"] if "checkpoint_bytes" in results else []),
+            f"- peak memory: {results['peak_memory_bytes'] / 1e9:.2f} GB ({peak})", ""]
 
 
 def framework_versions() -> dict[str, str]:

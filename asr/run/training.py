@@ -135,7 +135,11 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
         with open_dict(cfg):
             cfg.logger.group = group  # in config.yaml: evaluate.py logs its eval runs into this group
     data = instantiate(cfg.data, _convert_="all")
-    problems = [p for p in (data.check(), check_pretrained(cfg.model.pretrained)) if p]
+    method = cfg.model.finetune.method
+    tuned_without_base = (f"finetune={method} adapts a pretrained base and keeps it frozen: give "
+                          f"model.pretrained=<hub id or model directory> (the base; model.pretrained=null is random "
+                          f"weights)") if method != "full" and cfg.model.pretrained is None else None
+    problems = [p for p in (tuned_without_base, data.check(), check_pretrained(cfg.model.pretrained)) if p]
     if problems:
         raise SetupError("\n".join(problems))
     arch = OmegaConf.to_container(cfg.model.arch)
@@ -188,7 +192,8 @@ def conclude(run: Run) -> dict:
     export(CTCModel.from_checkpoint(best) if best else run.model.cpu(), run.dir / "model")
     first = {} if run.report.rows else {"updates": run.trainer.global_step,
                                         "first_evaluation_at_update": run.first_evaluation()}
-    results = run.report.write_results(state="complete", best_checkpoint=best or None, **first,
+    size = {"checkpoint_bytes": Path(best).stat().st_size} if best else {}
+    results = run.report.write_results(state="complete", best_checkpoint=best or None, **first, **size,
                                        **({"pruned_at_step": run.pruning.pruned_at_step} if run.pruning else {}))
     run.report.write_curves()
     tracking.summarize(results)

@@ -1,0 +1,209 @@
+"""finetune=adapters (HF's MMS attention adapters) and finetune=lora (peft): what trains, what a checkpoint
+holds, resuming on the same base only, the MMS export layout that transformers loads per language, LoRA
+merged for pipeline(), and the errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import asr
+import transcribe
+from asr import export
+from asr.data import audio, text
+from asr.model import finetune as tuning
+from asr.model.module import CTCModel
+from tests.conftest import compose_config, in_process
+from tests.test_transcribe import assert_same_transcripts, audio_list
+
+TRAIN = ("trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_workers=0", "data.max_batch_seconds=20",
+         "logger=none", "optim.lr=1e-9", "optim.head_lr=1e-9")  # near-random: long, varied transcripts to compare
+
+
+def train(*overrides: str, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "train.py", *TRAIN, *overrides], cwd=asr.REPO_DIR, capture_output=True,
+                            text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def base(barely_trained, tmp_path_factory) -> Path:
+    """A base to adapt: the barely trained run's export, copied (a test changes its weights)."""
+    copy = tmp_path_factory.mktemp("base") / "model"
+    shutil.copytree(barely_trained / "model", copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def runs(base, cv_corpus, tmp_path_factory) -> dict[str, Path]:
+    """Runs of 2 updates from `base`: adapters for pt and for hy (the same clips under Armenian's text rules,
+    another seed: other adapters and head), and LoRA for pt."""
+    root = tmp_path_factory.mktemp("finetune")
+    out = {}
+    for name, extra in {"pt": ("finetune=adapters", "lang=pt"), "hy": ("finetune=adapters", "lang=hy", "seed=7"),
+                        "lora": ("finetune=lora", "lang=pt")}.items():
+        out[name] = root / name
+        train(*extra, f"model.pretrained={base}", f"data.root={cv_corpus}", f"hydra.run.dir={out[name]}")
+    return out
+
+
+def test_only_the_adapters_or_lora_and_the_head_train_and_the_checkpoint_holds_only_them(runs, barely_trained):
+    full = torch.load(barely_trained / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, prefix in (("pt", "adapter_layer"), ("lora", "lora_")):
+        ckpt = torch.load(runs[name] / "checkpoints" / "last.ckpt", weights_only=True)
+        keys = set(ckpt["state_dict"])
+        assert keys and all(prefix in k or k.startswith("model.lm_head.") for k in keys), sorted(keys)[:5]
+        assert {"model.lm_head.weight", "model.lm_head.bias"} <= keys
+        assert len(ckpt["base"]["hash"]) == 64 and ckpt["base"]["pretrained"].endswith("model")
+        # the optimizer holds moments of what trains only
+        moments = sum(s["exp_avg"].numel() for s in ckpt["optimizer_states"][0]["state"].values())
+        assert moments == sum(t.numel() for t in ckpt["state_dict"].values())
+        size = (runs[name] / "checkpoints" / "last.ckpt").stat().st_size
+        assert size < 0.15 * (barely_trained / "checkpoints" / "last.ckpt").stat().st_size
+        results = json.loads((runs[name] / "results.json").read_text())
+        assert results["trainable_parameters"] == sum(t.numel() for t in ckpt["state_dict"].values())
+        assert results["trainable_parameters"] < 0.1 * results["total_parameters"]
+        assert results["checkpoint_bytes"] == Path(results["best_checkpoint"]).stat().st_size
+    assert sum(t.numel() for t in full["state_dict"].values()) > 700_000  # the whole tiny model
+
+
+def test_a_checkpoint_loads_its_base_and_transcribes_as_the_run_left_it(runs, cv_corpus, tmp_path):
+    ckpt = runs["pt"] / "checkpoints" / "last.ckpt"
+    model = CTCModel.from_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    run_dir = tmp_path / "eval"
+    result = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={ckpt}", f"data.root={cv_corpus}", "split=dev",
+                             "data.num_workers=0", f"hydra.run.dir={run_dir}"], cwd=asr.REPO_DIR, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run_dir / "predictions.jsonl").is_file()
+
+
+def hf_transcripts(model_dir: Path, lang: str, clips: list[Path]) -> list[str]:
+    """Greedy transcripts by transformers alone: Wav2Vec2ForCTC with `lang`'s adapter, and its tokenizer."""
+    from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+
+    model = Wav2Vec2ForCTC.from_pretrained(str(model_dir), target_lang=lang, ignore_mismatched_sizes=True).eval()
+    processor = Wav2Vec2Processor.from_pretrained(str(model_dir))
+    processor.tokenizer.set_target_lang(lang)
+    out = []
+    for clip in clips:
+        inputs = processor(audio.load(clip), sampling_rate=16000, return_tensors="pt")
+        with torch.no_grad():
+            ids = model(inputs.input_values).logits.argmax(-1)[0]
+        out.append(text.normalize(processor.decode(ids), lang))
+    return out
+
+
+def test_mms_export_serves_both_languages_in_transformers_and_transcribe(runs, cv_corpus, tmp_path):
+    out = tmp_path / "mms"
+    for lang in ("pt", "hy"):
+        result = in_process(export.main, [f"ckpt_path={runs[lang] / 'checkpoints' / 'last.ckpt'}", f"out={out}"])
+        assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.glob("adapter.*.safetensors")} == {"adapter.pt.safetensors", "adapter.hy.safetensors"}
+    assert set(json.loads((out / "vocab.json").read_text())) == {"pt", "hy"}
+    assert json.loads((out / "config.json").read_text())["adapter_attn_dim"] == 16
+    clips = sorted((cv_corpus / "clips").glob("*.mp3"))[:4]
+    for lang in ("pt", "hy"):
+        ckpt = runs[lang] / "checkpoints" / "last.ckpt"
+        expected = [json.loads(line)["text"] for line in in_process(transcribe.main, [
+            f"model_path={ckpt}", audio_list(clips), "format=json", "batch_seconds=10"]).stdout.splitlines()]
+        assert sum(map(len, expected)) > 10
+        assert_same_transcripts(hf_transcripts(out, lang, clips), expected)
+        served = in_process(transcribe.main, [f"model_path={out}", f"target_lang={lang}", audio_list(clips),
+                                              "format=json", "batch_seconds=10"])
+        assert served.returncode == 0, served.stderr
+        assert_same_transcripts([json.loads(line)["text"] for line in served.stdout.splitlines()], expected)
+    # the two languages differ: their adapters and heads are their own
+    pt, hy = (load_file(out / f"adapter.{lang}.safetensors") for lang in ("pt", "hy"))
+    assert pt.keys() == hy.keys() and not torch.equal(pt["lm_head.weight"], hy["lm_head.weight"])
+    missing = in_process(transcribe.main, [f"model_path={out}", "target_lang=ko", f"audio={clips[0]}"])
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == \
+        f"error: target_lang=ko: {out} has adapters for pt, hy only"
+    unpicked = in_process(transcribe.main, [f"model_path={out}", f"audio={clips[0]}"])
+    assert "pick one with target_lang=<lang>" in unpicked.stderr and len(unpicked.stderr.strip().splitlines()) == 1
+
+
+def test_lora_exports_merged_for_pipeline_and_as_peft_files(runs, base, cv_corpus, tmp_path):
+    from peft import PeftModel
+    from transformers import Wav2Vec2ForCTC, pipeline
+
+    ckpt = runs["lora"] / "checkpoints" / "last.ckpt"
+    out = tmp_path / "lora"
+    assert in_process(export.main, [f"ckpt_path={ckpt}", f"out={out}"]).returncode == 0
+    clips = sorted((cv_corpus / "clips").glob("*.mp3"))[:4]
+    expected = [json.loads(line)["text"] for line in in_process(transcribe.main, [
+        f"model_path={ckpt}", audio_list(clips), "format=json", "batch_seconds=10"]).stdout.splitlines()]
+    assert sum(map(len, expected)) > 10
+    pipe = pipeline("automatic-speech-recognition", model=str(out), device="cpu")
+    assert_same_transcripts([text.normalize(pipe({"raw": audio.load(c), "sampling_rate": 16000})["text"], "pt")
+                             for c in clips], expected)
+    assert not any("lora" in k for k in load_file(out / "model.safetensors"))
+    # peft's files on the base give the merged model's logits
+    model = CTCModel.from_checkpoint(ckpt)
+    plain = Wav2Vec2ForCTC.from_pretrained(str(base), vocab_size=len(model.vocab), ignore_mismatched_sizes=True)
+    peft_model = PeftModel.from_pretrained(plain, str(out / "lora")).eval()
+    merged = Wav2Vec2ForCTC.from_pretrained(str(out)).eval()
+    wave = torch.from_numpy(audio.normalize(audio.load(clips[0])))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(wave).logits, merged(wave).logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.model.eval()(wave).logits, merged(wave).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_on_the_same_base_goes_on_another_base_or_method_stops(runs, base, cv_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["pt"], run_dir)
+    train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_steps=3")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    other = train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_steps=4", "finetune=lora", check=False)
+    assert other.returncode != 0
+    assert "model.finetune" in other.stderr and "adapters" in other.stderr and "lora" in other.stderr
+    # the base's weights change under the run: refused, naming both hashes
+    changed = tmp_path / "base"
+    shutil.copytree(base, changed)
+    weights = load_file(changed / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith("q_proj.weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["base"]["pretrained"] = str(changed)
+    torch.save(ckpt, tmp_path / "moved.ckpt")
+    with pytest.raises(asr.SetupError, match=r"is not the base loaded now"):
+        CTCModel.from_checkpoint(tmp_path / "moved.ckpt")
+
+
+def test_a_base_without_mms_layers_or_without_weights_stops_in_one_line(base, cv_corpus, tmp_path):
+    post_norm = compose_config(overrides=["model.arch.do_stable_layer_norm=false", "model.arch.feat_extract_norm=group",
+                                          "finetune=adapters"])
+    tokens = ["a", "b", text.WORD_DELIMITER, text.UNK, text.PAD]
+    with pytest.raises(asr.SetupError, match=r"no transformer layers in the MMS form .*Wav2Vec2EncoderLayer\b"):
+        CTCModel.from_config(post_norm, tokens)
+    result = train("finetune=adapters", f"data.root={cv_corpus}", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert result.returncode != 0
+    assert "finetune=adapters adapts a pretrained base" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(asr.SetupError, match=r"finetune=lora does not take model.finetune.adapter_dim"):
+        tuning.check({"method": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj"],
+                       "adapter_dim": 16})
+
+
+def test_the_encoder_pass_reads_nothing_back_from_the_device_with_adapters_or_lora(base):
+    """As full fine-tuning (tests/test_model.py): no op of the training forward pass and loss reads a value back."""
+    from tests.test_model import DeviceReads
+
+    for method in ("adapters", "lora"):
+        cfg = compose_config(overrides=[f"finetune={method}", f"model.pretrained={base}"])
+        model = CTCModel.from_config(cfg, [*"abc", text.WORD_DELIMITER, text.UNK, text.PAD]).train()
+        batch = {"audio": torch.randn(2, 16000), "lengths": [16000, 12000],
+                 "labels": torch.tensor([[0, 1, 2], [1, 2, -100]]), "label_lengths": [3, 2]}
+        with DeviceReads() as reads:
+            loss = model(batch).loss
+        assert reads.reads == [] and torch.isfinite(loss), method
