@@ -82,6 +82,32 @@ class Probe:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB: the process's peak
 
 
+def model_states(cfg) -> dict:
+    """The arithmetic of the config's model states, without running it: parameters (total, trainable under
+    `model.finetune` and `model.freeze_feature_encoder`) and the bytes of float32 weights, of gradients of the
+    trainable ones, and of AdamW's two float32 moments per trainable parameter. Activations are not in it:
+    they depend on the batch and the device (the planner's batches measure them). The network is built on
+    the meta device: seconds, no memory, for any size."""
+    from omegaconf import OmegaConf
+    from transformers import Wav2Vec2Config
+
+    from asr.model import finetune as tuning
+    from asr.model.encoder import SyncFreeWav2Vec2ForCTC
+
+    finetune = tuning.check(OmegaConf.to_container(cfg.model.finetune))
+    fields = {**OmegaConf.to_container(cfg.model.arch), **OmegaConf.to_container(cfg.model.config),
+              **tuning.config_overrides(finetune), "vocab_size": 40}
+    with torch.device("meta"):
+        network = SyncFreeWav2Vec2ForCTC(Wav2Vec2Config(**fields))
+        if cfg.model.freeze_feature_encoder:
+            network.freeze_feature_encoder()
+        tuning.prepare(network, finetune, "the planner's model")
+    total = sum(p.numel() for p in network.parameters())
+    trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    return {"finetune": finetune["method"], "total_parameters": total, "trainable_parameters": trainable,
+            "weights_gb": 4 * total / 1e9, "gradients_gb": 4 * trainable / 1e9, "adamw_gb": 8 * trainable / 1e9}
+
+
 def capacity_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[1] / 1e9
@@ -168,6 +194,13 @@ def main(argv: list[str]):
     from asr.config import compose
 
     args, overrides = cli.parse("memory", argv, passthrough=True)  # the others: the train config's
+    if args.states:
+        states = model_states(compose("train", [*overrides, "run_dir=/tmp/asr-memory"]))
+        print(f"{' '.join(overrides) or 'defaults'}: finetune={states['finetune']}, {states['trainable_parameters']:,} "
+              f"of {states['total_parameters']:,} parameters train; float32 weights {states['weights_gb']:.2f} GB, "
+              f"gradients {states['gradients_gb']:.2f} GB, AdamW moments {states['adamw_gb']:.2f} GB: "
+              f"{states['weights_gb'] + states['gradients_gb'] + states['adamw_gb']:.2f} GB before activations")
+        return states
     device = asr.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (peak resident memory)"
     if args.cards:

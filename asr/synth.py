@@ -217,7 +217,7 @@ def make_demo(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50,
 
 
 def write_speakers(root: Path, sentences: list[str], rng: random.Random, n_train: int, n_dev: int,
-                   voices: tuple[list[Voice], list[Voice], list[Voice]]) -> None:
+                   voices: tuple[list[Voice], list[Voice], list[Voice]], locale: str = "pt") -> None:
     """Shuffle `sentences` into train, dev and test (the rest), spoken in turn by each split's own voices,
     as a Common Voice release in `root`."""
     sentences = list(sentences)
@@ -226,7 +226,7 @@ def write_speakers(root: Path, sentences: list[str], rng: random.Random, n_train
              "test": sentences[n_train + n_dev:]}
     splits = {split: [(s, split_voices[i % len(split_voices)]) for i, s in enumerate(part)]
               for (split, part), split_voices in zip(parts.items(), voices)}
-    write_common_voice(root, splits, locale="pt")
+    write_common_voice(root, splits, locale=locale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +266,56 @@ def make_short(root: Path, n_train: int = 700, n_dev: int = 50, n_test: int = 50
     write_speakers(root, sentences, rng, n_train, n_dev, (SHORT_TRAIN_VOICES, SHORT_DEV_VOICES, SHORT_TEST_VOICES))
 
 
-CORPORA = {"demo": make_demo, "short": make_short}
+# ---------------------------------------------------------------------------------------------
+# Another language: Spanish sentences of the demo's shape, Castilian and Latin American voices (dev and test
+# voices unseen in training). A second language to adapt a Portuguese base to (benchmarks/adapt.py).
+
+ES_SUBJECTS = [
+    "el gato", "la niña", "mi hermano", "la maestra", "el vecino", "mi abuela", "el perro", "el pescador",
+    "la cantante", "el médico", "la familia", "el panadero", "el niño", "el viejo marinero",
+]
+ES_VERBS = ["come", "ve", "busca", "compra", "lleva", "encuentra", "pinta", "guarda", "trae", "vende", "lava",
+            "prepara"]
+ES_OBJECTS = [
+    "el pan", "una naranja", "el libro azul", "la bicicleta", "un pez grande", "las flores", "el sombrero viejo",
+    "la caja de madera", "un pastel de chocolate", "la carta", "el barco", "las patatas", "un vaso de leche",
+    "la llave de la puerta",
+]
+ES_PLACES = ["en la cocina", "en el mercado", "en la playa", "en el jardín", "en la escuela", "cerca del río",
+             "en la estación", "en el cuarto", "en el pueblo", "debajo del árbol"]
+ES_TIMES = ["hoy", "por la mañana", "por la noche", "todos los días", "el domingo", "después de comer", "ayer",
+            "a veces"]
+ES_TRAIN_VOICES = [
+    Voice("es+m1", 150, 45), Voice("es+f2", 165, 60), Voice("es-419+m3", 160, 40), Voice("es-419+f4", 145, 65),
+    Voice("es+m4", 175, 50), Voice("es-419+f1", 170, 55), Voice("es+f5", 155, 70), Voice("es-419+m2", 150, 35),
+]
+ES_DEV_VOICES = [Voice("es+m2", 160, 48), Voice("es-419+f2", 158, 62)]
+ES_TEST_VOICES = [Voice("es+f3", 162, 58), Voice("es-419+m4", 155, 42)]
+
+
+def spanish_sentences(n: int, rng: random.Random) -> list[str]:
+    def sentence() -> str:
+        words = [rng.choice(ES_SUBJECTS), rng.choice(ES_VERBS), rng.choice(ES_OBJECTS)]
+        if rng.random() < 0.7:
+            words.append(rng.choice(ES_PLACES))
+        if rng.random() < 0.4:
+            words.insert(0, rng.choice(ES_TIMES).capitalize() + ",")
+        else:
+            words[0] = words[0].capitalize()
+        return " ".join(words) + rng.choice([".", ".", "!"])
+
+    return distinct(n, sentence)
+
+
+def make_spanish(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50, seed: int = 2) -> None:
+    """620 Spanish clips in the Common Voice layout (locale es): the demo's size, another language."""
+    rng = random.Random(seed)
+    sentences = spanish_sentences(n_train + n_dev + n_test, rng)
+    write_speakers(root, sentences, rng, n_train, n_dev, (ES_TRAIN_VOICES, ES_DEV_VOICES, ES_TEST_VOICES),
+                   locale="es")
+
+
+CORPORA = {"demo": make_demo, "short": make_short, "es": make_spanish}
 
 def main(argv: list[str]) -> None:
     from asr import cli

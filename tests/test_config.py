@@ -24,7 +24,8 @@ from asr.model.module import CTCModel, adamw
 from tests.conftest import compose_config
 
 GROUPS = {
-    "lang": ["demo", "hy", "pt", "zh_cn", "ko", "zh_en", "custom"],
+    "lang": ["demo", "hy", "pt", "es", "zh_cn", "ko", "zh_en", "custom"],
+    "finetune": ["full", "adapters", "lora"],
     "model": ["tiny", "xlsr_300m", "xlsr_1b"],
     "sched": ["linear", "tristage"],
     "precision": ["32", "16", "bf16"],

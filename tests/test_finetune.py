@@ -3,6 +3,7 @@ holds, resuming on the same base only, the MMS export layout that transformers l
 merged for pipeline(), and the errors."""
 
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import asr
 import transcribe
-from asr import export
+from asr import export, synth
 from asr.data import audio, text
 from asr.model import finetune as tuning
 from asr.model.module import CTCModel
@@ -26,7 +27,9 @@ TRAIN = ("trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_worker
 
 
 def train(*overrides: str, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "train.py", *TRAIN, *overrides], cwd=asr.REPO_DIR, capture_output=True,
+    flags = [o for o in overrides if o.startswith("-")]  # -m: before the overrides, as argparse takes it
+    overrides = [o for o in overrides if not o.startswith("-")]
+    result = subprocess.run([sys.executable, "train.py", *flags, *TRAIN, *overrides], cwd=asr.REPO_DIR, capture_output=True,
                             text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -42,16 +45,30 @@ def base(barely_trained, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(base, cv_corpus, tmp_path_factory) -> dict[str, Path]:
-    """Runs of 2 updates from `base`: adapters for pt and for hy (the same clips under Armenian's text rules,
-    another seed: other adapters and head), and LoRA for pt."""
+def es_corpus(tmp_path_factory) -> Path:
+    """12 train, 4 dev, 4 test utterances of espeak Spanish in the Common Voice layout: a second language."""
+    root = tmp_path_factory.mktemp("cv-es") / "es"
+    sentences = synth.spanish_sentences(20, random.Random(3))
+    voices = synth.ES_TRAIN_VOICES[:2]
+    synth.write_common_voice(root, {"train": [(s, voices[i % 2]) for i, s in enumerate(sentences[:12])],
+                                    "dev": [(s, synth.ES_DEV_VOICES[0]) for s in sentences[12:16]],
+                                    "test": [(s, synth.ES_TEST_VOICES[0]) for s in sentences[16:]]}, locale="es")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(base, cv_corpus, es_corpus, tmp_path_factory) -> dict[str, Path]:
+    """Runs of 2 updates from `base`: adapters for pt and es in one multirun, as the README runs it (one job per
+    language, data.root by language), and LoRA for pt."""
     root = tmp_path_factory.mktemp("finetune")
-    out = {}
-    for name, extra in {"pt": ("finetune=adapters", "lang=pt"), "hy": ("finetune=adapters", "lang=hy", "seed=7"),
-                        "lora": ("finetune=lora", "lang=pt")}.items():
-        out[name] = root / name
-        train(*extra, f"model.pretrained={base}", f"data.root={cv_corpus}", f"hydra.run.dir={out[name]}")
-    return out
+    corpora = root / "corpora"
+    corpora.mkdir()
+    (corpora / "pt").symlink_to(cv_corpus)
+    (corpora / "es").symlink_to(es_corpus)
+    train("-m", "finetune=adapters", f"model.pretrained={base}", "lang=pt,es", f"data.root={corpora}/${{data.lang}}",
+          f"hydra.sweep.dir={root}/adapters", "hydra.sweep.subdir=${data.lang}")
+    train("finetune=lora", "lang=pt", f"model.pretrained={base}", f"data.root={cv_corpus}", f"hydra.run.dir={root}/lora")
+    return {"pt": root / "adapters" / "pt", "es": root / "adapters" / "es", "lora": root / "lora"}
 
 
 def test_only_the_adapters_or_lora_and_the_head_train_and_the_checkpoint_holds_only_them(runs, barely_trained):
@@ -106,14 +123,14 @@ def hf_transcripts(model_dir: Path, lang: str, clips: list[Path]) -> list[str]:
 
 def test_mms_export_serves_both_languages_in_transformers_and_transcribe(runs, cv_corpus, tmp_path):
     out = tmp_path / "mms"
-    for lang in ("pt", "hy"):
+    for lang in ("pt", "es"):
         result = in_process(export.main, [f"ckpt_path={runs[lang] / 'checkpoints' / 'last.ckpt'}", f"out={out}"])
         assert result.returncode == 0, result.stderr
-    assert {p.name for p in out.glob("adapter.*.safetensors")} == {"adapter.pt.safetensors", "adapter.hy.safetensors"}
-    assert set(json.loads((out / "vocab.json").read_text())) == {"pt", "hy"}
+    assert {p.name for p in out.glob("adapter.*.safetensors")} == {"adapter.pt.safetensors", "adapter.es.safetensors"}
+    assert set(json.loads((out / "vocab.json").read_text())) == {"pt", "es"}
     assert json.loads((out / "config.json").read_text())["adapter_attn_dim"] == 16
     clips = sorted((cv_corpus / "clips").glob("*.mp3"))[:4]
-    for lang in ("pt", "hy"):
+    for lang in ("pt", "es"):
         ckpt = runs[lang] / "checkpoints" / "last.ckpt"
         expected = [json.loads(line)["text"] for line in in_process(transcribe.main, [
             f"model_path={ckpt}", audio_list(clips), "format=json", "batch_seconds=10"]).stdout.splitlines()]
@@ -124,11 +141,19 @@ def test_mms_export_serves_both_languages_in_transformers_and_transcribe(runs, c
         assert served.returncode == 0, served.stderr
         assert_same_transcripts([json.loads(line)["text"] for line in served.stdout.splitlines()], expected)
     # the two languages differ: their adapters and heads are their own
-    pt, hy = (load_file(out / f"adapter.{lang}.safetensors") for lang in ("pt", "hy"))
-    assert pt.keys() == hy.keys() and not torch.equal(pt["lm_head.weight"], hy["lm_head.weight"])
+    pt, es = (load_file(out / f"adapter.{lang}.safetensors") for lang in ("pt", "es"))
+    vocabularies = json.loads((out / "vocab.json").read_text())
+    assert pt.keys() == es.keys() and vocabularies["pt"] != vocabularies["es"]
+    assert pt["lm_head.weight"].shape != es["lm_head.weight"].shape or not torch.equal(pt["lm_head.weight"],
+                                                                                         es["lm_head.weight"])
+    # a directory serves one base: an export of adapters of another base into it is refused
+    rules = json.loads((out / "asr.json").read_text())
+    (out / "asr.json").write_text(json.dumps({**rules, "base_hash": "0" * 64}))
+    refused = in_process(export.main, [f"ckpt_path={runs['es'] / 'checkpoints' / 'last.ckpt'}", f"out={out}"])
+    assert refused.returncode == 1 and "holds adapters of another base" in refused.stderr
     missing = in_process(transcribe.main, [f"model_path={out}", "target_lang=ko", f"audio={clips[0]}"])
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == \
-        f"error: target_lang=ko: {out} has adapters for pt, hy only"
+        f"error: target_lang=ko: {out} has adapters for pt, es only"
     unpicked = in_process(transcribe.main, [f"model_path={out}", f"audio={clips[0]}"])
     assert "pick one with target_lang=<lang>" in unpicked.stderr and len(unpicked.stderr.strip().splitlines()) == 1
 
