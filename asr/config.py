@@ -307,12 +307,15 @@ def command_line_changes(cfg: DictConfig, config_name: str) -> tuple[dict, set[s
 
 
 def register_resolvers() -> None:
-    """The resolvers conf/ uses: `${repo:}` (this checkout, whatever the working directory) and
-    `${run_dir_name:<otherwise>}` (`asr.run_dir_name`). Every entry point calls this before composing."""
+    """The resolvers conf/ uses: `${repo:}` (this checkout, whatever the working directory),
+    `${run_dir_name:<otherwise>}` (`asr.run_dir_name`) and `${either:<value>,<otherwise>}` (the value unless it is
+    null). Every entry point calls this before composing."""
     from asr import REPO_DIR, run_dir_name
 
     OmegaConf.register_new_resolver("repo", lambda: str(REPO_DIR), replace=True)
     OmegaConf.register_new_resolver("run_dir_name", run_dir_name, replace=True)
+    OmegaConf.register_new_resolver("either", lambda value, otherwise: otherwise if value is None else value,
+                                    replace=True)
 
 
 def compose(name: str, overrides=()) -> DictConfig:

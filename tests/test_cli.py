@@ -13,7 +13,7 @@ import asr
 from asr import cli
 from tests.conftest import compose_config, in_process
 
-TOOLS = ["transcribe", "sweep", "export", "lm", "memory", "synth"]
+TOOLS = ["transcribe", "sweep", "export", "lm", "memory", "synth", "average"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -48,7 +48,7 @@ def test_every_tool_answers_help_with_its_settings():
     result = subprocess.run([sys.executable, "transcribe.py", "--help"], cwd=asr.REPO_DIR, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "settings (key=value; defaults in conf/transcribe.yaml)" in result.stdout
-    for tool in ("sweep", "export", "lm", "memory", "synth"):
+    for tool in ("sweep", "export", "lm", "memory", "synth", "average"):
         module = importlib.import_module(f"asr.{tool}")
         assert "main(sys.argv[1:])" in Path(module.__file__).read_text().split('if __name__ == "__main__":')[1]
         result = in_process(module.main, ["--help"])

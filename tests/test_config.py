@@ -107,7 +107,7 @@ def test_trainer_options(sched, precision, logger, tmp_path, monkeypatch):
     assert (built_logger is False) == (logger == "none")
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     assert {type(c).__name__ for c in callbacks} == ({"ModelCheckpoint", "Requeue", "PredictionsTable", "SpeedMonitor",
-                                                      "WorstBatchFirst", "PlateauWatch", "Progress"}
+                                                      "WorstBatchFirst", "PlateauWatch", "Progress", "AverageBest"}
                                                      | ({"LearningRateMonitor"} if built_logger else set()))
     trainer = instantiate(cfg.trainer, logger=built_logger, callbacks=callbacks)
     expected = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}[precision]

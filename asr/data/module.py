@@ -232,13 +232,14 @@ class SpeechDataModule(L.LightningDataModule):
         Path(path).write_text(json.dumps(self.report, indent=1, ensure_ascii=False))
         log.info("data report (%s):\n%s", path, format_report(self.report))
 
-    def sampler(self, split: str) -> DurationBatchSampler:
-        """The batch plan of `split` for this rank: fixed shapes from its durations and the budget."""
+    def sampler(self, split: str, whole: bool = False) -> DurationBatchSampler:
+        """The batch plan of `split` for this rank (`whole`: the whole split, for a rank that evaluates alone):
+        fixed shapes from its durations and the budget."""
         utterances = self.load(split)
         training = split == "train"
         h = self.hparams
-        world = self.trainer.world_size if self.trainer else 1
-        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer and not whole else 1
+        rank = self.trainer.global_rank if self.trainer and not whole else 0
         size = h.max_batch_size if training or h.eval_max_batch_size is None else h.eval_max_batch_size
         augmented = training and self.augment.active
         # Speed perturbation: a clip lasts its duration / its epoch's factor. The plan is made on the longest
@@ -251,9 +252,10 @@ class SpeechDataModule(L.LightningDataModule):
             tag_epoch=augmented, audio_seconds=utterances.seconds * self.augment.mean_stretch if augmented else None,
             geometry=self.geometry)
 
-    def dataloader(self, split: str) -> DataLoader:
+    def dataloader(self, split: str, whole: bool = False) -> DataLoader:
+        """The loader of `split`: this rank's batches, or with `whole` every batch of the split (`sampler`)."""
         training = split == "train"
-        sampler = self.sampler(split)
+        sampler = self.sampler(split, whole)
         if training and self._resume is not None:
             sampler.load_state_dict(self._resume)
             self._resume = None

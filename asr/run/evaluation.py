@@ -1,11 +1,11 @@
 """An evaluation of a checkpoint, built from the objects a run is built from: `assemble_evaluation`
-(evaluate.py)."""
-
+(evaluate.py); a model's dev figures from a run's own data, `dev_rates` (callbacks.average)."""
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -13,6 +13,7 @@ import asr
 from asr import SetupError, lm
 from asr.config import checked, command_line_changes
 from asr.data.module import SpeechDataModule
+from asr.model.metrics import ErrorRates
 from asr.model.module import CTCModel
 from asr.run import checkpoints, provenance
 
@@ -92,3 +93,16 @@ def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
         elif not Path(lm_path).is_file():
             raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
     return lm.beam_decoder(model.vocab.tokens, lm_path, cfg.alpha, cfg.beta), lm_path
+
+
+def dev_rates(model: CTCModel, data: SpeechDataModule, device) -> dict[str, float]:
+    """Greedy WER and CER (and MER) of `model` on the whole dev split of `data`, in this process on `device`:
+    decoded as validation and evaluate.py decode (`CTCModel.decode`, in float32) and counted as they count
+    (`asr.model.metrics`). A run's model scores here what its validation scored."""
+    errors = ErrorRates()
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        for batch in data.dataloader("dev", whole=True):
+            if batch["ids"]:
+                errors.update(batch["texts"], model.decode(batch).hypotheses, batch["languages"])
+    return errors.rates()

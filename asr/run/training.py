@@ -24,6 +24,7 @@ from asr import Complete, Requeued, SetupError, TrainingStopped, search
 from asr.config import checked, expand_path
 from asr.data.module import SpeechDataModule
 from asr.data.text import Vocabulary
+from asr.average import AverageBest, check_kept
 from asr.export import export
 from asr.model import speed
 from asr.model.encoder import check_pretrained, wav2vec2_config
@@ -119,6 +120,7 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     cfg = checked(cfg, "train")  # resolved, and every key and type checked against the code
     speed.configure_cuda_allocator(cfg.model.expandable_segments)  # before anything initialises CUDA
     cluster.check_machine(cfg.trainer)  # no setting that Lightning would swap for another
+    check_kept(cfg.callbacks)  # callbacks.average.best: as many best checkpoints kept
     run_dir = Path(cfg.run_dir)
     ckpt_path = checkpoints.resume_checkpoint(cfg.ckpt_path, run_dir / "checkpoints")  # before any data is read
     ckpt_path = ckpt_path and checkpoints.verified(ckpt_path)
@@ -182,7 +184,8 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
 
 def conclude(run: Run) -> dict:
     """After a completed fit, on rank 0: the data report with the clips met unreadable while training, the
-    best model exported to model/ with its card, results.json and curves.png. Returns the results."""
+    best model exported to model/ with its card, with callbacks.average.best the best checkpoints averaged and
+    scored on dev (`AverageBest`), results.json and curves.png. Returns the results."""
     if not run.trainer.is_global_zero:
         return {}
     if any(r.get("met_while_loading") for r in run.data.report.values()):  # else as written at the start
@@ -193,7 +196,9 @@ def conclude(run: Run) -> dict:
     first = {} if run.report.rows else {"updates": run.trainer.global_step,
                                         "first_evaluation_at_update": run.first_evaluation()}
     size = {"checkpoint_bytes": Path(best).stat().st_size} if best else {}
-    results = run.report.write_results(state="complete", best_checkpoint=best or None, **first, **size,
+    average = next((c for c in run.callbacks if isinstance(c, AverageBest) and c.best), None)
+    averaged = {"average": average.conclude(run.dir, best, run.data, run.trainer.strategy.root_device)} if average else {}
+    results = run.report.write_results(state="complete", best_checkpoint=best or None, **first, **size, **averaged,
                                        **({"pruned_at_step": run.pruning.pruned_at_step} if run.pruning else {}))
     run.report.write_curves()
     tracking.summarize(results)
