@@ -22,6 +22,7 @@ import torch
 from asr import SetupError
 from asr.data.text import Vocabulary
 from asr.lm import exported_decoder
+from asr.model import finetune as tuning
 from asr.model.frames import Geometry
 from asr.model.module import CTCModel, Decoded, Output, decoded
 
@@ -53,14 +54,15 @@ class Graph(torch.nn.Module):
         return network.lm_head(network.transformer(hidden, mask)), frames
 
 
-def unknown_parameters(model: CTCModel) -> list[str]:
-    """The names of `model`'s parameters and buffers that HF's Wav2Vec2ForCTC of its config does not have
-    (adapters, say): the graph computes only the network's own modules, so it would leave them out."""
+def unknown_parameters(network: torch.nn.Module) -> list[str]:
+    """The names of `network`'s parameters and buffers that HF's Wav2Vec2ForCTC of its config does not have:
+    the graph computes only the network's own modules, so it would leave them out. (MMS adapters are HF's own,
+    with adapter_attn_dim in the config; LoRA is merged into the weights before export.)"""
     from transformers import Wav2Vec2ForCTC
 
     with torch.device("meta"):
-        known = {f"model.{name}" for name in Wav2Vec2ForCTC(model.model.config).state_dict()}
-    return [name for name in model.state_dict() if name not in known]
+        known = set(Wav2Vec2ForCTC(network.config).state_dict())
+    return [f"model.{name}" for name in network.state_dict() if name not in known]
 
 
 def export(model: CTCModel, out_dir: Path, quantize: str | None = None) -> Path:
@@ -70,11 +72,13 @@ def export(model: CTCModel, out_dir: Path, quantize: str | None = None) -> Path:
     would leave out, or torch.onnx cannot export it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if unknown := unknown_parameters(model):
+    network = model.model.eval()
+    if model.hparams.get("finetune") and model.hparams.finetune["method"] == "lora":
+        network = tuning.without_lora(network, merge=True)  # the updates in the weights: a plain wav2vec2
+    if unknown := unknown_parameters(network):
         raise SetupError(f"the model holds {len(unknown)} parameters a wav2vec2 CTC model does not have "
                          f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): ONNX export knows only "
-                         f"wav2vec2's own modules (adapters: not yet)")
-    network = model.model.eval()
+                         f"wav2vec2's own modules")
     geometry = network.geometry
     hop = geometry.hop
     audio = torch.randn(2, 50 * hop)  # two clips, the second padded: the graph's mask is traced

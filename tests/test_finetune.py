@@ -232,3 +232,39 @@ def test_the_encoder_pass_reads_nothing_back_from_the_device_with_adapters_or_lo
         with DeviceReads() as reads:
             loss = model(batch).loss
         assert reads.reads == [] and torch.isfinite(loss), method
+
+
+def test_the_planners_arithmetic_counts_what_each_method_trains():
+    """python -m asr.memory states=true on the tiny model (128 wide, 3 layers, 40 tokens): an MMS adapter per
+    layer is a layer norm (2 x 128), 128 -> 16 and 16 -> 128 with biases; the head 40 x 128 + 40."""
+    from asr import memory
+
+    head = 40 * 128 + 40
+    adapters = memory.model_states(compose_config(overrides=["finetune=adapters"]))
+    assert adapters["trainable_parameters"] == 3 * (2 * 128 + 128 * 16 + 16 + 16 * 128 + 128) + head
+    lora = memory.model_states(compose_config(overrides=["finetune=lora", "model.finetune.rank=4"]))
+    # rank 4 on q, k, v, out (128 x 128: 4 x (128 + 128) each) and the feed-forward's 128 <-> 512 denses
+    assert lora["trainable_parameters"] == 3 * (4 * 4 * 256 + 2 * 4 * (128 + 512)) + head
+    full = memory.model_states(compose_config(overrides=[]))
+    assert full["trainable_parameters"] == full["total_parameters"] == adapters["total_parameters"] - 3 * 4496
+    assert adapters["adamw_gb"] == 8 * adapters["trainable_parameters"] / 1e9
+
+
+def test_onnx_exports_adapters_as_they_are_and_lora_merged(runs, cv_corpus, tmp_path):
+    from asr.onnx import OnnxModel
+
+    clips = sorted((cv_corpus / "clips").glob("*.mp3"))[:2]
+    waves = [torch.from_numpy(audio.normalize(audio.load(c))) for c in clips]
+    lengths = [len(w) for w in waves]
+    batch = {"audio": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True), "lengths": lengths}
+    for name in ("es", "lora"):
+        ckpt = runs[name] / "checkpoints" / "last.ckpt"
+        result = in_process(export.main, [f"ckpt_path={ckpt}", f"out={tmp_path / name}", "format=onnx"])
+        assert result.returncode == 0, result.stderr
+        model = CTCModel.from_checkpoint(ckpt).eval()
+        with torch.no_grad():
+            ours = model(batch)
+        theirs = OnnxModel(tmp_path / name / "model.onnx")(batch)
+        assert theirs.frames.tolist() == ours.frames.tolist()
+        for i, n in enumerate(ours.frames.tolist()):
+            torch.testing.assert_close(theirs.logits[i, :n], ours.logits[i, :n], atol=2e-4, rtol=1e-3)

@@ -92,7 +92,7 @@ def test_what_onnx_cannot_export_or_run_is_said_in_one_line(barely_trained, expo
                  check=False)
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
     assert "holds 1 parameters this code's model does not have (model.wav2vec2.encoder.layers.0.adapter.weight)" in result.stderr
-    # a model that knows parameters of its own (adapters, once trained): the graph would leave them out
+    # a model that knows a module of its own: the graph would leave it out
     model = CTCModel.from_checkpoint(ckpt)
     model.model.wav2vec2.encoder.layers[0].adapter = torch.nn.Linear(4, 4)
     with pytest.raises(SetupError, match=r"holds 2 parameters a wav2vec2 CTC model does not have "

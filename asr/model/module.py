@@ -87,7 +87,7 @@ class CTCModel(L.LightningModule):
     def __init__(self, vocab: list[str], pretrained: str | None, arch: dict, config: dict, language: str | None,
                  freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
                  attn_implementation: str, compile: bool | str, ctc_loss: str, max_consecutive_skips: int,
-                 expandable_segments: bool, optim: dict, sched: dict, head_init: str, finetune: dict | None = None):
+                 expandable_segments: bool, optim: dict, sched: dict, head_init: str, finetune: dict | None):
         finetune = tuning.check(dict(finetune or {"method": "full"}))
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
@@ -225,7 +225,8 @@ class CTCModel(L.LightningModule):
         model = cls(vocab=sorted(vocab, key=vocab.get), pretrained=str(path), arch={}, config={},
                     language=rules.get("language"), freeze_feature_encoder=False, freeze_finetune_updates=0,
                     gradient_checkpointing=False, attn_implementation="sdpa", compile=False, ctc_loss="auto",
-                    max_consecutive_skips=1, expandable_segments=False, optim={}, sched={}, head_init="normal")
+                    max_consecutive_skips=1, expandable_segments=False, optim={}, sched={}, head_init="normal",
+                    finetune=None)
         if target_lang is not None:
             model.model.load_adapter(target_lang)  # its adapters and CTC head (adapter.<lang>.safetensors)
         return model, exported_decoder(path)
