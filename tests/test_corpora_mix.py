@@ -160,3 +160,38 @@ def test_a_corpus_root_that_does_not_exist_is_named(cv_corpus, tmp_path):
     data = data_module(f"data.corpora=[{{name:pt,lang:pt,root:{cv_corpus}}},{{name:es,lang:es,root:{tmp_path}/none}}]")
     assert data.check().startswith(f"data.corpora (es): data.root={tmp_path}/none does not exist")
     assert "entries 0 and 1" in data_module("data.corpora=[{name:a,lang:pt},{name:a,lang:pt}]").check()
+
+
+def mix_of(cv_corpus, es_corpus, pt_weight=0.75) -> str:
+    return (f"data.corpora=[{{name:pt,lang:pt,root:{cv_corpus},weight:{pt_weight}}},"
+            f"{{name:es,lang:es,root:{es_corpus},weight:{1 - pt_weight},dev_speakers:1}}]")
+
+
+def test_each_corpus_dev_split_is_scored_and_val_cer_is_their_hour_weighted_mean(cv_corpus, es_corpus, tmp_path):
+    import json
+
+    from asr.run.training import conclude
+    from tests.conftest import assembled
+
+    run = assembled(mix_of(cv_corpus, es_corpus), "data.num_workers=0", "data.max_batch_seconds=20", "logger=csv",
+                    "trainer.max_steps=2", "trainer.val_check_interval=2", "+trainer.enable_progress_bar=false",
+                    f"run_dir={tmp_path}", "callbacks.checkpoint.monitor=val/es/cer", accelerator="cpu")
+    run.fit()
+    metrics = run.trainer.callback_metrics
+    hours = {n: run.data.report["dev"]["corpora"][n]["seconds"] for n in ("pt", "es")}
+    mean = sum(hours[n] * float(metrics[f"val/{n}/cer"]) for n in hours) / sum(hours.values())
+    assert float(metrics["val/cer"]) == pytest.approx(mean, rel=1e-5)
+    assert {"val/pt/wer", "val/es/wer", "val/wer"} <= set(metrics)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["monitor"] == "val/es/cer" and results["corpora"]["es"]["val_cer"] == pytest.approx(
+        float(metrics["val/es/cer"]))
+    assert "| pt |" in (tmp_path / "results.md").read_text() and "| es |" in (tmp_path / "results.md").read_text()
+    assert run.model.hparams.language == "pt"  # the first corpus's text rules
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/pt/cer", "val/es/cer", "val/pt/wer", "val/es/wer", "val/cer"} <= set(header)
+    conclude(run)
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "| es |" in card and f"pt (pt, {cv_corpus}, weight 0.75)" in card
+    with pytest.raises(SetupError, match=r"'fr' is not a corpus of this run; give one of val/pt/cer, val/es/cer"):
+        assembled(mix_of(cv_corpus, es_corpus), "data.num_workers=0", "data.max_batch_seconds=20", "logger=none",
+                  "callbacks.checkpoint.monitor=val/fr/cer")
