@@ -3,10 +3,13 @@ determinism, resume and DDP, the union vocabulary, the data report's per-corpus 
 
 import logging
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+import asr
 from asr import SetupError, synth
 from asr.data import mixing
 from asr.data.batching import DurationBatchSampler
@@ -192,6 +195,19 @@ def test_each_corpus_dev_split_is_scored_and_val_cer_is_their_hour_weighted_mean
     conclude(run)
     card = (tmp_path / "model" / "README.md").read_text()
     assert "| es |" in card and f"pt (pt, {cv_corpus}, weight 0.75)" in card
+    # evaluate.py: every corpus's test split on its own, or one
+    for extra, names in (([], {"pt", "es"}), (["corpus=es"], {"es"})):
+        out = tmp_path / f"eval{len(extra)}"
+        result = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={tmp_path}", "data.num_workers=0", *extra,
+                                 f"hydra.run.dir={out}"], cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        scored = json.loads((out / "metrics.json").read_text())
+        counts = {"pt": 4, "es": 2}  # test clips
+        assert set(scored["by_corpus"]) == names and scored["n_utterances"] == sum(counts[n] for n in names)
+        assert scored["by_corpus"]["es"]["n_utterances"] == 2 and "  es: WER" in result.stdout
+    result = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={tmp_path}", "corpus=fr",
+                             f"hydra.run.dir={tmp_path}/bad"], cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "corpus=fr: the run's corpora are pt, es" in result.stderr
     with pytest.raises(SetupError, match=r"'fr' is not a corpus of this run; give one of val/pt/cer, val/es/cer"):
         assembled(mix_of(cv_corpus, es_corpus), "data.num_workers=0", "data.max_batch_seconds=20", "logger=none",
                   "callbacks.checkpoint.monitor=val/fr/cer")
