@@ -10,6 +10,9 @@ By default it scores the data the run was trained on: corpus, root, language (te
 from the run's config.yaml beside checkpoints/. lang=... or data.* on the command line scores other data,
 and says so. Split: train, dev, test, or the release's own name (ASCEND's validation).
 
+A run of several corpora (data.corpora) scores each corpus's split on its own (metrics.json's by_corpus, a line
+each), or one of them with corpus=<name>.
+
 Writes metrics.json (wer, cer, and mer for Mandarin; with a beam decoder also the greedy figures; per language tag under by_language when the corpus
 tags utterances, as ASCEND does) and predictions.jsonl (id, language, reference, hypothesis per
 utterance) into the run directory. Streams: one batch of logits in memory at a time. With logger=wandb,
@@ -43,6 +46,9 @@ def evaluate(cfg: DictConfig) -> dict:
     scored = {"corpus": cfg.data.corpus, "root": cfg.data.root, "split": split, "checkpoint": scoring.checkpoint}
     loader = data.dataloader(role)
     errors, greedy_errors = ErrorRates(), ErrorRates()
+    # several corpora (data.corpora): each corpus's split scored on its own, under its own text rules
+    languages = {name: part.hparams.language for name, part in data.parts.items()} if data.mixed else {}
+    by_corpus = {name: ErrorRates() for name in languages}
     seconds, skipped = 0.0, 0
     worst = []  # with a W&B logger: (CER, line) of the worst_utterances highest, as a min-heap
     with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as out, torch.inference_mode():
@@ -54,9 +60,13 @@ def evaluate(cfg: DictConfig) -> dict:
             greedy, hypotheses = decoded.greedy, decoded.hypotheses
             errors.update(batch["texts"], hypotheses, batch["languages"])
             greedy_errors.update(batch["texts"], greedy, batch["languages"])
-            for utt_id, tag, reference, hypothesis, best_path in zip(batch["ids"], batch["languages"], batch["texts"],
-                                                                     hypotheses, greedy):
-                line = {"id": utt_id, "language": tag, "reference": reference, "hypothesis": hypothesis, **scored}
+            for name, reference, hypothesis, tag in zip(batch.get("corpora", ()), batch["texts"], hypotheses,
+                                                        batch["languages"]):
+                by_corpus[name].update([reference], [text.normalize(hypothesis, languages[name])], [tag])
+            for i, (utt_id, tag, reference, hypothesis, best_path) in enumerate(zip(
+                    batch["ids"], batch["languages"], batch["texts"], hypotheses, greedy)):
+                line = {"id": utt_id, "language": tag, "reference": reference, "hypothesis": hypothesis, **scored,
+                        **({"corpus": batch["corpora"][i]} if "corpora" in batch else {})}
                 if decoder is not None:
                     line["greedy_hypothesis"] = best_path
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -82,6 +92,10 @@ def evaluate(cfg: DictConfig) -> dict:
                **({"other_data": {k: {"trained": old, "scored": new} for k, (old, new) in trained["other"].items()}}
                   if trained["other"] else {}),
                **({"by_language": by_language} if len(by_language) > 1 else {}),
+               **({"by_corpus": {name: {k: v for k, v in e.rates().items()
+                                        if k != "mer" or text.is_chinese(languages[name])} | {
+                                            "n_utterances": sum(e.utterances.values())}
+                                 for name, e in by_corpus.items() if e.utterances}} if by_corpus else {}),
                "data_report": data.report[role]}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
     if cfg.logger:
@@ -109,6 +123,8 @@ def main(cfg: DictConfig) -> None:
     print(f"{metrics['split']} {cfg.decoder}: WER {metrics['wer']:.4f}  CER {metrics['cer']:.4f}{mer}{greedy}  "
           f"({metrics['n_utterances']} utterances of {metrics['corpus']} at {metrics['root']}{other}; "
           f"{metrics['checkpoint']}) -> {cfg.run_dir}")
+    for name, rates in metrics.get("by_corpus", {}).items():  # several corpora: each on its own
+        print(f"  {name}: WER {rates['wer']:.4f}  CER {rates['cer']:.4f}  ({rates['n_utterances']} utterances)")
 
 
 if __name__ == "__main__":

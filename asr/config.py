@@ -38,7 +38,7 @@ def train_settings(seed: int, run_dir: str, ckpt_path: str | None, update_clips:
 
 def evaluate_settings(ckpt_path: str, seed: int, split: str, device: str, run_dir: str, decoder: str,
                       beam_width: int, alpha: float, beta: float, lm_path: str | None, lm_order: int,
-                      worst_utterances: int):
+                      worst_utterances: int, corpus: str | None):
     """evaluate.py's own top-level settings (conf/evaluate.yaml)."""
 
 

@@ -37,6 +37,7 @@ import math
 import numpy as np
 from torch.utils.data import Sampler
 
+from asr.data import mixing
 from asr.data.audio import SAMPLE_RATE
 from asr.model.frames import Geometry, WAV2VEC2
 
@@ -85,11 +86,19 @@ class DurationBatchSampler(Sampler[Planned]):
     clips' expected seconds, for the padding figure (None: `durations`).
 
     geometry: the model's frame geometry (`asr.model.frames`): every padded length is a whole number of its hops.
+
+    Several corpora (`asr.data.mixing`): `corpus` gives each clip's corpus (0, 1, ...) and `draws` the clips an
+    epoch draws from each. The buckets and their lengths come from every clip's duration; an epoch then holds a
+    fixed count from each (corpus, bucket) stratum (`mixing.strata`), so the plan, its shapes and the batches per
+    epoch stay fixed. Which clips fill a stratum is drawn from (seed, epoch): a sample without replacement, or whole
+    shuffled passes and then a sample where the stratum holds fewer clips than it draws. Within a bucket the drawn
+    clips are shuffled together, so a batch may mix corpora. Training only (`shuffle`).
     """
 
     def __init__(self, durations, max_batch_seconds: float, *, max_batch_size: int | None, num_buckets: int,
                  attention_q: float | None, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
-                 tag_epoch: bool = False, audio_seconds=None, geometry: Geometry = WAV2VEC2):
+                 tag_epoch: bool = False, audio_seconds=None, geometry: Geometry = WAV2VEC2, corpus=None,
+                 draws=None):
         super().__init__()
         self.geometry, self.hop = geometry, geometry.hop
         self.durations = np.asarray(durations, dtype=np.float64)
@@ -103,6 +112,18 @@ class DurationBatchSampler(Sampler[Planned]):
         self.audio_seconds = float((self.durations if audio_seconds is None else np.asarray(audio_seconds)).sum())
         self.num_replicas, self.rank = num_replicas, rank
         self.bucket, self.upper = self._buckets(num_buckets)  # clip -> bucket; bucket -> padded samples
+        self.strata = None  # several corpora: (corpora, buckets) clips an epoch draws from each
+        if corpus is not None:
+            if not shuffle:
+                raise ValueError("drawing from several corpora is for training (shuffle=True)")
+            self.corpus = np.asarray(corpus, dtype=np.int64)
+            self.strata = mixing.strata(self.corpus, self.bucket, draws, len(self.upper))
+            self._members = [[np.flatnonzero((self.corpus == c) & (self.bucket == b)) for b in range(len(self.upper))]
+                             for c in range(len(self.strata))]
+            per_clip = self.durations if audio_seconds is None else np.asarray(audio_seconds, dtype=np.float64)
+            self._corpus_seconds = np.array([sum(k * per_clip[m].mean() for k, m in zip(row.tolist(), members) if k)
+                                             for row, members in zip(self.strata, self._members)])
+            self.audio_seconds = float(self._corpus_seconds.sum())  # an epoch's, expected
         self.sizes, self.lengths = self._plan()  # clips and padded samples per batch, in packing order
         self.ends = np.cumsum(self.sizes)
         self.epoch, self.position, self._start = 0, 0, 0
@@ -164,7 +185,7 @@ class DurationBatchSampler(Sampler[Planned]):
 
     def _plan(self) -> tuple[np.ndarray, np.ndarray]:
         """(clips, padded samples) of every batch of an epoch in packing order: the same every epoch."""
-        counts = np.bincount(self.bucket, minlength=len(self.upper))
+        counts = np.bincount(self.bucket, minlength=len(self.upper)) if self.strata is None else self.strata.sum(0)
         sizes, lengths = _pack(counts, self._fits(self.upper), self.upper)
         while 0 < len(sizes) < self.num_replicas and max(sizes) > 1:  # a rank without a batch would hang DDP
             i = int(np.argmax(sizes))
@@ -207,8 +228,30 @@ class DurationBatchSampler(Sampler[Planned]):
         rng = np.random.default_rng([self.seed, epoch])
         if not self.shuffle:  # evaluation: plain duration order, the least padding
             return np.argsort(self.durations, kind="stable"), np.arange(len(self.sizes))
+        if self.strata is not None:
+            drawn = self._drawn(rng)
+            return drawn[np.lexsort((rng.permutation(len(drawn)), self.bucket[drawn]))], rng.permutation(len(self.sizes))
         order = np.lexsort((rng.permutation(len(self.durations)), self.bucket))  # buckets in duration order
         return order, rng.permutation(len(self.sizes))
+
+    def _drawn(self, rng: np.random.Generator) -> np.ndarray:
+        """The clips of an epoch of several corpora: each stratum's count, without replacement up to the clips it
+        holds (whole shuffled passes first where it draws more)."""
+        picked = []
+        for row, members in zip(self.strata, self._members):
+            for k, m in zip(row.tolist(), members):
+                if k:
+                    passes, rest = divmod(k, len(m))
+                    picked += [rng.permutation(m) for _ in range(passes)] + [rng.permutation(m)[:rest]]
+        return np.concatenate(picked) if picked else np.zeros(0, np.int64)
+
+    def drawn_clips(self) -> np.ndarray | None:
+        """Clips an epoch draws from each corpus (several corpora), or None."""
+        return None if self.strata is None else self.strata.sum(1)
+
+    def drawn_seconds(self) -> np.ndarray | None:
+        """Audio seconds an epoch draws from each corpus, expected (several corpora), or None."""
+        return None if self.strata is None else self._corpus_seconds
 
     def batches(self, epoch: int) -> list[Planned]:
         """All batches of an epoch, before the split across ranks, each with its planned shape."""

@@ -35,6 +35,8 @@ class UtteranceDataset(Dataset):
         self.clips, self.vocab = clips, vocab
         self.augment = augment if augment is not None and augment.active else None
         self._columns = {name: clips.table.column(name) for name in ("id", "path", "text", "language")}
+        if "corpus" in clips.table.column_names:  # several corpora (`SpeechDataModule(corpora=...)`): each clip's
+            self._columns["corpus"] = clips.table.column("corpus")
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -60,6 +62,8 @@ class UtteranceDataset(Dataset):
         seconds = None if self.clips.seconds is None else float(self.clips.seconds[i]) / choice.factor
         item = {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
                 "language": language, "seconds": seconds}
+        if "corpus" in self._columns:
+            item["corpus"] = self._columns["corpus"][row].as_py()
         if choice != NONE:
             item["augment"] = choice.describe(self.augment)
             if choice.noise is not None:
@@ -124,6 +128,7 @@ def collate(items: list[dict], ring: int = 0, hop: int = WAV2VEC2.hop) -> dict:
         "ids": [item["id"] for item in items],
         "texts": [item["text"] for item in items],
         "languages": [item.get("language", "") for item in items],
+        **({"corpora": [item["corpus"] for item in items]} if "corpus" in items[0] else {}),  # several corpora
         # seconds, as host floats so that logging them never waits on the GPU
         "audio_seconds": sum(lengths) / audio.SAMPLE_RATE,
         "padded_seconds": len(items) * samples / audio.SAMPLE_RATE,

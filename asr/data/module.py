@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from asr import SetupError
-from asr.data import audio, cache, corpora, text
+from asr.data import audio, cache, corpora, mixing, text
 from asr.data.augment import Augment
 from asr.data.batching import DurationBatchSampler
 from asr.model.frames import WAV2VEC2
@@ -36,6 +36,15 @@ class SpeechDataModule(L.LightningDataModule):
     The vocabulary is built from the training transcripts unless one is given (evaluation uses the
     model's own). Every argument comes from conf/data/default.yaml and conf/lang/ (their comments say what
     each does); there are no defaults here.
+
+    Several corpora (`corpora`: a list of {name, lang, root, weight, ...}, `asr.data.mixing`): each is read and
+    checked by a SpeechDataModule of its own (`parts`), with its own text rules; the vocabulary is the union of
+    their training transcripts, and the splits are their clips together, tagged with the corpus's name (the
+    `corpus` column, `batch["corpora"]`). Training draws each corpus's share of an epoch (its weight, or with
+    `temperature` T its hours^(1/T)); an epoch has as many clips as the corpora's training splits together.
+    corpus, root, language and lang are then the run's own `lang=` and unused but for the model's text rules
+    (`language`: the first corpus's). A corpus whose dev split lists no clip gets one carved from its train split
+    by `dev_speakers` speakers, as Zeroth's is, and the log says so.
     """
 
     def __init__(self, corpus: str, root: str | None, language: str, lang: str, train_split: str,
@@ -43,7 +52,8 @@ class SpeechDataModule(L.LightningDataModule):
                  columns: dict | None, max_batch_seconds: float, max_batch_size: int | None,
                  eval_max_batch_size: int | None, num_buckets: int, attention_q: float | None, min_seconds: float,
                  max_seconds: float, num_workers: int | str, max_workers: int, prefetch_factor: int, seed: int,
-                 cache_dir: str, decode_cache: bool, cache_format: str, augment: dict):
+                 cache_dir: str, decode_cache: bool, cache_format: str, augment: dict,
+                 corpora: list[dict] | None, temperature: float | None):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
@@ -59,11 +69,69 @@ class SpeechDataModule(L.LightningDataModule):
         self._resume: dict | None = None  # the training loader's position from a checkpoint (load_state_dict)
         self.augment = Augment(**augment, seed=seed)  # of the training clips (conf/augment/); checked here
         self.noise_skipped: dict[str, int] = {}  # noise file -> times it failed to decode (this rank)
+        self._sources: list[mixing.Source] | None = None  # several corpora: what data.corpora says
+        self._parts: dict[str, "SpeechDataModule"] | None = None  # several corpora: one module per corpus
+
+    @property
+    def mixed(self) -> bool:
+        """Whether this run reads several corpora (`data.corpora`)."""
+        return bool(self.hparams.corpora)
+
+    @property
+    def sources(self) -> list[mixing.Source]:
+        if self._sources is None:
+            self._sources = mixing.sources(self.hparams.corpora, self.hparams.temperature)
+        return self._sources
+
+    @property
+    def parts(self) -> dict[str, "SpeechDataModule"]:
+        """One SpeechDataModule per corpus of `data.corpora`, with this module's batching and cache settings and
+        no augmentation (the mix's own applies to the training clips together). A corpus whose dev split lists no
+        clip gets a dev carved from its train split (said in the log)."""
+        if self._parts is None:
+            h = dict(self.hparams)
+            shared = {k: v for k, v in h.items() if k not in (*mixing.CORPUS_KEYS, "corpora", "temperature", "augment")}
+            off = {**h["augment"], "speed_prob": 0.0, "noise_prob": 0.0}
+            self._parts = {}
+            for source in self.sources:
+                part = SpeechDataModule(**shared, **source.settings, augment=off, corpora=None, temperature=None)
+                part.geometry = self.geometry
+                split = part.hparams.dev_split
+                if split is not None and not len(part._read(split)):
+                    part.hparams.dev_split = part.splits["dev"] = None
+                    log.warning("corpus %s: its dev split (%s) lists no clip; its dev is carved from its train split: "
+                                "%d speakers held out (data.corpora: dev_speakers)", source.name, split,
+                                part.hparams.dev_speakers)
+                self._parts[source.name] = part
+        return self._parts
+
+    @property
+    def language(self) -> str:
+        """The text rules of the model's output: `language`, or with several corpora the first corpus's."""
+        return self.sources[0].settings["language"] if self.mixed else self.hparams.language
+
+    def scoring(self) -> dict[str, dict] | None:
+        """Several corpora: {name: {language, dev_seconds}} for per-corpus validation (`CTCModel`); else None."""
+        if not self.mixed:
+            return None
+        dev = self.report.get("dev", {}).get("corpora", {})
+        return {name: {"language": part.hparams.language, "dev_seconds": dev.get(name, {}).get("seconds", 0.0)}
+                for name, part in self.parts.items()}
 
     def check(self) -> str | None:
         """Why this data cannot load (with the override that fixes it), or None: the corpus, then the noise
         folder of augment=noise (missing, empty or unreadable)."""
-        problems = [corpora.check_root(self.hparams.corpus, self.hparams.root, self.hparams.lang), self.augment.check()]
+        if self.mixed:
+            try:
+                sources = self.sources
+            except SetupError as error:
+                problems = [str(error)]
+            else:
+                problems = [f"data.corpora ({s.name}): {p}" for s in sources
+                            if (p := corpora.check_root(s.settings["corpus"], s.settings["root"], s.settings["lang"]))]
+        else:
+            problems = [corpora.check_root(self.hparams.corpus, self.hparams.root, self.hparams.lang)]
+        problems.append(self.augment.check())
         return "\n".join(p for p in problems if p) or None
 
     def _read(self, name: str) -> corpora.Clips:
@@ -98,6 +166,9 @@ class SpeechDataModule(L.LightningDataModule):
         any check."""
         if split in self._raw:
             return self._raw[split]
+        if self.mixed:
+            self._raw[split] = corpora.Clips.concat([part.raw(split) for part in self.parts.values()])
+            return self._raw[split]
         h = self.hparams
         if split == "dev" and h.dev_split is None:
             _, self._raw["dev"] = corpora.carve_dev(self._read(h.train_split), h.dev_speakers)
@@ -128,6 +199,8 @@ class SpeechDataModule(L.LightningDataModule):
         """Checked clips of `split` (train, dev or test); reads and checks once."""
         if self.vocab is None and split != "train":
             self.load("train")  # the vocabulary comes from the training transcripts
+        if split not in self.utterances and self.mixed:
+            self._load_mix(split)
         if split not in self.utterances:
             h = self.hparams
             raw = self.raw(split)
@@ -149,6 +222,58 @@ class SpeechDataModule(L.LightningDataModule):
                 raise SetupError(f"no usable utterance in the {split} split of {h.root} (dropped: {dropped})")
             report["batches"] = self.sampler(split).summary()  # the shapes and what padding them costs
         return self.utterances[split]
+
+    def _load_mix(self, split: str) -> None:
+        """Several corpora: each corpus's checked clips (its own module), together, with its name in a `corpus`
+        column; the report has the totals and each corpus's report under `corpora`."""
+        parts = self.parts
+        if self.vocab is None:  # the union of the corpora's training transcripts
+            self.vocab = text.Vocabulary.from_transcripts([characters(p.raw("train")) for p in parts.values()])
+        for part in parts.values():
+            part.vocab, part.geometry = self.vocab, self.geometry
+        kept = {name: part.load(split) for name, part in parts.items()}
+        names = next(iter(kept.values())).table.column_names
+        tables = [k.table.take(k.rows).select(names) for k in kept.values()]
+        table = pa.concat_tables(tables, promote_options="permissive").replace_schema_metadata(None)
+        table = table.append_column("corpus", pa.array([n for n, k in kept.items() for _ in range(len(k))], pa.string()))
+        clips = corpora.Clips(table, seconds=np.concatenate([k.seconds for k in kept.values()]))
+        reports = {}
+        for name, part in parts.items():
+            reports[name] = part.report[split]
+            reports[name].pop("batches", None)  # the mix is batched together (below)
+        report = {"kept": len(clips), "dropped": {}, "examples": {},
+                  "unk_characters": sum(r["unk_characters"] for r in reports.values()),
+                  "unk_examples": list(dict.fromkeys(c for r in reports.values() for c in r["unk_examples"]))[:10],
+                  "seconds": round(float(clips.seconds.sum()), 2)}
+        for name, r in reports.items():
+            for reason, n in r["dropped"].items():
+                report["dropped"][reason] = report["dropped"].get(reason, 0) + n
+                report["examples"].setdefault(reason, []).extend(f"{name}: {e}" for e in r["examples"].get(reason, []))
+        report["examples"] = {reason: e[:5] for reason, e in report["examples"].items()}
+        if split == "train" and self.augment.active:
+            report["augment"] = self.augment.summary()
+        report["corpora"] = reports
+        self.utterances[split], self.report[split] = clips, report
+        sampler = self.sampler(split)
+        report["batches"] = sampler.summary()
+        if split == "train":  # what each corpus is of an epoch: its weight, and its shares of the drawn clips and audio
+            drawn, audio = sampler.drawn_clips(), sampler.drawn_seconds()
+            shares = self._shares()
+            for c, r in enumerate(reports.values()):
+                r["share"] = {"weight": round(float(shares[c]), 4), "clips_per_epoch": int(drawn[c]),
+                              "of_clips": round(float(drawn[c] / drawn.sum()), 4),
+                              "of_audio": round(float(audio[c] / audio.sum()), 4)}
+
+    def _shares(self) -> np.ndarray:
+        """Each corpus's share of the clips of a training epoch (`mixing.shares`), from the checked train split."""
+        reports = self.report["train"]["corpora"].values()
+        return mixing.shares([r["kept"] for r in reports], [r["seconds"] for r in reports],
+                             [s.weight for s in self.sources], self.hparams.temperature)
+
+    def _corpus_index(self, clips: corpora.Clips) -> np.ndarray:
+        """Each clip's corpus as its position in `data.corpora` (0, 1, ...)."""
+        names = {name: i for i, name in enumerate(self.parts)}
+        return np.array([names[n] for n in clips.column("corpus")], dtype=np.int64)
 
     def _decoded(self, kept: corpora.Clips, report: dict) -> tuple[corpora.Clips, dict]:
         """Point the kept clips at 16 kHz copies; drop and count those that do not decode."""
@@ -184,6 +309,11 @@ class SpeechDataModule(L.LightningDataModule):
                 where = pc.index(clips.arrow("id"), utt_id).as_py() if clips is not None else -1
                 if where >= 0:  # its seconds too (rare: a lookup by id)
                     report["seconds"] = round(report["seconds"] - float(clips.seconds[where]), 2)
+                    if "corpora" in report:  # several corpora: in its corpus's report too
+                        own = report["corpora"][clips.arrow("corpus")[where].as_py()]
+                        own["dropped"][reason] = own["dropped"].get(reason, 0) + 1
+                        own["kept"] -= 1
+                        own["seconds"] = round(own["seconds"] - float(clips.seconds[where]), 2)
                 examples = report["examples"].setdefault(reason, [])
                 if len(examples) < 5:
                     examples.append(example(utt_id, clips.arrow("path")[where].as_py() if where >= 0 else None, reason))
@@ -215,6 +345,9 @@ class SpeechDataModule(L.LightningDataModule):
     @property
     def corpus_key(self) -> str:
         """The corpus directory's short hash: names its duration cache and its set-up lock."""
+        if self.mixed:  # the corpora's directories together
+            roots = sorted(str(Path(s.settings["root"]).resolve()) for s in self.sources)
+            return hashlib.sha1("\n".join(roots).encode()).hexdigest()[:16]
         return hashlib.sha1(str(Path(self.hparams.root).resolve()).encode()).hexdigest()[:16]
 
     def setup(self, stage: str | None = None) -> None:
@@ -246,11 +379,14 @@ class SpeechDataModule(L.LightningDataModule):
         # each clip can last (duration / the slowest factor), so every epoch's clips fit their planned shapes
         # and budget, and the batches per epoch stay the same; the cost is padding (docs/augment.md).
         seconds = utterances.seconds / self.augment.slowest if augmented else utterances.seconds
+        mix = {}
+        if training and self.mixed:  # each corpus's share of an epoch of as many clips as the corpora hold together
+            mix = {"corpus": self._corpus_index(utterances), "draws": mixing.apportion(len(utterances), self._shares())}
         return DurationBatchSampler(
             seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
             attention_q=h.attention_q, seed=h.seed, shuffle=training, num_replicas=world, rank=rank,
             tag_epoch=augmented, audio_seconds=utterances.seconds * self.augment.mean_stretch if augmented else None,
-            geometry=self.geometry)
+            geometry=self.geometry, **mix)
 
     def dataloader(self, split: str, whole: bool = False) -> DataLoader:
         """The loader of `split`: this rank's batches, or with `whole` every batch of the split (`sampler`)."""

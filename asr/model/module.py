@@ -11,7 +11,7 @@ import torch
 from asr import SetupError
 from asr.data import text
 from asr.data.text import Vocabulary
-from asr.model import ctc, schedules, speed
+from asr.model import ctc, metrics, schedules, speed
 from asr.model import finetune as tuning
 from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2, check_pretrained
 from asr.model.frames import Geometry
@@ -128,6 +128,15 @@ class CTCModel(L.LightningModule):
         self._skips: torch.Tensor | None = None  # on the device: [skipped since the start, skipped in a row]
         self._host_skips: LateRead | None = None
         self.stop_reason: str | None = None
+        # Several corpora (data.corpora): {name: {language, dev_seconds}} from the data module (`setup`), and the
+        # (corpora, 4) counts of an evaluation: word edits, words, character edits, characters.
+        self.corpora: dict[str, dict] | None = None
+        self._corpus_counts: torch.Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        """Several corpora: each corpus's dev split is scored on its own (`SpeechDataModule.scoring`)."""
+        data = self.trainer.datamodule
+        self.corpora = data.scoring() if data is not None and hasattr(data, "scoring") else None
 
     def on_fit_start(self) -> None:
         """Under mixed precision, a frozen feature encoder's convolutions in the compute dtype for the fit
@@ -176,14 +185,15 @@ class CTCModel(L.LightningModule):
         self._skips = None
 
     @classmethod
-    def from_config(cls, cfg, vocab: list[str]) -> "CTCModel":
+    def from_config(cls, cfg, vocab: list[str], language: str | None = None) -> "CTCModel":
         """The model of a checked train config (`asr.config.checked`) for `vocab`: the model node, with
-        the text rules of the data and the optim and sched nodes passed at the call site."""
+        the text rules of the data (`language`: the data module's, where it differs from data.language: the
+        first corpus's of data.corpora) and the optim and sched nodes passed at the call site."""
         from hydra.errors import InstantiationException
         from hydra.utils import instantiate
 
         try:
-            return instantiate(cfg.model, vocab=vocab, language=cfg.data.language, optim=cfg.optim, sched=cfg.sched,
+            return instantiate(cfg.model, vocab=vocab, language=language or cfg.data.language, optim=cfg.optim, sched=cfg.sched,
                                _convert_="all")
         except InstantiationException as error:  # a setting the model refuses: its one line, not Hydra's wrapping
             if isinstance(error.__cause__, SetupError):
@@ -323,21 +333,59 @@ class CTCModel(L.LightningModule):
             return
         out = self.decode(batch)
         frames, hypotheses, loss = out.frames, out.hypotheses, self.ctc_loss(out.logits, out.frames, batch)
-        self.val_wer.update(batch["texts"], hypotheses)
-        self.val_cer.update(batch["texts"], hypotheses)
+        if self.corpora:  # WER and CER per corpus, logged at the end of the evaluation
+            self._count_per_corpus(batch, hypotheses)
+        else:
+            self.val_wer.update(batch["texts"], hypotheses)
+            self.val_cer.update(batch["texts"], hypotheses)
         blank = out.logits.argmax(dim=-1) == self.vocab.blank_id  # (B, T)
         valid = torch.arange(blank.shape[1], device=blank.device) < frames.to(blank.device)[:, None]
         self.val_blank_frames.update((blank & valid).sum(), valid.sum())  # over the clips' own frames
         self.val_empty_hypotheses.update(sum(not h for h in hypotheses), len(hypotheses))
         size = len(batch["ids"])
         self.log("val/loss", loss, batch_size=size, sync_dist=True)
-        self.log("val/wer", self.val_wer, batch_size=size)
-        self.log("val/cer", self.val_cer, batch_size=size, prog_bar=True)
+        if not self.corpora:
+            self.log("val/wer", self.val_wer, batch_size=size)
+            self.log("val/cer", self.val_cer, batch_size=size, prog_bar=True)
         self.log("val/empty_hypotheses", self.val_empty_hypotheses, batch_size=size)
         self.log("val/blank_frames", self.val_blank_frames, batch_size=size)
         if self.val_mer is not None:
             self.val_mer.update(batch["texts"], hypotheses)
             self.log("val/mer", self.val_mer, batch_size=size)
+
+    def _count_per_corpus(self, batch: dict, hypotheses: list[str]) -> None:
+        """Adds a dev batch's edits and reference units to its clips' corpora; each hypothesis under its corpus's
+        text rules (the model's own are the first corpus's)."""
+        if self._corpus_counts is None:
+            self._corpus_counts = torch.zeros(len(self.corpora), 4, dtype=torch.float64)
+        index = {name: i for i, name in enumerate(self.corpora)}
+        for name, reference, hypothesis in zip(batch["corpora"], batch["texts"], hypotheses, strict=True):
+            hypothesis = text.normalize(hypothesis, self.corpora[name]["language"])
+            words, chars = metrics.count(reference, hypothesis, "wer"), metrics.count(reference, hypothesis, "cer")
+            self._corpus_counts[index[name]] += torch.tensor([*words, *chars], dtype=torch.float64)
+
+    def on_validation_epoch_end(self) -> None:
+        """Several corpora: val/<name>/wer and val/<name>/cer of each corpus's dev split (counts summed over the
+        ranks), and val/wer and val/cer, their means weighted by each corpus's dev hours: the default model
+        selection (callbacks.checkpoint.monitor). A corpus none of whose clips was scored (the sanity check's
+        one batch) is left out of both."""
+        if not self.corpora:
+            return
+        counts = torch.zeros(len(self.corpora), 4, dtype=torch.float64) if self._corpus_counts is None else self._corpus_counts
+        counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+        self._corpus_counts = None
+        rates, hours = {}, {}
+        for (name, corpus), (word_edits, words, char_edits, chars) in zip(self.corpora.items(), counts.tolist()):
+            if chars:
+                rates[name] = (word_edits / max(words, 1), char_edits / chars)
+                hours[name] = corpus["dev_seconds"] / 3600
+                self.log(f"val/{name}/wer", rates[name][0], sync_dist=False)
+                self.log(f"val/{name}/cer", rates[name][1], sync_dist=False)
+        total = sum(hours.values()) or 1.0
+        if rates:
+            weight = {name: (hours[name] / total if sum(hours.values()) else 1 / len(rates)) for name in rates}
+            self.log("val/wer", sum(weight[n] * rates[n][0] for n in rates), sync_dist=False)
+            self.log("val/cer", sum(weight[n] * rates[n][1] for n in rates), sync_dist=False, prog_bar=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Once per optimizer update, gradients complete (accumulated, all-reduced), before clipping: hold the

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import asr
 from asr import SetupError, lm
@@ -48,6 +48,8 @@ def assemble_evaluation(cfg: DictConfig) -> Evaluation:
         raise SetupError("evaluate.py logs to W&B only (logger=wandb); metrics.json holds its figures")
     ckpt = checkpoints.best_checkpoint(cfg.ckpt_path)
     cfg, trained = provenance.the_runs_data(cfg, changes, ckpt)
+    if cfg.corpus is not None:
+        cfg = one_corpus(cfg, cfg.corpus)
     role, split = split_role(cfg.split, cfg.data)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +66,19 @@ def assemble_evaluation(cfg: DictConfig) -> Evaluation:
                     " ".join(data.report[role]["unk_examples"]))
     decoder, lm_path = build_decoder(cfg, model, data, run_dir)
     return Evaluation(cfg, run_dir, ckpt, model, data, role, split, decoder, lm_path, trained)
+
+
+def one_corpus(cfg: DictConfig, name: str) -> DictConfig:
+    """`cfg` with only the corpus `name` of data.corpora (evaluate.py corpus=<name>); SetupError naming the
+    corpora otherwise."""
+    entries = OmegaConf.to_container(cfg.data.corpora) if cfg.data.corpora else []
+    names = [e.get("name") for e in entries]
+    if name not in names:
+        raise SetupError(f"corpus={name}: " + (f"the run's corpora are {', '.join(map(str, names))}" if names else
+                                                "the run has one corpus (data.corpora is not set); leave corpus out"))
+    cfg = cfg.copy()
+    cfg.data.corpora = [entries[names.index(name)]]
+    return cfg
 
 
 def split_role(split: str, data: DictConfig) -> tuple[str, str]:

@@ -22,7 +22,8 @@ DEFINES = {"model.arch": "architecture", "model.pretrained": "architecture", "mo
            "data.lang": "language", "data.corpus": "corpus", "data.root": "data root",
            "data.train_split": "vocabulary", "data.train_extra": "vocabulary", "data.columns": "vocabulary",
            "data.dev_split": "splits", "data.test_split": "splits", "data.dev_speakers": "splits",
-           "data.min_seconds": "clips kept", "data.max_seconds": "clips kept"}
+           "data.min_seconds": "clips kept", "data.max_seconds": "clips kept",
+           "data.corpora": "corpus"}  # several corpora: their readers, roots, splits and weights
 # Classes a config.yaml names (`_target_`) that have moved since it was written: a run recorded before a move
 # resumes with the class where it is now.
 MOVED = {f"asr.{old}": new for old, new in {

@@ -31,8 +31,9 @@ class RunReport(L.Callback):
     evaluations and totals from before the restart. Totals are per rank and summed at the end: a
     checkpoint holds rank 0's, which only rank 0 restores (each rank's are not gathered at a save)."""
 
-    def __init__(self, run_dir: str | Path, batch_per_update: dict):
+    def __init__(self, run_dir: str | Path, batch_per_update: dict, monitor: str = "val/cer"):
         self.run_dir = Path(run_dir)
+        self.monitor = monitor  # what picks the best evaluation (callbacks.checkpoint.monitor): val/cer, val/<name>/cer
         self.batch_per_update = batch_per_update  # in results.json (asr.run.cluster.batch_per_update)
         self.rows: list[dict] = []
         self.audio_seconds = self.padded_seconds = 0.0
@@ -123,11 +124,13 @@ class RunReport(L.Callback):
             # the CTC blank plateau (asr.run.plateau): shares of empty dev transcripts and of blank dev frames
             **{f"val_{name}": metrics[f"val/{name}"].item() for name in ("empty_hypotheses", "blank_frames")
                if f"val/{name}" in metrics},
+            **({"corpora": corpora} if (corpora := corpus_rates(metrics)) else {}),
         })
         self.loss_sum.zero_()
         self.loss_count.zero_()
         if trainer.is_global_zero:
-            rundir.write(self.run_dir / "results.md", HEADER + "".join(map(table_row, self.rows)))
+            rundir.write(self.run_dir / "results.md", HEADER + "".join(map(table_row, self.rows))
+                         + corpus_table(self.best(), trainer.datamodule))
             self.write_results(state="training")
             self.write_curves()
 
@@ -162,11 +165,19 @@ class RunReport(L.Callback):
             for split, dropped in self.dropped.items():
                 trainer.datamodule.count_dropped(split, dropped)
 
+    def best(self) -> dict:
+        """The best evaluation by `monitor` (the exported model's), or {} before any."""
+        key = monitored(self.monitor)
+        scored = [r for r in self.rows if key(r) is not None]
+        return min(scored, key=key) if scored else {}
+
     def results(self, **extra) -> dict:
-        """The best evaluation by dev CER (the exported model) and the run's totals."""
-        best = min(self.rows, key=lambda r: r["val_cer"]) if self.rows else {}
+        """The best evaluation by `monitor` (dev CER by default; the exported model) and the run's totals; with
+        several corpora each corpus's dev WER and CER at that evaluation (`corpora`)."""
+        best = self.best()
         return {
-            **{k: best[k] for k in ("val_loss", "val_wer", "val_cer", "step", "epoch") if k in best},
+            **{k: best[k] for k in ("val_loss", "val_wer", "val_cer", "step", "epoch", "corpora") if k in best},
+            **({"monitor": self.monitor} if self.monitor != "val/cer" else {}),
             "train_audio_seconds": self.audio_seconds,
             "train_seconds": self.train_seconds if self.train_seconds is not None else self.seconds_so_far(),
             # padded audio / all audio the encoder saw in training batches
@@ -190,6 +201,35 @@ class RunReport(L.Callback):
         results = self.results(**extra)
         rundir.write(self.run_dir / "results.json", json.dumps(results, indent=1))
         return results
+
+
+def corpus_rates(metrics: dict) -> dict[str, dict]:
+    """{name: {val_wer, val_cer}} of the val/<name>/wer and val/<name>/cer an evaluation logged (several corpora)."""
+    names = sorted({key.split("/")[1] for key in metrics if key.count("/") == 2 and key.startswith("val/")})
+    return {name: {f"val_{m}": metrics[f"val/{name}/{m}"].item() for m in ("wer", "cer") if f"val/{name}/{m}" in metrics}
+            for name in names}
+
+
+def monitored(monitor: str):
+    """The value of `monitor` (val/cer, val/wer, val/<name>/cer...) in a results row, or None where it has none."""
+    parts = monitor.split("/")
+    if len(parts) == 3:
+        return lambda row: row.get("corpora", {}).get(parts[1], {}).get(f"val_{parts[2]}")
+    return lambda row: row.get("_".join(parts))
+
+
+def corpus_table(best: dict, data=None) -> str:
+    """Several corpora: a row per corpus at the best evaluation (results.md, the model card): its dev hours when
+    the data module is at hand, WER and CER; '' for one corpus."""
+    if not best.get("corpora"):
+        return ""
+    dev = ((data.report.get("dev") or {}).get("corpora") or {}) if data is not None and hasattr(data, "report") else {}
+    lines = [f"\nPer corpus, at the best evaluation (step {best['step']}):\n\n",
+             "| Corpus | Dev hours | Wer    | Cer    |\n", "|:------:|:---------:|:------:|:------:|\n"]
+    for name, rates in best["corpora"].items():
+        hours = f"{dev[name]['seconds'] / 3600:.2f}" if name in dev else "-"
+        lines.append(f"| {name} | {hours} | {rates.get('val_wer', float('nan')):<6.4f} | {rates.get('val_cer', float('nan')):<6.4f} |\n")
+    return "".join(lines)
 
 
 def training_cost(model: torch.nn.Module, optimizers: list) -> dict:
@@ -266,17 +306,26 @@ def model_card(cfg: dict, batch: dict, results: dict, versions: dict[str, str]) 
     lines = [
         "---", "language:", f"- {cfg['data']['language'] or 'und'}", "tags:", "- automatic-speech-recognition",
         "- ctc", "- xlsr-ctc", "---", "", f"# {cfg['data']['lang']} ({Path(str(cfg['data']['root'])).name})", "",
-        f"This model is {origin} on {cfg['data']['corpus']} ({cfg['data']['root']}).",
+        f"This model is {origin} on {trained_on(cfg['data'])}.",
         "It achieves the following results on the evaluation set:",
         *(f"- {name}: {results[key]:.4f}" for name, key in scores if key in results), "",
         "## Training procedure", "", "### Training hyperparameters", "",
         "The following hyperparameters were used during training:", *hyperparameters(cfg, batch), "",
         *cost_lines(results),
         "### Training results", "", HEADER.rstrip("\n"),
-        *(table_row(row).rstrip("\n") for row in results.get("evaluations", [])), "",
+        *(table_row(row).rstrip("\n") for row in results.get("evaluations", [])),
+        *(corpus_table(results).rstrip("\n").split("\n") if results.get("corpora") else []), "",
         "### Framework versions", "", *(f"- {name} {version}" for name, version in versions.items()), "",
     ]
     return "\n".join(lines)
+
+
+def trained_on(data: dict) -> str:
+    """The card's words for the training data: the corpus and its root, or each corpus of data.corpora."""
+    if data.get("corpora"):
+        return "; ".join(f"{c['name']} ({c.get('lang') or c.get('corpus')}, {c.get('root')}"
+                         + (f", weight {c['weight']}" if c.get("weight") is not None else "") + ")" for c in data["corpora"])
+    return f"{data['corpus']} ({data['root']})"
 
 
 def cost_lines(results: dict) -> list[str]:

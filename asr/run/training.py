@@ -113,6 +113,21 @@ def _warn_cpu_oversubscription(trainer: L.Trainer) -> None:
                     "slower than with trainer.devices=%d", trainer.num_devices, cores, cores)
 
 
+def check_monitor(cfg: DictConfig, data: SpeechDataModule) -> str:
+    """The model-selection metric (callbacks.checkpoint.monitor; val/cer without that callback). With several
+    corpora val/cer is the hour-weighted mean of their dev CERs and val/<name>/cer one corpus's: a name that is
+    not one of data.corpora stops the run, naming them."""
+    monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor", default=None) or "val/cer"
+    parts = monitor.split("/")
+    if len(parts) == 3 and parts[0] == "val":
+        names = list(data.parts) if data.mixed else []
+        if parts[1] not in names:
+            raise SetupError(f"callbacks.checkpoint.monitor={monitor}: {parts[1]!r} is not a corpus of this run"
+                             + (f"; give one of {', '.join(f'val/{n}/cer' for n in names)}, or val/cer (their "
+                                f"hour-weighted mean)" if names else " (data.corpora is not set): give val/cer"))
+    return monitor
+
+
 def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     """The run a train config describes, ready to fit. Writes config.yaml, vocab.json and data_report.json
     into the run directory. `callbacks` are added to the config's; `trainer_args` override the trainer's
@@ -157,11 +172,11 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     if rank_zero_only.rank == 0:
         data.vocab.save(run_dir / "vocab.json")
         data.write_report(run_dir / "data_report.json")
-    model = CTCModel.from_config(cfg, data.vocab.tokens)
+    model = CTCModel.from_config(cfg, data.vocab.tokens, data.language)
 
     logger = instantiate(cfg.logger, **tracking.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path)),
                          **wandb_args) if cfg.logger else False
-    report = RunReport(run_dir, batch)
+    report = RunReport(run_dir, batch, monitor=check_monitor(cfg, data))
     pruning = search.for_this_job()  # a trial of a search reports its evaluations to the study
     summary = cfg.trainer.get("enable_model_summary", True) is not False and trainer_args.get("enable_model_summary", True)
     if cfg.trainer.get("enable_progress_bar", True) is False or trainer_args.get("enable_progress_bar", True) is False:
