@@ -128,4 +128,6 @@ def lora_files(network: torch.nn.Module, finetune: dict, base: str, out_dir) -> 
     lora = {name: tensor for name, tensor in network.state_dict().items() if "lora_" in name}
     missing = wrapped.base_model.model.load_state_dict(lora, strict=False)
     assert not missing.unexpected_keys, missing.unexpected_keys
-    wrapped.save_pretrained(str(out_dir))
+    # the head is in modules_to_save; peft's embedding-layer guess (a vocabulary other than the base's) would
+    # look for token embeddings, which wav2vec2 has none of
+    wrapped.save_pretrained(str(out_dir), save_embedding_layers=False)
