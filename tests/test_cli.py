@@ -66,8 +66,9 @@ def test_train_help_lists_the_groups_and_the_settings_with_their_defaults_and_co
     assert summary == "Fine-tune a wav2vec2 / XLS-R encoder with CTC." and usage.startswith("    python train.py ")
     groups = dict(line.split(None, 1) for line in groups.splitlines()[1:])
     assert list(groups) == ["data", "lang", "augment", "sched", "precision", "callbacks", "logger", "model",
-                            "experiment", "search"]
-    assert groups["lang"] == "custom, demo*, hy, ko, pt, zh_cn, zh_en"
+                            "finetune", "experiment", "search"]
+    assert groups["lang"] == "custom, demo*, es, hy, ko, pt, zh_cn, zh_en"
+    assert groups["finetune"] == "adapters, full*, lora"
     assert (groups["precision"], groups["model"]) == ("16, 32*, bf16", "tiny*, xlsr_1b, xlsr_300m")
     assert groups["search"] == "cv7_pt_300m_lr, demo_lr  (none by default)"
     shown = {}  # key: (value as shown, comment)

@@ -71,6 +71,7 @@ def runs(base, cv_corpus, es_corpus, tmp_path_factory) -> dict[str, Path]:
     return {"pt": root / "adapters" / "pt", "es": root / "adapters" / "es", "lora": root / "lora"}
 
 
+@pytest.mark.slow  # the module's runs: 3 trainings, about 45 s before the first test
 def test_only_the_adapters_or_lora_and_the_head_train_and_the_checkpoint_holds_only_them(runs, barely_trained):
     full = torch.load(barely_trained / "checkpoints" / "last.ckpt", weights_only=True)
     for name, prefix in (("pt", "adapter_layer"), ("lora", "lora_")):
@@ -91,6 +92,7 @@ def test_only_the_adapters_or_lora_and_the_head_train_and_the_checkpoint_holds_o
     assert sum(t.numel() for t in full["state_dict"].values()) > 700_000  # the whole tiny model
 
 
+@pytest.mark.slow  # the module's runs: 3 trainings, about 45 s before the first test
 def test_a_checkpoint_loads_its_base_and_transcribes_as_the_run_left_it(runs, cv_corpus, tmp_path):
     ckpt = runs["pt"] / "checkpoints" / "last.ckpt"
     model = CTCModel.from_checkpoint(ckpt)
@@ -121,6 +123,7 @@ def hf_transcripts(model_dir: Path, lang: str, clips: list[Path]) -> list[str]:
     return out
 
 
+@pytest.mark.slow  # the module's runs: 3 trainings, about 45 s before the first test
 def test_mms_export_serves_both_languages_in_transformers_and_transcribe(runs, cv_corpus, tmp_path):
     out = tmp_path / "mms"
     for lang in ("pt", "es"):
@@ -158,6 +161,7 @@ def test_mms_export_serves_both_languages_in_transformers_and_transcribe(runs, c
     assert "pick one with target_lang=<lang>" in unpicked.stderr and len(unpicked.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # the module's runs: 3 trainings, about 45 s before the first test
 def test_lora_exports_merged_for_pipeline_and_as_peft_files(runs, base, es_corpus, tmp_path):
     from peft import PeftModel
     from transformers import Wav2Vec2ForCTC, pipeline
@@ -185,6 +189,7 @@ def test_lora_exports_merged_for_pipeline_and_as_peft_files(runs, base, es_corpu
         torch.testing.assert_close(model.model.eval()(wave).logits, merged(wave).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # the module's runs: 3 trainings, about 45 s before the first test
 def test_resume_on_the_same_base_goes_on_another_base_or_method_stops(runs, base, cv_corpus, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(runs["pt"], run_dir)
@@ -251,6 +256,7 @@ def test_the_planners_arithmetic_counts_what_each_method_trains():
     assert adapters["adamw_gb"] == 8 * adapters["trainable_parameters"] / 1e9
 
 
+@pytest.mark.slow  # the module's runs: 3 trainings, about 45 s before the first test
 def test_onnx_exports_adapters_as_they_are_and_lora_merged(runs, cv_corpus, tmp_path):
     from asr.onnx import OnnxModel
 
