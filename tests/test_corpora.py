@@ -200,6 +200,7 @@ def test_broken_rows_are_counted_and_the_good_ones_all_train(broken_cv, tmp_path
     assert '"' not in vocab  # and normalisation removes them
 
 
+@pytest.mark.slow  # a training run, 23 s: make test stays under 8 minutes
 def test_ascend_run_reports_mer_and_each_language_tag(tmp_path, ascend_rows):
     synth.write_hf_dataset(tmp_path / "ascend", ascend_rows, "save_to_disk")
     common = [f"data.root={tmp_path / 'ascend'}", "lang=zh_en", "data.num_workers=0", "data.max_batch_seconds=20"]

@@ -170,6 +170,7 @@ def mix_of(cv_corpus, es_corpus, pt_weight=0.75) -> str:
             f"{{name:es,lang:es,root:{es_corpus},weight:{1 - pt_weight},dev_speakers:1}}]")
 
 
+@pytest.mark.slow  # a training run, 22 s: make test stays under 8 minutes
 def test_each_corpus_dev_split_is_scored_and_val_cer_is_their_hour_weighted_mean(cv_corpus, es_corpus, tmp_path):
     import json
 

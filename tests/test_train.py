@@ -32,6 +32,7 @@ def run(script, *overrides, env=None):
     return result
 
 
+@pytest.mark.slow  # end to end, 29 s: make test stays under 8 minutes
 def test_train_export_evaluate(cv_corpus, tmp_path):
     run_dir = tmp_path / "train"
     run("train.py", f"data.root={cv_corpus}", "trainer.max_steps=6", "trainer.val_check_interval=3",
