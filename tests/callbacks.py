@@ -48,7 +48,11 @@ class RecordUpdates(L.Callback):
                   "lrs": self.lrs, "times": self.times}
         restart = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
         name = f"rank{trainer.global_rank}" + (f".restart{restart}" if restart else "")
-        (self.out_dir / f"{name}.json").write_text(json.dumps(record))
+        # whole or not at all: a requeue kills the process at any point, in this write too (a truncated record
+        # failed the requeue test once)
+        partial = self.out_dir / f".{name}.json.{os.getpid()}"
+        partial.write_text(json.dumps(record))
+        os.replace(partial, self.out_dir / f"{name}.json")
 
 
 class Ballast(L.Callback):
