@@ -196,18 +196,23 @@ def distinct(n: int, sentence) -> list[str]:
     return sorted(sentences)
 
 
-def demo_sentences(n: int, rng: random.Random) -> list[str]:
+def grammar_sentences(n: int, rng: random.Random, subjects, verbs, objects, places, times, marks) -> list[str]:
+    """`n` different sentences "[Time,] subject verb object [place]<mark>" (a place 70% of the time, a time 40%)."""
     def sentence() -> str:
-        words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
+        words = [rng.choice(subjects), rng.choice(verbs), rng.choice(objects)]
         if rng.random() < 0.7:
-            words.append(rng.choice(PLACES))
+            words.append(rng.choice(places))
         if rng.random() < 0.4:
-            words.insert(0, rng.choice(TIMES).capitalize() + ",")
+            words.insert(0, rng.choice(times).capitalize() + ",")
         else:
             words[0] = words[0].capitalize()
-        return " ".join(words) + rng.choice([".", ".", "!", "?"])
+        return " ".join(words) + rng.choice(marks)
 
     return distinct(n, sentence)
+
+
+def demo_sentences(n: int, rng: random.Random) -> list[str]:
+    return grammar_sentences(n, rng, SUBJECTS, VERBS, OBJECTS, PLACES, TIMES, [".", ".", "!", "?"])
 
 
 def make_demo(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50, seed: int = 0) -> None:
@@ -294,17 +299,7 @@ ES_TEST_VOICES = [Voice("es+f3", 162, 58), Voice("es-419+m4", 155, 42)]
 
 
 def spanish_sentences(n: int, rng: random.Random) -> list[str]:
-    def sentence() -> str:
-        words = [rng.choice(ES_SUBJECTS), rng.choice(ES_VERBS), rng.choice(ES_OBJECTS)]
-        if rng.random() < 0.7:
-            words.append(rng.choice(ES_PLACES))
-        if rng.random() < 0.4:
-            words.insert(0, rng.choice(ES_TIMES).capitalize() + ",")
-        else:
-            words[0] = words[0].capitalize()
-        return " ".join(words) + rng.choice([".", ".", "!"])
-
-    return distinct(n, sentence)
+    return grammar_sentences(n, rng, ES_SUBJECTS, ES_VERBS, ES_OBJECTS, ES_PLACES, ES_TIMES, [".", ".", "!"])
 
 
 def make_spanish(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50, seed: int = 2) -> None:
