@@ -35,6 +35,14 @@ def processor(vocab_json: str | Path, target_lang: str | None = None) -> Wav2Vec
     return Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
 
 
+def save_processor(out_dir: Path, target_lang: str | None = None) -> Wav2Vec2Processor:
+    """The processor of `out_dir`'s vocab.json (`target_lang`'s of a nested one) saved beside it."""
+    both = processor(out_dir / "vocab.json", target_lang)
+    both.save_pretrained(out_dir)  # processor_config.json, tokenizer files (transformers 5)
+    both.feature_extractor.save_pretrained(out_dir)  # preprocessor_config.json, as older releases expect
+    return both
+
+
 def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = None, alpha: float | None = None,
            beta: float | None = None, format: str = "hf", quantize: str | None = None,
            target_lang: str | None = None) -> Path:
@@ -48,7 +56,7 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
     `target_lang` (None: its text rules' language); a LoRA model (finetune=lora) as a plain Wav2Vec2ForCTC with
     the LoRA updates merged, and peft's adapter files in lora/."""
     out_dir = Path(out_dir)
-    method = model.hparams.finetune["method"] if model.hparams.get("finetune") else "full"
+    method = model.finetune_method
     if method == "adapters" and format == "hf":
         if lm_path is not None:
             raise SetupError("lm_path with an adapters model: one LM per language is not written yet; export "
@@ -66,9 +74,7 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
     else:
         model.model.save_pretrained(out_dir)
     model.vocab.save(out_dir / "vocab.json")
-    both = processor(out_dir / "vocab.json")
-    both.save_pretrained(out_dir)  # processor_config.json, tokenizer files (transformers 5)
-    both.feature_extractor.save_pretrained(out_dir)  # preprocessor_config.json, as older releases expect
+    both = save_processor(out_dir)
     (out_dir / "asr.json").write_text(json.dumps({"language": model.hparams.language}))
     if lm_path is not None:
         from transformers import Wav2Vec2ProcessorWithLM
@@ -119,9 +125,7 @@ def export_adapters(model: CTCModel, out_dir: Path, target_lang: str | None) -> 
     vocabularies = json.loads(vocab_file.read_text(encoding="utf-8")) if rules["adapters"] else {}
     vocabularies[lang] = model.vocab.ids
     vocab_file.write_text(json.dumps(vocabularies, ensure_ascii=False, indent=1), encoding="utf-8")
-    both = processor(vocab_file, target_lang=lang)
-    both.save_pretrained(out_dir)
-    both.feature_extractor.save_pretrained(out_dir)
+    save_processor(out_dir, target_lang=lang)
     rules["adapters"][lang] = {"language": model.hparams.language}
     rules_file.write_text(json.dumps(rules, indent=1))
     return out_dir

@@ -73,7 +73,7 @@ def export(model: CTCModel, out_dir: Path, quantize: str | None = None) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     network = model.model.eval()
-    if model.hparams.get("finetune") and model.hparams.finetune["method"] == "lora":
+    if model.finetune_method == "lora":
         network = tuning.without_lora(network, merge=True)  # the updates in the weights: a plain wav2vec2
     if unknown := unknown_parameters(network):
         raise SetupError(f"the model holds {len(unknown)} parameters a wav2vec2 CTC model does not have "

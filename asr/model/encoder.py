@@ -211,7 +211,13 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
     if model.config.add_adapter:  # HF's strided adapter after the transformer: frames asr.model.frames does not count
         raise SetupError(f"{pretrained} has add_adapter=true in its config.json; this framework trains the CTC head "
                          f"on the transformer's frames (add_adapter=false)")
-    if head_init == "xavier" and new_head:
-        torch.nn.init.xavier_uniform_(model.lm_head.weight)
-        torch.nn.init.zeros_(model.lm_head.bias)
+    if new_head:
+        init_head(model.lm_head, head_init)
     return model
+
+
+def init_head(lm_head: torch.nn.Linear, head_init: str) -> None:
+    """A new CTC head as `head_init` says: xavier, fairseq's (Xavier uniform, bias 0); normal, HF's, as built."""
+    if head_init == "xavier":
+        torch.nn.init.xavier_uniform_(lm_head.weight)
+        torch.nn.init.zeros_(lm_head.bias)

@@ -13,7 +13,7 @@ from asr.data import text
 from asr.data.text import Vocabulary
 from asr.model import ctc, metrics, schedules, speed
 from asr.model import finetune as tuning
-from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2, check_pretrained
+from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2, check_pretrained, init_head
 from asr.model.frames import Geometry
 from asr.model.metrics import ErrorRate, Share
 from asr.model.speed import LateRead, PRECISION_DTYPE
@@ -97,9 +97,8 @@ class CTCModel(L.LightningModule):
         if freeze_feature_encoder:  # the convolutional waveform encoder keeps its pretrained weights
             self.model.freeze_feature_encoder()
         tuning.prepare(self.model, finetune, pretrained or "the random base (model.pretrained=null)")
-        if head_init == "xavier" and finetune["method"] == "adapters":  # init_adapter_layers made a new head
-            torch.nn.init.xavier_uniform_(self.model.lm_head.weight)
-            torch.nn.init.zeros_(self.model.lm_head.bias)
+        if finetune["method"] == "adapters":  # init_adapter_layers made a new head (HF's normal one)
+            init_head(self.model.lm_head, head_init)
         # What a checkpoint holds: every weight (full), or what trains, beside the base's identity
         self.base = None if finetune["method"] == "full" else {"pretrained": pretrained,
                                                                 "hash": tuning.base_hash(self.model)}
@@ -167,8 +166,8 @@ class CTCModel(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of adapters or LoRA completed with this model's base (loaded from the base's path) once
         its hash is the checkpoint's; a checkpoint of another `finetune` method refused, naming both."""
-        theirs = checkpoint["hyper_parameters"].get("finetune", {"method": "full"})["method"]
-        ours = self.hparams.finetune["method"] if self.hparams.get("finetune") else "full"
+        theirs = (checkpoint["hyper_parameters"].get("finetune") or {"method": "full"})["method"]
+        ours = self.finetune_method
         if theirs != ours:
             raise SetupError(f"the checkpoint was trained with finetune={theirs}, this run has finetune={ours}: "
                              f"resume it with finetune={theirs}, or start a new run from its export")
@@ -262,6 +261,11 @@ class CTCModel(L.LightningModule):
         model.on_load_checkpoint(checkpoint)  # a base's weights filled in (its hash checked), the counters
         model.load_state_dict(checkpoint["state_dict"])
         return model
+
+    @property
+    def finetune_method(self) -> str:
+        """full, adapters or lora (`asr.model.finetune`; hparams hold the checked setting, full where none was given)."""
+        return self.hparams.finetune["method"]
 
     @property
     def geometry(self) -> Geometry:
@@ -381,9 +385,9 @@ class CTCModel(L.LightningModule):
                 hours[name] = corpus["dev_seconds"] / 3600
                 self.log(f"val/{name}/wer", rates[name][0], sync_dist=False)
                 self.log(f"val/{name}/cer", rates[name][1], sync_dist=False)
-        total = sum(hours.values()) or 1.0
+        total = sum(hours.values())
         if rates:
-            weight = {name: (hours[name] / total if sum(hours.values()) else 1 / len(rates)) for name in rates}
+            weight = {name: hours[name] / total if total else 1 / len(rates) for name in rates}
             self.log("val/wer", sum(weight[n] * rates[n][0] for n in rates), sync_dist=False)
             self.log("val/cer", sum(weight[n] * rates[n][1] for n in rates), sync_dist=False, prog_bar=True)
 

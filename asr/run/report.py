@@ -232,7 +232,7 @@ def corpus_table(best: dict, data=None) -> str:
     return "".join(lines)
 
 
-def training_cost(model: torch.nn.Module, optimizers: list) -> dict:
+def training_cost(model, optimizers: list) -> dict:
     """What the trained model cost (results.json, the model card): parameters that trained and in all, the
     optimizer state's bytes, and the peak memory of this process's fit (CUDA: the allocator's peak on this
     rank's GPU; CPU: the process's peak resident memory, which includes the data and the libraries)."""
@@ -242,7 +242,7 @@ def training_cost(model: torch.nn.Module, optimizers: list) -> dict:
              if isinstance(t, torch.Tensor)]
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
-    return {"finetune": (model.hparams.get("finetune") or {"method": "full"})["method"],
+    return {"finetune": model.finetune_method,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total_parameters": sum(p.numel() for p in model.parameters()),
             "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in state),
