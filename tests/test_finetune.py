@@ -275,3 +275,13 @@ def test_onnx_exports_adapters_as_they_are_and_lora_merged(runs, cv_corpus, tmp_
         assert theirs.frames.tolist() == ours.frames.tolist()
         for i, n in enumerate(ours.frames.tolist()):
             torch.testing.assert_close(theirs.logits[i, :n], ours.logits[i, :n], atol=2e-4, rtol=1e-3)
+
+
+def test_memory_states_true_prints_the_arithmetic_of_the_composed_run():
+    from asr import memory
+
+    result = in_process(memory.main, ["states=true", "finetune=lora", "model.finetune.rank=4"])
+    assert result.returncode == 0, result.stderr
+    head = 40 * 128 + 40
+    trainable = 3 * (4 * 4 * 256 + 2 * 4 * (128 + 512)) + head
+    assert f"finetune=lora, {trainable:,} of " in result.stdout and "before activations" in result.stdout

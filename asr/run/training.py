@@ -159,6 +159,7 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     problems = [p for p in (tuned_without_base, data.check(), check_pretrained(cfg.model.pretrained)) if p]
     if problems:
         raise SetupError("\n".join(problems))
+    monitor = check_monitor(cfg, data)  # from the settings, before any data is read
     arch = OmegaConf.to_container(cfg.model.arch)
     data.geometry = Geometry.of(wav2vec2_config(cfg.model.pretrained, arch))  # the frames of the model to come
     rundir.hold(run_dir)  # one process per run directory, from its first write on
@@ -176,7 +177,7 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
 
     logger = instantiate(cfg.logger, **tracking.logger_resume(cfg.logger, run_dir, resuming=bool(ckpt_path)),
                          **wandb_args) if cfg.logger else False
-    report = RunReport(run_dir, batch, monitor=check_monitor(cfg, data))
+    report = RunReport(run_dir, batch, monitor=monitor)
     pruning = search.for_this_job()  # a trial of a search reports its evaluations to the study
     summary = cfg.trainer.get("enable_model_summary", True) is not False and trainer_args.get("enable_model_summary", True)
     if cfg.trainer.get("enable_progress_bar", True) is False or trainer_args.get("enable_progress_bar", True) is False:
