@@ -1,6 +1,6 @@
 """Training augmentation (asr/data/augment.py): decided by (seed, epoch, clip), so a resume and every DDP rank replay
-it; speed-perturbed durations known before batching, within the plan's shapes and budget; noise at the SNR
-asked for; a bad noise folder stops the start, a bad noise file is skipped and counted."""
+it; speed-perturbed and silence-padded durations known before batching, within the plan's shapes and budget;
+noise at the SNR asked for; a bad noise folder stops the start, a bad noise file is skipped and counted."""
 
 import json
 import subprocess
@@ -16,7 +16,8 @@ from asr.data.augment import Augment, mix
 from asr.data.text import Vocabulary
 from tests.conftest import data_module
 
-OFF = {"speed_prob": 0.0, "speed_factors": [0.9, 1.0, 1.1], "noise_prob": 0.0, "noise_dir": None,
+OFF = {"speed_prob": 0.0, "speed_factors": [0.9, 1.0, 1.1], "silence_prob": 0.0, "silence_seconds": [0.0, 1.0],
+       "noise_prob": 0.0, "noise_dir": None,
        "noise_snr_db": [10.0, 20.0], "noise_weights": {"noise": 1.0, "music": 1.0, "babble": 1.0}}
 
 
@@ -70,10 +71,39 @@ def test_speed_perturbed_durations_match_the_decoded_audio(tmp_path):
         assert 0 <= len(item["audio"]) / audio.SAMPLE_RATE - item["seconds"] < 0.06  # MP3 codec padding
 
 
-def test_augmented_batches_stay_within_their_shapes_and_budget_with_the_same_counts_every_epoch():
-    """Planned on duration / 0.9, every epoch's perturbed clips fit: each batch has one of the plan's shapes,
-    within the budget, nothing cut beyond the MP3 codec's padding, and every epoch has as many batches."""
-    module = data_module("data.num_workers=0", "augment=speed", "data.max_batch_seconds=30")
+def test_silence_goes_around_the_clip_and_leaves_the_other_draws_as_they_were():
+    """augment=silence: zeros before and after the decoded clip, each side's seconds in silence_seconds, counted
+    in `seconds`; with speed on as well, the speed factors are those drawn without silence (the same first
+    draws), and the two add up: duration / factor + before + after."""
+    demo = data_module("data.num_workers=0", "augment=speed", "data.augment.silence_prob=1.0",
+                       "data.augment.silence_seconds=[0.2,0.5]")
+    train = demo.load("train")
+    plain = loading.UtteranceDataset(train, demo.vocab)
+    augmented = loading.UtteranceDataset(train, demo.vocab, demo.augment)
+    speed_only = Augment(**{**OFF, "speed_prob": 1.0}, seed=demo.augment.seed)
+    sides = []
+    for i in range(0, len(train), 60):
+        choice = demo.augment.choose(2, i)
+        assert choice.factor == speed_only.choose(2, i).factor
+        assert 0.2 <= choice.before <= 0.5 and 0.2 <= choice.after <= 0.5
+        sides += [choice.before, choice.after]
+        item, clip = augmented[(2, i)], loading.UtteranceDataset(train, demo.vocab, speed_only)[(2, i)]
+        before, after = round(choice.before * audio.SAMPLE_RATE), round(choice.after * audio.SAMPLE_RATE)
+        assert len(item["audio"]) == before + len(clip["audio"]) + after
+        silence = np.concatenate([item["audio"][:before], item["audio"][len(item["audio"]) - after:]])
+        assert np.ptp(silence) == 0 and np.ptp(item["audio"][before:before + 800]) > 0  # zeros, once normalised
+        assert item["seconds"] == pytest.approx(clip["seconds"] + choice.before + choice.after)
+        assert 0 <= len(item["audio"]) / audio.SAMPLE_RATE - item["seconds"] < 0.06  # MP3 codec padding
+        assert "silence" in item["augment"] and len(plain[i]["audio"]) != len(item["audio"])
+    assert len(set(sides)) == len(sides)  # drawn, not fixed
+
+
+@pytest.mark.parametrize("option", ["speed", "silence"])
+def test_augmented_batches_stay_within_their_shapes_and_budget_with_the_same_counts_every_epoch(option):
+    """Planned on duration / 0.9 (speed) or duration + 2 x the most silence, every epoch's perturbed clips fit:
+    each batch has one of the plan's shapes, within the budget, nothing cut beyond the MP3 codec's padding, and
+    every epoch has as many batches."""
+    module = data_module("data.num_workers=0", f"augment={option}", "data.max_batch_seconds=30")
     module.setup("fit")
     loader = module.train_dataloader()
     sampler = loader.batch_sampler
@@ -89,7 +119,11 @@ def test_augmented_batches_stay_within_their_shapes_and_budget_with_the_same_cou
             assert batch["truncated_seconds"] <= 0.05 * clips  # codec padding only, never speech
     assert counts[0] == counts[1] == len(sampler) == module.report["train"]["batches"]["batches"]
     assert descriptions[0] != descriptions[1]  # a new draw each epoch
-    assert {"speed 0.9", "speed 1.1", "none"} <= set(descriptions[0])
+    if option == "speed":
+        assert {"speed 0.9", "speed 1.1", "none"} <= set(descriptions[0])
+    else:
+        assert all(d.startswith("silence ") for d in descriptions[0])
+        assert module.report["train"]["augment"]["silence"]["planned_on"] == "durations + 2 s (the most on both sides)"
 
 
 def test_a_resumed_loader_replays_the_same_augmented_batches_whatever_the_workers(noise_dir):
@@ -149,6 +183,24 @@ def test_noise_is_mixed_at_the_snr_asked_for(noise_dir, snr_db):
         added = mixed.astype(np.float64) - speech
         assert 10 * np.log10(np.sum(speech.astype(np.float64) ** 2) / np.sum(added**2)) == pytest.approx(snr_db, abs=0.01)
     assert used == {"white.wav", "music/tone.wav"}
+
+
+def test_noise_around_silence_keeps_the_speech_at_the_snr_asked_for(noise_dir):
+    """With silence around the clip, the noise runs over the silence too and its level is set by the speech's
+    own power: measured over the speech's samples, the SNR asked for."""
+    augment = Augment(**{**OFF, "noise_prob": 1.0, "noise_dir": str(noise_dir), "noise_snr_db": [10.0, 10.0],
+                         "silence_prob": 1.0, "silence_seconds": [0.5, 1.0]}, seed=0)
+    augment.check()
+    t = np.arange(32_000) / audio.SAMPLE_RATE
+    speech = (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    choice = augment.choose(0, 0)
+    before, after = round(choice.before * audio.SAMPLE_RATE), round(choice.after * audio.SAMPLE_RATE)
+    padded = np.concatenate([np.zeros(before, np.float32), speech, np.zeros(after, np.float32)])
+    noise = augment.noise(choice, len(padded))
+    mixed = mix(padded.copy(), noise, choice.snr_db, reference=speech).astype(np.float64)
+    added = mixed - padded
+    assert np.abs(mixed[:before]).max() > 0  # the room's noise in the silence too
+    assert 10 * np.log10(np.mean(speech.astype(np.float64) ** 2) / np.mean(added**2)) == pytest.approx(10.0, abs=0.01)
 
 
 def test_noise_weights_choose_the_categories():

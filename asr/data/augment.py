@@ -1,4 +1,5 @@
-"""On-the-fly training augmentation: speed perturbation and additive noise (conf/augment/, docs/augment.md).
+"""On-the-fly training augmentation: speed perturbation, silence around the speech and additive noise
+(conf/augment/, docs/augment.md).
 
 What happens to a clip is decided by (seed, epoch, clip): a numpy Generator seeded with the three draws
 the same numbers in any process, so a resumed run replays the same augmented batches and DDP ranks agree,
@@ -8,10 +9,13 @@ whatever the number of loader workers. Everything runs in the loader workers, in
   read as if recorded at f x its rate and resampled to 16 kHz, so tempo and pitch change together and the
   clip lasts duration / f (sox `speed`). For 48 kHz MP3 this is the resampling `audio.load` does anyway, at
   another ratio: it costs nothing more.
+- Silence: seconds of zeros before and after the clip, each drawn uniformly from `silence_seconds`, so that the
+  model does not learn where a clip's speech starts and ends from its edges (a model trained on clips that all
+  start at their speech emits nothing right in a long recording's pauses: docs/augment.md).
 - Noise: a file from `noise_dir`, drawn by category (`noise_weights`: the files in a subfolder named after a
   key, e.g. music/ or babble/, and under `noise` the files in no such subfolder), a segment of the clip's
   length at a random offset (repeated if the file is shorter), added at an SNR drawn uniformly from
-  `noise_snr_db`, before the clip is normalised.
+  `noise_snr_db`, before the clip is normalised (over the silence too: the noise is the room's).
 """
 
 import logging
@@ -36,9 +40,13 @@ class Choice:
     noise: int | None = None  # index into Augment.noise_files
     offset: float = 0.0  # where the noise segment starts: a fraction of the room the file leaves
     snr_db: float = 0.0
+    before: float = 0.0  # seconds of silence before the clip
+    after: float = 0.0  # and after it
 
     def describe(self, augment: "Augment") -> str:
         parts = [f"speed {self.factor:g}"] if self.factor != 1.0 else []
+        if self.before or self.after:
+            parts.append(f"silence {self.before:.2f} s before, {self.after:.2f} s after")
         if self.noise is not None:
             parts.append(f"{augment.noise_name(self.noise)} at {self.snr_db:.1f} dB SNR")
         return ", ".join(parts) or "none"
@@ -50,12 +58,15 @@ NONE = Choice()
 class Augment:
     """The training augmentation of a run; conf/data/default.yaml (`data.augment`) gives every setting and
     conf/augment/ its options. speed_prob: chance that a clip's factor is drawn from `speed_factors` (else
-    1.0). noise_prob: chance that a clip gets noise. noise_snr_db: [low, high] dB. noise_weights: category ->
-    weight (0 leaves it out)."""
+    1.0). silence_prob: chance that a clip gets silence around it, before and after each drawn from
+    silence_seconds: [low, high]. noise_prob: chance that a clip gets noise. noise_snr_db: [low, high] dB.
+    noise_weights: category -> weight (0 leaves it out)."""
 
-    def __init__(self, speed_prob: float, speed_factors: list[float], noise_prob: float, noise_dir: str | None,
-                 noise_snr_db: list[float], noise_weights: dict[str, float], seed: int):
+    def __init__(self, speed_prob: float, speed_factors: list[float], silence_prob: float,
+                 silence_seconds: list[float], noise_prob: float, noise_dir: str | None, noise_snr_db: list[float],
+                 noise_weights: dict[str, float], seed: int):
         self.speed_prob, self.speed_factors = float(speed_prob), [float(f) for f in speed_factors]
+        self.silence_prob, self.silence_seconds = float(silence_prob), [float(x) for x in silence_seconds]
         self.noise_prob, self.noise_dir = float(noise_prob), noise_dir
         self.noise_snr_db, self.noise_weights = [float(x) for x in noise_snr_db], dict(noise_weights)
         self.seed = seed
@@ -68,10 +79,12 @@ class Augment:
         self._weighted: list[str] = []  # the categories drawn from
 
     def _settings_problem(self) -> str | None:
-        if not 0 <= self.speed_prob <= 1 or not 0 <= self.noise_prob <= 1:
-            return "data.augment.speed_prob and noise_prob are probabilities: give values in [0, 1]."
+        if not all(0 <= p <= 1 for p in (self.speed_prob, self.silence_prob, self.noise_prob)):
+            return "data.augment.speed_prob, silence_prob and noise_prob are probabilities: give values in [0, 1]."
         if self.speed_prob > 0 and (not self.speed_factors or min(self.speed_factors) <= 0):
             return f"data.augment.speed_factors={self.speed_factors}: give positive factors (e.g. [0.9, 1.0, 1.1])."
+        if len(self.silence_seconds) != 2 or not 0 <= self.silence_seconds[0] <= self.silence_seconds[1]:
+            return f"data.augment.silence_seconds={self.silence_seconds}: give [low, high] seconds, 0 <= low <= high."
         if len(self.noise_snr_db) != 2 or self.noise_snr_db[0] > self.noise_snr_db[1]:
             return f"data.augment.noise_snr_db={self.noise_snr_db}: give [low, high] in dB."
         if self.noise_prob > 0 and not self.noise_dir:
@@ -80,19 +93,23 @@ class Augment:
 
     @property
     def active(self) -> bool:
-        return self.speed_prob > 0 or self.noise_prob > 0
+        return self.speed_prob > 0 or self.silence_prob > 0 or self.noise_prob > 0
 
     @property
     def slowest(self) -> float:
-        """The smallest factor a clip can get: its duration / this is the longest it can last."""
+        """The smallest factor a clip can get: its duration / this is the longest its speech can last."""
         return min(self.speed_factors) if self.speed_prob > 0 else 1.0
 
-    @property
-    def mean_stretch(self) -> float:
-        """The expected duration of a clip after speed perturbation, per second of the clip: E[1 / factor]."""
-        if self.speed_prob == 0:
-            return 1.0
-        return 1 - self.speed_prob + self.speed_prob * float(np.mean([1 / f for f in self.speed_factors]))
+    def longest(self, seconds: np.ndarray) -> np.ndarray:
+        """The longest each clip of `seconds` can last once augmented: slowed by the slowest factor, with the
+        most silence on both sides. The batch plan is made on these."""
+        return seconds / self.slowest + (2 * self.silence_seconds[1] if self.silence_prob > 0 else 0.0)
+
+    def expected(self, seconds: np.ndarray) -> np.ndarray:
+        """Each clip's expected duration once augmented: seconds x E[1 / factor] + the expected silence."""
+        stretch = 1.0 if self.speed_prob == 0 else \
+            1 - self.speed_prob + self.speed_prob * float(np.mean([1 / f for f in self.speed_factors]))
+        return seconds * stretch + self.silence_prob * sum(self.silence_seconds)
 
     def check(self) -> str | None:
         """Why these settings or the noise folder cannot be used (missing, empty, unreadable: the message names
@@ -146,23 +163,28 @@ class Augment:
             raise SetupError(problem)
 
     def choose(self, epoch: int, clip: int, force: bool = False) -> Choice:
-        """What happens to clip `clip` (its position in the training split) in `epoch`. The same seven
-        uniform draws whatever the settings, so turning noise on does not change the speed factors.
-        force: speed and noise applied wherever their probability is not 0 (an example to show)."""
+        """What happens to clip `clip` (its position in the training split) in `epoch`. The same ten
+        uniform draws whatever the settings, so turning noise on does not change the speed factors (and the
+        first seven are those of the releases before silence: a run's speed and noise draws are unchanged).
+        force: every augmentation applied whose probability is not 0 (an example to show)."""
         if not self.active:
             return NONE
-        u = np.random.default_rng([self.seed, epoch, clip]).random(7)
+        u = np.random.default_rng([self.seed, epoch, clip]).random(10)
         factor = 1.0
         if self.speed_prob > 0 and (force or u[0] < self.speed_prob):
             factors = ([f for f in self.speed_factors if f != 1.0] or self.speed_factors) if force else self.speed_factors
             factor = factors[int(u[1] * len(factors))]
+        silence = {}
+        if self.silence_prob > 0 and (force or u[7] < self.silence_prob):
+            low, high = self.silence_seconds
+            silence = {"before": float(low + u[8] * (high - low)), "after": float(low + u[9] * (high - low))}
         if self.noise_prob == 0 or not (force or u[2] < self.noise_prob):
-            return Choice(factor)
+            return Choice(factor, **silence)
         self._scanned()
         category = min(int(np.searchsorted(self._cumulative, u[3], side="right")), len(self._by_category) - 1)
         files = self._by_category[category]
         snr = self.noise_snr_db[0] + u[6] * (self.noise_snr_db[1] - self.noise_snr_db[0])
-        return Choice(factor, int(files[int(u[4] * len(files))]), float(u[5]), float(snr))
+        return Choice(factor, int(files[int(u[4] * len(files))]), float(u[5]), float(snr), **silence)
 
     def noise_name(self, index: int) -> str:
         return os.path.relpath(self.noise_files[index][0], Path(self.noise_dir).expanduser())
@@ -190,6 +212,9 @@ class Augment:
         if self.speed_prob > 0:
             out["speed"] = {"prob": self.speed_prob, "factors": self.speed_factors,
                             "planned_on": f"durations / {self.slowest:g} (the slowest factor)"}
+        if self.silence_prob > 0:
+            out["silence"] = {"prob": self.silence_prob, "seconds": self.silence_seconds,
+                              "planned_on": f"durations + {2 * self.silence_seconds[1]:g} s (the most on both sides)"}
         if self.noise_prob > 0:
             self._scanned()
             counts = {c: self.noise_categories.count(c) for c in self._weighted}
@@ -199,11 +224,13 @@ class Augment:
         return out or {"none": True}
 
 
-def mix(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
-    """speech + noise scaled to `snr_db` below the speech's power (mean square over the whole clip), in place
-    in `speech`; silent noise adds nothing."""
-    power = float(np.dot(noise, noise))
+def mix(speech: np.ndarray, noise: np.ndarray, snr_db: float, reference: np.ndarray | None = None) -> np.ndarray:
+    """speech + noise scaled to `snr_db` below the speech's mean power, in place in `speech`; silent noise adds
+    nothing. reference: the samples whose mean power is the speech's (the clip without the silence put around
+    it), else `speech` itself."""
+    power = float(np.dot(noise, noise)) / len(noise) if len(noise) else 0.0
     if power > 0:
-        gain = np.sqrt(float(np.dot(speech, speech)) / (power * 10 ** (snr_db / 10)))
+        reference = speech if reference is None else reference
+        gain = np.sqrt(float(np.dot(reference, reference)) / len(reference) / (power * 10 ** (snr_db / 10)))
         speech += np.float32(gain) * noise
     return speech

@@ -26,7 +26,8 @@ class UtteranceDataset(Dataset):
     bad file never stops a long run and every one is counted in the data report.
 
     augment (training): items are asked for as (epoch, clip) (`DurationBatchSampler(tag_epoch=True)`) and the
-    clip is perturbed as `augment.choose(epoch, clip)` says; `seconds` is then its duration / speed factor,
+    clip is perturbed as `augment.choose(epoch, clip)` says; `seconds` is then its duration / speed factor plus
+    its silence,
     `augment` what was done. A noise file that fails to decode leaves the clip clean and is named in
     `noise_skipped` (counted in the data report, `SpeechDataModule.on_before_batch_transfer`).
     """
@@ -59,7 +60,12 @@ class UtteranceDataset(Dataset):
         except audio.AudioError as error:
             log.warning("skipping %s: %s", utt_id, error)
             return {"id": utt_id, "dropped": error.reason}
-        seconds = None if self.clips.seconds is None else float(self.clips.seconds[i]) / choice.factor
+        clip = wave  # the speech's power sets the noise's level, whatever the silence around it
+        if choice.before or choice.after:
+            wave = np.concatenate([np.zeros(round(choice.before * audio.SAMPLE_RATE), np.float32), wave,
+                                   np.zeros(round(choice.after * audio.SAMPLE_RATE), np.float32)])
+        seconds = None if self.clips.seconds is None else \
+            float(self.clips.seconds[i]) / choice.factor + choice.before + choice.after
         item = {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
                 "language": language, "seconds": seconds}
         if "corpus" in self._columns:
@@ -68,7 +74,7 @@ class UtteranceDataset(Dataset):
             item["augment"] = choice.describe(self.augment)
             if choice.noise is not None:
                 try:
-                    mix(wave, self.augment.noise(choice, len(wave)), choice.snr_db)
+                    mix(wave, self.augment.noise(choice, len(wave)), choice.snr_db, reference=clip)
                 except Exception as error:  # noqa: BLE001 (a noise file that does not decode: the clip stays clean)
                     name = self.augment.noise_name(choice.noise)
                     log.warning("noise file %s skipped (%s): %s stays clean", name, error, utt_id)

@@ -375,17 +375,18 @@ class SpeechDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer and not whole else 0
         size = h.max_batch_size if training or h.eval_max_batch_size is None else h.eval_max_batch_size
         augmented = training and self.augment.active
-        # Speed perturbation: a clip lasts its duration / its epoch's factor. The plan is made on the longest
-        # each clip can last (duration / the slowest factor), so every epoch's clips fit their planned shapes
-        # and budget, and the batches per epoch stay the same; the cost is padding (docs/augment.md).
-        seconds = utterances.seconds / self.augment.slowest if augmented else utterances.seconds
+        # Speed perturbation and silence: a clip lasts its duration / its epoch's factor plus its silence. The
+        # plan is made on the longest each clip can last (duration / the slowest factor + the most silence), so
+        # every epoch's clips fit their planned shapes and budget, and the batches per epoch stay the same; the
+        # cost is padding (docs/augment.md).
+        seconds = self.augment.longest(utterances.seconds) if augmented else utterances.seconds
         mix = {}
         if training and self.mixed:  # each corpus's share of an epoch of as many clips as the corpora hold together
             mix = {"corpus": self._corpus_index(utterances), "draws": mixing.apportion(len(utterances), self._shares())}
         return DurationBatchSampler(
             seconds, h.max_batch_seconds, max_batch_size=size, num_buckets=h.num_buckets,
             attention_q=h.attention_q, seed=h.seed, shuffle=training, num_replicas=world, rank=rank,
-            tag_epoch=augmented, audio_seconds=utterances.seconds * self.augment.mean_stretch if augmented else None,
+            tag_epoch=augmented, audio_seconds=self.augment.expected(utterances.seconds) if augmented else None,
             geometry=self.geometry, **mix)
 
     def dataloader(self, split: str, whole: bool = False) -> DataLoader:
