@@ -212,3 +212,56 @@ def test_each_corpus_dev_split_is_scored_and_val_cer_is_their_hour_weighted_mean
     with pytest.raises(SetupError, match=r"'fr' is not a corpus of this run; give one of val/pt/cer, val/es/cer"):
         assembled(mix_of(cv_corpus, es_corpus), "data.num_workers=0", "data.max_batch_seconds=20", "logger=none",
                   "callbacks.checkpoint.monitor=val/fr/cer")
+
+
+@pytest.mark.slow  # two short training runs, ~20 s
+def test_lightning_resume_of_a_mixed_run_continues_with_the_next_batch(cv_corpus, es_corpus, tmp_path):
+    """A run of two corpora checkpointed mid-epoch (update 5) and resumed from it trains on the batches the
+    uninterrupted run did, corpus by corpus, from update 6 on; the epochs after the first draw anew."""
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.callbacks import RecordUpdates
+    from tests.conftest import SHRUNK, assembled
+
+    def fit(callbacks, ckpt_path=None):
+        record = RecordUpdates()
+        run = assembled(mix_of(cv_corpus, es_corpus, 0.5), "data.max_batch_seconds=8", "data.num_workers=2",
+                        f"run_dir={tmp_path}", *SHRUNK, f"ckpt_path='{ckpt_path}'" if ckpt_path else "ckpt_path=null",
+                        callbacks=[record, *callbacks], max_steps=16, accelerator="cpu", limit_val_batches=0)
+        run.fit()
+        return run.trainer, record.ids
+
+    every_5 = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    trainer, uninterrupted = fit([every_5])
+    per_epoch = trainer.num_training_batches
+    assert 5 % per_epoch != 0 and 16 > 2 * per_epoch, "the checkpoint must fall mid-epoch, the run span epochs"
+    checkpoint = torch.load(tmp_path / "ckpt" / "step=5.ckpt", weights_only=True)
+    assert checkpoint["SpeechDataModule"] == {"epoch": 5 // per_epoch, "position": 5 % per_epoch}
+    _, resumed = fit([], tmp_path / "ckpt" / "step=5.ckpt")
+    assert len(uninterrupted) == 16 and resumed == uninterrupted[5:]
+    es = {i for batch in uninterrupted for i in batch if i.startswith("common_voice_es")}
+    assert es and len(es) < sum(i.startswith("common_voice_es") for batch in uninterrupted for i in batch)  # drawn again
+    epochs = [sorted(sum(uninterrupted[e * per_epoch:(e + 1) * per_epoch], [])) for e in (0, 1)]
+    assert epochs[0] != epochs[1]  # each epoch its own draw of the oversampled corpus
+
+
+@pytest.mark.slow  # two processes of one epoch, ~40 s
+def test_ddp_ranks_of_a_mixed_run_train_on_the_batches_of_one_process(cv_corpus, es_corpus, tmp_path):
+    """Two CPU processes (gloo) on two corpora at 0.5 / 0.5: each rank trains on every other batch of the
+    epoch one process draws, so the corpora's shares hold over the ranks together."""
+    import json
+
+    done = subprocess.run([sys.executable, "tests/ddp_batches.py", str(cv_corpus), str(tmp_path),
+                           mix_of(cv_corpus, es_corpus, 0.5)],
+                          cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # the run's output: why a rank died
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["ids"] for r in range(2)]
+    module = data_module(mix_of(cv_corpus, es_corpus, 0.5), "data.max_batch_seconds=7", "data.num_workers=0")
+    module.setup("fit")
+    one_process = [batch["ids"] for batch in module.train_dataloader()]
+    padded = one_process + one_process[: len(one_process) % 2]  # the first batch again pads an odd epoch
+    assert ranks[0] == padded[0::2] and ranks[1] == padded[1::2]
+    drawn = [i for batch in one_process for i in batch]
+    assert sum(i.startswith("common_voice_es") for i in drawn) == module.report["train"]["corpora"]["es"]["share"][
+        "clips_per_epoch"]
