@@ -17,7 +17,7 @@ from asr.data.text import Vocabulary
 from tests.conftest import data_module
 
 OFF = {"speed_prob": 0.0, "speed_factors": [0.9, 1.0, 1.1], "silence_prob": 0.0, "silence_seconds": [0.0, 1.0],
-       "noise_prob": 0.0, "noise_dir": None,
+       "concat_prob": 0.0, "concat_seconds": 4.0, "concat_gap": [0.2, 1.0], "noise_prob": 0.0, "noise_dir": None,
        "noise_snr_db": [10.0, 20.0], "noise_weights": {"noise": 1.0, "music": 1.0, "babble": 1.0}}
 
 
@@ -98,7 +98,40 @@ def test_silence_goes_around_the_clip_and_leaves_the_other_draws_as_they_were():
     assert len(set(sides)) == len(sides)  # drawn, not fixed
 
 
-@pytest.mark.parametrize("option", ["speed", "silence"])
+def test_concat_puts_another_clip_after_a_pause_and_joins_the_transcripts():
+    """augment=concat: half the clips followed by a partner (a clip short enough for the room at the slowest
+    speed) after a gap in concat_gap: the audio is clip, zeros, partner at the clip's speed; the labels are the
+    two transcripts joined by a word delimiter; `seconds` counts all of it; the speed draws are unchanged."""
+    demo = data_module("data.num_workers=0", "augment=speed", "data.augment.concat_prob=0.5",
+                       "data.augment.concat_seconds=3.5")
+    train = demo.load("train")
+    augmented = loading.UtteranceDataset(train, demo.vocab, demo.augment)
+    plain = loading.UtteranceDataset(train, demo.vocab)
+    speed_only = loading.UtteranceDataset(train, demo.vocab, Augment(**{**OFF, "speed_prob": 1.0}, seed=demo.augment.seed))
+    fits = np.flatnonzero(train.seconds / 0.9 <= 3.5 - 1.0)
+    assert np.array_equal(augmented.partners, fits) and 0 < len(fits) < len(train)
+    followed = 0
+    for i in range(0, len(train), 25):
+        choice = demo.augment.choose(3, i)
+        item, alone = augmented[(3, i)], speed_only[(3, i)]
+        assert choice.factor == demo.augment.choose(3, i).factor == speed_only.augment.choose(3, i).factor
+        if choice.partner is None:
+            assert np.array_equal(item["audio"], alone["audio"]) and item["labels"] == alone["labels"]
+            continue
+        followed += 1
+        j = int(fits[int(choice.partner * len(fits))])
+        second = audio.load(train[j].path, speed=choice.factor)
+        gap = round(choice.gap * audio.SAMPLE_RATE)
+        assert 0.2 <= choice.gap <= 1.0 and len(item["audio"]) == len(alone["audio"]) + gap + len(second)
+        assert np.ptp(item["audio"][len(alone["audio"]):len(alone["audio"]) + gap]) == 0  # the pause: zeros
+        assert item["text"] == f"{plain[i]['text']} {plain[j]['text']}"
+        assert item["labels"] == plain[i]["labels"] + [demo.vocab.ids["|"]] + plain[j]["labels"]
+        assert item["seconds"] == pytest.approx(alone["seconds"] + choice.gap + train.seconds[j] / choice.factor)
+        assert "another clip after" in item["augment"]
+    assert 5 <= followed <= 17  # about half of 21
+
+
+@pytest.mark.parametrize("option", ["speed", "silence", "long_form"])
 def test_augmented_batches_stay_within_their_shapes_and_budget_with_the_same_counts_every_epoch(option):
     """Planned on duration / 0.9 (speed) or duration + 2 x the most silence, every epoch's perturbed clips fit:
     each batch has one of the plan's shapes, within the budget, nothing cut beyond the MP3 codec's padding, and
@@ -124,6 +157,9 @@ def test_augmented_batches_stay_within_their_shapes_and_budget_with_the_same_cou
     else:
         assert all(d.startswith("silence ") for d in descriptions[0])
         assert module.report["train"]["augment"]["silence"]["planned_on"] == "durations + 2 s (the most on both sides)"
+    if option == "long_form":
+        assert 0.3 < np.mean(["another clip after" in d for d in descriptions[0]]) < 0.7
+        assert module.report["train"]["augment"]["concat"]["planned_on"] == "durations + 4 s (the room for a second clip)"
 
 
 def test_a_resumed_loader_replays_the_same_augmented_batches_whatever_the_workers(noise_dir):

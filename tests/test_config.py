@@ -32,7 +32,7 @@ GROUPS = {
     "logger": ["csv", "wandb", "none"],
     "callbacks": ["default"],
     "search": ["demo_lr", "cv7_pt_300m_lr"],
-    "augment": ["none", "speed", "silence", "noise", "speed_noise"],
+    "augment": ["none", "speed", "silence", "concat", "long_form", "noise", "speed_noise"],
 }
 
 
@@ -93,7 +93,8 @@ def test_augment(option, tmp_path):
     data = instantiate(compose_config(overrides=[f"augment={option}", *folder]).data, _convert_="all")
     assert data.check() is None and data.augment.active == (option != "none")
     assert (data.augment.slowest < 1) == ("speed" in option) and (data.augment.noise_prob > 0) == ("noise" in option)
-    assert (data.augment.silence_prob > 0) == (option == "silence")
+    assert (data.augment.silence_prob > 0) == (option in ("silence", "long_form"))
+    assert (data.augment.concat_prob > 0) == (option in ("concat", "long_form"))
 
 
 @pytest.mark.parametrize("sched", GROUPS["sched"])

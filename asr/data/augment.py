@@ -1,5 +1,5 @@
-"""On-the-fly training augmentation: speed perturbation, silence around the speech and additive noise
-(conf/augment/, docs/augment.md).
+"""On-the-fly training augmentation: speed perturbation, silence around the speech, a second clip after a
+pause, and additive noise (conf/augment/, docs/augment.md).
 
 What happens to a clip is decided by (seed, epoch, clip): a numpy Generator seeded with the three draws
 the same numbers in any process, so a resumed run replays the same augmented batches and DDP ranks agree,
@@ -12,6 +12,10 @@ whatever the number of loader workers. Everything runs in the loader workers, in
 - Silence: seconds of zeros before and after the clip, each drawn uniformly from `silence_seconds`, so that the
   model does not learn where a clip's speech starts and ends from its edges (a model trained on clips that all
   start at their speech emits nothing right in a long recording's pauses: docs/augment.md).
+- Concatenation: another training clip after the clip, `concat_gap` seconds of silence between them, and the
+  two transcripts joined by a space, so the model learns to finish a sentence and put a word delimiter in a
+  pause when speech follows. The partner is drawn among the clips short enough to fit `concat_seconds`
+  (the room the plan keeps for it, with the gap) at the slowest speed factor; it takes the clip's speed.
 - Noise: a file from `noise_dir`, drawn by category (`noise_weights`: the files in a subfolder named after a
   key, e.g. music/ or babble/, and under `noise` the files in no such subfolder), a segment of the clip's
   length at a random offset (repeated if the file is shorter), added at an SNR drawn uniformly from
@@ -42,11 +46,15 @@ class Choice:
     snr_db: float = 0.0
     before: float = 0.0  # seconds of silence before the clip
     after: float = 0.0  # and after it
+    partner: float | None = None  # another clip after this one: where in the partners (`Augment.partners`), [0, 1)
+    gap: float = 0.0  # seconds of silence between the two
 
     def describe(self, augment: "Augment") -> str:
         parts = [f"speed {self.factor:g}"] if self.factor != 1.0 else []
         if self.before or self.after:
             parts.append(f"silence {self.before:.2f} s before, {self.after:.2f} s after")
+        if self.partner is not None:
+            parts.append(f"another clip after {self.gap:.2f} s")
         if self.noise is not None:
             parts.append(f"{augment.noise_name(self.noise)} at {self.snr_db:.1f} dB SNR")
         return ", ".join(parts) or "none"
@@ -59,14 +67,18 @@ class Augment:
     """The training augmentation of a run; conf/data/default.yaml (`data.augment`) gives every setting and
     conf/augment/ its options. speed_prob: chance that a clip's factor is drawn from `speed_factors` (else
     1.0). silence_prob: chance that a clip gets silence around it, before and after each drawn from
-    silence_seconds: [low, high]. noise_prob: chance that a clip gets noise. noise_snr_db: [low, high] dB.
-    noise_weights: category -> weight (0 leaves it out)."""
+    silence_seconds: [low, high]. concat_prob: chance that another clip follows it, after concat_gap: [low, high]
+    seconds, within concat_seconds of room. noise_prob: chance that a clip gets noise. noise_snr_db: [low, high]
+    dB. noise_weights: category -> weight (0 leaves it out)."""
 
     def __init__(self, speed_prob: float, speed_factors: list[float], silence_prob: float,
-                 silence_seconds: list[float], noise_prob: float, noise_dir: str | None, noise_snr_db: list[float],
-                 noise_weights: dict[str, float], seed: int):
+                 silence_seconds: list[float], concat_prob: float, concat_seconds: float, concat_gap: list[float],
+                 noise_prob: float, noise_dir: str | None, noise_snr_db: list[float], noise_weights: dict[str, float],
+                 seed: int):
         self.speed_prob, self.speed_factors = float(speed_prob), [float(f) for f in speed_factors]
         self.silence_prob, self.silence_seconds = float(silence_prob), [float(x) for x in silence_seconds]
+        self.concat_prob, self.concat_seconds = float(concat_prob), float(concat_seconds)
+        self.concat_gap = [float(x) for x in concat_gap]
         self.noise_prob, self.noise_dir = float(noise_prob), noise_dir
         self.noise_snr_db, self.noise_weights = [float(x) for x in noise_snr_db], dict(noise_weights)
         self.seed = seed
@@ -79,12 +91,16 @@ class Augment:
         self._weighted: list[str] = []  # the categories drawn from
 
     def _settings_problem(self) -> str | None:
-        if not all(0 <= p <= 1 for p in (self.speed_prob, self.silence_prob, self.noise_prob)):
-            return "data.augment.speed_prob, silence_prob and noise_prob are probabilities: give values in [0, 1]."
+        if not all(0 <= p <= 1 for p in (self.speed_prob, self.silence_prob, self.concat_prob, self.noise_prob)):
+            return ("data.augment.speed_prob, silence_prob, concat_prob and noise_prob are probabilities: give values "
+                    "in [0, 1].")
         if self.speed_prob > 0 and (not self.speed_factors or min(self.speed_factors) <= 0):
             return f"data.augment.speed_factors={self.speed_factors}: give positive factors (e.g. [0.9, 1.0, 1.1])."
         if len(self.silence_seconds) != 2 or not 0 <= self.silence_seconds[0] <= self.silence_seconds[1]:
             return f"data.augment.silence_seconds={self.silence_seconds}: give [low, high] seconds, 0 <= low <= high."
+        if len(self.concat_gap) != 2 or not 0 <= self.concat_gap[0] <= self.concat_gap[1] < self.concat_seconds:
+            return (f"data.augment.concat_gap={self.concat_gap}, concat_seconds={self.concat_seconds:g}: give "
+                    f"[low, high] seconds, 0 <= low <= high, and a room in concat_seconds larger than the gap.")
         if len(self.noise_snr_db) != 2 or self.noise_snr_db[0] > self.noise_snr_db[1]:
             return f"data.augment.noise_snr_db={self.noise_snr_db}: give [low, high] in dB."
         if self.noise_prob > 0 and not self.noise_dir:
@@ -93,7 +109,7 @@ class Augment:
 
     @property
     def active(self) -> bool:
-        return self.speed_prob > 0 or self.silence_prob > 0 or self.noise_prob > 0
+        return self.speed_prob > 0 or self.silence_prob > 0 or self.concat_prob > 0 or self.noise_prob > 0
 
     @property
     def slowest(self) -> float:
@@ -102,14 +118,26 @@ class Augment:
 
     def longest(self, seconds: np.ndarray) -> np.ndarray:
         """The longest each clip of `seconds` can last once augmented: slowed by the slowest factor, with the
-        most silence on both sides. The batch plan is made on these."""
-        return seconds / self.slowest + (2 * self.silence_seconds[1] if self.silence_prob > 0 else 0.0)
+        most silence on both sides and the room for a second clip. The batch plan is made on these."""
+        return (seconds / self.slowest + (2 * self.silence_seconds[1] if self.silence_prob > 0 else 0.0)
+                + (self.concat_seconds if self.concat_prob > 0 else 0.0))
 
     def expected(self, seconds: np.ndarray) -> np.ndarray:
-        """Each clip's expected duration once augmented: seconds x E[1 / factor] + the expected silence."""
+        """Each clip's expected duration once augmented: seconds x E[1 / factor] + the expected silence and
+        second clip (its gap and the partners' mean duration)."""
         stretch = 1.0 if self.speed_prob == 0 else \
             1 - self.speed_prob + self.speed_prob * float(np.mean([1 / f for f in self.speed_factors]))
-        return seconds * stretch + self.silence_prob * sum(self.silence_seconds)
+        partners = self.partners(seconds)
+        concat = self.concat_prob * (sum(self.concat_gap) / 2 + float(seconds[partners].mean()) * stretch) \
+            if self.concat_prob > 0 and len(partners) else 0.0
+        return seconds * stretch + self.silence_prob * sum(self.silence_seconds) + concat
+
+    def partners(self, seconds: np.ndarray | None) -> np.ndarray:
+        """The clips (indices into `seconds`) that fit the room for a second clip with the longest gap at the
+        slowest speed: those concatenation draws from (none without durations)."""
+        if seconds is None or self.concat_prob == 0:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(np.asarray(seconds) / self.slowest <= self.concat_seconds - self.concat_gap[1])
 
     def check(self) -> str | None:
         """Why these settings or the noise folder cannot be used (missing, empty, unreadable: the message names
@@ -163,13 +191,14 @@ class Augment:
             raise SetupError(problem)
 
     def choose(self, epoch: int, clip: int, force: bool = False) -> Choice:
-        """What happens to clip `clip` (its position in the training split) in `epoch`. The same ten
+        """What happens to clip `clip` (its position in the training split) in `epoch`. The same thirteen
         uniform draws whatever the settings, so turning noise on does not change the speed factors (and the
-        first seven are those of the releases before silence: a run's speed and noise draws are unchanged).
+        first seven are those of the releases before silence and concatenation: a run's speed and noise draws
+        are unchanged).
         force: every augmentation applied whose probability is not 0 (an example to show)."""
         if not self.active:
             return NONE
-        u = np.random.default_rng([self.seed, epoch, clip]).random(10)
+        u = np.random.default_rng([self.seed, epoch, clip]).random(13)
         factor = 1.0
         if self.speed_prob > 0 and (force or u[0] < self.speed_prob):
             factors = ([f for f in self.speed_factors if f != 1.0] or self.speed_factors) if force else self.speed_factors
@@ -178,6 +207,9 @@ class Augment:
         if self.silence_prob > 0 and (force or u[7] < self.silence_prob):
             low, high = self.silence_seconds
             silence = {"before": float(low + u[8] * (high - low)), "after": float(low + u[9] * (high - low))}
+        if self.concat_prob > 0 and (force or u[10] < self.concat_prob):
+            low, high = self.concat_gap
+            silence.update(partner=float(u[11]), gap=float(low + u[12] * (high - low)))
         if self.noise_prob == 0 or not (force or u[2] < self.noise_prob):
             return Choice(factor, **silence)
         self._scanned()
@@ -215,6 +247,9 @@ class Augment:
         if self.silence_prob > 0:
             out["silence"] = {"prob": self.silence_prob, "seconds": self.silence_seconds,
                               "planned_on": f"durations + {2 * self.silence_seconds[1]:g} s (the most on both sides)"}
+        if self.concat_prob > 0:
+            out["concat"] = {"prob": self.concat_prob, "gap": self.concat_gap,
+                             "planned_on": f"durations + {self.concat_seconds:g} s (the room for a second clip)"}
         if self.noise_prob > 0:
             self._scanned()
             counts = {c: self.noise_categories.count(c) for c in self._weighted}

@@ -1,6 +1,7 @@
 """From a batch plan to padded batches: the dataset that decodes each clip, `collate` with its shared-memory
 buffers in loader workers, and the loaders."""
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -27,7 +28,7 @@ class UtteranceDataset(Dataset):
 
     augment (training): items are asked for as (epoch, clip) (`DurationBatchSampler(tag_epoch=True)`) and the
     clip is perturbed as `augment.choose(epoch, clip)` says; `seconds` is then its duration / speed factor plus
-    its silence,
+    its silence and the clip after it, `text` and `labels` the two transcripts joined by a space,
     `augment` what was done. A noise file that fails to decode leaves the clip clean and is named in
     `noise_skipped` (counted in the data report, `SpeechDataModule.on_before_batch_transfer`).
     """
@@ -35,6 +36,7 @@ class UtteranceDataset(Dataset):
     def __init__(self, clips: corpora.Clips, vocab: text.Vocabulary, augment: Augment | None = None):
         self.clips, self.vocab = clips, vocab
         self.augment = augment if augment is not None and augment.active else None
+        self.partners = augment.partners(clips.seconds) if self.augment else None  # those a clip may be followed by
         self._columns = {name: clips.table.column(name) for name in ("id", "path", "text", "language")}
         if "corpus" in clips.table.column_names:  # several corpora (`SpeechDataModule(corpora=...)`): each clip's
             self._columns["corpus"] = clips.table.column("corpus")
@@ -51,6 +53,12 @@ class UtteranceDataset(Dataset):
         items = [self[index] for index in batch]
         return Planned(items, batch.shape) if isinstance(batch, Planned) else items
 
+    def _partner(self, choice: Choice) -> int | None:
+        """The clip that follows this one (`Choice.partner`: its place among `partners`), or None."""
+        if choice.partner is None or self.partners is None or not len(self.partners):
+            return None
+        return int(self.partners[int(choice.partner * len(self.partners))])
+
     def item(self, i: int, choice: Choice) -> dict:
         """Clip i as `choice` (`Augment.choose`) perturbs it."""
         row = int(self.clips.rows[i])
@@ -60,12 +68,27 @@ class UtteranceDataset(Dataset):
         except audio.AudioError as error:
             log.warning("skipping %s: %s", utt_id, error)
             return {"id": utt_id, "dropped": error.reason}
+        seconds = None if self.clips.seconds is None else float(self.clips.seconds[i]) / choice.factor
+        followed = self._partner(choice)
+        if followed is not None:  # another clip after a pause: one recording of two sentences
+            partner_path, partner_text = (self._columns[n][int(self.clips.rows[followed])].as_py() for n in ("path", "text"))
+            try:
+                second = audio.load(partner_path, speed=choice.factor)
+            except audio.AudioError as error:  # the partner is counted where it is trained on alone
+                log.warning("%s is not followed by %s: %s", utt_id, partner_path, error)
+                followed = None
+            else:
+                wave = np.concatenate([wave, np.zeros(round(choice.gap * audio.SAMPLE_RATE), np.float32), second])
+                transcript = f"{transcript} {partner_text}"
+                if seconds is not None:
+                    seconds += choice.gap + float(self.clips.seconds[followed]) / choice.factor
+        if followed is None and choice.partner is not None:
+            choice = dataclasses.replace(choice, partner=None, gap=0.0)  # no clip could follow: say so
         clip = wave  # the speech's power sets the noise's level, whatever the silence around it
         if choice.before or choice.after:
             wave = np.concatenate([np.zeros(round(choice.before * audio.SAMPLE_RATE), np.float32), wave,
                                    np.zeros(round(choice.after * audio.SAMPLE_RATE), np.float32)])
-        seconds = None if self.clips.seconds is None else \
-            float(self.clips.seconds[i]) / choice.factor + choice.before + choice.after
+            seconds = None if seconds is None else seconds + choice.before + choice.after
         item = {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
                 "language": language, "seconds": seconds}
         if "corpus" in self._columns:
