@@ -17,7 +17,7 @@ import asr
 from asr import cli
 from asr.config import compose
 from asr.data import audio
-from benchmarks import ctc, gpu, precision, transcribe
+from benchmarks import ctc, gpu, mix, precision, transcribe
 from tests.conftest import in_process
 
 BENCHMARKS = sorted(p.stem for p in (asr.REPO_DIR / "benchmarks").glob("*.py"))
@@ -25,7 +25,7 @@ BENCHMARKS = sorted(p.stem for p in (asr.REPO_DIR / "benchmarks").glob("*.py"))
 
 def test_every_benchmark_has_its_settings_file():
     settings_files = sorted(p.stem for p in (asr.REPO_DIR / "conf" / "bench").glob("*.yaml"))
-    assert len(BENCHMARKS) == 13 and settings_files == BENCHMARKS
+    assert len(BENCHMARKS) == 14 and settings_files == BENCHMARKS
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
@@ -64,6 +64,61 @@ def test_an_unknown_key_a_flag_or_a_value_out_of_choices_is_one_line():
     assert result.returncode == 1 and result.stderr.startswith("error: shapes: a list of [frames,clips,")
     result = in_process(precision.main, ["precisions=[32,fp8]"])
     assert (result.returncode, result.stderr) == (1, "error: precisions=fp8: expected one of 32, bf16, 16\n")
+
+
+def test_the_mix_benchmark_plans_each_run_once_with_the_same_updates_and_averaging(tmp_path):
+    """Its runs' train configs as composed (nothing trained): per seed the demo, short and a mix per demo weight; per
+    language seed es and demo+es, the demo run of a seed of both parts planned once; every run the tiny model from
+    scratch with the same updates, 10 dev evaluations and the average of the best, and any other override."""
+    args, rest = cli.parse("bench/mix", ["seeds=[0,1]", "language_seeds=[1,2]", "updates=300", "average_best=4",
+                                         "optim.lr=1e-3"], passthrough=True)
+    roots = {name: tmp_path / name for name in ("demo", "short", "es")}
+    runs = mix.plan(args, roots)
+    assert [(r.name, r.seed) for r in runs] == [
+        ("demo", 0), ("short", 0), ("mix-0.5-0.5", 0), ("mix-0.8-0.2", 0),
+        ("demo", 1), ("short", 1), ("mix-0.5-0.5", 1), ("mix-0.8-0.2", 1), ("es", 1), ("demo+es", 1),
+        ("demo", 2), ("es", 2), ("demo+es", 2)]
+    for run in runs:
+        cfg = compose("train", [*mix.command(run, args, list(rest), tmp_path / "run")[2:-1], f"run_dir={tmp_path}"])
+        assert (cfg.seed, cfg.trainer.max_steps, cfg.val_every_updates, cfg.optim.lr) == (run.seed, 300, 30, 1e-3)
+        assert cfg.callbacks.average.best == cfg.callbacks.checkpoint.save_top_k == 4
+        assert cfg.model.pretrained is None and cfg.model.arch.hidden_size == 128  # the tiny model, from scratch
+        if len(run.corpora) == 1:
+            assert (cfg.data.corpora, cfg.data.root, cfg.data.lang) == (None, str(roots[run.name]), mix.LANGS[run.name])
+        else:
+            assert [(c["name"], c["lang"], c["root"], c.get("weight")) for c in cfg.data.corpora] == [
+                (name, mix.LANGS[name], str(roots[name]), weight) for name, weight in {
+                    "mix-0.5-0.5": [("demo", 0.5), ("short", 0.5)], "mix-0.8-0.2": [("demo", 0.8), ("short", 0.2)],
+                    "demo+es": [("demo", None), ("es", None)]}[run.name]]
+
+
+def test_the_mix_benchmark_stops_at_a_key_it_sets_or_a_mistyped_one_in_one_line():
+    for argv, error in [(["seed=3"], "error: seed is set for each run by python benchmarks/mix.py: give seeds=\n"),
+                        (["update=20"], "error: update is not a setting of python benchmarks/mix.py (seeds, "
+                                        "demo_weights, language_seeds, updates, average_best, out): did you mean "
+                                        "updates?\n"),
+                        (["demo_weights=[0.5,1]"], "error: demo_weights: 1: give the demo's share of a mix, between 0 "
+                                                   "and 1\n")]:
+        result = in_process(mix.main, argv)
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", error)
+
+
+def test_the_mix_tables_give_each_seed_then_the_mean_and_spread():
+    rows = [{"run": run, "seed": seed, "corpora": corpora,
+             "test": {"best": {c: {"cer": cer + 0.1 * i} for i, c in enumerate(corpora)}}}
+            for run, corpora, figures in [("demo", ["demo"], {0: 0.2, 1: 0.3}), ("short", ["short"], {0: 0.5, 1: 0.4}),
+                                          ("mix-0.5-0.5", ["demo", "short"], {0: 0.1, 1: 0.2})]
+            for seed, cer in figures.items()]
+    header, *lines = mix.cer_table(rows, ["demo", "short", "mix-0.5-0.5"], ["demo", "short"], [0, 1])
+    assert header.split()[1:] == ["demo", "s0", "demo", "s1", "short", "s0", "short", "s1", "demo", "mean", "demo",
+                                  "spread", "short", "mean", "short", "spread"]
+    assert [line.split() for line in lines] == [
+        ["demo", "0.200", "0.300", "-", "-", "0.250", "0.100", "-", "-"],
+        ["short", "-", "-", "0.500", "0.400", "-", "-", "0.450", "0.100"],
+        ["mix-0.5-0.5", "0.100", "0.200", "0.200", "0.300", "0.150", "0.100", "0.250", "0.100"]]
+    assert mix.against_alone(rows, ["mix-0.5-0.5"], [0, 1]) == [
+        "mix-0.5-0.5 on demo: -0.100 against demo alone; seed spread 0.100: within the spread or better",
+        "mix-0.5-0.5 on short: -0.200 against short alone; seed spread 0.100: within the spread or better"]
 
 
 def test_the_transcribe_benchmark_times_both_paths_on_the_same_clips(tmp_path, capsys):
