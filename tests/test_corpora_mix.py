@@ -186,6 +186,14 @@ def test_each_corpus_dev_split_is_scored_and_val_cer_is_their_hour_weighted_mean
     mean = sum(hours[n] * float(metrics[f"val/{n}/cer"]) for n in hours) / sum(hours.values())
     assert float(metrics["val/cer"]) == pytest.approx(mean, rel=1e-5)
     assert {"val/pt/wer", "val/es/wer", "val/wer"} <= set(metrics)
+    # what callbacks.average scores a checkpoint by: validation's figures, corpus by corpus and their mean
+    import torch
+
+    from asr.run.evaluation import dev_rates
+    rates = dev_rates(run.model, run.data, torch.device("cpu"))
+    assert rates["cer"] == pytest.approx(float(metrics["val/cer"]), rel=1e-6)
+    assert rates["wer"] == pytest.approx(float(metrics["val/wer"]), rel=1e-6)
+    assert rates["by_corpus"]["es"][1] == pytest.approx(float(metrics["val/es/cer"]), rel=1e-6)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["monitor"] == "val/es/cer" and results["corpora"]["es"]["val_cer"] == pytest.approx(
         float(metrics["val/es/cer"]))
@@ -265,3 +273,18 @@ def test_ddp_ranks_of_a_mixed_run_train_on_the_batches_of_one_process(cv_corpus,
     drawn = [i for batch in one_process for i in batch]
     assert sum(i.startswith("common_voice_es") for i in drawn) == module.report["train"]["corpora"]["es"]["share"][
         "clips_per_epoch"]
+
+
+def test_corpus_rates_are_each_corpus_s_and_their_dev_hour_weighted_mean():
+    """What validation logs and callbacks.average scores by (asr.model.module.corpus_rates): each corpus's own
+    rates, not the pooled counts, weighted by dev hours; a corpus none of whose characters was scored is left out."""
+    from asr.model.module import corpus_rates
+
+    corpora = {"a": {"dev_seconds": 3600.0}, "b": {"dev_seconds": 1200.0}, "c": {"dev_seconds": 600.0}}
+    rates = corpus_rates(corpora, [[2, 10, 5, 100], [3, 5, 20, 50], [0, 0, 0, 0]])
+    assert rates["by_corpus"] == {"a": (0.2, 0.05), "b": (0.6, 0.4)}
+    assert rates["cer"] == pytest.approx(0.75 * 0.05 + 0.25 * 0.4) and rates["wer"] == pytest.approx(0.75 * 0.2 + 0.25 * 0.6)
+    assert rates["cer"] != pytest.approx(25 / 150)  # the pooled figure
+    assert corpus_rates(corpora, [[0, 0, 0, 0]] * 3) == {}
+    assert corpus_rates({"a": {"dev_seconds": 0.0}, "b": {"dev_seconds": 0.0}}, [[0, 1, 1, 10], [0, 1, 3, 10]])["cer"] == \
+        pytest.approx(0.2)  # no hours stated: equal weights

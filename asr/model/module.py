@@ -57,6 +57,24 @@ def decoded(logits: torch.Tensor, frames: torch.Tensor, vocab: Vocabulary, langu
     return Decoded(logits, frames, greedy, [text.normalize(b[0], language) for b in beams], [b[2] for b in beams])
 
 
+def corpus_rates(corpora: dict[str, dict], counts: list[list[float]]) -> dict:
+    """Several corpora's dev scores as validation gives them: `by_corpus` {name: (WER, CER)} of each corpus
+    with a scored character, from its (word edits, words, character edits, characters) in `counts` (one row
+    per corpus of `corpora`, in order), and `wer` and `cer`, their means weighted by each corpus's dev hours
+    (equal weights when no corpus states any). {} when no corpus was scored."""
+    by_corpus, hours = {}, {}
+    for (name, corpus), (word_edits, words, char_edits, chars) in zip(corpora.items(), counts, strict=True):
+        if chars:
+            by_corpus[name] = (word_edits / max(words, 1), char_edits / chars)
+            hours[name] = corpus["dev_seconds"] / 3600
+    if not by_corpus:
+        return {}
+    total = sum(hours.values())
+    weight = {name: hours[name] / total if total else 1 / len(by_corpus) for name in by_corpus}
+    return {"wer": sum(weight[n] * by_corpus[n][0] for n in by_corpus),
+            "cer": sum(weight[n] * by_corpus[n][1] for n in by_corpus), "by_corpus": by_corpus}
+
+
 class CTCModel(L.LightningModule):
     """Fine-tunes a wav2vec2 encoder with CTC; validation decodes greedily and scores WER and CER.
 
@@ -378,18 +396,13 @@ class CTCModel(L.LightningModule):
         counts = torch.zeros(len(self.corpora), 4, dtype=torch.float64) if self._corpus_counts is None else self._corpus_counts
         counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
         self._corpus_counts = None
-        rates, hours = {}, {}
-        for (name, corpus), (word_edits, words, char_edits, chars) in zip(self.corpora.items(), counts.tolist()):
-            if chars:
-                rates[name] = (word_edits / max(words, 1), char_edits / chars)
-                hours[name] = corpus["dev_seconds"] / 3600
-                self.log(f"val/{name}/wer", rates[name][0], sync_dist=False)
-                self.log(f"val/{name}/cer", rates[name][1], sync_dist=False)
-        total = sum(hours.values())
-        if rates:
-            weight = {name: hours[name] / total if total else 1 / len(rates) for name in rates}
-            self.log("val/wer", sum(weight[n] * rates[n][0] for n in rates), sync_dist=False)
-            self.log("val/cer", sum(weight[n] * rates[n][1] for n in rates), sync_dist=False, prog_bar=True)
+        rates = corpus_rates(self.corpora, counts.tolist())
+        for name, (wer, cer) in rates.get("by_corpus", {}).items():
+            self.log(f"val/{name}/wer", wer, sync_dist=False)
+            self.log(f"val/{name}/cer", cer, sync_dist=False)
+        if "cer" in rates:
+            self.log("val/wer", rates["wer"], sync_dist=False)
+            self.log("val/cer", rates["cer"], sync_dist=False, prog_bar=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Once per optimizer update, gradients complete (accumulated, all-reduced), before clipping: hold the

@@ -14,7 +14,7 @@ from asr import SetupError, lm
 from asr.config import checked, command_line_changes
 from asr.data.module import SpeechDataModule
 from asr.model.metrics import ErrorRates
-from asr.model.module import CTCModel
+from asr.model.module import CTCModel, corpus_rates
 from asr.run import checkpoints, provenance
 
 
@@ -110,14 +110,24 @@ def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
     return lm.beam_decoder(model.vocab.tokens, lm_path, cfg.alpha, cfg.beta), lm_path
 
 
-def dev_rates(model: CTCModel, data: SpeechDataModule, device) -> dict[str, float]:
+def dev_rates(model: CTCModel, data: SpeechDataModule, device) -> dict:
     """Greedy WER and CER (and MER) of `model` on the whole dev split of `data`, in this process on `device`:
     decoded as validation and evaluate.py decode (`CTCModel.decode`, in float32) and counted as they count
-    (`asr.model.metrics`). A run's model scores here what its validation scored."""
+    (`asr.model.metrics`). A run's model scores here what its validation scored: with several corpora, each
+    corpus under its own text rules (`by_corpus`: {name: (WER, CER)}) and WER and CER their dev-hour-weighted
+    means (`asr.model.module.corpus_rates`)."""
     errors = ErrorRates()
     model = model.to(device).eval()
+    model.corpora, model._corpus_counts = data.scoring(), None
     with torch.inference_mode():
         for batch in data.dataloader("dev", whole=True):
             if batch["ids"]:
-                errors.update(batch["texts"], model.decode(batch).hypotheses, batch["languages"])
-    return errors.rates()
+                hypotheses = model.decode(batch).hypotheses
+                if model.corpora:
+                    model._count_per_corpus(batch, hypotheses)
+                else:
+                    errors.update(batch["texts"], hypotheses, batch["languages"])
+    if not model.corpora:
+        return errors.rates()
+    counts = model._corpus_counts.tolist() if model._corpus_counts is not None else [[0.0] * 4] * len(model.corpora)
+    return corpus_rates(model.corpora, counts)
