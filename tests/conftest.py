@@ -146,6 +146,19 @@ def assembled(*overrides: str, callbacks=(), **trainer_args):
     return assemble(compose_config(overrides=overrides), callbacks=list(callbacks), **trainer_args)
 
 
+def recorded_fit(run_dir, *overrides: str, ckpt_path=None, callbacks=(), max_steps: int):
+    """A shrunk run (`SHRUNK`, 2 loader workers, no validation) fitted for `max_steps` updates into `run_dir`,
+    from `ckpt_path` when given: its trainer and the clip ids of each training batch (`RecordUpdates`)."""
+    from tests.callbacks import RecordUpdates
+
+    record = RecordUpdates()
+    run = assembled(*overrides, "data.num_workers=2", f"run_dir={run_dir}", *SHRUNK,
+                    f"ckpt_path='{ckpt_path}'" if ckpt_path else "ckpt_path=null", callbacks=[record, *callbacks],
+                    max_steps=max_steps, accelerator="cpu", limit_val_batches=0)
+    run.fit()
+    return run.trainer, record.ids
+
+
 def in_process(main, argv: list[str]) -> subprocess.CompletedProcess:
     """A tool's `main(argv)` (transcribe.py, python -m asr.export) run in this process, ending as its command
     line would: exit status, stdout and stderr. Its imports are paid once per session, not once per call."""

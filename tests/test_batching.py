@@ -13,8 +13,7 @@ from asr.data import audio
 from asr.data.batching import DurationBatchSampler, Planned
 from asr.data.loading import collate
 from asr.model.frames import WAV2VEC2
-from tests.callbacks import RecordUpdates
-from tests.conftest import SHRUNK, assembled, data_module
+from tests.conftest import data_module, recorded_fit
 
 DURATIONS = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 500).clip(1, 10)
 NUM_BUCKETS = OmegaConf.load(asr.REPO_DIR / "conf" / "data" / "default.yaml").num_buckets  # what runs use
@@ -255,12 +254,8 @@ def test_lightning_resume_mid_epoch_continues_with_the_next_batch(cv_corpus, tmp
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def fit(callbacks, ckpt_path=None):
-        record = RecordUpdates()
-        run = assembled(f"data.root={cv_corpus}", "data.max_batch_seconds=8", "data.num_workers=2",
-                        f"run_dir={tmp_path}", *SHRUNK, f"ckpt_path='{ckpt_path}'" if ckpt_path else "ckpt_path=null",
-                        callbacks=[record, *callbacks], max_steps=12, accelerator="cpu", limit_val_batches=0)
-        run.fit()
-        return run.trainer, record.ids
+        return recorded_fit(tmp_path, f"data.root={cv_corpus}", "data.max_batch_seconds=8", ckpt_path=ckpt_path,
+                            callbacks=callbacks, max_steps=12)
 
     every_8 = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1, filename="{step}")
     trainer, uninterrupted = fit([every_8])

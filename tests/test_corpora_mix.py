@@ -214,6 +214,10 @@ def test_each_corpus_dev_split_is_scored_and_val_cer_is_their_hour_weighted_mean
         counts = {"pt": 4, "es": 2}  # test clips
         assert set(scored["by_corpus"]) == names and scored["n_utterances"] == sum(counts[n] for n in names)
         assert scored["by_corpus"]["es"]["n_utterances"] == 2 and "  es: WER" in result.stdout
+        assert scored["corpora"]["es"] == {"corpus": "common_voice", "root": str(es_corpus), "language": "es"}
+        assert set(scored["corpora"]) == names and f"es (common_voice at {es_corpus})" in result.stdout
+        predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert {(p["corpus"], p["root"]) for p in predictions if p["corpus"] == "es"} == {("es", str(es_corpus))}
     result = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={tmp_path}", "corpus=fr",
                              f"hydra.run.dir={tmp_path}/bad"], cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and "corpus=fr: the run's corpora are pt, es" in result.stderr
@@ -229,16 +233,11 @@ def test_lightning_resume_of_a_mixed_run_continues_with_the_next_batch(cv_corpus
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tests.callbacks import RecordUpdates
-    from tests.conftest import SHRUNK, assembled
+    from tests.conftest import recorded_fit
 
     def fit(callbacks, ckpt_path=None):
-        record = RecordUpdates()
-        run = assembled(mix_of(cv_corpus, es_corpus, 0.5), "data.max_batch_seconds=8", "data.num_workers=2",
-                        f"run_dir={tmp_path}", *SHRUNK, f"ckpt_path='{ckpt_path}'" if ckpt_path else "ckpt_path=null",
-                        callbacks=[record, *callbacks], max_steps=16, accelerator="cpu", limit_val_batches=0)
-        run.fit()
-        return run.trainer, record.ids
+        return recorded_fit(tmp_path, mix_of(cv_corpus, es_corpus, 0.5), "data.max_batch_seconds=8",
+                            ckpt_path=ckpt_path, callbacks=callbacks, max_steps=16)
 
     every_5 = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
     trainer, uninterrupted = fit([every_5])
