@@ -44,10 +44,15 @@ def evaluate(cfg: DictConfig) -> dict:
                                               scoring.split)
     trained, run_dir = scoring.trained, scoring.dir
     scored = {"corpus": cfg.data.corpus, "root": cfg.data.root, "split": split, "checkpoint": scoring.checkpoint}
+    # several corpora (data.corpora): each corpus's split scored on its own, under its own text rules; each
+    # prediction names its corpus and that corpus's root, metrics.json every corpus scored (`corpora`)
+    corpora = {name: {"corpus": part.hparams.corpus, "root": part.hparams.root, "language": part.hparams.language}
+               for name, part in data.parts.items()} if data.mixed else {}
+    if corpora:
+        scored = {"split": split, "checkpoint": scoring.checkpoint}
+    languages = {name: where["language"] for name, where in corpora.items()}
     loader = data.dataloader(role)
     errors, greedy_errors = ErrorRates(), ErrorRates()
-    # several corpora (data.corpora): each corpus's split scored on its own, under its own text rules
-    languages = {name: part.hparams.language for name, part in data.parts.items()} if data.mixed else {}
     by_corpus = {name: ErrorRates() for name in languages}
     seconds, skipped = 0.0, 0
     worst = []  # with a W&B logger: (CER, line) of the worst_utterances highest, as a min-heap
@@ -66,7 +71,8 @@ def evaluate(cfg: DictConfig) -> dict:
             for i, (utt_id, tag, reference, hypothesis, best_path) in enumerate(zip(
                     batch["ids"], batch["languages"], batch["texts"], hypotheses, greedy)):
                 line = {"id": utt_id, "language": tag, "reference": reference, "hypothesis": hypothesis, **scored,
-                        **({"corpus": batch["corpora"][i]} if "corpora" in batch else {})}
+                        **({"corpus": batch["corpora"][i], "root": corpora[batch["corpora"][i]]["root"]}
+                           if "corpora" in batch else {})}
                 if decoder is not None:
                     line["greedy_hypothesis"] = best_path
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -87,7 +93,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.decoder == "beam_lm":
         decoding.update(alpha=cfg.alpha, beta=cfg.beta, lm_path=str(scoring.lm_path))
     metrics = {**rates, **decoding, "n_utterances": sum(errors.utterances.values()), "audio_seconds": seconds,
-               "skipped_clips": skipped, **scored, "language": cfg.data.language,
+               "skipped_clips": skipped, **scored,
+               **({"corpora": corpora} if corpora else {"language": cfg.data.language}),
                "train_run": str(trained["run"]) if trained["run"] else None,
                **({"other_data": {k: {"trained": old, "scored": new} for k, (old, new) in trained["other"].items()}}
                   if trained["other"] else {}),
@@ -106,6 +113,13 @@ def evaluate(cfg: DictConfig) -> dict:
     return metrics
 
 
+def where(metrics: dict) -> str:
+    """What was scored, for the summary line: a corpus and its root, or several."""
+    if "corpora" in metrics:
+        return ", ".join(f"{name} ({c['corpus']} at {c['root']})" for name, c in metrics["corpora"].items())
+    return f"{metrics['corpus']} at {metrics['root']}"
+
+
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
@@ -121,7 +135,7 @@ def main(cfg: DictConfig) -> None:
               if "greedy" in metrics else "")
     other = " (not the data the run was trained on)" if "other_data" in metrics else ""
     print(f"{metrics['split']} {cfg.decoder}: WER {metrics['wer']:.4f}  CER {metrics['cer']:.4f}{mer}{greedy}  "
-          f"({metrics['n_utterances']} utterances of {metrics['corpus']} at {metrics['root']}{other}; "
+          f"({metrics['n_utterances']} utterances of {where(metrics)}{other}; "
           f"{metrics['checkpoint']}) -> {cfg.run_dir}")
     for name, rates in metrics.get("by_corpus", {}).items():  # several corpora: each on its own
         print(f"  {name}: WER {rates['wer']:.4f}  CER {rates['cer']:.4f}  ({rates['n_utterances']} utterances)")
