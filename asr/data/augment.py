@@ -203,20 +203,20 @@ class Augment:
         if self.speed_prob > 0 and (force or u[0] < self.speed_prob):
             factors = ([f for f in self.speed_factors if f != 1.0] or self.speed_factors) if force else self.speed_factors
             factor = factors[int(u[1] * len(factors))]
-        silence = {}
+        around = {}  # silence before and after, another clip after a gap
         if self.silence_prob > 0 and (force or u[7] < self.silence_prob):
             low, high = self.silence_seconds
-            silence = {"before": float(low + u[8] * (high - low)), "after": float(low + u[9] * (high - low))}
+            around = {"before": float(low + u[8] * (high - low)), "after": float(low + u[9] * (high - low))}
         if self.concat_prob > 0 and (force or u[10] < self.concat_prob):
             low, high = self.concat_gap
-            silence.update(partner=float(u[11]), gap=float(low + u[12] * (high - low)))
+            around.update(partner=float(u[11]), gap=float(low + u[12] * (high - low)))
         if self.noise_prob == 0 or not (force or u[2] < self.noise_prob):
-            return Choice(factor, **silence)
+            return Choice(factor, **around)
         self._scanned()
         category = min(int(np.searchsorted(self._cumulative, u[3], side="right")), len(self._by_category) - 1)
         files = self._by_category[category]
         snr = self.noise_snr_db[0] + u[6] * (self.noise_snr_db[1] - self.noise_snr_db[0])
-        return Choice(factor, int(files[int(u[4] * len(files))]), float(u[5]), float(snr), **silence)
+        return Choice(factor, int(files[int(u[4] * len(files))]), float(u[5]), float(snr), **around)
 
     def noise_name(self, index: int) -> str:
         return os.path.relpath(self.noise_files[index][0], Path(self.noise_dir).expanduser())

@@ -57,6 +57,19 @@ def decoded(logits: torch.Tensor, frames: torch.Tensor, vocab: Vocabulary, langu
     return Decoded(logits, frames, greedy, [text.normalize(b[0], language) for b in beams], [b[2] for b in beams])
 
 
+def corpus_counts(corpora: dict[str, dict], batch: dict, hypotheses: list[str]) -> torch.Tensor:
+    """(corpora, 4) float64: a dev batch's word edits, words, character edits and characters per corpus of
+    `corpora` (in order), each hypothesis under its corpus's text rules (the model's own are the first
+    corpus's)."""
+    counts = torch.zeros(len(corpora), 4, dtype=torch.float64)
+    index = {name: i for i, name in enumerate(corpora)}
+    for name, reference, hypothesis in zip(batch["corpora"], batch["texts"], hypotheses, strict=True):
+        hypothesis = text.normalize(hypothesis, corpora[name]["language"])
+        words, chars = metrics.count(reference, hypothesis, "wer"), metrics.count(reference, hypothesis, "cer")
+        counts[index[name]] += torch.tensor([*words, *chars], dtype=torch.float64)
+    return counts
+
+
 def corpus_rates(corpora: dict[str, dict], counts: list[list[float]]) -> dict:
     """Several corpora's dev scores as validation gives them: `by_corpus` {name: (WER, CER)} of each corpus
     with a scored character, from its (word edits, words, character edits, characters) in `counts` (one row
@@ -376,15 +389,9 @@ class CTCModel(L.LightningModule):
             self.log("val/mer", self.val_mer, batch_size=size)
 
     def _count_per_corpus(self, batch: dict, hypotheses: list[str]) -> None:
-        """Adds a dev batch's edits and reference units to its clips' corpora; each hypothesis under its corpus's
-        text rules (the model's own are the first corpus's)."""
-        if self._corpus_counts is None:
-            self._corpus_counts = torch.zeros(len(self.corpora), 4, dtype=torch.float64)
-        index = {name: i for i, name in enumerate(self.corpora)}
-        for name, reference, hypothesis in zip(batch["corpora"], batch["texts"], hypotheses, strict=True):
-            hypothesis = text.normalize(hypothesis, self.corpora[name]["language"])
-            words, chars = metrics.count(reference, hypothesis, "wer"), metrics.count(reference, hypothesis, "cer")
-            self._corpus_counts[index[name]] += torch.tensor([*words, *chars], dtype=torch.float64)
+        """Adds a dev batch's edits and reference units to its clips' corpora (`corpus_counts`)."""
+        counts = corpus_counts(self.corpora, batch, hypotheses)
+        self._corpus_counts = counts if self._corpus_counts is None else self._corpus_counts + counts
 
     def on_validation_epoch_end(self) -> None:
         """Several corpora: val/<name>/wer and val/<name>/cer of each corpus's dev split (counts summed over the

@@ -14,7 +14,7 @@ from asr import SetupError, lm
 from asr.config import checked, command_line_changes
 from asr.data.module import SpeechDataModule
 from asr.model.metrics import ErrorRates
-from asr.model.module import CTCModel, corpus_rates
+from asr.model.module import CTCModel, corpus_counts, corpus_rates
 from asr.run import checkpoints, provenance
 
 
@@ -116,18 +116,15 @@ def dev_rates(model: CTCModel, data: SpeechDataModule, device) -> dict:
     (`asr.model.metrics`). A run's model scores here what its validation scored: with several corpora, each
     corpus under its own text rules (`by_corpus`: {name: (WER, CER)}) and WER and CER their dev-hour-weighted
     means (`asr.model.module.corpus_rates`)."""
-    errors = ErrorRates()
+    errors, corpora = ErrorRates(), data.scoring()
+    counts = torch.zeros(len(corpora or ()), 4, dtype=torch.float64)
     model = model.to(device).eval()
-    model.corpora, model._corpus_counts = data.scoring(), None
     with torch.inference_mode():
         for batch in data.dataloader("dev", whole=True):
             if batch["ids"]:
                 hypotheses = model.decode(batch).hypotheses
-                if model.corpora:
-                    model._count_per_corpus(batch, hypotheses)
+                if corpora:
+                    counts += corpus_counts(corpora, batch, hypotheses)
                 else:
                     errors.update(batch["texts"], hypotheses, batch["languages"])
-    if not model.corpora:
-        return errors.rates()
-    counts = model._corpus_counts.tolist() if model._corpus_counts is not None else [[0.0] * 4] * len(model.corpora)
-    return corpus_rates(model.corpora, counts)
+    return corpus_rates(corpora, counts.tolist()) if corpora else errors.rates()
