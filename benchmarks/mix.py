@@ -1,4 +1,4 @@
-"""Several corpora in one run (issue 34), the tiny model from scratch, every run the same updates:
+"""Several corpora in one run, the tiny model from scratch, every run the same updates:
 
 1. one language, two corpora: the demo (demo/cv-pt) and asr.synth's `short` (Portuguese short sentences, other
    words and voices; lang=pt) together, at demo weights 0.5 and 0.8, against each alone, per seed of `seeds`.
