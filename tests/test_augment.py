@@ -12,7 +12,7 @@ import soundfile as sf
 
 import asr
 from asr.data import audio, corpora, listing, loading
-from asr.data.augment import Augment, mix
+from asr.data.augment import NONE, Augment, mix
 from asr.data.text import Vocabulary
 from tests.conftest import data_module
 
@@ -110,10 +110,13 @@ def test_concat_puts_another_clip_after_a_pause_and_joins_the_transcripts():
     speed_only = loading.UtteranceDataset(train, demo.vocab, Augment(**{**OFF, "speed_prob": 1.0}, seed=demo.augment.seed))
     fits = np.flatnonzero(train.seconds / 0.9 <= 3.5 - 1.0)
     assert np.array_equal(augmented.partners, fits) and 0 < len(fits) < len(train)
-    followed = 0
+    followed = repeats_differ = 0
     for i in range(0, len(train), 25):
         choice = demo.augment.choose(3, i)
         item, alone = augmented[(3, i)], speed_only[(3, i)]
+        again = demo.augment.choose(3, i, repeat=1)  # its second draw this epoch (an oversampled corpus)
+        assert augmented[(3, i, 1)].get("augment") == (None if again == NONE else again.describe(demo.augment))
+        repeats_differ += again != choice
         assert choice.factor == demo.augment.choose(3, i).factor == speed_only.augment.choose(3, i).factor
         if choice.partner is None:
             assert np.array_equal(item["audio"], alone["audio"]) and item["labels"] == alone["labels"]
@@ -129,6 +132,7 @@ def test_concat_puts_another_clip_after_a_pause_and_joins_the_transcripts():
         assert item["seconds"] == pytest.approx(alone["seconds"] + choice.gap + train.seconds[j] / choice.factor)
         assert "another clip after" in item["augment"]
     assert 5 <= followed <= 17  # about half of 21
+    assert repeats_differ >= 10  # a repeat is perturbed anew, not as the clip's first draw
 
 
 @pytest.mark.parametrize("option", ["speed", "silence", "long_form"])

@@ -49,6 +49,38 @@ def test_weights_give_the_shares_of_drawn_clips_in_a_fixed_plan():
     assert np.bincount(clips[clips >= 600] - 600).tolist() == [2] * 200
 
 
+def test_an_oversampled_corpus_never_puts_a_clip_twice_in_a_batch_and_each_repeat_draws_its_own_augmentation():
+    from asr.data.augment import Augment
+    from tests.test_augment import OFF
+
+    for shares in ([0.5, 0.5], [0.2, 0.8], [0.05, 0.95]):  # the 200-clip corpus drawn 2 to 4 times an epoch
+        sampler = mixed_sampler(shares[::-1] if shares[0] < 0.5 else shares)
+        held = sampler.strata.copy()
+        for epoch in range(4):
+            batches = sampler.batches(epoch)
+            assert all(len(set(b)) == len(b) for b in batches)  # 2-11 such batches an epoch before the swaps
+            for b in batches:  # every batch still within its planned shape
+                assert len(b) == b.shape[0] and sampler.durations[b].max() * 16000 <= b.shape[1]
+            drawn = np.concatenate([np.asarray(b) for b in batches])
+            counts = np.stack([np.bincount(sampler.bucket[drawn[sampler.corpus[drawn] == c]],
+                                           minlength=held.shape[1]) for c in (0, 1)])
+            assert (counts == held).all()  # each stratum's count, as planned
+    tagged = mixed_sampler([0.05, 0.95], tag_epoch=True)
+    tagged.set_epoch(1)
+    items = [item for batch in tagged for item in batch]
+    assert sorted(i for _, i, *_ in items) == sorted(np.concatenate(tagged.batches(1)).tolist())
+    repeats = [(i, n) for _, i, *n in items if n]
+    seen = {}
+    for _, i, *n in items:
+        seen.setdefault(i, []).append(n[0] if n else 0)
+    assert repeats and all(sorted(n) == list(range(len(n))) for n in seen.values())  # the 1st, 2nd... draw of each
+    augment = Augment(**{**OFF, "silence_prob": 1.0, "silence_seconds": [0.0, 1.0]}, seed=3)
+    first = [augment.choose(1, i) for i, _ in repeats]
+    again = [augment.choose(1, i, repeat=n[0]) for i, n in repeats]
+    assert first == [augment.choose(1, i, repeat=0) for i, _ in repeats]
+    assert sum(a.before != b.before for a, b in zip(first, again)) == len(repeats)  # silence: a new draw each
+
+
 def test_the_same_seed_and_epoch_draw_the_same_batches_on_every_rank_and_after_a_resume():
     a, b = mixed_sampler([0.3, 0.7]), mixed_sampler([0.3, 0.7])
     assert a.batches(4) == b.batches(4) and a.batches(4) != a.batches(5)

@@ -1,8 +1,8 @@
 """On-the-fly training augmentation: speed perturbation, silence around the speech, a second clip after a
 pause, and additive noise (conf/augment/, docs/augment.md).
 
-What happens to a clip is decided by (seed, epoch, clip): a numpy Generator seeded with the three draws
-the same numbers in any process, so a resumed run replays the same augmented batches and DDP ranks agree,
+What happens to a clip is decided by (seed, epoch, clip), and for a clip an oversampled corpus draws again in one
+epoch by (seed, epoch, clip, repeat): a numpy Generator seeded with them draws the same numbers in any process, so a resumed run replays the same augmented batches and DDP ranks agree,
 whatever the number of loader workers. Everything runs in the loader workers, in numpy and libsoxr (no torch).
 
 - Speed: a factor f from `speed_factors` (Kaldi, ESPnet and icefall use 0.9 / 1.0 / 1.1): the waveform is
@@ -190,15 +190,17 @@ class Augment:
         if problem:
             raise SetupError(problem)
 
-    def choose(self, epoch: int, clip: int, force: bool = False) -> Choice:
+    def choose(self, epoch: int, clip: int, force: bool = False, repeat: int = 0) -> Choice:
         """What happens to clip `clip` (its position in the training split) in `epoch`. The same thirteen
         uniform draws whatever the settings, so turning noise on does not change the speed factors (and the
         first seven are those of the releases before silence and concatenation: a run's speed and noise draws
         are unchanged).
-        force: every augmentation applied whose probability is not 0 (an example to show)."""
+        force: every augmentation applied whose probability is not 0 (an example to show).
+        repeat: the clip's n-th draw again in this epoch (an oversampled corpus, `asr.data.mixing`): its own draws,
+        from (seed, epoch, clip, repeat)."""
         if not self.active:
             return NONE
-        u = np.random.default_rng([self.seed, epoch, clip]).random(13)
+        u = np.random.default_rng([self.seed, epoch, clip] + ([repeat] if repeat else [])).random(13)
         factor = 1.0
         if self.speed_prob > 0 and (force or u[0] < self.speed_prob):
             factors = ([f for f in self.speed_factors if f != 1.0] or self.speed_factors) if force else self.speed_factors

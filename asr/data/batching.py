@@ -81,7 +81,8 @@ class DurationBatchSampler(Sampler[Planned]):
     batch.
 
     Augmentation (`asr.data.augment`): `tag_epoch` yields each clip as (epoch, clip), so that the dataset draws its
-    perturbation from (seed, epoch, clip). With speed perturbation `durations` are the longest each clip can
+    perturbation from (seed, epoch, clip); a clip drawn again in an epoch (an oversampled corpus) as (epoch, clip,
+    n), its n-th repeat, which draws its own perturbation. With speed perturbation `durations` are the longest each clip can
     last (its duration / the slowest factor): every epoch's clips fit the plan. `audio_seconds` are then the
     clips' expected seconds, for the padding figure (None: `durations`).
 
@@ -92,7 +93,8 @@ class DurationBatchSampler(Sampler[Planned]):
     fixed count from each (corpus, bucket) stratum (`mixing.strata`), so the plan, its shapes and the batches per
     epoch stay fixed. Which clips fill a stratum is drawn from (seed, epoch): a sample without replacement, or whole
     shuffled passes and then a sample where the stratum holds fewer clips than it draws. Within a bucket the drawn
-    clips are shuffled together, so a batch may mix corpora. Training only (`shuffle`).
+    clips are shuffled together, so a batch may mix corpora, every clip's first draw before any repeat; a repeat
+    that still shares a batch with its clip is swapped into another batch (`_apart`). Training only (`shuffle`).
     """
 
     def __init__(self, durations, max_batch_seconds: float, *, max_batch_size: int | None, num_buckets: int,
@@ -223,27 +225,59 @@ class DurationBatchSampler(Sampler[Planned]):
             self.epoch, self._start = self.epoch + 1, 0
         self.position = self._start
 
-    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(clip order, batch order) of an epoch: batch j holds order[ends[j] - sizes[j] : ends[j]]."""
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(clip order, batch order, copies) of an epoch: batch j holds order[ends[j] - sizes[j] : ends[j]]; copies
+        (several corpora, else None) says which draw of its clip each place is (0: the first this epoch)."""
         rng = np.random.default_rng([self.seed, epoch])
         if not self.shuffle:  # evaluation: plain duration order, the least padding
-            return np.argsort(self.durations, kind="stable"), np.arange(len(self.sizes))
+            return np.argsort(self.durations, kind="stable"), np.arange(len(self.sizes)), None
         if self.strata is not None:
-            drawn = self._drawn(rng)
-            return drawn[np.lexsort((rng.permutation(len(drawn)), self.bucket[drawn]))], rng.permutation(len(self.sizes))
+            drawn, copies = self._drawn(rng)
+            # within a bucket every first draw before any second: a repeated clip lands far from its first
+            placed = np.lexsort((rng.permutation(len(drawn)), copies, self.bucket[drawn]))
+            order, copies = self._apart(drawn[placed], copies[placed])
+            return order, rng.permutation(len(self.sizes)), copies
         order = np.lexsort((rng.permutation(len(self.durations)), self.bucket))  # buckets in duration order
-        return order, rng.permutation(len(self.sizes))
+        return order, rng.permutation(len(self.sizes)), None
 
-    def _drawn(self, rng: np.random.Generator) -> np.ndarray:
-        """The clips of an epoch of several corpora: each stratum's count, without replacement up to the clips it
-        holds (whole shuffled passes first where it draws more)."""
-        picked = []
+    def _drawn(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The clips of an epoch of several corpora, and which draw of its clip each is: each stratum's count,
+        without replacement up to the clips it holds (whole shuffled passes first where it draws more)."""
+        picked, copies = [], []
         for row, members in zip(self.strata, self._members):
             for k, m in zip(row.tolist(), members):
                 if k:
                     passes, rest = divmod(k, len(m))
                     picked += [rng.permutation(m) for _ in range(passes)] + [rng.permutation(m)[:rest]]
-        return np.concatenate(picked) if picked else np.zeros(0, np.int64)
+                    copies += [np.full(len(m), n) for n in range(passes)] + [np.full(rest, passes)]
+        if not picked:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(picked), np.concatenate(copies).astype(np.int64)
+
+    def _apart(self, order: np.ndarray, copies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`order` with no clip twice in one batch where its bucket allows it: a clip drawn again (an oversampled
+        corpus) that lands in a batch holding it already is swapped with a clip of its bucket from the first batch
+        after it that holds neither. A batch holding clips of a bucket is at least as long as the bucket's
+        clips (`_pack` packs bucket by bucket in length order), so every batch keeps its planned shape."""
+        if not (copies > 0).any():
+            return order, copies
+        order, copies = order.copy(), copies.copy()
+        batch = np.searchsorted(self.ends, np.arange(len(order)), side="right")
+        bucket = self.bucket[order]
+        where = {b: np.flatnonzero(bucket == b) for b in np.unique(bucket).tolist()}
+        span = lambda j: slice(int(self.ends[j] - self.sizes[j]), int(self.ends[j]))  # noqa: E731
+        for j in range(len(self.sizes)):
+            lo = span(j).start
+            for p in range(lo, span(j).stop):
+                if order[p] not in order[lo:p]:
+                    continue
+                places = where[int(bucket[p])]
+                for q in np.roll(places, -int(np.searchsorted(places, p))).tolist():
+                    k = batch[q]
+                    if k != j and order[q] not in order[span(j)] and order[p] not in order[span(k)]:
+                        order[[p, q]], copies[[p, q]] = order[[q, p]], copies[[q, p]]
+                        break
+        return order, copies
 
     def drawn_clips(self) -> np.ndarray | None:
         """Clips an epoch draws from each corpus (several corpora), or None."""
@@ -255,12 +289,12 @@ class DurationBatchSampler(Sampler[Planned]):
 
     def batches(self, epoch: int) -> list[Planned]:
         """All batches of an epoch, before the split across ranks, each with its planned shape."""
-        order, batch_order = self._order(epoch)
+        order, batch_order, _ = self._order(epoch)
         return [self._batch(order, j) for j in batch_order]
 
     def batch_shapes(self, epoch: int) -> list[tuple[int, int]]:
         """The planned (clips, samples) of each batch of `batches(epoch)`, in the same order."""
-        _, batch_order = self._order(epoch)
+        _, batch_order, _ = self._order(epoch)
         return [(int(self.sizes[j]), int(self.lengths[j])) for j in batch_order]
 
     def _batch(self, order: np.ndarray, j: int) -> Planned:
@@ -274,7 +308,7 @@ class DurationBatchSampler(Sampler[Planned]):
         return batch_order[self.rank :: self.num_replicas]
 
     def __iter__(self):
-        order, batch_order = self._order(self.epoch)
+        order, batch_order, copies = self._order(self.epoch)
         mine = self._rank_batches(batch_order)
         self.position, self._start = self._start, 0
         epoch = self.epoch
@@ -282,7 +316,10 @@ class DurationBatchSampler(Sampler[Planned]):
             j = mine[self.position]
             self.position += 1  # batches handed out this epoch, the one being yielded included
             batch = self._batch(order, j)
-            yield Planned([(epoch, i) for i in batch], batch.shape) if self.tag_epoch else batch
+            if self.tag_epoch:  # (epoch, clip), and the clip's draw where it is drawn again this epoch
+                again = copies[self.ends[j] - self.sizes[j] : self.ends[j]].tolist() if copies is not None else [0] * len(batch)
+                batch = Planned([(epoch, i, n) if n else (epoch, i) for i, n in zip(batch, again)], batch.shape)
+            yield batch
         if self.shuffle:  # a complete pass: the next one is a new epoch, unless set_epoch says otherwise
             self.epoch += 1
             self.position = 0

@@ -26,8 +26,8 @@ class UtteranceDataset(Dataset):
     durations) gives {"id", "dropped": reason}: `collate` leaves it out and passes the reason on, so one
     bad file never stops a long run and every one is counted in the data report.
 
-    augment (training): items are asked for as (epoch, clip) (`DurationBatchSampler(tag_epoch=True)`) and the
-    clip is perturbed as `augment.choose(epoch, clip)` says; `seconds` is then its duration / speed factor plus
+    augment (training): items are asked for as (epoch, clip) (`DurationBatchSampler(tag_epoch=True)`), or (epoch,
+    clip, n) for its n-th repeat in an epoch, and the clip is perturbed as `augment.choose(epoch, clip, repeat=n)` says; `seconds` is then its duration / speed factor plus
     its silence and the clip after it, `text` and `labels` the two transcripts joined by a space,
     `augment` what was done. A noise file that fails to decode leaves the clip clean and is named in
     `noise_skipped` (counted in the data report, `SpeechDataModule.on_before_batch_transfer`).
@@ -44,9 +44,12 @@ class UtteranceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, index: int | tuple[int, int]) -> dict:
-        epoch, i = index if isinstance(index, tuple) else (None, index)
-        return self.item(i, NONE if self.augment is None or epoch is None else self.augment.choose(epoch, i))
+    def __getitem__(self, index: int | tuple[int, int] | tuple[int, int, int]) -> dict:
+        """Clip `index`, or (epoch, clip) perturbed as that epoch draws it, or (epoch, clip, n): its n-th repeat."""
+        epoch, i, *again = index if isinstance(index, tuple) else (None, index)
+        if self.augment is None or epoch is None:
+            return self.item(i, NONE)
+        return self.item(i, self.augment.choose(epoch, i, repeat=again[0] if again else 0))
 
     def __getitems__(self, batch: list) -> list[dict]:
         """The clips of a batch (a DataLoader's batched fetch); a `Planned` batch's shape goes on with them."""
