@@ -11,7 +11,8 @@ from the run's config.yaml beside checkpoints/. lang=... or data.* on the comman
 and says so. Split: train, dev, test, or the release's own name (ASCEND's validation).
 
 A run of several corpora (data.corpora) scores each corpus's split on its own (metrics.json's by_corpus, a line
-each), or one of them with corpus=<name>.
+each), or one of them with corpus=<name>. wer and cer are then over every utterance together; hour_weighted
+gives their mean over the corpora weighted by each one's hours of the split, as val/cer weighs the dev splits.
 
 Writes metrics.json (wer, cer, and mer for Mandarin; with a beam decoder also the greedy figures; per language tag under by_language when the corpus
 tags utterances, as ASCEND does) and predictions.jsonl (id, language, reference, hypothesis per
@@ -33,6 +34,7 @@ from asr import SetupError, cli
 from asr.config import register_resolvers
 from asr.data import text
 from asr.model.metrics import ErrorRates, utterance_cer
+from asr.model.module import corpus_rates
 from asr.run import tracking
 from asr.run.evaluation import assemble_evaluation
 
@@ -104,6 +106,10 @@ def evaluate(cfg: DictConfig) -> dict:
                                             "n_utterances": sum(e.utterances.values())}
                                  for name, e in by_corpus.items() if e.utterances}} if by_corpus else {}),
                "data_report": data.report[role]}
+    if len(metrics.get("by_corpus", {})) > 1:  # as val/cer weighs the corpora's dev, by this split's hours
+        scored_corpora = {name: data.report[role]["corpora"][name] for name in metrics["by_corpus"]}
+        weighted = corpus_rates(scored_corpora, [edits(by_corpus[name]) for name in scored_corpora], seconds="seconds")
+        metrics["hour_weighted"] = {"wer": weighted["wer"], "cer": weighted["cer"]}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
     if cfg.logger:
         paths = {u.id: u.path for u in data.load(role)}
@@ -111,6 +117,12 @@ def evaluate(cfg: DictConfig) -> dict:
                                                for _, _, row in sorted(worst, key=lambda e: -e[0])],
                                 trained["run"], trained["group"])
     return metrics
+
+
+def edits(errors: ErrorRates) -> list[int]:
+    """(word edits, words, character edits, characters) that `errors` counted, every language tag together."""
+    return [sum(c[i] for (_, metric), c in errors.counts.items() if metric == unit) for unit in ("wer", "cer")
+            for i in (0, 1)]
 
 
 def where(metrics: dict) -> str:
@@ -139,6 +151,10 @@ def main(cfg: DictConfig) -> None:
           f"{metrics['checkpoint']}) -> {cfg.run_dir}")
     for name, rates in metrics.get("by_corpus", {}).items():  # several corpora: each on its own
         print(f"  {name}: WER {rates['wer']:.4f}  CER {rates['cer']:.4f}  ({rates['n_utterances']} utterances)")
+    if "hour_weighted" in metrics:
+        mean = metrics["hour_weighted"]
+        print(f"  weighted by each corpus's {metrics['split']} hours (as val/cer weighs dev): WER {mean['wer']:.4f}  "
+              f"CER {mean['cer']:.4f}")
 
 
 if __name__ == "__main__":

@@ -247,6 +247,13 @@ def test_each_corpus_dev_split_is_scored_and_val_cer_is_their_hour_weighted_mean
         counts = {"pt": 4, "es": 2}  # test clips
         assert set(scored["by_corpus"]) == names and scored["n_utterances"] == sum(counts[n] for n in names)
         assert scored["by_corpus"]["es"]["n_utterances"] == 2 and "  es: WER" in result.stdout
+        if len(names) > 1:  # as val/cer weighs dev: each corpus's CER by its hours of the split
+            hours = {n: scored["data_report"]["corpora"][n]["seconds"] for n in names}
+            mean = sum(hours[n] * scored["by_corpus"][n]["cer"] for n in names) / sum(hours.values())
+            assert scored["hour_weighted"]["cer"] == pytest.approx(mean) and "weighted by each corpus's test hours" \
+                in result.stdout
+        else:
+            assert "hour_weighted" not in scored
         assert scored["corpora"]["es"] == {"corpus": "common_voice", "root": str(es_corpus), "language": "es"}
         assert set(scored["corpora"]) == names and f"es (common_voice at {es_corpus})" in result.stdout
         predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -320,3 +327,18 @@ def test_corpus_rates_are_each_corpus_s_and_their_dev_hour_weighted_mean():
     assert corpus_rates(corpora, [[0, 0, 0, 0]] * 3) == {}
     assert corpus_rates({"a": {"dev_seconds": 0.0}, "b": {"dev_seconds": 0.0}}, [[0, 1, 1, 10], [0, 1, 3, 10]])["cer"] == \
         pytest.approx(0.2)  # no hours stated: equal weights
+
+
+def test_evaluate_weighs_each_corpus_test_cer_by_its_test_hours():
+    """evaluate.py's hour_weighted: each corpus's counts (`edits`, every language tag together) weighted by the
+    split's hours, as validation weighs dev."""
+    from asr.model.metrics import ErrorRates
+    from asr.model.module import corpus_rates
+    from evaluate import edits
+
+    a, b = ErrorRates(), ErrorRates()
+    a.update(["o gato", "a casa"], ["o gato", "a cosa"], ["pt", "pt"])  # 1 of 12 characters (spaces count), 1 of 4 words
+    b.update(["el perro"], ["al pero"], ["es"])  # 2 of 8 characters, 2 of 2 words
+    assert edits(a) == [1, 4, 1, 12] and edits(b) == [2, 2, 2, 8]
+    rates = corpus_rates({"a": {"seconds": 900.0}, "b": {"seconds": 2700.0}}, [edits(a), edits(b)], seconds="seconds")
+    assert rates["cer"] == pytest.approx(0.25 / 12 + 0.75 * 2 / 8) and rates["wer"] == pytest.approx(0.25 / 4 + 0.75)

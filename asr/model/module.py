@@ -70,16 +70,17 @@ def corpus_counts(corpora: dict[str, dict], batch: dict, hypotheses: list[str]) 
     return counts
 
 
-def corpus_rates(corpora: dict[str, dict], counts: list[list[float]]) -> dict:
+def corpus_rates(corpora: dict[str, dict], counts: list[list[float]], seconds: str = "dev_seconds") -> dict:
     """Several corpora's dev scores as validation gives them: `by_corpus` {name: (WER, CER)} of each corpus
     with a scored character, from its (word edits, words, character edits, characters) in `counts` (one row
     per corpus of `corpora`, in order), and `wer` and `cer`, their means weighted by each corpus's dev hours
-    (equal weights when no corpus states any). {} when no corpus was scored."""
+    (`corpora[name][seconds]`: evaluate.py weighs a test split by its hours; equal weights when no corpus
+    states any). {} when no corpus was scored."""
     by_corpus, hours = {}, {}
     for (name, corpus), (word_edits, words, char_edits, chars) in zip(corpora.items(), counts, strict=True):
         if chars:
             by_corpus[name] = (word_edits / max(words, 1), char_edits / chars)
-            hours[name] = corpus["dev_seconds"] / 3600
+            hours[name] = corpus[seconds] / 3600
     if not by_corpus:
         return {}
     total = sum(hours.values())
