@@ -65,7 +65,8 @@ class TrainedRun:
 def trained_run(cv_corpus, tmp_path_factory) -> TrainedRun:
     """One run for the tests that read a trained run (test_run, test_evaluate, test_faults); none writes into
     it (copy it first). The tiny model with lang=hy on the Portuguese corpus, given as ~/cv: 2 updates, then
-    resumed with only its directory, ckpt_path=last and trainer.max_steps=4; evaluations at updates 2 and 4."""
+    resumed with only its directory, ckpt_path=last, trainer.max_steps=4 and logger=none again; evaluations at
+    updates 2 and 4."""
     home = tmp_path_factory.mktemp("home")
     (home / "cv").symlink_to(cv_corpus)
     run_dir = home / "run"
@@ -75,7 +76,8 @@ def trained_run(cv_corpus, tmp_path_factory) -> TrainedRun:
                             "data.max_batch_seconds=20", "data.num_workers=0", "logger=none", f"hydra.run.dir={run_dir}"],
                            env=dict(os.environ, HOME=str(home)), **common)
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = subprocess.run([*command, f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_steps=4"], **common)
+    resumed = subprocess.run([*command, f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_steps=4",
+                              "logger=none"], **common)  # logger=none again, as the first command had it
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return TrainedRun(run_dir, home / "cv", resumed)
 

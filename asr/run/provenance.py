@@ -97,7 +97,9 @@ def resumed(cfg: DictConfig) -> DictConfig:
     if refused:
         raise SetupError(f"resuming {source} cannot change what its checkpoint means: {'; '.join(refused)}. "
                          f"Leave these out to resume it, or start a new run (another hydra.run.dir, no ckpt_path).")
-    for key in removed:
+    absent = object()
+    removed = {k for k in removed if OmegaConf.select(OmegaConf.create(record), k, default=absent) is not absent}
+    for key in removed:  # what the command line removes that the run had (logger=none again removes nothing)
         _remove(record, key)
     for key, value in changes.items():
         _set(record, key, value)
