@@ -63,7 +63,8 @@ class UtteranceDataset(Dataset):
         return int(self.partners[int(choice.partner * len(self.partners))])
 
     def item(self, i: int, choice: Choice) -> dict:
-        """Clip i as `choice` (`Augment.choose`) perturbs it."""
+        """Clip i as `choice` (`Augment.choose`) perturbs it: at its speed, followed by its partner, in its
+        silence, under its noise, then normalised."""
         row = int(self.clips.rows[i])
         utt_id, path, transcript, language = (self._columns[n][row].as_py() for n in ("id", "path", "text", "language"))
         try:
@@ -72,6 +73,28 @@ class UtteranceDataset(Dataset):
             log.warning("skipping %s: %s", utt_id, error)
             return {"id": utt_id, "dropped": error.reason}
         seconds = None if self.clips.seconds is None else float(self.clips.seconds[i]) / choice.factor
+        wave, transcript, seconds, choice = self._followed(utt_id, wave, transcript, seconds, choice)
+        clip = wave  # the speech's power sets the noise's level, whatever the silence around it
+        if choice.before or choice.after:
+            wave = np.concatenate([np.zeros(round(choice.before * audio.SAMPLE_RATE), np.float32), wave,
+                                   np.zeros(round(choice.after * audio.SAMPLE_RATE), np.float32)])
+            seconds = None if seconds is None else seconds + choice.before + choice.after
+        item = {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
+                "language": language, "seconds": seconds}
+        if "corpus" in self._columns:
+            item["corpus"] = self._columns["corpus"][row].as_py()
+        if choice != NONE:
+            item["augment"] = choice.describe(self.augment)
+            if choice.noise is not None:
+                self._noised(item, clip, choice)
+        audio.normalize(wave)  # in place, after the noise
+        return item
+
+    def _followed(self, utt_id: str, wave: np.ndarray, transcript: str, seconds: float | None,
+                  choice: Choice) -> tuple[np.ndarray, str, float | None, Choice]:
+        """The clip followed by its partner (`_partner`) after `choice.gap` of zeros, at the clip's speed, and the
+        two transcripts joined by a space; a partner that does not decode leaves the clip alone, and the choice
+        then says that nothing followed."""
         followed = self._partner(choice)
         if followed is not None:  # another clip after a pause: one recording of two sentences
             partner_path, partner_text = (self._columns[n][int(self.clips.rows[followed])].as_py() for n in ("path", "text"))
@@ -87,26 +110,17 @@ class UtteranceDataset(Dataset):
                     seconds += choice.gap + float(self.clips.seconds[followed]) / choice.factor
         if followed is None and choice.partner is not None:
             choice = dataclasses.replace(choice, partner=None, gap=0.0)  # no clip could follow: say so
-        clip = wave  # the speech's power sets the noise's level, whatever the silence around it
-        if choice.before or choice.after:
-            wave = np.concatenate([np.zeros(round(choice.before * audio.SAMPLE_RATE), np.float32), wave,
-                                   np.zeros(round(choice.after * audio.SAMPLE_RATE), np.float32)])
-            seconds = None if seconds is None else seconds + choice.before + choice.after
-        item = {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
-                "language": language, "seconds": seconds}
-        if "corpus" in self._columns:
-            item["corpus"] = self._columns["corpus"][row].as_py()
-        if choice != NONE:
-            item["augment"] = choice.describe(self.augment)
-            if choice.noise is not None:
-                try:
-                    mix(wave, self.augment.noise(choice, len(wave)), choice.snr_db, reference=clip)
-                except Exception as error:  # noqa: BLE001 (a noise file that does not decode: the clip stays clean)
-                    name = self.augment.noise_name(choice.noise)
-                    log.warning("noise file %s skipped (%s): %s stays clean", name, error, utt_id)
-                    item["noise_skipped"] = name
-        audio.normalize(wave)  # in place, after the noise
-        return item
+        return wave, transcript, seconds, choice
+
+    def _noised(self, item: dict, clip: np.ndarray, choice: Choice) -> None:
+        """Adds `choice`'s noise to item["audio"] in place at its SNR against `clip`'s power (the speech without
+        its silence); a noise file that does not decode leaves the clip clean and is named in `noise_skipped`."""
+        try:
+            mix(item["audio"], self.augment.noise(choice, len(item["audio"])), choice.snr_db, reference=clip)
+        except Exception as error:  # noqa: BLE001 (a noise file that does not decode: the clip stays clean)
+            name = self.augment.noise_name(choice.noise)
+            log.warning("noise file %s skipped (%s): %s stays clean", name, error, item["id"])
+            item["noise_skipped"] = name
 
 
 def collate(items: list[dict], ring: int = 0, hop: int = WAV2VEC2.hop) -> dict:
