@@ -9,8 +9,10 @@ so a window's edge never decides a character. tests/test_transcribe.py holds the
 Timestamps come from the CTC frames of the joined logits (one frame per hop: 20 ms for wav2vec2; frame t
 starts at t x hop samples, as transformers' word offsets count): on the greedy path a character spans its
 run of frames, a word its characters; with a beam decoder the words and their frames are the best beam's
-(pyctcdecode's). A word's confidence is the mean, over its frames, of the probability of the frame's best
-token.
+(pyctcdecode's). A word's (character's) confidence is the least, over its frames, of each frame's confidence
+(`frame_confidence`: NeMo's default measure, 1 - the frame's Tsallis entropy normalised to [0, 1]). Measured
+against the mean best-token probability by how well it tells wrong words from right ones
+(benchmarks/confidence.py, docs/performance.md).
 """
 
 import math
@@ -132,13 +134,30 @@ class Transcript:
     error: str | None = None
 
 
+TSALLIS_ALPHA = 0.33  # the order of `frame_confidence`'s Tsallis entropy (NeMo's default)
+
+
+def frame_confidence(logits: torch.Tensor, alpha: float = TSALLIS_ALPHA) -> torch.Tensor:
+    """(..., T) confidence of each frame of (..., T, V) logits, in [0, 1]: exp(-H) rescaled so that a one-hot
+    frame gives 1 and a uniform one 0, where H = (1 - sum_v p_v^alpha) / (alpha - 1) is the frame's Tsallis entropy
+    of order `alpha` (NeMo's `entropy_tsallis_exp`; Laptev and Ginsburg, "Fast entropy-based methods of
+    word-level confidence estimation for end-to-end ASR", 2023). Unlike the best token's probability it looks at
+    the whole distribution: a frame torn between two tokens scores low even when one of them is ahead."""
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    vocab = log_probs.shape[-1]
+    neg_entropy = (1 - (log_probs * alpha).exp().sum(-1)) / (1 - alpha)  # -H
+    uniform = math.exp((1 - vocab ** (1 - alpha)) / (1 - alpha))  # exp(-H) of the uniform distribution
+    return ((neg_entropy.exp() - uniform) / (1 - uniform)).clamp(0.0, 1.0)
+
+
 def greedy_spans(best: np.ndarray, confidence: np.ndarray, tokens: list[str], blank: int, level: str,
                  seconds_per_frame: float) -> list[dict]:
     """The characters (level="char") or words (level="word") of a greedy CTC path, with their times and
-    confidence. best: (T,) the best token of each frame; confidence: (T,) its probability. A character is a
-    run of frames of one token (the run of blanks between two of the same character separates them), a space
-    the first of the word delimiters (`|`) between two words; a word is the characters between two word
-    delimiters, from its first character's first frame to its last character's last."""
+    confidence. best: (T,) the best token of each frame; confidence: (T,) each frame's (`frame_confidence`). A
+    character is a run of frames of one token (the run of blanks between two of the same character separates
+    them), a space the first of the word delimiters (`|`) between two words; a word is the characters between
+    two word delimiters, from its first character's first frame to its last character's last. A unit's
+    confidence is the least of its frames'."""
     chars = []  # (token, first frame, last frame)
     for t, token in enumerate(best.tolist()):
         if token == blank:
@@ -166,14 +185,15 @@ def greedy_spans(best: np.ndarray, confidence: np.ndarray, tokens: list[str], bl
     key = "char" if level == "char" else "word"
     return [{key: " " if unit == text.WORD_DELIMITER else unit, "start": round(first * seconds_per_frame, 3),
              "end": round((last + 1) * seconds_per_frame, 3),
-             "confidence": round(float(confidence[first : last + 1].mean()), 4)} for unit, first, last in units]
+             "confidence": round(float(confidence[first : last + 1].min()), 4)} for unit, first, last in units]
 
 
 def beam_spans(word_frames: list[tuple[str, tuple[int, int]]], confidence: np.ndarray,
                seconds_per_frame: float) -> list[dict]:
-    """The words of a beam decoder's best beam (pyctcdecode: (word, (first frame, frame after the last)))."""
+    """The words of a beam decoder's best beam (pyctcdecode: (word, (first frame, frame after the last))), each
+    with the least confidence of its frames (`frame_confidence`)."""
     return [{"word": word, "start": round(first * seconds_per_frame, 3), "end": round(end * seconds_per_frame, 3),
-             "confidence": round(float(confidence[first:end].mean()), 4) if end > first else 0.0}
+             "confidence": round(float(confidence[first:end].min()), 4) if end > first else 0.0}
             for word, (first, end) in word_frames]
 
 
@@ -235,8 +255,7 @@ def file_logits(model, path: str, chunk_seconds: float = 30.0, stride_seconds: f
 
 def _spans(model, logits: torch.Tensor, frames: torch.Tensor, decoded, level: str) -> list[list[dict]]:
     """Each file's words or characters with their times (`greedy_spans`, `beam_spans`)."""
-    probabilities = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-    confidence, best = probabilities.values.cpu().numpy(), probabilities.indices.cpu().numpy()
+    confidence, best = frame_confidence(logits).cpu().numpy(), logits.argmax(dim=-1).cpu().numpy()
     seconds_per_frame = model.geometry.seconds_per_frame
     out = []
     for i, n in enumerate(frames.tolist()):

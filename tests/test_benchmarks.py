@@ -246,3 +246,24 @@ def test_the_timestamps_benchmark_compares_each_clip_with_its_speech(barely_trai
     assert printed.count("common_voice_pt_") == 2 and "worst difference from the speech" in printed
     words = sum(len(t.split()) for t in ["o vizinho vê as batatas", "às vezes o vizinho pinta o pão na escola"])
     assert result["aligned_words"] == words and 0 <= result["aligned_outside"] <= words
+
+
+def test_the_confidence_benchmark_scores_each_way_by_auroc(barely_trained, cv_corpus, capsys):
+    """Right and wrong words from the alignment of hypothesis and reference; AUROC as the Mann-Whitney chance;
+    every way scored on a model's transcripts of a corpus."""
+    import numpy as np
+
+    from benchmarks import confidence
+
+    assert confidence.right_words("o gato come a casa", "o pato come casa") == [True, False, True, True]
+    assert confidence.right_words("o gato", "o gato gato") == [True, True, False]  # an insertion is wrong
+    assert confidence.right_words("o gato", "") == [] and confidence.right_words("", "a b") == [False, False]
+    right = np.array([True, True, False, False])
+    assert confidence.auroc(np.array([0.9, 0.8, 0.1, 0.2]), right) == 1.0
+    assert confidence.auroc(np.array([0.1, 0.2, 0.9, 0.8]), right) == 0.0
+    assert confidence.auroc(np.array([0.5, 0.9, 0.5, 0.1]), right) == 3.5 / 4  # the tie counts half
+    result = confidence.main([f"model_path={barely_trained / 'model'}", f"root={cv_corpus}", "splits=[test]"])
+    printed = capsys.readouterr().out
+    assert result["words"] >= result["wrong"] > 0 and "tsallis min all" in printed and "max_prob mean all" in printed
+    assert set(result["auroc"]) == {f"{m} {a} {o}" for m in ("max_prob", "tsallis") for a in ("mean", "min")
+                                    for o in ("all", "nonblank")}

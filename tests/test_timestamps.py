@@ -5,9 +5,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import transcribe
-from asr.transcription import greedy_spans, subtitle_file, subtitles
+from asr.transcription import frame_confidence, greedy_spans, subtitle_file, subtitles
 from tests.conftest import in_process
 from tests.test_transcribe import assert_same_transcripts, audio_list
 
@@ -16,15 +17,34 @@ TOKENS = ["a", "b", "|", "[UNK]", "[PAD]"]  # blank: 4
 
 def test_greedy_spans_time_each_character_and_word_from_its_frames():
     """A character is its run of frames; two runs of one character with a blank between are two; a word spans
-    its characters; the confidence is the mean best-token probability over the frames it spans."""
+    its characters; the confidence is the least of the frames it spans."""
     best = np.array([4, 0, 0, 4, 1, 2, 2, 0, 4, 0, 4])
     confidence = np.array([0.9, 0.8, 0.6, 0.5, 1.0, 0.9, 0.9, 0.7, 0.5, 0.6, 0.9])
     words = greedy_spans(best, confidence, TOKENS, 4, "word", 0.02)
-    assert words == [{"word": "ab", "start": 0.02, "end": 0.1, "confidence": round((0.8 + 0.6 + 0.5 + 1.0) / 4, 4)},
-                     {"word": "aa", "start": 0.14, "end": 0.2, "confidence": 0.6}]
+    assert words == [{"word": "ab", "start": 0.02, "end": 0.1, "confidence": 0.5},
+                     {"word": "aa", "start": 0.14, "end": 0.2, "confidence": 0.5}]
     chars = greedy_spans(best, confidence, TOKENS, 4, "char", 0.02)
     assert [(c["char"], c["start"], c["end"]) for c in chars] == [
         ("a", 0.02, 0.06), ("b", 0.08, 0.1), (" ", 0.1, 0.14), ("a", 0.14, 0.16), ("a", 0.18, 0.2)]
+
+
+def test_a_frame_s_confidence_is_its_normalised_tsallis_entropy():
+    """exp(-H), H the Tsallis entropy of order 1/3 of the frame's distribution, rescaled so that a one-hot frame
+    gives 1 and a uniform one 0 (NeMo's entropy_tsallis_exp); a frame torn between two tokens scores lower than
+    its best token's probability says."""
+    alpha, vocab = 0.33, 5
+    p = np.array([[1.0, 0, 0, 0, 0], [0.2] * 5, [0.55, 0.45, 0, 0, 0], [0.55, 0.1, 0.1, 0.15, 0.1], [0.7, 0.3, 0, 0, 0]])
+    logits = torch.tensor(np.log(np.maximum(p, 1e-30)), dtype=torch.float32)
+
+    def by_definition(q):
+        entropy = (1 - (q ** alpha).sum()) / (alpha - 1)
+        most = (1 - vocab * (1 / vocab) ** alpha) / (alpha - 1)  # the uniform distribution's
+        return (np.exp(-entropy) - np.exp(-most)) / (1 - np.exp(-most))
+
+    confidence = frame_confidence(logits, alpha).numpy()
+    assert confidence == pytest.approx([by_definition(q) for q in p], abs=1e-5)
+    assert confidence[0] == pytest.approx(1.0) and confidence[1] == pytest.approx(0.0, abs=1e-6)
+    assert confidence[2] < confidence[4] and confidence[2] < 0.55  # torn between two: lower than p_max
 
 
 def test_subtitle_lines_keep_to_their_length_and_duration():
@@ -52,7 +72,7 @@ def test_word_and_character_timestamps_cover_the_transcript_in_order(barely_trai
         assert " ".join(w["word"] for w in words) == line["text"]  # the greedy path's words are the transcript's
         starts = [w["start"] for w in words]
         assert starts == sorted(starts) and all(w["start"] < w["end"] <= line["seconds"] + 0.03 for w in words)
-        assert all(0 < w["confidence"] <= 1 for w in words)
+        assert all(0 <= w["confidence"] <= 1 for w in words)  # a barely trained model: near 0
     chars = json.loads(transcribe_py(f"model_path={model}", f"audio={clips[0]}", "format=json",
                                      "timestamps=char").stdout)
     assert "".join(c["char"] for c in chars["chars"]) == chars["text"]
