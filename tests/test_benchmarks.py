@@ -237,6 +237,24 @@ def test_the_gpu_session_script_runs_its_parts_under_a_budget_and_summarises(tmp
     assert "torch 2." in out and (tmp_path / "check.log").exists()
 
 
+def test_speech_ends_before_a_faint_echo_but_not_before_a_fading_sound():
+    """speech_span on 16 kHz tones: 0.2 s of silence, 1 s of speech, then (a) a gap and a faint echo at 3% of the
+    peak, as espeak-ng's f3 voice leaves, cut off; (b) a sound fading steadily through 2%, kept."""
+    import numpy as np
+
+    from benchmarks.timestamps import speech_span
+
+    t = np.arange(16000) / 16000
+    speech = np.concatenate([np.zeros(3200), np.sin(2 * np.pi * 200 * t)]).astype(np.float32)
+    echo = 0.03 * np.sin(2 * np.pi * 200 * t[:1600])  # 100 ms
+    with_echo = np.concatenate([speech, np.zeros(480), echo, np.zeros(3200)]).astype(np.float32)
+    assert speech_span(with_echo) == pytest.approx((0.2, 1.2, 1.33))  # the echo (1.23-1.33 s) left out
+    fade = np.sin(2 * np.pi * 200 * t[:3200]) * np.linspace(0.06, 0.0, 3200)  # 200 ms, under 2% after 133 ms
+    fading = np.concatenate([speech, fade, np.zeros(3200)]).astype(np.float32)
+    start, end, whole = speech_span(fading)
+    assert (start, end) == pytest.approx((0.2, 1.34)) and whole == end  # nothing cut from a steady fade
+
+
 def test_the_timestamps_benchmark_compares_each_clip_with_its_speech(barely_trained, capsys):
     """Two demo test clips joined: a row per clip, and every word of their transcripts aligned."""
     from benchmarks import timestamps
