@@ -310,3 +310,27 @@ def test_the_predictions_table_sample_gains_an_augmented_example(noise_dir):
     assert sample[3]["id"] == sample[0]["id"] and "speed" in sample[3]["augment"] and "dB SNR" in sample[3]["augment"]
     assert len(sample[3]["audio"]) != len(sample[0]["audio"]) and np.abs(sample[3]["raw"]).max() == pytest.approx(1)
     assert len(PredictionsTable(clips=3, seed=0)._draw(data_module("data.num_workers=0"))) == 3
+
+
+def test_a_concat_room_no_clip_fits_stops_in_one_line_and_the_report_counts_the_partners(caplog):
+    """data.augment.concat_seconds too small for any demo clip to follow another (2 s, less the 1 s longest gap:
+    the shortest demo clip lasts 1.5 s) would train with no concatenation at all: it stops, naming the setting
+    that works; 3 s leaves a few (warned); the default's partners are in the data report."""
+    import logging
+
+    from asr import SetupError
+
+    with pytest.raises(SetupError) as error:
+        data_module("data.num_workers=0", "augment=long_form", "data.augment.concat_seconds=2.0").load("train")
+    [line] = str(error.value).splitlines()
+    assert line.startswith("data.augment.concat_seconds=2 leaves no training clip short enough to follow another")
+    assert "give concat_seconds=2.5" in line and "or concat_prob=0" in line
+    with caplog.at_level(logging.WARNING, logger="asr.data.augment"):
+        few = data_module("data.num_workers=0", "augment=long_form", "data.augment.concat_seconds=3.0")
+        train = few.load("train")
+    partners = few.report["train"]["augment"]["concat"]["partners"]
+    assert partners["clips"] == int((train.seconds <= 2.0).sum()) and 0 < partners["of_clips"] < 0.1
+    assert f"only {partners['clips']} of {len(train)} training clips" in caplog.text
+    default = data_module("data.num_workers=0", "augment=long_form")
+    default.load("train")
+    assert default.report["train"]["augment"]["concat"]["partners"]["of_clips"] > 0.3

@@ -139,6 +139,27 @@ class Augment:
             return np.zeros(0, np.int64)
         return np.flatnonzero(np.asarray(seconds) / self.slowest <= self.concat_seconds - self.concat_gap[1])
 
+    def concat_partners(self, seconds: np.ndarray) -> dict:
+        """How many of the training clips of `seconds` can follow another (`partners`), for the data report.
+        SetupError, in one line, when none can: concatenation would then never happen. A warning when fewer than a
+        tenth can: the same few clips would end every concatenated example."""
+        partners, seconds = self.partners(seconds), np.asarray(seconds)
+        room = f"a clip follows another when it lasts at most concat_seconds - the longest gap ({self.concat_gap[1]:g} s)" \
+               + (f" at the slowest speed ({self.slowest:g})" if self.slowest != 1.0 else "")
+        median = float(np.median(seconds)) / self.slowest + self.concat_gap[1]
+        if not len(partners):
+            shortest = float(seconds.min()) / self.slowest + self.concat_gap[1]
+            raise SetupError(f"data.augment.concat_seconds={self.concat_seconds:g} leaves no training clip short enough to "
+                             f"follow another ({room}; the shortest lasts {float(seconds.min()):.2f} s): give "
+                             f"concat_seconds={shortest:.2f} or more ({median:.2f} lets half the clips follow), or "
+                             f"concat_prob=0.")
+        if len(partners) < 0.1 * len(seconds):
+            log.warning("only %d of %d training clips (%.0f%%) are short enough to follow another (%s; "
+                        "data.augment.concat_seconds=%g): those few end every concatenated example; "
+                        "concat_seconds=%.2f lets half the clips follow", len(partners), len(seconds),
+                        100 * len(partners) / len(seconds), room, self.concat_seconds, median)
+        return {"clips": int(len(partners)), "of_clips": round(len(partners) / len(seconds), 4)}
+
     def check(self) -> str | None:
         """Why these settings or the noise folder cannot be used (missing, empty, unreadable: the message names
         it), or None.
@@ -240,8 +261,9 @@ class Augment:
     def __repr__(self) -> str:
         return f"Augment({self.summary()})"
 
-    def summary(self) -> dict:
-        """What this augmentation does, for the data report."""
+    def summary(self, seconds: np.ndarray | None = None) -> dict:
+        """What this augmentation does, for the data report; with the training clips' `seconds`, how many can
+        follow another (`concat_partners`: SetupError when none can)."""
         out = {}
         if self.speed_prob > 0:
             out["speed"] = {"prob": self.speed_prob, "factors": self.speed_factors,
@@ -252,6 +274,8 @@ class Augment:
         if self.concat_prob > 0:
             out["concat"] = {"prob": self.concat_prob, "gap": self.concat_gap,
                              "planned_on": f"durations + {self.concat_seconds:g} s (the room for a second clip)"}
+            if seconds is not None:
+                out["concat"]["partners"] = self.concat_partners(seconds)
         if self.noise_prob > 0:
             self._scanned()
             counts = {c: self.noise_categories.count(c) for c in self._weighted}

@@ -91,7 +91,7 @@ class SpeechDataModule(L.LightningDataModule):
         if self._parts is None:
             h = dict(self.hparams)
             shared = {k: v for k, v in h.items() if k not in (*mixing.CORPUS_KEYS, "corpora", "temperature", "augment")}
-            off = {**h["augment"], "speed_prob": 0.0, "noise_prob": 0.0}
+            off = {**h["augment"], "speed_prob": 0.0, "silence_prob": 0.0, "concat_prob": 0.0, "noise_prob": 0.0}
             self._parts = {}
             for source in self.sources:
                 part = SpeechDataModule(**shared, **source.settings, augment=off, corpora=None, temperature=None)
@@ -214,8 +214,8 @@ class SpeechDataModule(L.LightningDataModule):
                 kept, report = self._decoded(kept, report)
             if split == "train" and self.added:
                 report["added_from"] = dict(self.added)
-            if split == "train" and self.augment.active:
-                report["augment"] = self.augment.summary()
+            if split == "train" and self.augment.active and len(kept):
+                report["augment"] = self.augment.summary(kept.seconds)
             self.utterances[split], self.report[split] = kept, report
             if not len(kept):
                 dropped = ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none"
@@ -251,7 +251,7 @@ class SpeechDataModule(L.LightningDataModule):
                 report["examples"].setdefault(reason, []).extend(f"{name}: {e}" for e in r["examples"].get(reason, []))
         report["examples"] = {reason: e[:5] for reason, e in report["examples"].items()}
         if split == "train" and self.augment.active:
-            report["augment"] = self.augment.summary()
+            report["augment"] = self.augment.summary(clips.seconds)
         report["corpora"] = reports
         self.utterances[split], self.report[split] = clips, report
         sampler = self.sampler(split)
