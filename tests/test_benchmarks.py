@@ -25,7 +25,7 @@ BENCHMARKS = sorted(p.stem for p in (asr.REPO_DIR / "benchmarks").glob("*.py"))
 
 def test_every_benchmark_has_its_settings_file():
     settings_files = sorted(p.stem for p in (asr.REPO_DIR / "conf" / "bench").glob("*.yaml"))
-    assert len(BENCHMARKS) == 14 and settings_files == BENCHMARKS
+    assert len(BENCHMARKS) == 15 and settings_files == BENCHMARKS
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)
