@@ -10,7 +10,7 @@ Timestamps come from the CTC frames of the joined logits (one frame per hop: 20 
 starts at t x hop samples, as transformers' word offsets count): on the greedy path a character spans its
 run of frames, a word its characters; with a beam decoder the words and their frames are the best beam's
 (pyctcdecode's). A word's (character's) confidence is the least, over its frames, of each frame's confidence
-(`frame_confidence`: NeMo's default measure, 1 - the frame's Tsallis entropy normalised to [0, 1]). Measured
+(`frame_confidence`: NeMo's default measure, exp(-H) of the frame's Tsallis entropy H, rescaled to [0, 1]). Measured
 against the mean best-token probability by how well it tells wrong words from right ones
 (benchmarks/confidence.py, docs/performance.md).
 """

@@ -34,9 +34,10 @@ def speech_span(wave: np.ndarray) -> tuple[float, float, float]:
     last 10 ms frame above 2% of the clip's peak, less an echo after the last sound. The echo: after the last
     frame above 5% of the peak, the level falls to a low point and then rises again, above 2% and to at least
     twice that low point, without reaching 5%. espeak-ng's variant f3 (pt+f3, one of the demo's two test voices;
-    `echo 120 10` in its voice file) repeats its speech 120 ms later, faintly: the last vowel stops within 10 ms,
-    and its echo rises to 2-3% of the peak over the next 120 ms. No word covers it; the speech ends at the last
-    frame above 2% before the low point."""
+    `echo 120 10` in its voice file) repeats its speech 120 ms later, faintly: the last vowel stops within 10-20 ms,
+    and its echo rises to 2-3% of the peak for about 100 ms. No word covers it; the speech ends at the last
+    frame above 2% before the low point. The rule is made for the demo's espeak-ng voices: on recorded speech a
+    quiet last consonant after a short dip could be taken for an echo."""
     frames = np.abs(wave[: len(wave) // 160 * 160]).reshape(-1, 160).max(axis=1)
     level = frames / frames.max()
     loud = np.flatnonzero(level > 0.02)

@@ -59,13 +59,18 @@ def test_an_oversampled_corpus_never_puts_a_clip_twice_in_a_batch_and_each_repea
         held = sampler.strata.copy()
         for epoch in range(4):
             batches = sampler.batches(epoch)
-            assert all(len(set(b)) == len(b) for b in batches)  # 1-7 repeats beside their clip in 4 epochs without the swaps
+            assert all(len(set(b)) == len(b) for b in batches)  # 15-145 repeats beside their clip without the swaps
             for b in batches:  # every batch still within its planned shape
                 assert len(b) == b.shape[0] and sampler.durations[b].max() * 16000 <= b.shape[1]
             drawn = np.concatenate([np.asarray(b) for b in batches])
             counts = np.stack([np.bincount(sampler.bucket[drawn[sampler.corpus[drawn] == c]],
                                            minlength=held.shape[1]) for c in (0, 1)])
             assert (counts == held).all()  # each stratum's count, as planned
+    for shares, mixed in (([0.5, 0.5], 0.6), ([0.2, 0.8], 0.4)):  # repeats shuffled among first draws: batches of 4+
+        # clips hold both corpora as often as a plain shuffle gives (0.70, 0.49); repeats kept apart, 0.52 and 0.30
+        batches = [b for epoch in range(4) for b in mixed_sampler(shares).batches(epoch) if len(b) >= 4]
+        sampler = mixed_sampler(shares)
+        assert np.mean([len(set(sampler.corpus[b])) == 2 for b in batches]) > mixed
     tagged = mixed_sampler([0.05, 0.95], tag_epoch=True)
     tagged.set_epoch(1)
     items = [item for batch in tagged for item in batch]
