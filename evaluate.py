@@ -108,7 +108,8 @@ def evaluate(cfg: DictConfig) -> dict:
                "data_report": data.report[role]}
     if len(metrics.get("by_corpus", {})) > 1:  # as val/cer weighs the corpora's dev, by this split's hours
         scored_corpora = {name: data.report[role]["corpora"][name] for name in metrics["by_corpus"]}
-        weighted = corpus_rates(scored_corpora, [edits(by_corpus[name]) for name in scored_corpora], seconds="seconds")
+        counts = [[*by_corpus[name].totals("wer"), *by_corpus[name].totals("cer")] for name in scored_corpora]
+        weighted = corpus_rates(scored_corpora, counts, seconds="seconds")
         metrics["hour_weighted"] = {"wer": weighted["wer"], "cer": weighted["cer"]}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
     if cfg.logger:
@@ -117,12 +118,6 @@ def evaluate(cfg: DictConfig) -> dict:
                                                for _, _, row in sorted(worst, key=lambda e: -e[0])],
                                 trained["run"], trained["group"])
     return metrics
-
-
-def edits(errors: ErrorRates) -> list[int]:
-    """(word edits, words, character edits, characters) that `errors` counted, every language tag together."""
-    return [sum(c[i] for (_, metric), c in errors.counts.items() if metric == unit) for unit in ("wer", "cer")
-            for i in (0, 1)]
 
 
 def where(metrics: dict) -> str:

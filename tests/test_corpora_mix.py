@@ -335,11 +335,13 @@ def test_corpus_rates_are_each_corpus_s_and_their_dev_hour_weighted_mean():
 
 
 def test_evaluate_weighs_each_corpus_test_cer_by_its_test_hours():
-    """evaluate.py's hour_weighted: each corpus's counts (`edits`, every language tag together) weighted by the
-    split's hours, as validation weighs dev."""
+    """evaluate.py's hour_weighted: each corpus's counts (`ErrorRates.totals`, every language tag together)
+    weighted by the split's hours, as validation weighs dev."""
     from asr.model.metrics import ErrorRates
     from asr.model.module import corpus_rates
-    from evaluate import edits
+
+    def edits(errors):
+        return [*errors.totals("wer"), *errors.totals("cer")]
 
     a, b = ErrorRates(), ErrorRates()
     a.update(["o gato", "a casa"], ["o gato", "a cosa"], ["pt", "pt"])  # 1 of 12 characters (spaces count), 1 of 4 words

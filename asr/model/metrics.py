@@ -93,12 +93,16 @@ class ErrorRates:
                 counts[0] += edits
                 counts[1] += units
 
+    def totals(self, metric: str, tag: str | None = None) -> tuple[int, int]:
+        """(edits, reference units) of `metric` over every utterance, or over those of one language tag."""
+        counted = [c for (t, m), c in self.counts.items() if m == metric and tag in (None, t)]
+        return sum(c[0] for c in counted), sum(c[1] for c in counted)
+
     def rates(self, tag: str | None = None) -> dict[str, float]:
         """{"wer", "cer", "mer"} over every utterance, or over those of one language tag."""
         result = {}
         for metric in UNITS:
-            edits = sum(c[0] for (t, m), c in self.counts.items() if m == metric and tag in (None, t))
-            total = sum(c[1] for (t, m), c in self.counts.items() if m == metric and tag in (None, t))
+            edits, total = self.totals(metric, tag)
             result[metric] = edits / total if total else float("nan")
         return result
 

@@ -90,7 +90,8 @@ def resumed(cfg: DictConfig) -> DictConfig:
     record = _moved(OmegaConf.to_container(OmegaConf.load(source / "config.yaml")))
     changes, removed = command_line_changes(cfg, "train")
     changes = {k: v for k, v in changes.items() if k not in ("run_dir", "ckpt_path")}
-    flat = {k: OmegaConf.select(OmegaConf.create(record), k, default=None) for k in changes}
+    held = OmegaConf.create(record)  # the run's settings, read by dotted key
+    flat = {k: OmegaConf.select(held, k, default=None) for k in changes}
     refused = [f"{k} ({what}): {flat[k]!r} in the run, {v!r} on the command line"
                for k, v in changes.items() for prefix, what in MEANING.items()
                if (k == prefix or k.startswith(prefix + ".")) and v != flat[k]]
@@ -98,7 +99,7 @@ def resumed(cfg: DictConfig) -> DictConfig:
         raise SetupError(f"resuming {source} cannot change what its checkpoint means: {'; '.join(refused)}. "
                          f"Leave these out to resume it, or start a new run (another hydra.run.dir, no ckpt_path).")
     absent = object()
-    removed = {k for k in removed if OmegaConf.select(OmegaConf.create(record), k, default=absent) is not absent}
+    removed = {k for k in removed if OmegaConf.select(held, k, default=absent) is not absent}
     for key in removed:  # what the command line removes that the run had (logger=none again removes nothing)
         _remove(record, key)
     for key, value in changes.items():
