@@ -30,13 +30,14 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from asr import SetupError, cli
-from asr.config import register_resolvers
-from asr.data import text
+from asr import SetupError
+from asr.core import text
+from asr.core.config import register_resolvers
 from asr.model.metrics import ErrorRates, utterance_cer
 from asr.model.module import corpus_rates
 from asr.run import tracking
 from asr.run.evaluation import assemble_evaluation
+from asr.tools import cli
 
 register_resolvers()  # before Hydra composes
 log = logging.getLogger("evaluate")

@@ -22,10 +22,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from asr import Complete, Requeued, SetupError, TrainingStopped, cli
-from asr.config import register_resolvers
+from asr import Complete, Requeued, SetupError, TrainingStopped
+from asr.core.config import register_resolvers
 from asr.run import tracking
 from asr.run.training import train
+from asr.tools import cli
 
 register_resolvers()  # before Hydra composes, here and in a SLURM job that unpickles `main`
 

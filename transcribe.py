@@ -8,14 +8,14 @@
 
 Any format soundfile reads, any sample rate (resampled to 16 kHz), any length: files longer than
 chunk_seconds are cut into overlapping windows (stride_seconds of context on each side, dropped from the
-output), as the transformers ASR pipeline cuts them. The model path is evaluate.py's (`asr.transcription`):
+output), as the transformers ASR pipeline cuts them. The model path is evaluate.py's (`asr.model.transcription`):
 files batched by duration (batch_seconds of padded audio), decoded by num_workers loader processes, greedy
-transcripts under the model's text rules (asr.data.text.normalize); an exported directory with an LM
-(asr.export lm_path=...) decodes by beam search with it. Transcripts come out in the order of the files.
+transcripts under the model's text rules (asr.core.text.normalize); an exported directory with an LM
+(python -m asr.tools.export lm_path=...) decodes by beam search with it. Transcripts come out in the order of the files.
 timestamps=word|char give each word's (character's) start and end in seconds and a confidence, from the
-CTC frames (`asr.transcription`); format=srt|vtt cuts the words into subtitle lines. out=<file.jsonl>
+CTC frames (`asr.model.transcription`); format=srt|vtt cuts the words into subtitle lines. out=<file.jsonl>
 appends a line per file as it is done, with a progress bar (audio-s/s, time left) on stderr, and a run
-started again skips the files already there. backend=onnx runs an ONNX export (asr.export format=onnx)
+started again skips the files already there. backend=onnx runs an ONNX export (python -m asr.tools.export format=onnx)
 in onnxruntime on the CPU, through the same path. Settings: conf/transcribe.yaml (`--help`).
 
 A directory means its audio files, recursively, in sorted order. A file that does not exist, is empty or
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import asr
-from asr import cli
+from asr.tools import cli
 
 
 def audio_files(audio) -> list[str]:
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> None:
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
-    from asr import transcription
+    from asr.model import transcription
     from asr.model.module import CTCModel
 
     hf_logging.disable_progress_bar()  # its "Loading weights" bar: transcripts only on stdout, errors on stderr
@@ -117,7 +117,7 @@ def main(argv: list[str]) -> None:
     archive = Path(args.out).expanduser() if args.out and not subtitles else None
     try:
         if backend == "onnx":
-            from asr.onnx import OnnxModel
+            from asr.model.onnx import OnnxModel
 
             if args.target_lang is not None:
                 raise asr.SetupError("target_lang picks the adapters of an exported MMS directory (backend=torch)")

@@ -5,7 +5,7 @@ against training from scratch, all for the same number of updates on the same ba
     python benchmarks/adapt.py base=<run>/model updates=300 methods=[adapters,lora]
 
 The base: `base`, an exported model directory, or (null) the demo's tiny model trained as `make demo` trains it
-(`python train.py`, 1,500 updates), once, into $ASR_CACHE_DIR/adapt/base. The second language: `asr.synth`'s
+(`python train.py`, 1,500 updates), once, into $ASR_CACHE_DIR/adapt/base. The second language: `asr.tools.synth`'s
 `corpus` (es: Spanish sentences of the demo's shape; its dev and test voices unseen in training), generated
 once into $ASR_CACHE_DIR/corpora/. Each method is one `train.py` run with the tiny recipe's learning rates and
 batches, `updates` updates, dev evaluated every `updates` / 6, then `evaluate.py` on the test split with its
@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import cli, synth  # noqa: E402
+from asr.tools import cli, synth  # noqa: E402
 
 METHODS = {"adapters": ["finetune=adapters"], "lora": ["finetune=lora"], "full": ["finetune=full"],
            "scratch": ["finetune=full", "model.pretrained=null"]}

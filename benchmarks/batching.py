@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from asr import cli  # noqa: E402
-from asr.data.audio import SAMPLE_RATE  # noqa: E402
+from asr.core.audio import SAMPLE_RATE  # noqa: E402
 from asr.data.batching import DurationBatchSampler  # noqa: E402
+from asr.tools import cli  # noqa: E402
 
 
 def demo_durations() -> np.ndarray:
@@ -46,7 +46,7 @@ def corpora() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
     return {
         "demo train (520)": demo_durations(),
-        "short, asr.synth-like (800)": rng.normal(2.3, 0.5, 800).clip(1, 4),
+        "short, asr.tools.synth-like (800)": rng.normal(2.3, 0.5, 800).clip(1, 4),
         "CV-like (800)": common_voice_like(800),
         "CV-like (100,000)": common_voice_like(100_000),
         "lognormal 1-15 s (800)": rng.lognormal(np.log(4.5), 0.5, 800).clip(1, 15),

@@ -4,12 +4,12 @@
     python benchmarks/confidence.py model_path=<model> root=<cv-es> language=es
 
 Every clip of `splits` is transcribed greedily, one file at a time, as transcribe.py timestamps=word does (its
-words: `asr.transcription.greedy_spans`). A word is right when the alignment of the hypothesis with the reference
+words: `asr.model.transcription.greedy_spans`). A word is right when the alignment of the hypothesis with the reference
 (jiwer) matches it to the same reference word, else wrong (a substitution or an insertion). Each word gets a
 confidence from its frames (its first character's first frame to its last character's last) in several ways:
 
 - a frame's measure: `max_prob`, the best token's probability, or `tsallis`, transcribe.py's: the frame's
-  Tsallis entropy of order `alpha`, exponentially normalised to [0, 1] (`asr.transcription.frame_confidence`:
+  Tsallis entropy of order `alpha`, exponentially normalised to [0, 1] (`asr.model.transcription.frame_confidence`:
   NeMo's `entropy_tsallis_exp`, from Laptev and Ginsburg's "Fast entropy-based methods of word-level confidence
   estimation", 2023);
 - over the word's frames: `mean` or `min`; over all of them, or only those whose best token is not the blank
@@ -30,14 +30,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import cli, transcription  # noqa: E402
-from asr.data import corpora, text  # noqa: E402
+from asr.core import text  # noqa: E402
+from asr.data import corpora  # noqa: E402
+from asr.model import transcription  # noqa: E402
 from asr.model.module import CTCModel  # noqa: E402
+from asr.tools import cli  # noqa: E402
 
 
 def frame_measures(logits: torch.Tensor, alpha: float) -> dict[str, np.ndarray]:
     """(T,) confidence of each frame of (T, V) logits: the best token's probability, and transcribe.py's
-    (`asr.transcription.frame_confidence`, of order `alpha`)."""
+    (`asr.model.transcription.frame_confidence`, of order `alpha`)."""
     return {"max_prob": torch.softmax(logits.float(), dim=-1).max(-1).values.numpy(),
             "tsallis": transcription.frame_confidence(logits, alpha).numpy()}
 

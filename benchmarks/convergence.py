@@ -6,7 +6,7 @@ the update where it left the CTC blank plateau (first dev CER below 0.9) and whe
     python benchmarks/convergence.py corpus=demo minutes=0    # the demo as `make demo` runs it
     python benchmarks/convergence.py model.config.mask_time_prob=0 sched.warmup_steps=10   # any override
 
-The corpus (`asr.synth.make_short`: 800 clips of about 2.3 s, 700 train / 50 dev / 50 test, other
+The corpus (`asr.tools.synth.make_short`: 800 clips of about 2.3 s, 700 train / 50 dev / 50 test, other
 sentences and voices than the demo) is generated once into $ASR_CACHE_DIR/corpora/ (about a minute).
 minutes=0 runs the recipe's own budget in updates. The figures depend on the machine's speed: the
 updates done in the budget are printed beside the CER. The settings and their defaults:
@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import cli, synth  # noqa: E402
+from asr.tools import cli, synth  # noqa: E402
 
 
 def corpus(name: str) -> Path:

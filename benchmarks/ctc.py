@@ -20,8 +20,8 @@ from omegaconf import ListConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import cli  # noqa: E402
 from asr.model import ctc  # noqa: E402
+from asr.tools import cli  # noqa: E402
 
 
 def batch(frames: int, clips: int, vocab: int, length: int, seed: int = 0):

@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import cli  # noqa: E402
-from asr.data import audio, cache  # noqa: E402
+from asr.core import audio  # noqa: E402
+from asr.data import cache  # noqa: E402
+from asr.tools import cli  # noqa: E402
 
 
 def rate(paths: list[str]) -> tuple[float, float]:

@@ -47,8 +47,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from asr import cli, synth  # noqa: E402
 from asr.model import speed  # noqa: E402
+from asr.tools import cli, synth  # noqa: E402
 
 PRECISION = {"bf16": "bf16", "16": "16", "32": "32"}
 COMPILE = {"off": "false", "on": "layers", "false": "false", "layers": "layers", "encoder": "encoder", "all": "all"}
@@ -76,7 +76,7 @@ def _write_clip(job: tuple[Path, float, int]) -> None:
 
 def synthetic_corpus(root: Path, clips: int, low: float, high: float, seed: int = 0) -> Path:
     """`clips` train clips (and 8 dev) of tones of distinct random lengths in [low, high] seconds, in the
-    Common Voice layout (the rows as `asr.synth.write_common_voice` writes them), MP3s encoded by all cores."""
+    Common Voice layout (the rows as `asr.tools.synth.write_common_voice` writes them), MP3s encoded by all cores."""
     rng = random.Random(seed)
     lengths = [rng.uniform(low, high) for _ in range(clips + DEV_CLIPS)]
     voice = synth.TRAIN_VOICES[0]
@@ -223,9 +223,9 @@ def ours(cfg, args) -> tuple[dict, object, object]:
     """Our run (train.py's assembly) measured; its data and a model with its initial weights (for the HF side)."""
     from omegaconf import OmegaConf
 
-    from asr.run.warmup import WorstBatchFirst
     from asr.model.module import CTCModel
     from asr.run.training import assemble
+    from asr.run.warmup import WorstBatchFirst
 
     profile, syncs = (args.profile_steps, args.sync_steps) if args.profile else (0, 0)
     measure = Measure(args.warmup, args.steps, profile, syncs, args.peak_tflops)
@@ -247,9 +247,8 @@ def ours(cfg, args) -> tuple[dict, object, object]:
 
 def hf(cfg, steps: int, warmup: int, data, model, peak) -> dict:
     """The HF Trainer on the same job (benchmarks/throughput.py's, on this device and precision)."""
-    from transformers import TrainerCallback
-
     import throughput
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -334,7 +333,7 @@ def main(argv: list[str]) -> list[dict]:
     args, train_overrides = cli.parse("bench/gpu", argv, passthrough=True)  # the others: the train config's
     if args.quick:
         args.steps, args.warmup, args.profile_steps, args.sync_steps = 5, 2, 2, 1
-    from asr.config import compose
+    from asr.core.config import compose
 
     configs = matrix(args, train_overrides)
     root = args.root

@@ -11,7 +11,7 @@
 #   bench  benchmarks/gpu.py profile=true: xlsr_300m and xlsr_1b, bf16, with the HF Trainer (~5 min on an H200)
 #   tests  pytest -m gpu on the two files that hold GPU tests (others import packages the image lacks);
 #          the cards test deselected: the next part runs the same command
-#   cards  python -m asr.memory cards=true: each model card's batch, its peak memory
+#   cards  python -m asr.tools.memory cards=true: each model card's batch, its peak memory
 #   extra  what is left of the budget: 300m with model.compile=encoder, then with model.expandable_segments=true
 # Logs: one per part in $OUT (default: a new temporary folder); the summary is printed last.
 set -u
@@ -60,7 +60,7 @@ for p in $PARTS; do
   case $p in
     check) part check 60 "$PYTHON" -c "
 import hydra, omegaconf, soundfile, soxr, torch, transformers, lightning
-import asr.data.audio, asr.run.training
+import asr.core.audio, asr.run.training
 print('torch', torch.__version__, '| transformers', transformers.__version__, '| lightning', lightning.__version__,
       '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name())
 try:
@@ -71,7 +71,7 @@ except ImportError:
              profile=true peak_tflops="$PEAK_TFLOPS" ;;
     tests) part tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_ctc.py \
              --deselect tests/test_gpu.py::test_the_cards_memory_table_runs_on_the_gpu ;;
-    cards) part cards 90 "$PYTHON" -m asr.memory cards=true ;;
+    cards) part cards 90 "$PYTHON" -m asr.tools.memory cards=true ;;
     extra) part compile 90 "$PYTHON" benchmarks/gpu.py models=xlsr_300m compile=encoder quick=true profile=true \
              peak_tflops="$PEAK_TFLOPS"
            part segments 60 "$PYTHON" benchmarks/gpu.py models=xlsr_300m quick=true peak_tflops="$PEAK_TFLOPS" \

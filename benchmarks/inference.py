@@ -6,10 +6,10 @@ in for the onnx package in every benchmark.)
     python benchmarks/inference.py model=xlsr_300m clips=8          # XLS-R 300M's shape, random weights
     python benchmarks/inference.py ckpt_path=<run>/checkpoints/last.ckpt split=test
 
-Exports the model as `python -m asr.export format=onnx quantize=int8` does, into a temporary directory, then
+Exports the model as `python -m asr.tools.export format=onnx quantize=int8` does, into a temporary directory, then
 times the three in turns, `repeats` times each, and keeps each one's fastest: model-only (the forward pass over
-the same padded batches, decoded and collated beforehand, as `asr.transcription` plans them) and end to end
-(`asr.transcription.transcribe` over the files: decoding the audio in `num_workers` loader processes, the
+the same padded batches, decoded and collated beforehand, as `asr.model.transcription` plans them) and end to end
+(`asr.model.transcription.transcribe` over the files: decoding the audio in `num_workers` loader processes, the
 forward pass, greedy decoding). Prints audio-seconds per second and the ratio to torch's, the CER of each
 against the clips' references, and the CER of each against torch's transcripts (how far an export strays).
 torch and onnxruntime get `threads` intra-op threads each. Without ckpt_path the model is the train config's
@@ -26,15 +26,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import cli
-from asr.config import compose
-from asr.data import audio, corpora, text
-from asr.data.text import Vocabulary
-from asr.export import export
+from asr.core import audio, text
+from asr.core.config import compose
+from asr.core.text import Vocabulary
+from asr.data import corpora
+from asr.model.export import export
 from asr.model.metrics import ErrorRates
 from asr.model.module import CTCModel
-from asr.onnx import FILES, OnnxModel
-from asr.transcription import Files, collate, header_seconds, plan, transcribe, workers
+from asr.model.onnx import FILES, OnnxModel
+from asr.model.transcription import Files, collate, header_seconds, plan, transcribe, workers
+from asr.tools import cli
 
 CHUNK_SECONDS, STRIDE_SECONDS = 30.0, 5.0  # transcribe.py's windows (conf/transcribe.yaml)
 
@@ -49,7 +50,7 @@ def model_only(model, batches: list[dict]) -> float:
 
 
 def end_to_end(model, paths: list[str], batch_seconds: float, num_workers: int) -> tuple[float, list[str]]:
-    """Seconds of `asr.transcription.transcribe` over `paths`, and the transcripts."""
+    """Seconds of `asr.model.transcription.transcribe` over `paths`, and the transcripts."""
     started = time.perf_counter()
     out = [hypothesis for *_, hypothesis, _ in transcribe(model, paths, chunk_seconds=CHUNK_SECONDS,
                                                           stride_seconds=STRIDE_SECONDS, batch_seconds=batch_seconds,

@@ -10,7 +10,7 @@ Rows, all in this process with one torch thread (as a loader worker, `asr.data.l
 - decode only: soundfile's read of the MP3 (float32, 48 kHz), nothing else. The bar's reference.
 - old load path: main at 8f8c191, `torchaudio.functional.resample` (a filter designed per clip), then a
   normalisation that copies.
-- new load path: `asr.data.audio.load` (soxr HQ) and `asr.data.audio.normalize` (in place), as `UtteranceDataset` runs.
+- new load path: `asr.core.audio.load` (soxr HQ) and `asr.core.audio.normalize` (in place), as `UtteranceDataset` runs.
 - one worker, end to end: `SpeechDataModule.train_dataloader()` with data.num_workers=1 (dataset + collate
   into the planned shapes, in the worker process), timed from the iterator's creation to its last batch over
   `passes` epochs after a first, untimed, one (the worker is persistent). The main process only takes
@@ -43,9 +43,9 @@ from hydra.utils import instantiate
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
-from asr import cli, synth  # noqa: E402
-from asr.config import compose  # noqa: E402
-from asr.data import audio  # noqa: E402
+from asr.core import audio  # noqa: E402
+from asr.core.config import compose  # noqa: E402
+from asr.tools import cli, synth  # noqa: E402
 
 
 def speechlike(seconds: float, rng: np.random.Generator, rate: int = 48_000) -> np.ndarray:
@@ -61,7 +61,7 @@ def speechlike(seconds: float, rng: np.random.Generator, rate: int = 48_000) -> 
 
 def make_corpus(root: Path, clips: int) -> list[Path]:
     """`clips` MP3 clips at 48 kHz, lengths spread evenly over 2-10 s (all distinct), all in train plus 4 in dev
-    and test; Common Voice layout (asr.synth.write_common_voice)."""
+    and test; Common Voice layout (asr.tools.synth.write_common_voice)."""
     rng = np.random.default_rng(0)
     seconds = rng.permutation(np.linspace(2.0, 10.0, clips + 8))
     sentences = synth.demo_sentences(clips + 8, random.Random(0))
@@ -73,7 +73,7 @@ def make_corpus(root: Path, clips: int) -> list[Path]:
 
 
 def old_load(path, sample_rate: int = audio.SAMPLE_RATE, speed: float = 1.0) -> np.ndarray:
-    """asr.data.audio.load at 8f8c191: torchaudio's resample."""
+    """asr.core.audio.load at 8f8c191: torchaudio's resample."""
     wave, rate = sf.read(path, dtype="float32", always_2d=True)
     wave = wave.mean(axis=1)
     if rate != sample_rate:
@@ -82,7 +82,7 @@ def old_load(path, sample_rate: int = audio.SAMPLE_RATE, speed: float = 1.0) -> 
 
 
 def old_normalize(wave: np.ndarray) -> np.ndarray:
-    """asr.data.audio.normalize at 8f8c191: a new array (and float64 temporaries)."""
+    """asr.core.audio.normalize at 8f8c191: a new array (and float64 temporaries)."""
     return (wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)
 
 

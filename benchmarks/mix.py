@@ -1,9 +1,9 @@
 """Several corpora in one run, the tiny model from scratch, every run the same updates:
 
-1. one language, two corpora: the demo (demo/cv-pt) and asr.synth's `short` (Portuguese short sentences, other
+1. one language, two corpora: the demo (demo/cv-pt) and asr.tools.synth's `short` (Portuguese short sentences, other
    words and voices; lang=pt) together, at demo weights 0.5 and 0.8, against each alone, per seed of `seeds`.
    Expected: each corpus's test CER with the mix no worse than alone, beyond the spread between seeds.
-2. two languages: the demo's Portuguese and asr.synth's `es` (Spanish; lang=es) in one run, a joint vocabulary,
+2. two languages: the demo's Portuguese and asr.tools.synth's `es` (Spanish; lang=es) in one run, a joint vocabulary,
    against one run each (Portuguese alone: part 1's demo run of the seed), per seed of `language_seeds`.
 3. the average of the `average_best` best checkpoints against the best one: every run is trained with
    callbacks.average.best; printed for the runs of one corpus (demo, short, es), the mixes' in mix.json.
@@ -37,8 +37,9 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import SetupError, cli, synth  # noqa: E402
-from asr.config import check_overrides, compose  # noqa: E402
+from asr import SetupError  # noqa: E402
+from asr.core.config import check_overrides, compose  # noqa: E402
+from asr.tools import cli, synth  # noqa: E402
 
 LANGS = {"demo": "demo", "short": "pt", "es": "es"}  # each corpus's lang group (conf/lang/): its reader and text rules
 # Keys each run gets from the benchmark, and the setting that gives them (None: the run's corpora)
@@ -63,7 +64,7 @@ def cache() -> Path:
 
 
 def corpus(name: str) -> Path:
-    """The directory of a corpus: the embedded demo, or an asr.synth corpus generated once."""
+    """The directory of a corpus: the embedded demo, or an asr.tools.synth corpus generated once."""
     if name == "demo":
         return REPO / "demo" / "cv-pt"
     root = cache() / "corpora" / name

@@ -17,7 +17,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import cli  # noqa: E402
+from asr.tools import cli  # noqa: E402
 
 PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
@@ -54,7 +54,7 @@ def run(cfg, steps: int, precision: str) -> dict:
 def main(argv: list[str]) -> dict:
     args, overrides = cli.parse("bench/precision", argv, passthrough=True)  # the others: the train config's
     precisions = cli.values(args, "precisions", PRECISIONS)
-    from asr.config import compose
+    from asr.core.config import compose
 
     cfg = compose("train", ["logger=none", "~callbacks.checkpoint", "~callbacks.last",
                             "run_dir=/tmp/precision-benchmark", *overrides])

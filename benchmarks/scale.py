@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from asr import cli, synth  # noqa: E402
+from asr.tools import cli, synth  # noqa: E402
 
 DEMO = REPO / "demo" / "cv-pt"
 EVAL_CLIPS = 2_000
@@ -118,7 +118,7 @@ def in_process(root: Path, cache: Path) -> dict:
     os.environ["ASR_CACHE_DIR"] = str(cache)
     from hydra.utils import instantiate
 
-    from asr.config import compose
+    from asr.core.config import compose
 
     cfg = compose("train", ["lang=pt", "model=tiny", f"data.root={root}", f"run_dir={tempfile.mkdtemp()}",
                             "data.num_workers=4"])

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from asr import cli  # noqa: E402
-from asr.data import audio  # noqa: E402
+from asr.core import audio  # noqa: E402
+from asr.tools import cli  # noqa: E402
 
 # train.py's run without what is not training: no logger, no checkpoints, no progress bar, no evaluation
 OVERRIDES = ["logger=none", "~callbacks.checkpoint", "~callbacks.last", "data.num_workers=2",
@@ -63,7 +63,7 @@ def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model, callbacks=(),
 
     def prepare(row):  # as run_speech_recognition_ctc.py: decode, normalise, tokenize, keep the length
         values = audio.normalize(audio.load(row["path"]))
-        from asr.data.text import normalize
+        from asr.core.text import normalize
         return {"input_values": values, "input_length": len(values),
                 "labels": data.vocab.encode(normalize(row["text"], cfg.data.language))}
 
@@ -108,7 +108,7 @@ def hf_trainer(cfg, steps: int, clips_per_batch: int, data, model, callbacks=(),
 
 def main(argv: list[str]) -> None:
     args, overrides = cli.parse("bench/throughput", argv, passthrough=True)  # the others: the train config's
-    from asr.config import compose
+    from asr.core.config import compose
 
     cfg = compose("train", OVERRIDES + overrides)
     torch.manual_seed(cfg.seed)

@@ -7,7 +7,7 @@ The first `clips` test clips of the corpus (by name) are joined with `gap` secon
 and after them into one 16 kHz file. transcribe.py's path with timestamps=word transcribes it, and for each clip the
 words whose middle falls in it are compared with where its speech starts and ends (the first and last
 10 ms frame above 2% of the clip's peak, less the faint echo one test voice leaves after its last sound:
-`speech_span`; the worst end counting the echoes is printed too). asr.align's path aligns the clips' transcripts,
+`speech_span`; the worst end counting the echoes is printed too). asr.tools.align's path aligns the clips' transcripts,
 and the words that land outside their clip are counted: a word is outside when its first or its last
 20 ms frame holds none of the clip (the joined clips do not start on frame boundaries, so a word's first frame
 may begin up to a frame before the clip's first sample and still cover it). Prints a row per clip and the worst differences. The settings
@@ -24,9 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import align, cli, transcription  # noqa: E402
-from asr.data import audio, corpora, text  # noqa: E402
+from asr.core import audio, text  # noqa: E402
+from asr.data import corpora  # noqa: E402
+from asr.model import transcription  # noqa: E402
 from asr.model.module import CTCModel  # noqa: E402
+from asr.tools import align, cli  # noqa: E402
 
 
 def speech_span(wave: np.ndarray) -> tuple[float, float, float]:
@@ -81,7 +83,7 @@ def main(argv: list[str]) -> dict:
         model = CTCModel.load(args.model_path)[0].eval()
         timed = next(transcription.transcribe(model, [str(recording)], chunk_seconds=30.0, stride_seconds=5.0,
                                               batch_seconds=120.0, num_workers=0, timestamps="word"))
-        logits, _ = transcription.file_logits(model, str(recording))  # as python -m asr.align reads it
+        logits, _ = transcription.file_logits(model, str(recording))  # as python -m asr.tools.align reads it
         ids, _ = align.targets(" ".join(said[p] for p in paths), model.vocab, model.hparams.language)
         aligned = align.align(torch.log_softmax(logits.float(), dim=-1), ids, model.vocab,
                               model.geometry.seconds_per_frame)

@@ -1,16 +1,16 @@
-"""transcribe.py's path (`asr.transcription`) against the one it replaced (b7f9b85: transformers' ASR pipeline,
+"""transcribe.py's path (`asr.model.transcription`) against the one it replaced (b7f9b85: transformers' ASR pipeline,
 one file at a time), side by side in one run: same model, same clips, same torch threads.
 
     python benchmarks/transcribe.py                        # 300 clips of the demo
     python benchmarks/transcribe.py clips=1000 num_workers=0
 
 The model: the tiny one (conf/model/tiny.yaml) with random weights (speed does not depend on training) and the
-demo's vocabulary, exported (`asr.export`) to a temporary directory that both paths load, as transcribe.py
+demo's vocabulary, exported (`asr.model.export`) to a temporary directory that both paths load, as transcribe.py
 loads a model directory. The clips: the first `clips` files of `dir` by name, the list repeated when it holds
 fewer. Each path first transcribes the first 2 clips, untimed (imports, kernels), then all of them, timed:
-- pipeline (old): `asr.data.audio.load` then `pipeline("automatic-speech-recognition")` per file, a file longer than
-  chunk_seconds in its windows, each transcript under the model's text rules (`asr.data.text.normalize`).
-- transcribe.py (new): `asr.transcription.transcribe`, files batched by duration (batch_seconds), decoded by
+- pipeline (old): `asr.core.audio.load` then `pipeline("automatic-speech-recognition")` per file, a file longer than
+  chunk_seconds in its windows, each transcript under the model's text rules (`asr.core.text.normalize`).
+- transcribe.py (new): `asr.model.transcription.transcribe`, files batched by duration (batch_seconds), decoded by
   num_workers loader processes, from the start of the loader to the last transcript.
 Prints audio-seconds per wall second of each, their ratio, and how many transcripts the two paths agree on
 (both greedy on the same weights; a near-tie of two tokens can fall either way between a clip run alone and
@@ -29,12 +29,12 @@ from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from asr import cli  # noqa: E402
-from asr.data import audio, text  # noqa: E402
-from asr.config import compose  # noqa: E402
-from asr.export import export  # noqa: E402
+from asr.core import audio, text  # noqa: E402
+from asr.core.config import compose  # noqa: E402
+from asr.model.export import export  # noqa: E402
 from asr.model.module import CTCModel  # noqa: E402
-from asr.transcription import transcribe, workers  # noqa: E402
+from asr.model.transcription import transcribe, workers  # noqa: E402
+from asr.tools import cli  # noqa: E402
 
 
 def demo_model(out_dir: Path) -> Path:
@@ -59,7 +59,7 @@ def old_path(pipe, paths: list[str], language: str, chunk_seconds: float, stride
 
 
 def new_path(model, paths: list[str], args) -> list[str]:
-    """transcribe.py's loop: `asr.transcription.transcribe`, transcripts in the files' order."""
+    """transcribe.py's loop: `asr.model.transcription.transcribe`, transcripts in the files' order."""
     out = transcribe(model, paths, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
                      batch_seconds=args.batch_seconds, num_workers=workers(args.num_workers))
     return [result.text for result in out]

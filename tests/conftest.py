@@ -15,8 +15,8 @@ import pytest
 from hydra.utils import instantiate
 
 import asr
-from asr import synth
-from asr.config import compose
+from asr.core.config import compose
+from asr.tools import synth
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,7 +27,7 @@ def _cache_dir(tmp_path_factory):
 
 def compose_config(name: str = "train", overrides: list[str] = ()):
     """The real config as the scripts get it: composed, resolved and checked against the code
-    (`asr.config.checked`). Without a run_dir override it is a throwaway directory."""
+    (`asr.core.config.checked`). Without a run_dir override it is a throwaway directory."""
     overrides = list(overrides)
     if not any(o.startswith("run_dir=") for o in overrides):
         overrides.append(f"run_dir={tempfile.mkdtemp(prefix='run-')}")
@@ -162,7 +162,7 @@ def recorded_fit(run_dir, *overrides: str, ckpt_path=None, callbacks=(), max_ste
 
 
 def in_process(main, argv: list[str]) -> subprocess.CompletedProcess:
-    """A tool's `main(argv)` (transcribe.py, python -m asr.export) run in this process, ending as its command
+    """A tool's `main(argv)` (transcribe.py, python -m asr.tools.export) run in this process, ending as its command
     line would: exit status, stdout and stderr. Its imports are paid once per session, not once per call."""
     out, err, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -1,12 +1,12 @@
-"""Forced alignment (python -m asr.align) on recordings made of clips joined with known offsets, on the
+"""Forced alignment (python -m asr.tools.align) on recordings made of clips joined with known offsets, on the
 near-random model of one update: every word of the transcript, in order, in every format; a corpus cut from
 a recording. How well a trained model places the words: benchmarks/timestamps.py."""
 
 import json
 
-
-from asr import align
-from asr.data import audio, corpora, text
+from asr.core import audio, text
+from asr.data import corpora
+from asr.tools import align
 from benchmarks.timestamps import joined
 from tests.conftest import in_process
 

@@ -9,7 +9,8 @@ import torch
 import torchaudio
 from torch.utils.data import DataLoader
 
-from asr.data import audio, loading
+from asr.core import audio
+from asr.data import loading
 from asr.data.batching import Planned
 
 

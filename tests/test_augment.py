@@ -11,9 +11,10 @@ import pytest
 import soundfile as sf
 
 import asr
-from asr.data import audio, corpora, listing, loading
+from asr.core import audio
+from asr.core.text import Vocabulary
+from asr.data import corpora, listing, loading
 from asr.data.augment import NONE, Augment, mix
-from asr.data.text import Vocabulary
 from tests.conftest import data_module
 
 OFF = {"speed_prob": 0.0, "speed_factors": [0.9, 1.0, 1.1], "silence_prob": 0.0, "silence_seconds": [0.0, 1.0],

@@ -1,15 +1,18 @@
 """Checkpoint averaging: the mean of the weights, which checkpoints best= and last= pick, the average through
-transcribe.py and asr.export, what is refused; callbacks.average at the end of a run."""
+transcribe.py and asr.model.export, what is refused; callbacks.average at the end of a run."""
 
 import pytest
 import torch
 
 import transcribe
-from asr import SetupError, average, export
+from asr import SetupError
+from asr.core import checkpoints
 from asr.model.module import CTCModel
-from asr.run import checkpoints, rundir
+from asr.run import rundir
 from asr.run.report import RunReport
 from asr.run.training import conclude
+from asr.tools import average as average_tool
+from asr.tools import export as export_tool
 from tests.conftest import assembled, compose_config, in_process
 
 
@@ -58,7 +61,7 @@ def test_the_average_is_the_element_wise_mean_in_float64_and_integers_are_the_ne
     states = [checkpoint_at(source, path, step, change=with_counter(step, seed))["state_dict"]
               for path, step, seed in zip(paths, (20, 30, 10), (1, 2, 3))]
     out = tmp_path / "mean.ckpt"
-    result = in_process(average.main, ["ckpts=[" + ",".join(map(str, paths)) + "]", f"out={out}"])
+    result = in_process(average_tool.main, ["ckpts=[" + ",".join(map(str, paths)) + "]", f"out={out}"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["averaged 3 checkpoints:", "  a.ckpt  update 20  dev CER -",
                                           "  b.ckpt  update 30  dev CER -", "  c.ckpt  update 10  dev CER -", f"-> {out}"]
@@ -94,7 +97,7 @@ def test_best_picks_the_lowest_dev_cer_and_last_the_latest_updates(barely_traine
     weights[45] = checkpoint_at(source, run / "checkpoints" / "last.ckpt", 45, None, plus(45))  # after its last evaluation
     key = "model.lm_head.weight"
 
-    result = in_process(average.main, [f"run={run}", "best=2"])
+    result = in_process(average_tool.main, [f"run={run}", "best=2"])
     assert result.returncode == 0, result.stderr
     out = run / "checkpoints" / "average-best2.ckpt"
     assert result.stdout.splitlines() == ["averaged 2 checkpoints:", "  best-step20.ckpt  update 20  dev CER 0.2000",
@@ -104,14 +107,14 @@ def test_best_picks_the_lowest_dev_cer_and_last_the_latest_updates(barely_traine
     assert torch.equal(mean["state_dict"][key], expected)
     assert [(r["step"], r["val_cer"]) for r in mean["averaged"]] == [(20, 0.2), (40, 0.3)]
 
-    result = in_process(average.main, [f"run={run}", "last=2", f"out={tmp_path / 'last2.ckpt'}"])
+    result = in_process(average_tool.main, [f"run={run}", "last=2", f"out={tmp_path / 'last2.ckpt'}"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:3] == ["  last.ckpt  update 45  dev CER -", "  best-step40.ckpt  update 40  dev CER 0.3000"]
     mean = torch.load(tmp_path / "last2.ckpt", map_location="cpu", weights_only=True)
     expected = ((weights[45]["state_dict"][key].double() + weights[40]["state_dict"][key].double()) / 2).float()
     assert torch.equal(mean["state_dict"][key], expected)
 
-    error = one_line_error(in_process(average.main, [f"run={run}", "best=5"]))
+    error = one_line_error(in_process(average_tool.main, [f"run={run}", "best=5"]))
     assert error.startswith(f"error: best=5: {run / 'checkpoints'} holds 4 checkpoints to pick from (best-step10.ckpt, "
                             "best-step20.ckpt, best-step30.ckpt, best-step40.ckpt)") and "save_top_k >= 5" in error
 
@@ -131,7 +134,7 @@ def test_an_average_loads_transcribes_and_exports_as_the_weights_it_averages_to(
     checkpoint_at(source, twice, 1, change=scaled(2.0))
     checkpoint_at(source, none, 2, change=scaled(0.0))
     out = tmp_path / "mean.ckpt"
-    assert in_process(average.main, [f"ckpts=[{twice},{none}]", f"out={out}"]).returncode == 0
+    assert in_process(average_tool.main, [f"ckpts=[{twice},{none}]", f"out={out}"]).returncode == 0
     model, original = CTCModel.from_checkpoint(out), CTCModel.from_checkpoint(source)
     for key, tensor in original.state_dict().items():
         assert torch.equal(model.state_dict()[key], tensor), key
@@ -141,9 +144,9 @@ def test_an_average_loads_transcribes_and_exports_as_the_weights_it_averages_to(
     theirs = in_process(transcribe.main, [f"model_path={source}", audio])
     assert ours.returncode == 0, ours.stderr
     assert ours.stdout == theirs.stdout and len(ours.stdout) > 20  # not a blank model
-    exported = in_process(export.main, [f"ckpt_path={out}", f"out={tmp_path / 'exported'}"])
+    exported = in_process(export_tool.main, [f"ckpt_path={out}", f"out={tmp_path / 'exported'}"])
     assert exported.returncode == 0 and (tmp_path / "exported" / "model.safetensors").is_file(), exported.stderr
-    with pytest.raises(SetupError, match=r"is an average of checkpoints \(python -m asr.average\).*not a state to resume"):
+    with pytest.raises(SetupError, match=r"is an average of checkpoints \(python -m asr.tools.average\).*not a state to resume"):
         checkpoints.resume_checkpoint(str(out), tmp_path)
 
 
@@ -157,7 +160,7 @@ def test_other_vocabularies_architectures_and_files_are_refused_in_one_line(bare
     tokens = checkpoint["hyper_parameters"]["vocab"]
     tokens[tokens.index("z")] = "ʒ"
     torch.save({**checkpoint, "global_step": 2}, vocab)
-    error = one_line_error(in_process(average.main, [f"ckpts=[{a},{vocab}]", f"out={tmp_path / 'x.ckpt'}"]))
+    error = one_line_error(in_process(average_tool.main, [f"ckpts=[{a},{vocab}]", f"out={tmp_path / 'x.ckpt'}"]))
     assert error == (f"error: {vocab} and {a} have different vocabularies ({len(tokens)} vs {len(tokens)} tokens; "
                      f"only in vocab.ckpt: ʒ; only in a.ckpt: z): their weights do not average")
 
@@ -167,7 +170,7 @@ def test_other_vocabularies_architectures_and_files_are_refused_in_one_line(bare
     last = checkpoint["wav2vec2_config"]["num_hidden_layers"]
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if f".layers.{last}." not in k}
     torch.save(checkpoint, layers)
-    error = one_line_error(in_process(average.main, [f"ckpts=[{a},{layers}]", f"out={tmp_path / 'x.ckpt'}"]))
+    error = one_line_error(in_process(average_tool.main, [f"ckpts=[{a},{layers}]", f"out={tmp_path / 'x.ckpt'}"]))
     assert error == (f"error: {a} and {layers} are different architectures (wav2vec2_config: num_hidden_layers "
                      f"{last + 1} vs {last}): their weights do not average")
 
@@ -175,16 +178,16 @@ def test_other_vocabularies_architectures_and_files_are_refused_in_one_line(bare
     checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     checkpoint["wav2vec2_config"]["layerdrop"] = checkpoint["hyper_parameters"]["config"]["layerdrop"] = 0.1
     torch.save(checkpoint, dropout)
-    assert in_process(average.main, [f"ckpts=[{a},{dropout}]", f"out={tmp_path / 'x.ckpt'}"]).returncode == 0
+    assert in_process(average_tool.main, [f"ckpts=[{a},{dropout}]", f"out={tmp_path / 'x.ckpt'}"]).returncode == 0
 
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
-    error = one_line_error(in_process(average.main, [f"ckpts=[{a},{text}]", f"out={tmp_path / 'y.ckpt'}"]))
+    error = one_line_error(in_process(average_tool.main, [f"ckpts=[{a},{text}]", f"out={tmp_path / 'y.ckpt'}"]))
     assert error.startswith(f"error: {text} is not a readable checkpoint")
     assert not (tmp_path / "y.ckpt").exists()
-    error = one_line_error(in_process(average.main, [f"run={tmp_path}", "best=2", "last=2"]))
+    error = one_line_error(in_process(average_tool.main, [f"run={tmp_path}", "best=2", "last=2"]))
     assert error.startswith("error: give one of best=N or last=N") and error.endswith("not best and last")
-    error = one_line_error(in_process(average.main, [f"ckpts=[{a}]", f"out={tmp_path / 'last.ckpt'}"]))
+    error = one_line_error(in_process(average_tool.main, [f"ckpts=[{a}]", f"out={tmp_path / 'last.ckpt'}"]))
     assert "train.py writes and reads that name" in error
 
 

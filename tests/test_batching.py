@@ -9,10 +9,10 @@ import torch
 from omegaconf import OmegaConf
 
 import asr
-from asr.data import audio
+from asr.core import audio
+from asr.core.frames import WAV2VEC2
 from asr.data.batching import DurationBatchSampler, Planned
 from asr.data.loading import collate
-from asr.model.frames import WAV2VEC2
 from tests.conftest import data_module, recorded_fit
 
 DURATIONS = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 500).clip(1, 10)
@@ -116,7 +116,7 @@ CV_LIKE = np.random.default_rng(0).lognormal(np.log(4.5), 0.4, 100_000).clip(1, 
     ("Common Voice-like, 100k", CV_LIKE),
     ("uniform 2-10 s, 800", np.random.default_rng(1).uniform(2, 10, 800)),
     ("uniform 2-10 s, 100k", np.random.default_rng(1).uniform(2, 10, 100_000)),
-    ("short (asr.synth short), 800", np.random.default_rng(3).normal(2.3, 0.5, 800).clip(1, 4)),
+    ("short (asr.tools.synth short), 800", np.random.default_rng(3).normal(2.3, 0.5, 800).clip(1, 4)),
 ])
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_an_epoch_uses_at_most_20_shapes_with_at_most_4_percent_padding(name, durations, shuffle):

@@ -14,9 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import asr
-from asr import cli
-from asr.config import compose
-from asr.data import audio
+from asr.core import audio
+from asr.core.config import compose
+from asr.tools import cli
 from benchmarks import ctc, gpu, mix, precision, transcribe
 from tests.conftest import in_process
 

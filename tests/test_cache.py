@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from asr import synth
-from asr.data import audio, cache, corpora
+from asr.core import audio
+from asr.data import cache, corpora
+from asr.tools import synth
 from tests.conftest import data_module
 
 

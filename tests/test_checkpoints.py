@@ -8,12 +8,12 @@ import time
 import torch
 
 import asr
-from asr.run import checkpoints
+from asr.core import checkpoints
 
 PY = sys.executable
 SAVE_TWICE = """
 import sys, time, torch
-from asr.run.checkpoints import AtomicCheckpointIO
+from asr.core.checkpoints import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 io.save_checkpoint({"version": 1}, path)
 print("first saved", flush=True)

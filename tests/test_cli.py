@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 
 import asr
-from asr import cli
+from asr.tools import cli
 from tests.conftest import compose_config, in_process
 
 TOOLS = ["transcribe", "sweep", "export", "lm", "memory", "synth", "average"]
@@ -32,7 +32,7 @@ def test_settings_take_overrides_and_missing_or_unknown_keys_are_named(monkeypat
     assert cli.parse("sweep", ["dir=$RUNS/sweep"])[0].dir == "/scratch/me/sweep"
     with pytest.raises(SystemExit, match=r"^error: dir is needed \(dir=\.\.\.\)"):
         cli.parse("sweep", ["key=val_wer"])
-    with pytest.raises(SystemExit, match=r"^error: foo is not a setting of python -m asr.sweep; its settings: dir, key"):
+    with pytest.raises(SystemExit, match=r"^error: foo is not a setting of python -m asr.tools.sweep; its settings: dir, key"):
         cli.parse("sweep", ["dir=x", "foo=1"])
     with pytest.raises(SystemExit, match=r"^error: 'x' is not key=value"):
         cli.parse("sweep", ["x"])
@@ -41,7 +41,7 @@ def test_settings_take_overrides_and_missing_or_unknown_keys_are_named(monkeypat
 
 
 def test_every_tool_answers_help_with_its_settings():
-    """transcribe.py as a user runs it; the `python -m asr.<tool>` entry points' `main` in this process (each
+    """transcribe.py as a user runs it; the `python -m asr.tools.<tool>` entry points' `main` in this process (each
     module's `__main__` line calls it with sys.argv[1:])."""
     import importlib
 
@@ -49,7 +49,7 @@ def test_every_tool_answers_help_with_its_settings():
                             text=True, timeout=120)
     assert result.returncode == 0 and "settings (key=value; defaults in conf/transcribe.yaml)" in result.stdout
     for tool in ("sweep", "export", "lm", "memory", "synth", "average"):
-        module = importlib.import_module(f"asr.{tool}")
+        module = importlib.import_module(f"asr.tools.{tool}")
         assert "main(sys.argv[1:])" in Path(module.__file__).read_text().split('if __name__ == "__main__":')[1]
         result = in_process(module.main, ["--help"])
         assert result.returncode == 0 and f"settings (key=value; defaults in conf/{tool}.yaml)" in result.stdout, tool
@@ -95,7 +95,7 @@ def test_train_help_lists_the_groups_and_the_settings_with_their_defaults_and_co
 
 
 def test_start_makes_the_command_line_what_hydra_takes_or_names_a_mistyped_key(monkeypatch, tmp_path):
-    """`asr.cli.start`, the start-up of train.py and evaluate.py, with a stand-in for their Hydra `main`: it
+    """`asr.tools.cli.start`, the start-up of train.py and evaluate.py, with a stand-in for their Hydra `main`: it
     gets sys.argv with paths expanded and numeric choices quoted, Hydra's own flags as typed; a mistyped key
     stops before it with one line; train.py's --help is answered here, evaluate.py's by Hydra's template."""
     argvs = []

@@ -21,9 +21,10 @@ from hydra.utils import instantiate
 
 import asr
 from asr import SetupError
+from asr.core import checkpoints
 from asr.data.batching import DurationBatchSampler
 from asr.model.module import CTCModel
-from asr.run import checkpoints, cluster
+from asr.run import cluster
 from tests.conftest import compose_config, data_module
 
 PY = sys.executable

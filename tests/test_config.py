@@ -15,7 +15,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import asr
-from asr import SetupError, config
+from asr import SetupError
+from asr.core import config
 from asr.data.augment import Augment
 from asr.data.module import SpeechDataModule
 from asr.model import schedules

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 import asr
-from asr import SetupError, synth
-from asr.data import audio, corpora
+from asr import SetupError
+from asr.core import audio
+from asr.data import corpora
+from asr.tools import synth
 from tests.conftest import data_module
 
 KOREAN = ["안녕하세요", "감사합니다", "오늘 날씨가 좋네요", "학교에 갑니다", "밥을 먹었어요", "책을 읽어요"]
@@ -254,6 +256,7 @@ def test_common_voice_validated_adds_training_rows_without_dev_and_test_speakers
 
 def test_a_clip_that_stops_decoding_is_skipped_and_counted(cv_corpus, tmp_path):
     import shutil
+
     from asr.data.loading import UtteranceDataset, collate
     root = tmp_path / "pt"
     shutil.copytree(cv_corpus, root)

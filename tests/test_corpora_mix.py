@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import asr
-from asr import SetupError, synth
+from asr import SetupError
 from asr.data import mixing
 from asr.data.batching import DurationBatchSampler
 from asr.data.listing import format_report
+from asr.tools import synth
 from tests.conftest import data_module
 
 

@@ -6,12 +6,12 @@ import soundfile as sf
 import torch
 
 from asr import SetupError
-
-from asr.data import audio, corpora, listing, loading
+from asr.core import audio
+from asr.core.frames import WAV2VEC2, Geometry
+from asr.core.text import Vocabulary
+from asr.data import corpora, listing, loading
 from asr.data.corpora import Utterance
 from asr.data.module import SpeechDataModule
-from asr.data.text import Vocabulary
-from asr.model.frames import Geometry, WAV2VEC2
 
 
 def test_collate_pads_audio_and_labels_with_masks():

@@ -5,22 +5,23 @@ import json
 import torch
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
-from asr.data import audio, loading
+from asr.core import audio
+from asr.data import loading
 from asr.model.module import CTCModel
 from tests.test_transcribe import run
 
 
 def test_export_command_names_a_missing_checkpoint_or_one_that_is_not(tmp_path):
-    result = run("-m", "asr.export", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"out={tmp_path}", check=False)
+    result = run("-m", "asr.tools.export", f"ckpt_path={tmp_path / 'nope.ckpt'}", f"out={tmp_path}", check=False)
     assert result.returncode == 1 and "nope.ckpt does not exist" in result.stderr
     (tmp_path / "x.ckpt").write_text("hi")
-    result = run("-m", "asr.export", f"ckpt_path={tmp_path / 'x.ckpt'}", f"out={tmp_path}", check=False)
+    result = run("-m", "asr.tools.export", f"ckpt_path={tmp_path / 'x.ckpt'}", f"out={tmp_path}", check=False)
     assert result.returncode == 1 and f"error: {tmp_path / 'x.ckpt'} is not a readable checkpoint" in result.stderr
 
 
 def test_export_writes_what_transformers_loads_and_computes_the_checkpoints_logits(trained_run, tmp_path):
     ckpt, out = trained_run.dir / "checkpoints" / "last.ckpt", tmp_path / "exported"
-    result = run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={out}")
+    result = run("-m", "asr.tools.export", f"ckpt_path={ckpt}", f"out={out}")
     assert result.stdout.strip() == f"exported to {out}"
     model = CTCModel.from_checkpoint(ckpt).eval()
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]

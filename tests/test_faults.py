@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 import asr
 import transcribe
 from asr import SetupError
-from asr.data import text
-from asr.run import checkpoints, cluster, rundir
+from asr.core import checkpoints, text
+from asr.run import cluster, rundir
 from asr.run.console import Progress
 from tests.conftest import assembled, data_module, in_process
 

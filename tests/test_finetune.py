@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 
 import asr
 import transcribe
-from asr import export, synth
-from asr.data import audio, text
+from asr.core import audio, text
 from asr.model import finetune as tuning
 from asr.model.module import CTCModel
+from asr.tools import export as export_tool
+from asr.tools import synth
 from tests.conftest import compose_config, in_process
 from tests.test_transcribe import assert_same_transcripts, audio_list
 
@@ -127,7 +128,7 @@ def hf_transcripts(model_dir: Path, lang: str, clips: list[Path]) -> list[str]:
 def test_mms_export_serves_both_languages_in_transformers_and_transcribe(runs, cv_corpus, tmp_path):
     out = tmp_path / "mms"
     for lang in ("pt", "es"):
-        result = in_process(export.main, [f"ckpt_path={runs[lang] / 'checkpoints' / 'last.ckpt'}", f"out={out}"])
+        result = in_process(export_tool.main, [f"ckpt_path={runs[lang] / 'checkpoints' / 'last.ckpt'}", f"out={out}"])
         assert result.returncode == 0, result.stderr
     assert {p.name for p in out.glob("adapter.*.safetensors")} == {"adapter.pt.safetensors", "adapter.es.safetensors"}
     assert set(json.loads((out / "vocab.json").read_text())) == {"pt", "es"}
@@ -152,7 +153,7 @@ def test_mms_export_serves_both_languages_in_transformers_and_transcribe(runs, c
     # a directory serves one base: an export of adapters of another base into it is refused
     rules = json.loads((out / "asr.json").read_text())
     (out / "asr.json").write_text(json.dumps({**rules, "base_hash": "0" * 64}))
-    refused = in_process(export.main, [f"ckpt_path={runs['es'] / 'checkpoints' / 'last.ckpt'}", f"out={out}"])
+    refused = in_process(export_tool.main, [f"ckpt_path={runs['es'] / 'checkpoints' / 'last.ckpt'}", f"out={out}"])
     assert refused.returncode == 1 and "holds adapters of another base" in refused.stderr
     missing = in_process(transcribe.main, [f"model_path={out}", "target_lang=ko", f"audio={clips[0]}"])
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == \
@@ -168,7 +169,7 @@ def test_lora_exports_merged_for_pipeline_and_as_peft_files(runs, base, es_corpu
 
     ckpt = runs["lora"] / "checkpoints" / "last.ckpt"
     out = tmp_path / "lora"
-    result = in_process(export.main, [f"ckpt_path={ckpt}", f"out={out}"])
+    result = in_process(export_tool.main, [f"ckpt_path={ckpt}", f"out={out}"])
     assert result.returncode == 0, result.stderr
     clips = sorted((es_corpus / "clips").glob("*.mp3"))[:4]
     expected = [json.loads(line)["text"] for line in in_process(transcribe.main, [
@@ -241,9 +242,9 @@ def test_the_encoder_pass_reads_nothing_back_from_the_device_with_adapters_or_lo
 
 
 def test_the_planners_arithmetic_counts_what_each_method_trains():
-    """python -m asr.memory states=true on the tiny model (128 wide, 3 layers, 40 tokens): an MMS adapter per
+    """python -m asr.tools.memory states=true on the tiny model (128 wide, 3 layers, 40 tokens): an MMS adapter per
     layer is a layer norm (2 x 128), 128 -> 16 and 16 -> 128 with biases; the head 40 x 128 + 40."""
-    from asr import memory
+    from asr.tools import memory
 
     head = 40 * 128 + 40
     adapters = memory.model_states(compose_config(overrides=["finetune=adapters"]))
@@ -258,7 +259,7 @@ def test_the_planners_arithmetic_counts_what_each_method_trains():
 
 @pytest.mark.slow  # the module's runs: 3 trainings, about 45 s before the first test
 def test_onnx_exports_adapters_as_they_are_and_lora_merged(runs, cv_corpus, tmp_path):
-    from asr.onnx import OnnxModel
+    from asr.model.onnx import OnnxModel
 
     clips = sorted((cv_corpus / "clips").glob("*.mp3"))[:2]
     waves = [torch.from_numpy(audio.normalize(audio.load(c))) for c in clips]
@@ -266,7 +267,7 @@ def test_onnx_exports_adapters_as_they_are_and_lora_merged(runs, cv_corpus, tmp_
     batch = {"audio": torch.nn.utils.rnn.pad_sequence(waves, batch_first=True), "lengths": lengths}
     for name in ("es", "lora"):
         ckpt = runs[name] / "checkpoints" / "last.ckpt"
-        result = in_process(export.main, [f"ckpt_path={ckpt}", f"out={tmp_path / name}", "format=onnx"])
+        result = in_process(export_tool.main, [f"ckpt_path={ckpt}", f"out={tmp_path / name}", "format=onnx"])
         assert result.returncode == 0, result.stderr
         model = CTCModel.from_checkpoint(ckpt).eval()
         with torch.no_grad():
@@ -278,7 +279,7 @@ def test_onnx_exports_adapters_as_they_are_and_lora_merged(runs, cv_corpus, tmp_
 
 
 def test_memory_states_true_prints_the_arithmetic_of_the_composed_run():
-    from asr import memory
+    from asr.tools import memory
 
     result = in_process(memory.main, ["states=true", "finetune=lora", "model.finetune.rank=4"])
     assert result.returncode == 0, result.stderr

@@ -92,9 +92,9 @@ def test_evaluate_on_the_gpu_agrees_with_the_cpu(tmp_path):
 def test_the_cards_memory_table_runs_on_the_gpu():
     """Every experiment's card batch measured: a peak in GB, and "fits" exactly when the peak leaves the 10%
     margin free. (On the first H200 run every card fitted in fp16, 12.6-53.8 GB.)"""
-    from asr.memory import capacity_gb
+    from asr.tools.memory import capacity_gb
 
-    result = subprocess.run([sys.executable, "-m", "asr.memory", "cards=true"], cwd=asr.REPO_DIR, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "asr.tools.memory", "cards=true"], cwd=asr.REPO_DIR, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     experiments = sorted(p.stem for p in (asr.REPO_DIR / "conf" / "experiment").glob("*.yaml"))

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from asr import lm, synth
-from asr.data import text
-from asr.data.text import Vocabulary
+from asr.core import text
+from asr.core.text import Vocabulary
+from asr.model import lm
 from asr.model.metrics import ErrorRates
+from asr.tools import synth
 
 # <s> a b </s> / <s> a c </s> / <s> b a </s>, order 2. Every order falls back to discounts 0.5, 1, 1.5
 # (no n-gram is seen 3 and 4 times). Unigram adjusted counts (distinct left neighbours): a 2, b 2, c 1,
@@ -120,7 +121,7 @@ def test_lm_command_names_a_missing_or_empty_text(tmp_path):
 
     (tmp_path / "empty.txt").write_text("?!\n", encoding="utf-8")
     for text_file in (tmp_path / "nope.txt", tmp_path / "empty.txt"):
-        result = subprocess.run([sys.executable, "-m", "asr.lm", f"text={text_file}", f"out={tmp_path}"],
+        result = subprocess.run([sys.executable, "-m", "asr.tools.lm", f"text={text_file}", f"out={tmp_path}"],
                                 cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert "error: " in result.stderr and f"text={text_file}" in result.stderr

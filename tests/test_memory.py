@@ -6,7 +6,15 @@ import torch
 
 from asr import SetupError
 from asr.data.batching import Planned
-from asr.run.warmup import (WorstBatchFirst, fastest, keep_attention, shape_lengths, warmup_batch, warmup_order, worst_shapes)
+from asr.run.warmup import (
+    WorstBatchFirst,
+    fastest,
+    keep_attention,
+    shape_lengths,
+    warmup_batch,
+    warmup_order,
+    worst_shapes,
+)
 from tests.conftest import SHRUNK, assembled
 
 
@@ -103,7 +111,7 @@ def test_the_memory_planner_finds_the_largest_budget_that_fits():
 
     import asr
 
-    command = [sys.executable, "-m", "asr.memory", "device=cpu", "data.max_seconds=2", "data.max_batch_size=8"]
+    command = [sys.executable, "-m", "asr.tools.memory", "device=cpu", "data.max_seconds=2", "data.max_batch_size=8"]
     out = subprocess.run(command, cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300, check=True).stdout
     lines = out.splitlines()
     rows = [line.split() for line in lines[lines.index(next(x for x in lines if "peak GB" in x)) + 1:-1]]

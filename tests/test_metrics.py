@@ -1,6 +1,7 @@
 import random
 
 import pytest
+
 from asr.model.metrics import ErrorRate, ErrorRates
 
 
@@ -38,7 +39,7 @@ def test_mixed_error_rate_counts_han_by_character_and_english_by_word():
 def test_rates_equal_jiwer_on_random_pairs_including_mandarin():
     import jiwer
 
-    from asr.data.text import mixed_tokens
+    from asr.core.text import mixed_tokens
     rng = random.Random(1)
     words = ["o", "gato", "我", "想要", "apple", "juice", "谢谢", "ok"]
     refs = [" ".join(rng.choices(words, k=rng.randint(1, 9))) for _ in range(300)]

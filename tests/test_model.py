@@ -15,9 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
 import asr
+from asr.core.frames import WAV2VEC2
 from asr.data.loading import UtteranceDataset, attention_mask, collate
 from asr.model import schedules
-from asr.model.frames import WAV2VEC2
 from asr.model.module import CTCModel, adamw
 from tests.callbacks import RecordUpdates
 from tests.conftest import SHRUNK, assembled, compose_config, data_module
@@ -51,8 +51,8 @@ def test_head_init_xavier_starts_a_new_head_and_keeps_a_trained_one(tmp_path):
     vocabulary) gets Xavier-uniform weights and zero bias; a checkpoint's head of this vocabulary is kept."""
     import math
 
+    from asr.core.text import Vocabulary
     from asr.model.encoder import build_wav2vec2
-    from asr.data.text import Vocabulary
 
     vocab = Vocabulary(VOCAB)
     arch = dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

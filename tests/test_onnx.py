@@ -1,4 +1,4 @@
-"""The ONNX export (asr.onnx, python -m asr.export format=onnx) and transcribe.py backend=onnx: the graph
+"""The ONNX export (asr.model.onnx, python -m asr.tools.export format=onnx) and transcribe.py backend=onnx: the graph
 computes the checkpoint's logits and transcripts on padded batches, transcribe.py gives the same transcripts
 through either backend, int8 stays within a CER point of float32, and what cannot be exported or run is said."""
 
@@ -10,12 +10,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr import SetupError, onnx as asr_onnx
-from asr.data import audio, corpora, text
+from asr import SetupError
+from asr.core import audio, text
+from asr.data import corpora
+from asr.model import onnx as asr_onnx
 from asr.model.metrics import ErrorRates
 from asr.model.module import CTCModel
-from asr.onnx import OnnxModel
-from asr.transcription import transcribe
+from asr.model.onnx import OnnxModel
+from asr.model.transcription import transcribe
 from tests.test_transcribe import audio_list, run
 
 
@@ -23,7 +25,7 @@ from tests.test_transcribe import audio_list, run
 def exported(barely_trained, tmp_path_factory):
     """conftest's near-random run exported by the command, float32 and int8."""
     out = tmp_path_factory.mktemp("onnx") / "exported"
-    result = run("-m", "asr.export", f"ckpt_path={barely_trained / 'checkpoints' / 'last.ckpt'}", f"out={out}",
+    result = run("-m", "asr.tools.export", f"ckpt_path={barely_trained / 'checkpoints' / 'last.ckpt'}", f"out={out}",
                  "format=onnx", "quantize=int8")
     assert result.stdout.strip() == f"exported to {out}"
     assert sorted(p.name for p in out.iterdir()) == [  # the processor and text rules as format=hf writes them
@@ -65,7 +67,7 @@ def test_the_graph_computes_the_checkpoints_logits_and_transcripts_on_padded_bat
 def test_int8_holds_the_matrix_products_as_int8_and_keeps_the_interface(exported):
     fp32, int8 = (onnx.load(exported / name) for name in ("model.onnx", "model.int8.onnx"))
     ops = {node.op_type for node in int8.graph.node}
-    assert "MatMulInteger" in ops and "ConvInteger" not in ops  # asr.onnx.INT8: the convolutions stay float32
+    assert "MatMulInteger" in ops and "ConvInteger" not in ops  # asr.model.onnx.INT8: the convolutions stay float32
     assert [i.name for i in int8.graph.input] == [i.name for i in fp32.graph.input]
     assert (exported / "model.int8.onnx").stat().st_size < 0.6 * (exported / "model.onnx").stat().st_size
 
@@ -88,7 +90,7 @@ def test_what_onnx_cannot_export_or_run_is_said_in_one_line(barely_trained, expo
     checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["state_dict"]["model.wav2vec2.encoder.layers.0.adapter.weight"] = torch.zeros(4, 4)
     torch.save(checkpoint, tmp_path / "adapter.ckpt")
-    result = run("-m", "asr.export", f"ckpt_path={tmp_path / 'adapter.ckpt'}", f"out={tmp_path / 'x'}", "format=onnx",
+    result = run("-m", "asr.tools.export", f"ckpt_path={tmp_path / 'adapter.ckpt'}", f"out={tmp_path / 'x'}", "format=onnx",
                  check=False)
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
     assert "holds 1 parameters this code's model does not have (model.wav2vec2.encoder.layers.0.adapter.weight)" in result.stderr
@@ -98,12 +100,12 @@ def test_what_onnx_cannot_export_or_run_is_said_in_one_line(barely_trained, expo
     with pytest.raises(SetupError, match=r"holds 2 parameters a wav2vec2 CTC model does not have "
                                          r"\(model\.wav2vec2\.encoder\.layers\.0\.adapter\.weight, .*adapter\.bias\)"):
         asr_onnx.export(model, tmp_path / "y")
-    result = run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'z'}", "quantize=int8", check=False)
+    result = run("-m", "asr.tools.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'z'}", "quantize=int8", check=False)
     assert result.returncode == 1 and "quantize=int8 quantises the ONNX graph: add format=onnx" in result.stderr
     # backend=onnx on what is not an ONNX export names the command that writes one, and the other way round
     result = run("transcribe.py", "backend=onnx", f"model_path={barely_trained / 'model'}", "audio=x.mp3", check=False)
     assert result.returncode == 1 and result.stderr.strip() == (
-        f"error: model_path={barely_trained / 'model'}: there is no model.onnx (python -m asr.export "
+        f"error: model_path={barely_trained / 'model'}: there is no model.onnx (python -m asr.tools.export "
         f"ckpt_path=<checkpoint> out={barely_trained / 'model'} format=onnx writes model.onnx; quantize=int8 adds "
         f"model.int8.onnx)")
     result = run("transcribe.py", f"model_path={exported}", "audio=x.mp3", check=False)
@@ -115,7 +117,7 @@ def test_int8_transcribes_within_a_cer_point_of_float32(learned_run, tmp_path):
     """On a model that transcribes (conftest's learned run: dev CER under 0.5), scored on its dev split: the int8
     graph's CER at most 0.01 above the float32 graph's."""
     [ckpt] = (learned_run.dir / "checkpoints").glob("best-step*.ckpt")
-    run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path}", "format=onnx", "quantize=int8")
+    run("-m", "asr.tools.export", f"ckpt_path={ckpt}", f"out={tmp_path}", "format=onnx", "quantize=int8")
     rows = list(corpora.read_common_voice(learned_run.root, "dev", "pt"))
     references = [text.normalize(row.text, "pt") for row in rows]
     cers = {}

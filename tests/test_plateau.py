@@ -11,8 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Timer
 
-from asr import synth
 from asr.run import plateau
+from asr.tools import synth
 from tests.conftest import SHRUNK, assembled
 
 

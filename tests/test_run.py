@@ -15,8 +15,9 @@ import yaml
 
 import asr
 from asr import SetupError
-from asr.config import check_overrides, expand_path_overrides
-from asr.run import checkpoints, tracking
+from asr.core import checkpoints
+from asr.core.config import check_overrides, expand_path_overrides
+from asr.run import tracking
 from asr.run.training import _warn_cpu_oversubscription
 from tests.conftest import compose_config
 
@@ -45,8 +46,8 @@ def test_a_run_older_than_a_setting_resumes_with_its_default_and_says_so(hy_run,
     (~callbacks.last) stays removed; a class the record names where it was before a move is found where it is."""
     import shutil
 
+    from asr.core.config import compose
     from asr.run import provenance
-    from asr.config import compose
 
     run = tmp_path / "run"
     shutil.copytree(hy_run[0], run)

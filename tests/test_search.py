@@ -1,4 +1,4 @@
-"""An Optuna search over Hydra overrides (asr/search.py), run for real on a small corpus: trials as Hydra
+"""An Optuna search over Hydra overrides (asr/run/search.py), run for real on a small corpus: trials as Hydra
 jobs, their objective from results.json, a study that reloads from its journal file and goes on, a trial
 its sweeper left running tried again, and a trial pruned from inside its job."""
 
@@ -15,8 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 import asr
-from asr import search
-from asr.run import tracking
+from asr.run import search, tracking
 
 
 def test_the_search_space_reads_hydras_sweep_grammar():
@@ -106,7 +105,7 @@ def test_a_search_reloads_goes_on_retries_an_interrupted_trial_and_prunes(cv_cor
     assert results["pruned_at_step"] == 2 and len(results["evaluations"]) == 1  # it stopped at its first evaluation
     assert list(retried.intermediate_values) == [2]
 
-    summary = subprocess.run([sys.executable, "-m", "asr.sweep", f"dir={sweep_dir}"], cwd=asr.REPO_DIR,
+    summary = subprocess.run([sys.executable, "-m", "asr.tools.sweep", f"dir={sweep_dir}"], cwd=asr.REPO_DIR,
                              capture_output=True, text=True, timeout=120)
     assert summary.returncode == 0, summary.stderr
     rows = [line.split() for line in summary.stdout.splitlines()[1:5]]

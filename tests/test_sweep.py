@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from asr import sweep
+from asr.tools import sweep
 
 
 def _run(directory, name, overrides, **results):
@@ -34,7 +34,7 @@ def test_runs_are_ranked_by_the_key_and_named_by_what_differs(tmp_path):
 
 
 def test_a_directory_without_runs_is_named(tmp_path):
-    from asr.sweep import main
+    from asr.tools.sweep import main
 
     with pytest.raises(SystemExit, match=f"no run \\(results.json\\) under dir={tmp_path}"):
         main([f"dir={tmp_path}"])

@@ -6,7 +6,7 @@ import csv
 import pytest
 import soundfile as sf
 
-from asr import synth
+from asr.tools import synth
 
 
 def _rows(path):

@@ -4,8 +4,8 @@ import unicodedata
 import torch
 from transformers import Wav2Vec2CTCTokenizer
 
-from asr.data import text
-from asr.data.text import PAD, UNK, Vocabulary
+from asr.core import text
+from asr.core.text import PAD, UNK, Vocabulary
 
 
 def test_normalize_removes_the_robust_speech_event_set_and_lowercases():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import transcribe
-from asr.transcription import frame_confidence, greedy_spans, subtitle_file, subtitles
+from asr.model.transcription import frame_confidence, greedy_spans, subtitle_file, subtitles
 from tests.conftest import in_process
 from tests.test_transcribe import assert_same_transcripts, audio_list
 

@@ -109,7 +109,7 @@ def test_a_failed_job_marks_its_wandb_run_failed(cv_corpus, tmp_path):
 
 def test_the_sweep_summary_ranks_the_jobs_and_plots_them(sweep):
     _, sweep_dir, _ = sweep
-    result = subprocess.run([sys.executable, "-m", "asr.sweep", f"dir={sweep_dir}"], cwd=asr.REPO_DIR,
+    result = subprocess.run([sys.executable, "-m", "asr.tools.sweep", f"dir={sweep_dir}"], cwd=asr.REPO_DIR,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import jiwer
 import pytest
-
 import torch
 from omegaconf import OmegaConf
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 import asr
-from asr.data import audio, loading
-from asr.data.text import Vocabulary
+from asr.core import audio
+from asr.core.text import Vocabulary
+from asr.data import loading
 from asr.model import schedules
 from asr.model.module import CTCModel
 from tests.conftest import assembled

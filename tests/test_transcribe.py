@@ -14,9 +14,9 @@ import torchaudio
 
 import asr
 import transcribe
-from asr import export
-from asr.data import audio, text
+from asr.core import audio, text
 from asr.model.metrics import utterance_cer
+from asr.tools import export as export_tool
 from tests.conftest import in_process
 
 
@@ -36,11 +36,11 @@ def audio_list(paths) -> str:
 
 
 def run(*args, check=True):
-    """A command's result; transcribe.py and asr.export run in this process (`in_process`)."""
+    """A command's result; transcribe.py and asr.tools.export run in this process (`in_process`)."""
     if args[0] == "transcribe.py":
         result = in_process(transcribe.main, args[1:])
-    elif args[:2] == ("-m", "asr.export"):
-        result = in_process(export.main, args[2:])
+    elif args[:2] == ("-m", "asr.tools.export"):
+        result = in_process(export_tool.main, args[2:])
     else:
         result = subprocess.run([sys.executable, *args], cwd=asr.REPO_DIR, capture_output=True, text=True,
                                 timeout=300, env=dict(os.environ))
@@ -56,7 +56,7 @@ def test_transcribe_equals_evaluate_from_checkpoint_and_export(cv_corpus, barely
     predictions = {p["id"]: p["hypothesis"] for p in map(json.loads, (tmp_path / "eval" / "predictions.jsonl").open())}
     clips = [str(cv_corpus / "clips" / clip) for clip in sorted(predictions)]
     assert sum(map(len, predictions.values())) > 20  # not a blank model
-    run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'exported'}")
+    run("-m", "asr.tools.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'exported'}")
     expected = [predictions[clip] for clip in sorted(predictions)]
     for model in (str(ckpt), str(tmp_path / "exported"), str(barely_trained / "model")):
         out = [json.loads(line) for line in run("transcribe.py", f"model_path={model}", audio_list(clips), "format=json",
@@ -114,11 +114,11 @@ def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, b
     predictions = {p["id"]: p for p in map(json.loads, (tmp_path / "eval" / "predictions.jsonl").open())}
     assert all("greedy_hypothesis" in p for p in predictions.values())
     lm_words = {w for line in (cv_corpus / "train.tsv").read_text().splitlines()[1:]
-                for w in asr.data.text.normalize(line.split("\t")[3], "pt").split()}
+                for w in asr.core.text.normalize(line.split("\t")[3], "pt").split()}
     hypotheses = " ".join(p["hypothesis"] for p in predictions.values()).split()
     assert hypotheses and sum(w in lm_words for w in hypotheses) / len(hypotheses) > 0.8  # the LM steers to words
 
-    run("-m", "asr.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'with-lm'}", f"lm_path={metrics['lm_path']}",
+    run("-m", "asr.tools.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'with-lm'}", f"lm_path={metrics['lm_path']}",
         "alpha=0.8", "beta=2.0")
     assert (tmp_path / "with-lm" / "alphabet.json").is_file()
     assert (tmp_path / "with-lm" / "language_model" / "3gram.arpa").is_file()

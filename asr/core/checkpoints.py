@@ -136,9 +136,9 @@ def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
             raise SetupError(f"ckpt_path={ckpt_path} does not exist: give a checkpoint (<run>/checkpoints/*.ckpt), "
                              f"a run directory, or last (with hydra.run.dir=<the run>).")
         if problem(path) is None and "averaged" in torch.load(path, map_location="cpu", weights_only=True, mmap=True):
-            raise SetupError(f"ckpt_path={ckpt_path} is an average of checkpoints (python -m asr.average): weights "
+            raise SetupError(f"ckpt_path={ckpt_path} is an average of checkpoints (python -m asr.tools.average): weights "
                              f"without an optimizer or a position, not a state to resume. evaluate.py, transcribe.py "
-                             f"and python -m asr.export take it.")
+                             f"and python -m asr.tools.export take it.")
         return ckpt_path
     requeue = checkpoint_dir / REQUEUE_CHECKPOINT
     if requeue.is_file():

@@ -47,7 +47,7 @@ NODES = {"train": ("data", "model", "optim", "sched", "trainer", "logger", "call
 
 def _script_keys(script: str) -> list[str]:
     """The top-level settings of train.py or evaluate.py (not its nodes)."""
-    return [f.name for f in dataclasses.fields(schema(f"asr.config.{script}_settings")[0])]
+    return [f.name for f in dataclasses.fields(schema(f"asr.core.config.{script}_settings")[0])]
 
 
 def _not_a_setting(key: str, owner: str, valid: list[str], prefix: str = "", listed: str = "Its settings") -> SetupError:
@@ -129,8 +129,6 @@ def _targeted(node: dict, path: str) -> dict:
 def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
     """The composed config resolved (interpolations filled in) and checked; SetupError if it does not fit
     the code. train.py and evaluate.py call this first."""
-    from asr.model import schedules
-
     register_resolvers()
     plain = expand_paths(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
     own = _script_keys(script)
@@ -138,7 +136,7 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
     for key in plain:
         if key not in valid:
             raise _not_a_setting(key, f"{script}.py", valid)
-    out = check_node({k: plain[k] for k in own if k in plain}, script, f"asr.config.{script}_settings")
+    out = check_node({k: plain[k] for k in own if k in plain}, script, f"asr.core.config.{script}_settings")
     out["data"] = _targeted(plain["data"], "data")
     out["data"]["augment"] = check_node(out["data"]["augment"], "data.augment", "asr.data.augment.Augment")
     out["logger"] = _targeted(plain["logger"], "logger") if plain.get("logger") else None
@@ -150,17 +148,25 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
         out["optim"] = check_node(plain["optim"], "optim", "asr.model.module.adamw")
         sched = dict(plain["sched"])
         name = sched.pop("name", None)
-        if name not in schedules.SCHEDULES:
-            raise SetupError(f"sched.name={name!r}: expected {' or '.join(schedules.SCHEDULES)} (conf/sched/).")
+        if name not in (names := _options("sched")):
+            raise SetupError(f"sched.name={name!r}: expected {' or '.join(names)} (conf/sched/).")
         out["sched"] = {"name": name, **check_node(sched, "sched", f"asr.model.schedules.{name}")}
     result = OmegaConf.create(out)
     OmegaConf.set_struct(result, True)
     return result
 
 
+def _options(group: str) -> list[str]:
+    """The options of a config group: the files of conf/<group>/ (a schedule's is the function of its name in
+    `asr.model.schedules`, checked like any `_target_`)."""
+    from asr import REPO_DIR
+
+    return sorted(p.stem for p in (REPO_DIR / "conf" / group).glob("*.yaml"))
+
+
 def decoding_defaults() -> DictConfig:
     """alpha, beta, beam_width and lm_order as conf/evaluate.yaml sets them, for the command-line tools
-    that decode or build LMs outside evaluate.py (`python -m asr.export`, `python -m asr.lm`)."""
+    that decode or build LMs outside evaluate.py (`python -m asr.tools.export`, `python -m asr.tools.lm`)."""
     from asr import REPO_DIR
 
     settings = OmegaConf.load(REPO_DIR / "conf" / "evaluate.yaml")
@@ -322,7 +328,8 @@ def compose(name: str, overrides=()) -> DictConfig:
     """conf/<name>.yaml composed with `overrides` (Hydra's grammar, as on a command line), resolved and
     checked: the config a script gets, for the code that builds runs without a command line (benchmarks,
     tests, the memory planner). A train config needs a `run_dir=` override."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from asr import REPO_DIR, quote_numeric_choices
 

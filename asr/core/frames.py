@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from asr.data.audio import SAMPLE_RATE
+from asr.core.audio import SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Geometry:
 
     def frames(self, samples):
         """Frames of a clip of `samples` (about samples / hop): an int, or a numpy array or torch tensor of
-        them elementwise (a tensor stays one: the ONNX graph counts frames with tensor ops, `asr.onnx`).
+        them elementwise (a tensor stays one: the ONNX graph counts frames with tensor ops, `asr.model.onnx`).
         HF's `Wav2Vec2Model._get_feat_extract_output_lengths` computes the same (tests/test_data.py)."""
         for kernel, stride in zip(self.kernels, self.strides):
             samples = (samples - kernel) // stride + 1

@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 
 from asr import SetupError
-from asr.data import audio
+from asr.core import audio
 
 log = logging.getLogger(__name__)
 

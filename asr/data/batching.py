@@ -7,7 +7,7 @@ long. Here every batch of an epoch has one of at most `num_buckets + 1` shapes.
 
 The plan is fixed once, a pure function of the durations and the settings, so it is the same on every
 DDP rank, in every epoch and in a resumed run:
-- Durations are rounded up to the conv encoder's hop (`asr.model.frames`; 320 samples, 20 ms, for wav2vec2):
+- Durations are rounded up to the conv encoder's hop (`asr.core.frames`; 320 samples, 20 ms, for wav2vec2):
   every padded length is a whole number of encoder frames.
 - `num_buckets` upper lengths are chosen to minimise the padded audio (each clip padded to its bucket's
   upper length). This is an exact dynamic programme over the distinct rounded lengths (~1,000 for clips
@@ -39,9 +39,9 @@ import math
 import numpy as np
 from torch.utils.data import Sampler
 
+from asr.core.audio import SAMPLE_RATE
+from asr.core.frames import WAV2VEC2, Geometry
 from asr.data import mixing
-from asr.data.audio import SAMPLE_RATE
-from asr.model.frames import Geometry, WAV2VEC2
 
 # The dynamic programme holds a (lengths x lengths) table. Above this many distinct lengths, the
 # lengths are rounded to a coarser multiple of the hop (clips over ~20 s at 20 ms steps).
@@ -88,7 +88,7 @@ class DurationBatchSampler(Sampler[Planned]):
     last (its duration / the slowest factor): every epoch's clips fit the plan. `audio_seconds` are then the
     clips' expected seconds, for the padding figure (None: `durations`).
 
-    geometry: the model's frame geometry (`asr.model.frames`): every padded length is a whole number of its hops.
+    geometry: the model's frame geometry (`asr.core.frames`): every padded length is a whole number of its hops.
 
     Several corpora (`asr.data.mixing`): `corpus` gives each clip's corpus (0, 1, ...) and `draws` the clips an
     epoch draws from each. The buckets and their lengths come from every clip's duration; an epoch then holds a

@@ -8,12 +8,12 @@ never read half a file.
 """
 
 import functools
-from contextlib import contextmanager
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import soundfile as sf
 from tqdm import tqdm
 
-from asr.data import audio
+from asr.core import audio
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from asr.data import audio, cache, corpora, text
-from asr.model.frames import Geometry, WAV2VEC2
+from asr.core import audio, text
+from asr.core.frames import WAV2VEC2, Geometry
+from asr.data import cache, corpora
 
 log = logging.getLogger(__name__)
 AUDIO_PROBLEMS = (audio.MISSING, audio.EMPTY, audio.UNREADABLE)  # drop reasons of a clip's file

@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from asr.data import audio, corpora, text
-from asr.data.augment import Augment, Choice, NONE, mix
+from asr.core import audio, text
+from asr.core.frames import WAV2VEC2
+from asr.data import corpora
+from asr.data.augment import NONE, Augment, Choice, mix
 from asr.data.batching import Planned
-from asr.model.frames import WAV2VEC2
 
 log = logging.getLogger(__name__)
 CODEC_SLACK = 0.1  # seconds a clip may decode longer than stated and be cut to fit its batch (MP3 codec padding)

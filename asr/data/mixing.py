@@ -43,7 +43,7 @@ class Source:
 def _conf(path: Path) -> dict:
     """The settings of one corpus in a config file (conf/data/default.yaml, conf/lang/<lang>.yaml), resolved
     (${repo:} in conf/lang/demo.yaml)."""
-    from asr.config import register_resolvers
+    from asr.core.config import register_resolvers
 
     register_resolvers()
     node = OmegaConf.load(path)

@@ -15,11 +15,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from asr import SetupError
-from asr.data import audio, cache, corpora, mixing, text
+from asr.core import audio, text
+from asr.core.frames import WAV2VEC2
+from asr.data import cache, corpora, mixing
 from asr.data.augment import Augment
 from asr.data.batching import DurationBatchSampler
-from asr.model.frames import WAV2VEC2
-
 from asr.data.listing import characters, check_split, durations, example, format_report, prepare
 from asr.data.loading import SpeechLoader, TrainingLoader, UtteranceDataset, _one_thread, collate
 
@@ -59,7 +59,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
         self.cache_dir = Path(cache_dir).expanduser()
         self.vocab: text.Vocabulary | None = None
-        self.geometry = WAV2VEC2  # the model's frame geometry (asr.model.frames): set before setup when it differs
+        self.geometry = WAV2VEC2  # the model's frame geometry (asr.core.frames): set before setup when it differs
         self.utterances: dict[str, corpora.Clips] = {}
         self.report: dict[str, dict] = {}
         self._raw: dict[str, corpora.Clips] = {}
@@ -70,7 +70,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.augment = Augment(**augment, seed=seed)  # of the training clips (conf/augment/); checked here
         self.noise_skipped: dict[str, int] = {}  # noise file -> times it failed to decode (this rank)
         self._sources: list[mixing.Source] | None = None  # several corpora: what data.corpora says
-        self._parts: dict[str, "SpeechDataModule"] | None = None  # several corpora: one module per corpus
+        self._parts: dict[str, SpeechDataModule] | None = None  # several corpora: one module per corpus
 
     @property
     def mixed(self) -> bool:

@@ -21,8 +21,8 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2EncoderStableLayerNorm, _compute_mask_indices
 
 from asr import SetupError
-from asr.data.text import Vocabulary
-from asr.model.frames import Geometry
+from asr.core.frames import Geometry
+from asr.core.text import Vocabulary
 
 
 class _Frames:
@@ -73,7 +73,7 @@ class SyncFreeWav2Vec2ForCTC(Wav2Vec2ForCTC):
 
     @property
     def geometry(self) -> Geometry:
-        """How the feature encoder turns samples into frames (`asr.model.frames`), from the config."""
+        """How the feature encoder turns samples into frames (`asr.core.frames`), from the config."""
         return Geometry.of(self.config)
 
     def frames(self, samples) -> torch.Tensor:
@@ -208,7 +208,7 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
         except OSError as error:
             raise SetupError(check_pretrained(pretrained) or str(error)) from error
         new_head = "lm_head.weight" in {*loading["missing_keys"], *(key for key, *_ in loading["mismatched_keys"])}
-    if model.config.add_adapter:  # HF's strided adapter after the transformer: frames asr.model.frames does not count
+    if model.config.add_adapter:  # HF's strided adapter after the transformer: frames asr.core.frames does not count
         raise SetupError(f"{pretrained} has add_adapter=true in its config.json; this framework trains the CTC head "
                          f"on the transformer's frames (add_adapter=false)")
     if new_head:

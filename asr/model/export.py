@@ -1,22 +1,18 @@
 """A trained model as an HF directory that `Wav2Vec2ForCTC`, `Wav2Vec2Processor` and
-`transformers.pipeline("automatic-speech-recognition")` load, or as an ONNX graph for onnxruntime (`asr.onnx`).
+`transformers.pipeline("automatic-speech-recognition")` load, or as an ONNX graph for onnxruntime (`asr.model.onnx`).
 
-    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> [lm_path=<arpa> alpha=... beta=...]
-    python -m asr.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> format=onnx [quantize=int8]
-
-alpha and beta default to evaluate.py's (conf/evaluate.yaml); pass the ones your sweep found. Settings:
-conf/export.yaml (`--help`).
+The command: `python -m asr.tools.export` (asr/tools/).
 """
 
 import json
-import sys
 from pathlib import Path
 
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
-from asr import SetupError, onnx
-from asr.data import audio, text
+from asr import SetupError
+from asr.core import audio, text
 from asr.model import finetune as tuning
+from asr.model import onnx
 from asr.model.module import CTCModel
 
 
@@ -25,7 +21,7 @@ def processor(vocab_json: str | Path, target_lang: str | None = None) -> Wav2Vec
     nested {lang: vocabulary} file)."""
     feature_extractor = Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=audio.SAMPLE_RATE, padding_value=0.0,
-        do_normalize=True,  # zero mean, unit variance per utterance, as asr.data.audio.normalize
+        do_normalize=True,  # zero mean, unit variance per utterance, as asr.core.audio.normalize
         return_attention_mask=True,  # XLS-R (layer-norm feature encoder) is trained with masks
     )
     tokenizer = Wav2Vec2CTCTokenizer(str(vocab_json), unk_token=text.UNK, pad_token=text.PAD,
@@ -47,10 +43,10 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
            beta: float | None = None, format: str = "hf", quantize: str | None = None,
            target_lang: str | None = None) -> Path:
     """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
-    (the text rules, `language`, that transcripts follow: `asr.data.text.normalize`). With `lm_path`, the
+    (the text rules, `language`, that transcripts follow: `asr.core.text.normalize`). With `lm_path`, the
     Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model, `alpha` and
     `beta`, which it then needs): transformers' ASR pipeline then decodes by beam search with the LM.
-    format=onnx: model.onnx (`asr.onnx.export`; with quantize=int8 model.int8.onnx too) in place of config.json
+    format=onnx: model.onnx (`asr.model.onnx.export`; with quantize=int8 model.int8.onnx too) in place of config.json
     and model.safetensors.
     A model of MMS adapters (finetune=adapters, format=hf) is written in the MMS layout (`export_adapters`), under
     `target_lang` (None: its text rules' language); a LoRA model (finetune=lora) as a plain Wav2Vec2ForCTC with
@@ -79,7 +75,7 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
     if lm_path is not None:
         from transformers import Wav2Vec2ProcessorWithLM
 
-        from asr.lm import beam_decoder
+        from asr.model.lm import beam_decoder
 
         decoder = beam_decoder(model.vocab.tokens, lm_path, alpha, beta)
         with_lm = Wav2Vec2ProcessorWithLM(feature_extractor=both.feature_extractor, tokenizer=both.tokenizer,
@@ -131,33 +127,3 @@ def export_adapters(model: CTCModel, out_dir: Path, target_lang: str | None) -> 
     return out_dir
 
 
-def main(argv: list[str]) -> None:
-    from asr.run import checkpoints
-    from asr import cli
-    from asr.config import decoding_defaults
-
-    args, _ = cli.parse("export", argv)
-    (format,) = cli.values(args, "format", ("hf", "onnx"))
-    if args.quantize not in (None, "int8"):
-        sys.exit(f"error: quantize={args.quantize}: expected int8 or null")
-    if args.quantize and format != "onnx":
-        sys.exit(f"error: quantize={args.quantize} quantises the ONNX graph: add format=onnx")
-    ckpt_path, lm_path = Path(args.ckpt_path).expanduser(), args.lm_path and Path(args.lm_path).expanduser()
-    if not ckpt_path.is_file():
-        sys.exit(f"error: ckpt_path={ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
-    if why := checkpoints.problem(ckpt_path):
-        sys.exit(f"error: {why}")
-    if lm_path and not lm_path.is_file():
-        sys.exit(f"error: lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
-    defaults = decoding_defaults()  # alpha and beta as evaluate.py's
-    alpha, beta = (defaults[k] if args[k] is None else args[k] for k in ("alpha", "beta"))
-    try:
-        out = export(CTCModel.from_checkpoint(ckpt_path), Path(args.out).expanduser(), lm_path, float(alpha),
-                     float(beta), format, args.quantize, args.target_lang)
-    except SetupError as error:
-        sys.exit(f"error: {error}")
-    print(f"exported to {out}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

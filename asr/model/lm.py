@@ -4,17 +4,14 @@ Estimation is interpolated modified Kneser-Ney as KenLM's lmplz does it (Chen & 
 et al. 2013), written as ARPA, which KenLM (the `kenlm` module, pyctcdecode) loads. PyPI's ARPA builders
 were checked: `arpabo` implements Kneser-Ney with one fixed absolute discount and Katz-style backoff,
 not modified Kneser-Ney with discounts estimated from the counts; KenLM's own builder (lmplz) needs a
-C++ build with Boost. Text is normalised with the same rules as the transcripts (`asr.data.text.normalize`).
+C++ build with Boost. Text is normalised with the same rules as the transcripts (`asr.core.text.normalize`).
 
-    python -m asr.lm text=<file, one sentence per line> out=<dir> [order=<lm_order of conf/evaluate.yaml>] [language=hy]
-
-Settings: conf/lm.yaml (`--help`).
+The command: `python -m asr.tools.lm` (asr/tools/).
 """
 
 import math
 import shutil
 import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -120,7 +117,7 @@ def write_arpa(model: list[dict], path: str | Path) -> Path:
 def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
     """An ARPA model (and KenLM's binary format when `build_binary` is on the PATH) of the normalised
     `texts` in `out_dir`; returns the path decoders should load."""
-    from asr.data.text import normalize
+    from asr.core.text import normalize
 
     sentences = [s.split() for s in (normalize(t, language) for t in texts) if s]
     if not sentences:
@@ -136,35 +133,17 @@ def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
     return arpa
 
 
-def main(argv: list[str]) -> None:
-    from asr import cli
-    from asr.config import decoding_defaults
-
-    args, _ = cli.parse("lm", argv)
-    text_file = Path(args.text).expanduser()
-    if not text_file.is_file():
-        sys.exit(f"error: text={text_file} does not exist (a text file, one sentence per line)")
-    lines = text_file.read_text(encoding="utf-8").splitlines()
-    order = int(args.order or decoding_defaults().lm_order)
-    try:
-        print(f"wrote {build(lines, Path(args.out).expanduser(), order, args.language)}")
-    except ValueError as error:  # nothing left after normalisation
-        sys.exit(f"error: {error}: text={args.text} has no words after the text rules")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
 
 
 def ctc_labels(tokens: list[str]) -> list[str]:
     """Our vocabulary as pyctcdecode's labels: the word delimiter is a space, the blank is ''."""
-    from asr.data.text import PAD, UNK, WORD_DELIMITER
+    from asr.core.text import PAD, UNK, WORD_DELIMITER
 
     return ["" if t == PAD else " " if t == WORD_DELIMITER else "⁇" if t == UNK else t for t in tokens]
 
 
 def exported_decoder(directory: Path):
-    """The beam decoder of a directory `asr.export` wrote with an LM (language_model/: pyctcdecode's, with the
+    """The beam decoder of a directory `asr.model.export` wrote with an LM (language_model/: pyctcdecode's, with the
     alpha and beta it was exported with), or None without one."""
     if not (directory / "language_model").is_dir():
         return None

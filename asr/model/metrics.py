@@ -13,7 +13,7 @@ import torch
 from torchaudio.functional import edit_distance
 from torchmetrics import Metric
 
-from asr.data.text import mixed_tokens
+from asr.core.text import mixed_tokens
 
 UNITS = {"wer": str.split, "cer": list, "mer": mixed_tokens}
 

@@ -9,14 +9,14 @@ import lightning as L
 import torch
 
 from asr import SetupError
-from asr.data import text
-from asr.data.text import Vocabulary
+from asr.core import text
+from asr.core.frames import Geometry
+from asr.core.text import Vocabulary
 from asr.model import ctc, metrics, schedules, speed
 from asr.model import finetune as tuning
 from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2, check_pretrained, init_head
-from asr.model.frames import Geometry
 from asr.model.metrics import ErrorRate, Share
-from asr.model.speed import LateRead, PRECISION_DTYPE
+from asr.model.speed import PRECISION_DTYPE, LateRead
 
 COMPILE = {False: "false", True: "layers", "false": "false", "layers": "layers", "encoder": "encoder", "all": "all"}
 
@@ -46,8 +46,8 @@ class Decoded:
 def decoded(logits: torch.Tensor, frames: torch.Tensor, vocab: Vocabulary, language: str | None, decoder=None,
             beam_width: int = 100) -> Decoded:
     """The transcripts of logits (B, T, V) of clips of `frames` (B,) frames under the text rules of `language`
-    (`asr.data.text.normalize`): greedy, and by `decoder` (`asr.lm.beam_decoder`) keeping `beam_width` beams.
-    `CTCModel.decoded`, and the ONNX model's (`asr.onnx.OnnxModel`)."""
+    (`asr.core.text.normalize`): greedy, and by `decoder` (`asr.model.lm.beam_decoder`) keeping `beam_width` beams.
+    `CTCModel.decoded`, and the ONNX model's (`asr.model.onnx.OnnxModel`)."""
     greedy = [text.normalize(h, language) for h in vocab.greedy_decode(logits, frames)]
     if decoder is None:
         return Decoded(logits, frames, greedy, greedy)
@@ -95,7 +95,7 @@ class CTCModel(L.LightningModule):
     vocab: tokens, id = index, last is the blank `[PAD]`. pretrained: hub id or directory, None for
     random weights. arch: Wav2Vec2Config architecture fields, used only for random weights (a
     pretrained model keeps its own). config: Wav2Vec2Config fields applied in both cases (dropouts,
-    LayerDrop, SpecAugment). language: the text rules of `asr.data.text.normalize`, applied to hypotheses
+    LayerDrop, SpecAugment). language: the text rules of `asr.core.text.normalize`, applied to hypotheses
     (zh-*: no space between Han characters) and deciding whether MER is scored.
     freeze_finetune_updates: for this many first optimizer updates only the CTC head learns, the
     encoder stays as pretrained (fairseq's `freeze_finetune_updates`). max_consecutive_skips: updates
@@ -217,7 +217,7 @@ class CTCModel(L.LightningModule):
 
     @classmethod
     def from_config(cls, cfg, vocab: list[str], language: str | None = None) -> "CTCModel":
-        """The model of a checked train config (`asr.config.checked`) for `vocab`: the model node, with
+        """The model of a checked train config (`asr.core.config.checked`) for `vocab`: the model node, with
         the text rules of the data (`language`: the data module's, where it differs from data.language: the
         first corpus's of data.corpora) and the optim and sched nodes passed at the call site."""
         from hydra.errors import InstantiationException
@@ -233,12 +233,12 @@ class CTCModel(L.LightningModule):
 
     @classmethod
     def load(cls, path: str | Path, target_lang: str | None = None) -> tuple["CTCModel", object]:
-        """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.run.checkpoints`) or a
-        directory `asr.export` wrote; an exported directory with an LM (language_model/) brings its
+        """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.core.checkpoints`) or a
+        directory `asr.model.export` wrote; an exported directory with an LM (language_model/) brings its
         pyctcdecode decoder, with the alpha and beta it was exported with. A directory of MMS adapters
-        (`asr.export.export_adapters`) gives `target_lang`'s (None: its one language). SetupError for anything else."""
-        from asr.lm import exported_decoder
-        from asr.run import checkpoints
+        (`asr.model.export.export_adapters`) gives `target_lang`'s (None: its one language). SetupError for anything else."""
+        from asr.core import checkpoints
+        from asr.model.lm import exported_decoder
 
         path = Path(path).expanduser()
         if path.is_file() or path.suffix == ".ckpt":
@@ -301,7 +301,7 @@ class CTCModel(L.LightningModule):
 
     @property
     def geometry(self) -> Geometry:
-        """How the network's feature encoder turns samples into frames (`asr.model.frames`)."""
+        """How the network's feature encoder turns samples into frames (`asr.core.frames`)."""
         return self.model.geometry
 
     def forward(self, batch: dict) -> Output:
@@ -336,7 +336,7 @@ class CTCModel(L.LightningModule):
 
     def decode(self, batch: dict, decoder=None, beam_width: int = 100) -> Decoded:
         """The model's transcripts of a collated batch (`asr.data.loading.collate`, on the host or the device):
-        greedy, or by `decoder` (`asr.lm.beam_decoder`: CTC prefix beam search, with an n-gram LM if it has one)
+        greedy, or by `decoder` (`asr.model.lm.beam_decoder`: CTC prefix beam search, with an n-gram LM if it has one)
         keeping `beam_width` beams. Validation, evaluate.py and the W&B predictions table all decode here,
         through the encoder pass that reads nothing back from the device (`forward`); the beam search runs on
         the host, one clip at a time, as transformers' Wav2Vec2ProcessorWithLM runs pyctcdecode."""

@@ -1,9 +1,9 @@
-"""The network as an ONNX graph for onnxruntime on a CPU (`python -m asr.export format=onnx`), and that graph
+"""The network as an ONNX graph for onnxruntime on a CPU (`python -m asr.tools.export format=onnx`), and that graph
 behind what transcription needs of a CTCModel (`transcribe.py backend=onnx`).
 
 model.onnx takes `audio` (B, S) float32 samples at 16 kHz, each clip normalised and zero-padded to the longest,
 and `lengths` (B,) int64 samples of each clip; it gives `logits` (B, T, V) float32 and `frames` (B,) int64, the
-frames of each clip. B and S are free. The graph counts frames from the lengths as `asr.model.frames` does and
+frames of each clip. B and S are free. The graph counts frames from the lengths as `asr.core.frames` does and
 masks padded frames in attention as the torch model does, so a padded batch transcribes as in torch (an
 attention mask in samples would leave the frame count to the caller). Its metadata holds the frame geometry
 (`conv_kernel`, `conv_stride`); vocab.json, asr.json (the text rules) and the processor files lie beside it.
@@ -20,10 +20,10 @@ import onnxruntime
 import torch
 
 from asr import SetupError
-from asr.data.text import Vocabulary
-from asr.lm import exported_decoder
+from asr.core.frames import Geometry
+from asr.core.text import Vocabulary
 from asr.model import finetune as tuning
-from asr.model.frames import Geometry
+from asr.model.lm import exported_decoder
 from asr.model.module import CTCModel, Decoded, Output, decoded
 
 FILES = {None: "model.onnx", "int8": "model.int8.onnx"}  # by `quantize`
@@ -117,7 +117,7 @@ def _quiet(logger: str | None):
 
 
 class OnnxModel:
-    """An exported graph in an onnxruntime session on the CPU, with what `asr.transcription.transcribe` needs
+    """An exported graph in an onnxruntime session on the CPU, with what `asr.model.transcription.transcribe` needs
     of a CTCModel: `geometry`, `device`, a forward pass giving `Output` (logits, frames) and `decoded`.
     threads: onnxruntime's intra-op threads; None: torch's (`torch.get_num_threads()`), as the torch backend uses."""
 
@@ -138,13 +138,13 @@ class OnnxModel:
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> tuple["OnnxModel", object]:
-        """(model, its beam decoder or None) from a directory `asr.export format=onnx` wrote (its model.onnx) or
+        """(model, its beam decoder or None) from a directory `python -m asr.tools.export format=onnx` wrote (its model.onnx) or
         one of its .onnx files (model.int8.onnx). SetupError, naming the command that writes one, otherwise."""
         path = Path(path).expanduser()
         file = path if path.suffix == ".onnx" else path / FILES[None]
         if not file.is_file():
             out = path.parent if path.suffix == ".onnx" else path
-            raise SetupError(f"model_path={path}: there is no {file.name} (python -m asr.export ckpt_path=<checkpoint> "
+            raise SetupError(f"model_path={path}: there is no {file.name} (python -m asr.tools.export ckpt_path=<checkpoint> "
                              f"out={out} format=onnx writes model.onnx; quantize=int8 adds model.int8.onnx)")
         return cls(file, threads), exported_decoder(file.parent)
 

@@ -29,8 +29,8 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
-from asr.data import audio
-from asr.model.frames import Geometry
+from asr.core import audio
+from asr.core.frames import Geometry
 
 log = logging.getLogger(__name__)
 PRECISION_DTYPE = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,

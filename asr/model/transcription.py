@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from asr.data import audio, text
-from asr.model.frames import Geometry
+from asr.core import audio, text
+from asr.core.frames import Geometry
 
 
 @dataclass

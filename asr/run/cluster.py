@@ -1,6 +1,6 @@
 """Several processes, nodes and clusters: the batch per update on any number of GPUs, the launcher's
 allocation checked against the config, and requeue on SLURM's warning signal (checkpoints written
-atomically, and which one a run resumes from: `asr.run.checkpoints`).
+atomically, and which one a run resumes from: `asr.core.checkpoints`).
 (One-time data work done once over ranks: `asr.data.cache.one_at_a_time`, held by the datamodule's setup.)
 
 Who owns the signal: this module's `Requeue` callback. SLURM sends a signal before a job's time limit
@@ -25,7 +25,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from asr import SetupError, slurm_job_id
-from asr.run.checkpoints import AtomicCheckpointIO, REQUEUE_CHECKPOINT
+from asr.core.checkpoints import REQUEUE_CHECKPOINT, AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 _SIGNALS = signal.Signals  # Requeue's argument `signal` shadows the module
@@ -115,8 +115,8 @@ def check_machine(trainer) -> None:
         raise SetupError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: leave "
                          f"trainer.accelerator=auto (the CPU here) or run on a GPU node.")
     if precision.startswith("16") and not cuda:
-        raise SetupError(f"precision=16 is fp16 mixed precision, which needs a CUDA GPU; this run would be on the "
-                         f"CPU, where Lightning trains in bf16 instead: give precision=bf16 or precision=32.")
+        raise SetupError("precision=16 is fp16 mixed precision, which needs a CUDA GPU; this run would be on the "
+                         "CPU, where Lightning trains in bf16 instead: give precision=bf16 or precision=32.")
     if precision.startswith("bf16") and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise SetupError(f"precision=bf16 needs a GPU with bf16 (Ampere or newer); {torch.cuda.get_device_name()} "
                          f"has none: give precision=16 (fp16 with loss scaling) or precision=32.")

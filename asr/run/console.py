@@ -11,8 +11,8 @@ from datetime import timedelta
 
 import torch
 from lightning.pytorch.callbacks import RichModelSummary, TQDMProgressBar
-from transformers.utils import logging as hf_logging
 from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+from transformers.utils import logging as hf_logging
 
 from asr import SetupError
 

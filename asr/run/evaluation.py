@@ -10,13 +10,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import asr
-from asr import SetupError, lm
-from asr.config import checked, command_line_changes
+from asr import SetupError
+from asr.core import checkpoints
+from asr.core.config import checked, command_line_changes
 from asr.data.module import SpeechDataModule
+from asr.model import lm
 from asr.model.metrics import ErrorRates
 from asr.model.module import CTCModel, corpus_counts, corpus_rates
-from asr.run import checkpoints, provenance
-
+from asr.run import provenance
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
             lm_path = lm.build([u.text for u in data.raw("train")], run_dir / "lm", cfg.lm_order,
                                data.hparams.language)
         elif not Path(lm_path).is_file():
-            raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.lm text=<file> out=<dir> builds one)")
+            raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.tools.lm text=<file> out=<dir> builds one)")
     return lm.beam_decoder(model.vocab.tokens, lm_path, cfg.alpha, cfg.beta), lm_path
 
 

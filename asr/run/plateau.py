@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Timer
 
-from asr.data import audio, text
+from asr.core import audio, text
 from asr.data.listing import characters
 
 log = logging.getLogger(__name__)

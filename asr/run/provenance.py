@@ -9,8 +9,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from asr import SetupError
-from asr.config import command_line_changes, expand_path
-from asr.run import checkpoints
+from asr.core import checkpoints
+from asr.core.config import command_line_changes, expand_path
 
 log = logging.getLogger(__name__)
 

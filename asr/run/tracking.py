@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from asr.data import audio
+from asr.core import audio
 
 log = logging.getLogger(__name__)
 # Overrides that say where, not what: left out of a run's name.
@@ -34,7 +34,7 @@ def job_context() -> dict:
 
             recorded = OmegaConf.load(sweep).hydra
             parsed = OverridesParser.create().parse_overrides(list(recorded.overrides.task))
-            searched = recorded.sweeper.get("params") or {}  # a search's space (asr.search)
+            searched = recorded.sweeper.get("params") or {}  # a search's space (asr.run.search)
             swept = {o.key_or_group for o in parsed if o.is_sweep_override()} | set(searched)
             overrides = [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept]
     return {"overrides": overrides, "choices": dict(hydra.runtime.choices),
@@ -199,6 +199,7 @@ class PredictionsTable(L.Callback):
         if trainer.sanity_checking or logger is None or not trainer.is_global_zero:
             return
         import wandb
+
         from asr.data.loading import collate
         from asr.model.metrics import utterance_cer
 

@@ -20,19 +20,19 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from asr import Complete, Requeued, SetupError, TrainingStopped, search
-from asr.config import checked, expand_path
+from asr import Complete, Requeued, SetupError, TrainingStopped
+from asr.core import checkpoints
+from asr.core.config import checked, expand_path
+from asr.core.frames import Geometry
+from asr.core.text import Vocabulary
 from asr.data.module import SpeechDataModule
-from asr.data.text import Vocabulary
-from asr.average import AverageBest, check_kept
-from asr.export import export
 from asr.model import speed
 from asr.model.encoder import check_pretrained, wav2vec2_config
-from asr.model.frames import Geometry
+from asr.model.export import export
 from asr.model.module import CTCModel
-from asr.run import checkpoints, cluster, console, provenance, rundir, tracking
+from asr.run import cluster, console, provenance, rundir, search, tracking
+from asr.run.average import AverageBest, check_kept
 from asr.run.report import RunReport, framework_versions, model_card
-
 
 log = logging.getLogger(__name__)
 

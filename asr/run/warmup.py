@@ -24,17 +24,16 @@ back: gradients cleared, random states (torch, numpy, Python) restored, the load
 import logging
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import lightning as L
 import numpy as np
 import torch
 
 from asr import SetupError
-from asr.data import audio
+from asr.core import audio
 from asr.model.speed import PRECISION_DTYPE
-
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Forced alignment: where each word of a known transcript is spoken in a recording, by CTC Viterbi over the
 model's frames (`torchaudio.functional.forced_align`, the MMS data preparation's aligner).
 
-    python -m asr.align model_path=<run>/model audio=talk.wav text=talk.txt                 # word segments, JSON
-    python -m asr.align model_path=... audio=talk.wav text='o livro azul' format=textgrid out=talk.TextGrid
-    python -m asr.align model_path=... audio=talk.wav text=talk.txt segment=true out=<dir>  # training clips
+    python -m asr.tools.align model_path=<run>/model audio=talk.wav text=talk.txt                 # word segments, JSON
+    python -m asr.tools.align model_path=... audio=talk.wav text='o livro azul' format=textgrid out=talk.TextGrid
+    python -m asr.tools.align model_path=... audio=talk.wav text=talk.txt segment=true out=<dir>  # training clips
 
-The transcript follows the model's text rules (asr.data.text.normalize); characters its vocabulary lacks are
+The transcript follows the model's text rules (asr.core.text.normalize); characters its vocabulary lacks are
 named and left out, the rest aligns. The recording is read in the windows transcribe.py reads it in, so an
 hour aligns in the memory of 30 s. With segment=true the recording and its transcript become clips of at
 most max_seconds, cut between words, in the Common Voice layout (<out>/clips/*.wav and <out>/train.tsv)
@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 
 import asr
-from asr.data import audio, text
+from asr.core import audio, text
 from asr.data.listing import frames_needed
 
 
@@ -115,7 +115,7 @@ def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, 
 
 
 def main(argv: list[str]) -> None:
-    from asr import cli
+    from asr.tools import cli
 
     args, _ = cli.parse("align", argv)
     if args.format not in ("json", "textgrid", "audacity"):
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     from asr.model.module import CTCModel
-    from asr.transcription import file_logits
+    from asr.model.transcription import file_logits
 
     hf_logging.disable_progress_bar()
     try:

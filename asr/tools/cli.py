@@ -5,7 +5,7 @@ benchmarks/<name>.py with its defaults in conf/bench/<name>.yaml (`# @package _g
 at the top level).
 
     python transcribe.py model_path=<run>/model audio=clip.mp3
-    python -m asr.sweep dir=multirun/2026-12-01/10-00-00 key=val_wer
+    python -m asr.tools.sweep dir=multirun/2026-12-01/10-00-00 key=val_wer
     python benchmarks/throughput.py steps=150 profile=true
 """
 
@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from asr import REPO_DIR, SetupError, quote_numeric_choices
-from asr.config import check_overrides, expand_path, expand_path_overrides, package, register_resolvers
+from asr.core.config import check_overrides, expand_path, expand_path_overrides, package, register_resolvers
 
 _SETTING = re.compile(r"^( *)(\w+):\s*(.*?)\s*(?:#\s*(.*))?$")  # `key: value  # comment`, at its indentation
 
@@ -168,5 +168,5 @@ def values(settings: DictConfig, key: str, choices=None) -> list:
 def _command(tool: str) -> str:
     if tool.startswith("bench/"):
         return f"python benchmarks/{tool.removeprefix('bench/')}.py"
-    return f"python {tool}.py" if (REPO_DIR / f"{tool}.py").is_file() else f"python -m asr.{tool}"
+    return f"python {tool}.py" if (REPO_DIR / f"{tool}.py").is_file() else f"python -m asr.tools.{tool}"
 

@@ -1,4 +1,4 @@
-"""The planner: python -m asr.memory [cards=true] [train overrides] (settings: conf/memory.yaml).
+"""The planner: python -m asr.tools.memory [cards=true] [train overrides] (settings: conf/memory.yaml).
 Random weights of the config's architecture; a batch of the worst shape the config allows: clips of
 data.max_seconds, as many as data.max_batch_seconds (and data.max_batch_size) hold; labels of LABELS_PER_SECOND
 characters per second; forward and backward in training mode with the config's precision, with AdamW's
@@ -15,10 +15,8 @@ from contextlib import nullcontext
 
 import torch
 
-from asr.data import audio
+from asr.core import audio
 from asr.model.speed import PRECISION_DTYPE
-
-
 from asr.run.warmup import LABELS_PER_SECOND, adam_room
 
 log = logging.getLogger(__name__)
@@ -49,7 +47,7 @@ class Probe:
     def __init__(self, cfg, device: torch.device):
         from omegaconf import OmegaConf
 
-        from asr.data import text
+        from asr.core import text
         from asr.model.module import CTCModel
 
         cfg = OmegaConf.merge(cfg, {"model": {"pretrained": None, "compile": False}})
@@ -159,7 +157,7 @@ def cards(device: torch.device, margin: float, overrides: list[str]) -> list[dic
     peak, whether it fits, and where not the first of these that does with the same audio per update:
     gradient checkpointing, then half the clips per batch (update_clips keeps the update)."""
     import asr
-    from asr.config import compose
+    from asr.core.config import compose
 
     rows = []
     for path in sorted((asr.REPO_DIR / "conf" / "experiment").glob("*.yaml")):
@@ -190,8 +188,8 @@ def cards(device: torch.device, margin: float, overrides: list[str]) -> list[dic
 
 def main(argv: list[str]):
     import asr
-    from asr import cli
-    from asr.config import compose
+    from asr.core.config import compose
+    from asr.tools import cli
 
     args, overrides = cli.parse("memory", argv, passthrough=True)  # the others: the train config's
     if args.states:

@@ -1,6 +1,6 @@
 """A sweep at a glance, without W&B: the jobs of a multirun (or any directory of runs) ranked by dev CER.
 
-    python -m asr.sweep dir=<multirun dir> [key=val_cer]
+    python -m asr.tools.sweep dir=<multirun dir> [key=val_cer]
 
 Prints one row per job (its overrides, best WER and CER, the update of the best (marked if a search
 pruned the job), wall time, audio-seconds per second) and writes <dir>/sweep.png: dev CER against
@@ -8,8 +8,8 @@ update for every job.
 """
 
 import json
-import sys
 import math
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -61,7 +61,7 @@ def table(found: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from asr import cli
+    from asr.tools import cli
 
     args, _ = cli.parse("sweep", argv)
     directory = Path(args.dir).expanduser()

@@ -1,6 +1,6 @@
 """Synthetic speech corpora in real release layouts, spoken by espeak-ng.
 
-Used to build the embedded demo (`python -m asr.synth out=demo/cv-pt`) and, in the tests, corpora
+Used to build the embedded demo (`python -m asr.tools.synth out=demo/cv-pt`) and, in the tests, corpora
 with planted defects. Nothing here is used by training itself.
 """
 
@@ -313,7 +313,7 @@ def make_spanish(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 
 CORPORA = {"demo": make_demo, "short": make_short, "es": make_spanish}
 
 def main(argv: list[str]) -> None:
-    from asr import cli
+    from asr.tools import cli
 
     settings, _ = cli.parse("synth", argv)
     if settings.corpus not in CORPORA:
