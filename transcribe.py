@@ -108,6 +108,7 @@ def main(argv: list[str]) -> None:
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
+    # transformers and lightning take ~7 s to import (asr.model.module): not for --help or a refused setting
     from asr.model import transcription
     from asr.model.module import CTCModel
 
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> None:
     archive = Path(args.out).expanduser() if args.out and not subtitles else None
     try:
         if backend == "onnx":
-            from asr.model.onnx import OnnxModel
+            from asr.model.onnx import OnnxModel  # onnxruntime: only for backend=onnx
 
             if args.target_lang is not None:
                 raise asr.SetupError("target_lang picks the adapters of an exported MMS directory (backend=torch)")

@@ -18,7 +18,7 @@ from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from asr import SetupError
+from asr import REPO_DIR, SetupError, quote_numeric_choices, run_dir_name
 
 # Arguments the scripts pass at the call site (built from other nodes or from the data); never in the YAML.
 CALL_SITE = {
@@ -159,7 +159,6 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
 def _options(group: str) -> list[str]:
     """The options of a config group: the files of conf/<group>/ (a schedule's is the function of its name in
     `asr.model.schedules`, checked like any `_target_`)."""
-    from asr import REPO_DIR
 
     return sorted(p.stem for p in (REPO_DIR / "conf" / group).glob("*.yaml"))
 
@@ -167,7 +166,6 @@ def _options(group: str) -> list[str]:
 def decoding_defaults() -> DictConfig:
     """alpha, beta, beam_width and lm_order as conf/evaluate.yaml sets them, for the command-line tools
     that decode or build LMs outside evaluate.py (`python -m asr.tools.export`, `python -m asr.tools.lm`)."""
-    from asr import REPO_DIR
 
     settings = OmegaConf.load(REPO_DIR / "conf" / "evaluate.yaml")
     return OmegaConf.masked_copy(settings, ["alpha", "beta", "beam_width", "lm_order"])
@@ -179,8 +177,6 @@ def check_overrides(argv: list[str], script: str) -> None:
     new keys (`+key=`, checked by `checked` after composition) pass here."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
-
-    from asr import REPO_DIR
 
     conf = REPO_DIR / "conf"
     primary = OmegaConf.load(conf / f"{script}.yaml")
@@ -260,7 +256,6 @@ def _flat(node, prefix: str = "") -> dict:
 def package(group: str, option: str) -> str:
     """Where the keys of conf/<group>/<option>.yaml land: its `# @package` header, else the group's path;
     "" for `_global_` (the root)."""
-    from asr import REPO_DIR
 
     lines = (REPO_DIR / "conf" / group / f"{option}.yaml").read_text().splitlines()[:5]
     header = [line.split()[-1] for line in lines if line.startswith("# @package")]
@@ -270,7 +265,6 @@ def package(group: str, option: str) -> str:
 
 def _written_by(group: str, option: str) -> set[str]:
     """The dotted keys a group option writes (conf/<group>/<option>.yaml, at its `# @package`)."""
-    from asr import REPO_DIR
 
     path = REPO_DIR / "conf" / group / f"{option}.yaml"
     if group.startswith("hydra") or not path.is_file():
@@ -316,7 +310,6 @@ def register_resolvers() -> None:
     """The resolvers conf/ uses: `${repo:}` (this checkout, whatever the working directory),
     `${run_dir_name:<otherwise>}` (`asr.run_dir_name`) and `${either:<value>,<otherwise>}` (the value unless it is
     null). Every entry point calls this before composing."""
-    from asr import REPO_DIR, run_dir_name
 
     OmegaConf.register_new_resolver("repo", lambda: str(REPO_DIR), replace=True)
     OmegaConf.register_new_resolver("run_dir_name", run_dir_name, replace=True)
@@ -330,8 +323,6 @@ def compose(name: str, overrides=()) -> DictConfig:
     tests, the memory planner). A train config needs a `run_dir=` override."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
-    from asr import REPO_DIR, quote_numeric_choices
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(REPO_DIR / "conf"), version_base="1.3"):

@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from asr import REPO_DIR, SetupError
+from asr.core.config import register_resolvers
 
 # What an entry may set beside name and weight: the settings of one corpus (SpeechDataModule's arguments).
 CORPUS_KEYS = ("corpus", "root", "language", "lang", "train_split", "dev_split", "test_split", "dev_speakers",
@@ -43,7 +44,6 @@ class Source:
 def _conf(path: Path) -> dict:
     """The settings of one corpus in a config file (conf/data/default.yaml, conf/lang/<lang>.yaml), resolved
     (${repo:} in conf/lang/demo.yaml)."""
-    from asr.core.config import register_resolvers
 
     register_resolvers()
     node = OmegaConf.load(path)

@@ -13,6 +13,7 @@ from asr import SetupError
 from asr.core import audio, text
 from asr.model import finetune as tuning
 from asr.model import onnx
+from asr.model.lm import beam_decoder
 from asr.model.module import CTCModel
 
 
@@ -74,8 +75,6 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
     (out_dir / "asr.json").write_text(json.dumps({"language": model.hparams.language}))
     if lm_path is not None:
         from transformers import Wav2Vec2ProcessorWithLM
-
-        from asr.model.lm import beam_decoder
 
         decoder = beam_decoder(model.vocab.tokens, lm_path, alpha, beta)
         with_lm = Wav2Vec2ProcessorWithLM(feature_extractor=both.feature_extractor, tokenizer=both.tokenizer,

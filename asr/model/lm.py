@@ -15,6 +15,8 @@ import subprocess
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from asr.core.text import PAD, UNK, WORD_DELIMITER, normalize
+
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 # lmplz --discount_fallback: used for an order whose count-of-counts cannot estimate discounts
 # (small corpora: no n-gram seen exactly 3 or 4 times, say).
@@ -117,7 +119,6 @@ def write_arpa(model: list[dict], path: str | Path) -> Path:
 def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
     """An ARPA model (and KenLM's binary format when `build_binary` is on the PATH) of the normalised
     `texts` in `out_dir`; returns the path decoders should load."""
-    from asr.core.text import normalize
 
     sentences = [s.split() for s in (normalize(t, language) for t in texts) if s]
     if not sentences:
@@ -137,7 +138,6 @@ def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
 
 def ctc_labels(tokens: list[str]) -> list[str]:
     """Our vocabulary as pyctcdecode's labels: the word delimiter is a space, the blank is ''."""
-    from asr.core.text import PAD, UNK, WORD_DELIMITER
 
     return ["" if t == PAD else " " if t == WORD_DELIMITER else "⁇" if t == UNK else t for t in tokens]
 

@@ -9,12 +9,13 @@ import lightning as L
 import torch
 
 from asr import SetupError
-from asr.core import text
+from asr.core import checkpoints, text
 from asr.core.frames import Geometry
 from asr.core.text import Vocabulary
 from asr.model import ctc, metrics, schedules, speed
 from asr.model import finetune as tuning
 from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2, check_pretrained, init_head
+from asr.model.lm import exported_decoder
 from asr.model.metrics import ErrorRate, Share
 from asr.model.speed import PRECISION_DTYPE, LateRead
 
@@ -237,8 +238,6 @@ class CTCModel(L.LightningModule):
         directory `asr.model.export` wrote; an exported directory with an LM (language_model/) brings its
         pyctcdecode decoder, with the alpha and beta it was exported with. A directory of MMS adapters
         (`asr.model.export.export_adapters`) gives `target_lang`'s (None: its one language). SetupError for anything else."""
-        from asr.core import checkpoints
-        from asr.model.lm import exported_decoder
 
         path = Path(path).expanduser()
         if path.is_file() or path.suffix == ".ckpt":

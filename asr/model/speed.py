@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
+from asr import REPO_DIR
 from asr.core import audio
 from asr.core.frames import Geometry
 
@@ -249,8 +250,6 @@ class SyncSites:
     MESSAGE = "called a synchronizing CUDA operation"
 
     def __init__(self, root: Path | None = None):
-        from asr import REPO_DIR
-
         self.root = Path(root or REPO_DIR).resolve()
         self.sites: Counter = Counter()
         self.count = 0

@@ -20,6 +20,7 @@ import torch
 from asr import SetupError
 from asr.core import checkpoints
 from asr.model.module import CTCModel
+from asr.run.evaluation import dev_rates
 from asr.run.report import RunReport
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,6 @@ class AverageBest(L.Callback):
     def conclude(self, run_dir: Path, best_single: str, data, device) -> dict:
         """Average, score, and what results.json records; when the run kept fewer checkpoints than `best` (it
         evaluated fewer times), a warning and {"skipped": why}: the run itself is complete."""
-        from asr.run.evaluation import dev_rates
 
         try:
             sources = chosen(run_dir, best=self.best)

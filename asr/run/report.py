@@ -143,7 +143,7 @@ class RunReport(L.Callback):
 
     def write_curves(self) -> None:
         """curves.png: training loss, dev CER and learning rate against update."""
-        from asr.run import plots
+        from asr.run import plots  # matplotlib: imported when a run draws its curves, not by every tool
 
         self._read_curve()
         plots.run_curves(self.run_dir / "curves.png", self.curve, self.rows)

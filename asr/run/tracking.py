@@ -11,6 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from asr.core import audio
+from asr.data.loading import UtteranceDataset, collate
+from asr.model.metrics import utterance_cer
 
 log = logging.getLogger(__name__)
 # Overrides that say where, not what: left out of a run's name.
@@ -172,8 +174,6 @@ class PredictionsTable(L.Callback):
         self.seconds: list[float] = []
 
     def _draw(self, datamodule) -> list[dict]:
-        from asr.data.loading import UtteranceDataset
-
         dev = datamodule.load("dev")
         rows = np.random.default_rng(self.seed).choice(len(dev), size=min(self.clips, len(dev)), replace=False)
         dataset = UtteranceDataset(dev, datamodule.vocab)
@@ -199,9 +199,6 @@ class PredictionsTable(L.Callback):
         if trainer.sanity_checking or logger is None or not trainer.is_global_zero:
             return
         import wandb
-
-        from asr.data.loading import collate
-        from asr.model.metrics import utterance_cer
 
         started = time.perf_counter()
         if self.sample is None:
@@ -232,7 +229,6 @@ def log_evaluation(cfg: DictConfig, metrics: dict, worst: list[dict], train_run:
     side by side (greedy and the chosen one), the figures per language tag, and `worst`, the utterances of
     highest CER with their audio."""
     import wandb
-
 
     logger = cfg.logger
     init = wandb_init(logger, job_context(), "eval")

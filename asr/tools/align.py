@@ -23,6 +23,7 @@ import torch
 import asr
 from asr.core import audio, text
 from asr.data.listing import frames_needed
+from asr.tools import cli
 
 
 def targets(transcript: str, vocab: text.Vocabulary, language: str | None) -> tuple[list[int], list[str]]:
@@ -115,8 +116,6 @@ def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, 
 
 
 def main(argv: list[str]) -> None:
-    from asr.tools import cli
-
     args, _ = cli.parse("align", argv)
     if args.format not in ("json", "textgrid", "audacity"):
         sys.exit(f"error: format={args.format}: give json, textgrid or audacity")
@@ -131,6 +130,7 @@ def main(argv: list[str]) -> None:
 
     from transformers.utils import logging as hf_logging
 
+    # transformers and lightning take ~7 s to import (asr.model.module): not for --help or a refused setting
     from asr.model.module import CTCModel
     from asr.model.transcription import file_logits
 

@@ -15,9 +15,15 @@ from contextlib import nullcontext
 
 import torch
 
-from asr.core import audio
+import asr
+from asr.core import audio, text
+from asr.core.config import compose
+from asr.model import finetune as tuning
+from asr.model.encoder import SyncFreeWav2Vec2ForCTC
+from asr.model.module import CTCModel
 from asr.model.speed import PRECISION_DTYPE
 from asr.run.warmup import LABELS_PER_SECOND, adam_room
+from asr.tools import cli
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +52,6 @@ class Probe:
 
     def __init__(self, cfg, device: torch.device):
         from omegaconf import OmegaConf
-
-        from asr.core import text
-        from asr.model.module import CTCModel
 
         cfg = OmegaConf.merge(cfg, {"model": {"pretrained": None, "compile": False}})
         tokens = [*"abcdefghijklmnopqrstuvwxyz'", text.WORD_DELIMITER, text.UNK, text.PAD]
@@ -88,9 +91,6 @@ def model_states(cfg) -> dict:
     the meta device: seconds, no memory, for any size."""
     from omegaconf import OmegaConf
     from transformers import Wav2Vec2Config
-
-    from asr.model import finetune as tuning
-    from asr.model.encoder import SyncFreeWav2Vec2ForCTC
 
     finetune = tuning.check(OmegaConf.to_container(cfg.model.finetune))
     fields = {**OmegaConf.to_container(cfg.model.arch), **OmegaConf.to_container(cfg.model.config),
@@ -156,8 +156,6 @@ def cards(device: torch.device, margin: float, overrides: list[str]) -> list[dic
     """Each experiment's card batch (data.max_batch_size clips of data.max_seconds, its precision): its
     peak, whether it fits, and where not the first of these that does with the same audio per update:
     gradient checkpointing, then half the clips per batch (update_clips keeps the update)."""
-    import asr
-    from asr.core.config import compose
 
     rows = []
     for path in sorted((asr.REPO_DIR / "conf" / "experiment").glob("*.yaml")):
@@ -187,10 +185,6 @@ def cards(device: torch.device, margin: float, overrides: list[str]) -> list[dic
 
 
 def main(argv: list[str]):
-    import asr
-    from asr.core.config import compose
-    from asr.tools import cli
-
     args, overrides = cli.parse("memory", argv, passthrough=True)  # the others: the train config's
     if args.states:
         states = model_states(compose("train", [*overrides, "run_dir=/tmp/asr-memory"]))

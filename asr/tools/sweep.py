@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from asr.run import plots
+from asr.tools import cli
 
 
 def jobs(directory: Path) -> list[dict]:
@@ -61,8 +62,6 @@ def table(found: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    from asr.tools import cli
-
     args, _ = cli.parse("sweep", argv)
     directory = Path(args.dir).expanduser()
     found = ranked(jobs(directory), args.key)

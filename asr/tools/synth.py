@@ -19,6 +19,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from asr.tools import cli
+
 # Common Voice TSV columns of recent releases (docs/data.md).
 CV_COLUMNS = [
     "client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes",
@@ -313,8 +315,6 @@ def make_spanish(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 
 CORPORA = {"demo": make_demo, "short": make_short, "es": make_spanish}
 
 def main(argv: list[str]) -> None:
-    from asr.tools import cli
-
     settings, _ = cli.parse("synth", argv)
     if settings.corpus not in CORPORA:
         sys.exit(f"error: corpus={settings.corpus}: expected one of {', '.join(CORPORA)}")
