@@ -1,5 +1,5 @@
 # make demo: set up and train the tiny model on the embedded demo (CPU, about 5 min on 2 cores)
-# make test: set up and run the test suite (all but the tests marked slow; make slow runs those)
+# make test: set up, lint (ruff, pyproject.toml) and run the test suite (all but the tests marked slow; make slow runs those)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -10,6 +10,7 @@ demo: $(VENV)/.installed
 	$(PYTHON) train.py
 
 test: system $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -m "not slow"
 
 slow: system $(VENV)/.installed

@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
         for result in transcription.transcribe(
                 model, todo, decoder, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
                 batch_seconds=args.batch_seconds, num_workers=transcription.workers(args.num_workers),
-                timestamps=timestamps, progress=bar.update, seconds=seconds):
+                beam_width=args.beam_width, timestamps=timestamps, progress=bar.update, seconds=seconds):
             if result.error is not None:  # a bad file is named, the others are transcribed
                 print(f"error: {result.error}", file=sys.stderr, flush=True)
                 failed += 1

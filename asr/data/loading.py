@@ -28,7 +28,8 @@ class UtteranceDataset(Dataset):
     bad file never stops a long run and every one is counted in the data report.
 
     augment (training): items are asked for as (epoch, clip) (`DurationBatchSampler(tag_epoch=True)`), or (epoch,
-    clip, n) for its n-th repeat in an epoch, and the clip is perturbed as `augment.choose(epoch, clip, repeat=n)` says; `seconds` is then its duration / speed factor plus
+    clip, n) for its n-th repeat in an epoch, and the clip is perturbed as `augment.choose(epoch, clip, repeat=n)`
+    says; `seconds` is then its duration / speed factor plus
     its silence and the clip after it, `text` and `labels` the two transcripts joined by a space,
     `augment` what was done. A noise file that fails to decode leaves the clip clean and is named in
     `noise_skipped` (counted in the data report, `SpeechDataModule.on_before_batch_transfer`).
@@ -98,7 +99,8 @@ class UtteranceDataset(Dataset):
         then says that nothing followed."""
         followed = self._partner(choice)
         if followed is not None:  # another clip after a pause: one recording of two sentences
-            partner_path, partner_text = (self._columns[n][int(self.clips.rows[followed])].as_py() for n in ("path", "text"))
+            row = int(self.clips.rows[followed])
+            partner_path, partner_text = (self._columns[n][row].as_py() for n in ("path", "text"))
             try:
                 second = audio.load(partner_path, speed=choice.factor)
             except audio.AudioError as error:  # the partner is counted where it is trained on alone

@@ -86,7 +86,8 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
         preprocessor, nested = out_dir / "preprocessor_config.json", out_dir / "processor_config.json"
         preprocessor.write_text(json.dumps({**json.loads(preprocessor.read_text()), **named}, indent=2))
         config = json.loads(nested.read_text())
-        nested.write_text(json.dumps({**config, "feature_extractor": {**config["feature_extractor"], **named}}, indent=2))
+        nested.write_text(json.dumps({**config, "feature_extractor": {**config["feature_extractor"], **named}},
+                                     indent=2))
     return out_dir
 
 
@@ -107,7 +108,8 @@ def export_adapters(model: CTCModel, out_dir: Path, target_lang: str | None) -> 
     if rules is not None and "adapters" not in rules:
         raise SetupError(f"{out_dir} holds a model without adapters: export the adapters to another directory")
     if rules is not None and rules["base_hash"] != model.base["hash"]:
-        raise SetupError(f"{out_dir} holds adapters of another base ({rules['base']}, sha256 {rules['base_hash'][:12]}) "
+        raise SetupError(f"{out_dir} holds adapters of another base ({rules['base']}, sha256 "
+                         f"{rules['base_hash'][:12]}) "
                          f"than this model's ({model.base['pretrained']}, sha256 {model.base['hash'][:12]}): a "
                          f"directory serves the languages of one base")
     out_dir.mkdir(parents=True, exist_ok=True)

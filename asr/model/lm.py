@@ -15,7 +15,7 @@ import subprocess
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from asr.core.text import PAD, UNK, WORD_DELIMITER, normalize
+from asr.core import text
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 # lmplz --discount_fallback: used for an order whose count-of-counts cannot estimate discounts
@@ -120,7 +120,7 @@ def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
     """An ARPA model (and KenLM's binary format when `build_binary` is on the PATH) of the normalised
     `texts` in `out_dir`; returns the path decoders should load."""
 
-    sentences = [s.split() for s in (normalize(t, language) for t in texts) if s]
+    sentences = [s.split() for s in (text.normalize(t, language) for t in texts) if s]
     if not sentences:
         raise ValueError("no text to build a language model from")
     model = estimate(sentences, order)
@@ -139,7 +139,7 @@ def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
 def ctc_labels(tokens: list[str]) -> list[str]:
     """Our vocabulary as pyctcdecode's labels: the word delimiter is a space, the blank is ''."""
 
-    return ["" if t == PAD else " " if t == WORD_DELIMITER else "⁇" if t == UNK else t for t in tokens]
+    return ["" if t == text.PAD else " " if t == text.WORD_DELIMITER else "⁇" if t == text.UNK else t for t in tokens]
 
 
 def exported_decoder(directory: Path):

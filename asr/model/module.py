@@ -45,13 +45,16 @@ class Decoded:
 
 
 def decoded(logits: torch.Tensor, frames: torch.Tensor, vocab: Vocabulary, language: str | None, decoder=None,
-            beam_width: int = 100) -> Decoded:
+            beam_width: int | None = None) -> Decoded:
     """The transcripts of logits (B, T, V) of clips of `frames` (B,) frames under the text rules of `language`
-    (`asr.core.text.normalize`): greedy, and by `decoder` (`asr.model.lm.beam_decoder`) keeping `beam_width` beams.
-    `CTCModel.decoded`, and the ONNX model's (`asr.model.onnx.OnnxModel`)."""
+    (`asr.core.text.normalize`): greedy, and by `decoder` (`asr.model.lm.beam_decoder`) keeping `beam_width` beams
+    (the tool's setting: conf/evaluate.yaml, conf/transcribe.yaml). `CTCModel.decoded`, and the ONNX model's
+    (`asr.model.onnx.OnnxModel`)."""
     greedy = [text.normalize(h, language) for h in vocab.greedy_decode(logits, frames)]
     if decoder is None:
         return Decoded(logits, frames, greedy, greedy)
+    if beam_width is None:
+        raise ValueError("a beam decoder needs beam_width (conf/evaluate.yaml, conf/transcribe.yaml)")
     log_probs = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
     # decode_beams, as Wav2Vec2ProcessorWithLM and the pipeline call it (decode() prunes history)
     beams = [decoder.decode_beams(lp[:n], beam_width=beam_width)[0] for lp, n in zip(log_probs, frames.tolist())]
@@ -105,8 +108,8 @@ class CTCModel(L.LightningModule):
     layers (torch.compile each transformer layer, dynamic shapes: one graph for every length); encoder (the
     convolutional feature encoder, static shapes: one graph per batch shape of the plan, which the
     warm-up builds before the first update); all (both). true means layers. expandable_segments: the CUDA
-    allocator's (`asr.model.speed.configure_cuda_allocator`). optim: lr, betas, eps, weight_decay, head_lr (the CTC head's
-    own learning rate; None: lr), fused, as `adamw` takes them. sched: name and options of a schedule in
+    allocator's (`asr.model.speed.configure_cuda_allocator`). optim: lr, betas, eps, weight_decay, head_lr (the CTC
+    head's own learning rate; None: lr), fused, as `adamw` takes them. sched: name and options of a schedule in
     `asr.model.schedules`. All are plain values, so checkpoints load with `weights_only=True`. The defaults
     are in conf/ (train.yaml, model/, sched/).
     ctc_loss: torch's `ctc_loss` (torch), `asr.model.ctc`'s (tensor: no host sync on a GPU), or auto (tensor on
@@ -208,7 +211,8 @@ class CTCModel(L.LightningModule):
             written = checkpoint.get("base", {})
             if written.get("hash") != self.base["hash"]:
                 raise SetupError(f"the checkpoint's base {written.get('pretrained')} (sha256 "
-                                 f"{str(written.get('hash'))[:12]}) is not the base loaded now, {self.base['pretrained']} "
+                                 f"{str(written.get('hash'))[:12]}) is not the base loaded now, "
+                                 f"{self.base['pretrained']} "
                                  f"(sha256 {self.base['hash'][:12]}): its weights or config changed since")
             checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
         counters = checkpoint.get("counters", {})
@@ -225,8 +229,8 @@ class CTCModel(L.LightningModule):
         from hydra.utils import instantiate
 
         try:
-            return instantiate(cfg.model, vocab=vocab, language=language or cfg.data.language, optim=cfg.optim, sched=cfg.sched,
-                               _convert_="all")
+            return instantiate(cfg.model, vocab=vocab, language=language or cfg.data.language, optim=cfg.optim,
+                               sched=cfg.sched, _convert_="all")
         except InstantiationException as error:  # a setting the model refuses: its one line, not Hydra's wrapping
             if isinstance(error.__cause__, SetupError):
                 raise error.__cause__ from None
@@ -237,7 +241,8 @@ class CTCModel(L.LightningModule):
         """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.core.checkpoints`) or a
         directory `asr.model.export` wrote; an exported directory with an LM (language_model/) brings its
         pyctcdecode decoder, with the alpha and beta it was exported with. A directory of MMS adapters
-        (`asr.model.export.export_adapters`) gives `target_lang`'s (None: its one language). SetupError for anything else."""
+        (`asr.model.export.export_adapters`) gives `target_lang`'s (None: its one language). SetupError for anything
+        else."""
 
         path = Path(path).expanduser()
         if path.is_file() or path.suffix == ".ckpt":
@@ -295,7 +300,8 @@ class CTCModel(L.LightningModule):
 
     @property
     def finetune_method(self) -> str:
-        """full, adapters or lora (`asr.model.finetune`; hparams hold the checked setting, full where none was given)."""
+        """full, adapters or lora (`asr.model.finetune`; hparams hold the checked setting, full where none was
+        given)."""
         return self.hparams.finetune["method"]
 
     @property
@@ -306,7 +312,8 @@ class CTCModel(L.LightningModule):
     def forward(self, batch: dict) -> Output:
         """`.logits` (B, T, V) with the `.frames` (B,) of each clip, and `.loss` (`ctc_loss`) when the batch has
         labels. The encoder pass reads nothing back from the device (`asr.model.encoder.SyncFreeWav2Vec2ForCTC`)."""
-        logits, frames = self.model.logits(batch["audio"], batch["lengths"], train_encoder=not self._encoder_frozen_now())
+        logits, frames = self.model.logits(batch["audio"], batch["lengths"],
+                                           train_encoder=not self._encoder_frozen_now())
         return Output(logits, frames, self.ctc_loss(logits, frames, batch) if "labels" in batch else None)
 
     def ctc_loss(self, logits: torch.Tensor, frames: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -333,7 +340,7 @@ class CTCModel(L.LightningModule):
         return (self.training and self._trainer is not None and self.trainer.world_size == 1
                 and self.global_step < self.hparams.freeze_finetune_updates)
 
-    def decode(self, batch: dict, decoder=None, beam_width: int = 100) -> Decoded:
+    def decode(self, batch: dict, decoder=None, beam_width: int | None = None) -> Decoded:
         """The model's transcripts of a collated batch (`asr.data.loading.collate`, on the host or the device):
         greedy, or by `decoder` (`asr.model.lm.beam_decoder`: CTC prefix beam search, with an n-gram LM if it has one)
         keeping `beam_width` beams. Validation, evaluate.py and the W&B predictions table all decode here,
@@ -342,7 +349,8 @@ class CTCModel(L.LightningModule):
         out = self({"audio": batch["audio"].to(self.device, non_blocking=True), "lengths": batch["lengths"]})
         return self.decoded(out.logits, out.frames, decoder, beam_width)
 
-    def decoded(self, logits: torch.Tensor, frames: torch.Tensor, decoder=None, beam_width: int = 100) -> Decoded:
+    def decoded(self, logits: torch.Tensor, frames: torch.Tensor, decoder=None,
+                beam_width: int | None = None) -> Decoded:
         """The transcripts of logits (B, T, V) of clips of `frames` (B,) frames: `decode`'s second half, for
         logits put together otherwise (transcribe.py joins a long file's windows)."""
         return decoded(logits, frames, self.vocab, self.hparams.language, decoder, beam_width)
@@ -400,7 +408,8 @@ class CTCModel(L.LightningModule):
         one batch) is left out of both."""
         if not self.corpora:
             return
-        counts = torch.zeros(len(self.corpora), 4, dtype=torch.float64) if self._corpus_counts is None else self._corpus_counts
+        counts = (torch.zeros(len(self.corpora), 4, dtype=torch.float64) if self._corpus_counts is None
+                  else self._corpus_counts)
         counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
         self._corpus_counts = None
         rates = corpus_rates(self.corpora, counts.tolist())
@@ -424,8 +433,9 @@ class CTCModel(L.LightningModule):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scaler.unscale_(optimizer)  # Lightning leaves a fused optimizer's unscaling to its step: clip unscaled
         self._with_grads = [p for p in self.parameters() if p.grad is not None]
-        self._grad_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self._with_grads])))
-                           if self._with_grads else torch.zeros((), device=self.device))
+        norms = torch._foreach_norm([p.grad for p in self._with_grads]) if self._with_grads else None
+        self._grad_norm = (torch.linalg.vector_norm(torch.stack(norms)) if self._with_grads
+                           else torch.zeros((), device=self.device))
         # All-reduced gradients are the same on every rank, so is this verdict: no reduction needed.
         nonfinite = (~torch.isfinite(self._grad_norm)).float()
         if self._skips is None:

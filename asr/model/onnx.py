@@ -138,14 +138,16 @@ class OnnxModel:
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> tuple["OnnxModel", object]:
-        """(model, its beam decoder or None) from a directory `python -m asr.tools.export format=onnx` wrote (its model.onnx) or
-        one of its .onnx files (model.int8.onnx). SetupError, naming the command that writes one, otherwise."""
+        """(model, its beam decoder or None) from a directory `python -m asr.tools.export format=onnx` wrote (its
+        model.onnx) or one of its .onnx files (model.int8.onnx). SetupError, naming the command that writes one,
+        otherwise."""
         path = Path(path).expanduser()
         file = path if path.suffix == ".onnx" else path / FILES[None]
         if not file.is_file():
             out = path.parent if path.suffix == ".onnx" else path
-            raise SetupError(f"model_path={path}: there is no {file.name} (python -m asr.tools.export ckpt_path=<checkpoint> "
-                             f"out={out} format=onnx writes model.onnx; quantize=int8 adds model.int8.onnx)")
+            raise SetupError(f"model_path={path}: there is no {file.name} (python -m asr.tools.export "
+                             f"ckpt_path=<checkpoint> out={out} format=onnx writes model.onnx; quantize=int8 adds "
+                             "model.int8.onnx)")
         return cls(file, threads), exported_decoder(file.parent)
 
     def __call__(self, batch: dict) -> Output:
@@ -154,6 +156,7 @@ class OnnxModel:
                                                  "lengths": np.asarray(batch["lengths"], dtype=np.int64)})
         return Output(torch.from_numpy(logits), torch.from_numpy(frames))
 
-    def decoded(self, logits: torch.Tensor, frames: torch.Tensor, decoder=None, beam_width: int = 100) -> Decoded:
+    def decoded(self, logits: torch.Tensor, frames: torch.Tensor, decoder=None,
+                beam_width: int | None = None) -> Decoded:
         """As `CTCModel.decoded`: greedy transcripts, or `decoder`'s, under the export's text rules."""
         return decoded(logits, frames, self.vocab, self.language, decoder, beam_width)

@@ -30,7 +30,6 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 
 from asr import REPO_DIR
-from asr.core import audio
 from asr.core.frames import Geometry
 
 log = logging.getLogger(__name__)
@@ -59,11 +58,6 @@ def training_flops(config, samples: list[int], conv_trained: bool) -> float:
         conv = 2 * sum(w * length for w, length in zip(conv_per_out, lengths))
         total += 3 * (2 * dense * frames + 4 * h * frames * frames * layers) + (3 if conv_trained else 1) * conv
     return total
-
-
-def flops_per_audio_second(config, seconds: float, conv_trained: bool) -> float:
-    """Training FLOP per second of audio, for clips of `seconds` (the attention term grows with length)."""
-    return training_flops(config, [int(seconds * audio.SAMPLE_RATE)], conv_trained) / seconds
 
 
 def peak_flops(device: torch.device, precision: str, tflops: float | None) -> float | None:

@@ -198,12 +198,12 @@ def beam_spans(word_frames: list[tuple[str, tuple[int, int]]], confidence: np.nd
 
 
 def transcribe(model, paths: list[str], decoder=None, *, chunk_seconds: float, stride_seconds: float,
-               batch_seconds: float, num_workers: int, beam_width: int = 100, timestamps: str = "none",
+               batch_seconds: float, num_workers: int, beam_width: int | None = None, timestamps: str = "none",
                progress=None, seconds: list[float | None] | None = None):
     """Yields a `Transcript` for each of `paths`, in their order. `model`: a `CTCModel` in evaluation mode,
-    on its device. timestamps: none, word or char (char: greedy decoding only). progress: called with the
-    header seconds of each batch as it is done (a progress bar's update). seconds: each file's from its header
-    (`header_seconds`), if the caller has them."""
+    on its device; `decoder` (an exported LM's) keeps `beam_width` beams. timestamps: none, word or char
+    (char: greedy decoding only). progress: called with the header seconds of each batch as it is done (a
+    progress bar's update). seconds: each file's from its header (`header_seconds`), if the caller has them."""
     geometry = model.geometry
     chunk, stride = geometry.whole_hops(chunk_seconds), geometry.whole_hops(stride_seconds)
     seconds = seconds or [header_seconds(p) for p in paths]
@@ -240,7 +240,7 @@ def joined_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nn.utils.rnn.pad_sequence(joined, batch_first=True), torch.tensor([len(j) for j in joined])
 
 
-def file_logits(model, path: str, chunk_seconds: float = 30.0, stride_seconds: float = 5.0) -> tuple[torch.Tensor, float]:
+def file_logits(model, path: str, chunk_seconds: float, stride_seconds: float) -> tuple[torch.Tensor, float]:
     """(T, V) logits of one file (in windows as `transcribe` cuts them) and its seconds; `audio.AudioError`
     for a file that does not decode."""
     geometry = model.geometry

@@ -1,6 +1,7 @@
 """One run, built in one place: `assemble` (config -> batch per update -> data -> model -> callbacks ->
 logger -> trainer, returned as a `Run`), `Run.fit`, then `conclude` (export, results, model card). An
-evaluation of a checkpoint is built here too, from the same objects: `assemble_evaluation` (evaluate.py).
+evaluation of a checkpoint is built from the same objects in `asr.run.evaluation.assemble_evaluation`
+(evaluate.py).
 
 train.py, the benchmarks and the tests build their runs here. Overrides (of the config, or the trainer
 arguments `assemble` takes) may shrink a run; nothing retypes it.
@@ -179,7 +180,8 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
                          **wandb_args) if cfg.logger else False
     report = RunReport(run_dir, batch, monitor=monitor)
     pruning = search.for_this_job()  # a trial of a search reports its evaluations to the study
-    summary = cfg.trainer.get("enable_model_summary", True) is not False and trainer_args.get("enable_model_summary", True)
+    summary = (cfg.trainer.get("enable_model_summary", True) is not False
+               and trainer_args.get("enable_model_summary", True))
     if cfg.trainer.get("enable_progress_bar", True) is False or trainer_args.get("enable_progress_bar", True) is False:
         configured = [c for c in configured if not isinstance(c, console.Progress)]  # Lightning refuses a bar then
     callbacks = [*configured, report, *([pruning] if pruning else []), *([console.ModelSummary()] if summary else []),
@@ -213,7 +215,8 @@ def conclude(run: Run) -> dict:
                                         "first_evaluation_at_update": run.first_evaluation()}
     size = {"checkpoint_bytes": Path(best).stat().st_size} if best else {}
     average = next((c for c in run.callbacks if isinstance(c, AverageBest) and c.best), None)
-    averaged = {"average": average.conclude(run.dir, best, run.data, run.trainer.strategy.root_device)} if average else {}
+    averaged = ({"average": average.conclude(run.dir, best, run.data, run.trainer.strategy.root_device)}
+                if average else {})
     results = run.report.write_results(state="complete", best_checkpoint=best or None, **first, **size, **averaged,
                                        **({"pruned_at_step": run.pruning.pruned_at_step} if run.pruning else {}))
     run.report.write_curves()
