@@ -14,10 +14,10 @@ A run of several corpora (data.corpora) scores each corpus's split on its own (m
 each), or one of them with corpus=<name>. wer and cer are then over every utterance together; hour_weighted
 gives their mean over the corpora weighted by each one's hours of the split, as val/cer weighs the dev splits.
 
-Writes metrics.json (wer, cer, and mer for Mandarin; with a beam decoder also the greedy figures; per language tag under by_language when the corpus
-tags utterances, as ASCEND does) and predictions.jsonl (id, language, reference, hypothesis per
-utterance) into the run directory. Streams: one batch of logits in memory at a time. With logger=wandb,
-also a W&B eval run in the training run's group (asr.run.tracking.log_evaluation).
+Writes metrics.json (wer, cer, and mer for Mandarin; with a beam decoder also the greedy figures; per language tag under
+by_language when the corpus tags utterances, as ASCEND does) and predictions.jsonl (id, language, reference, hypothesis
+per utterance) into the run directory. Streams: one batch of logits in memory at a time. With logger=wandb, also a W&B
+eval run in the training run's group (asr.run.tracking.log_evaluation).
 """
 
 import heapq

@@ -88,7 +88,8 @@ def resume(out: Path, model: str) -> set[str]:
     first = json.loads(lines[0]) if lines else {}
     theirs = first.get("transcribed_with", {}).get("model")
     if theirs != model:
-        raise asr.SetupError(f"out={out} holds transcripts of {theirs or 'something else (its first line names no model)'}, "
+        raise asr.SetupError(f"out={out} holds transcripts of "
+                             f"{theirs or 'something else (its first line names no model)'}, "
                              f"not of model_path={model}: give another out= (or that model_path to go on with it)")
     return {json.loads(line)["path"] for line in lines[1:] if line.strip()}
 

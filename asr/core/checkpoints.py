@@ -56,7 +56,8 @@ def problem(path: str | Path) -> str | None:
     size = path.stat().st_size
     if not zipfile.is_zipfile(path):
         what = "empty" if size == 0 else f"{size:,} bytes but not the zip archive torch writes"
-        return f"{path} is not a readable checkpoint ({what}: cut short by a full disk or a lost node, or not a checkpoint)"
+        return (f"{path} is not a readable checkpoint ({what}: cut short by a full disk or a lost node, "
+                f"or not a checkpoint)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 (torch raises RuntimeError, pickle and zip errors alike)
@@ -136,9 +137,9 @@ def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
             raise SetupError(f"ckpt_path={ckpt_path} does not exist: give a checkpoint (<run>/checkpoints/*.ckpt), "
                              f"a run directory, or last (with hydra.run.dir=<the run>).")
         if problem(path) is None and "averaged" in torch.load(path, map_location="cpu", weights_only=True, mmap=True):
-            raise SetupError(f"ckpt_path={ckpt_path} is an average of checkpoints (python -m asr.tools.average): weights "
-                             f"without an optimizer or a position, not a state to resume. evaluate.py, transcribe.py "
-                             f"and python -m asr.tools.export take it.")
+            raise SetupError(f"ckpt_path={ckpt_path} is an average of checkpoints (python -m asr.tools.average): "
+                             f"weights without an optimizer or a position, not a state to resume. evaluate.py, "
+                             f"transcribe.py and python -m asr.tools.export take it.")
         return ckpt_path
     requeue = checkpoint_dir / REQUEUE_CHECKPOINT
     if requeue.is_file():

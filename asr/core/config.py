@@ -50,7 +50,8 @@ def _script_keys(script: str) -> list[str]:
     return [f.name for f in dataclasses.fields(schema(f"asr.core.config.{script}_settings")[0])]
 
 
-def _not_a_setting(key: str, owner: str, valid: list[str], prefix: str = "", listed: str = "Its settings") -> SetupError:
+def _not_a_setting(key: str, owner: str, valid: list[str], prefix: str = "",
+                   listed: str = "Its settings") -> SetupError:
     """The error for a key nobody takes: the closest valid one suggested (as `prefix` + name), all listed."""
     close = difflib.get_close_matches(key.removeprefix(prefix).split(".")[0], valid, n=1)
     hint = f" Did you mean {prefix}{close[0]}?" if close else ""
@@ -183,7 +184,8 @@ def check_overrides(argv: list[str], script: str) -> None:
     groups = {key for item in primary.defaults if isinstance(item, DictConfig) for key in item}
     targets = {"data": OmegaConf.load(conf / "data" / "default.yaml")._target_}
     if script == "train":
-        targets |= {"model": primary.model._target_, "trainer": primary.trainer._target_, "optim": "asr.model.module.adamw"}
+        targets |= {"model": primary.model._target_, "trainer": primary.trainer._target_,
+                    "optim": "asr.model.module.adamw"}
     top = sorted({*_script_keys(script), *NODES[script], *groups, "hydra"})
     parser, parsed = OverridesParser.create(), []
     for arg in [a for a in argv if "=" in a and not a.startswith("-")]:

@@ -27,7 +27,8 @@ class Geometry:
     def of(cls, config) -> "Geometry":
         """The geometry of a `Wav2Vec2Config` (or a dict of its fields; the absent ones are its defaults)."""
         if isinstance(config, dict):
-            return cls(tuple(config.get("conv_kernel", WAV2VEC2.kernels)), tuple(config.get("conv_stride", WAV2VEC2.strides)))
+            return cls(tuple(config.get("conv_kernel", WAV2VEC2.kernels)),
+                       tuple(config.get("conv_stride", WAV2VEC2.strides)))
         return cls(tuple(config.conv_kernel), tuple(config.conv_stride))
 
     @property

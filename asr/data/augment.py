@@ -2,8 +2,9 @@
 pause, and additive noise (conf/augment/, docs/augment.md).
 
 What happens to a clip is decided by (seed, epoch, clip), and for a clip an oversampled corpus draws again in one
-epoch by (seed, epoch, clip, repeat): a numpy Generator seeded with them draws the same numbers in any process, so a resumed run replays the same augmented batches and DDP ranks agree,
-whatever the number of loader workers. Everything runs in the loader workers, in numpy and libsoxr (no torch).
+epoch by (seed, epoch, clip, repeat): a numpy Generator seeded with them draws the same numbers in any process, so a
+resumed run replays the same augmented batches and DDP ranks agree, whatever the number of loader workers. Everything
+runs in the loader workers, in numpy and libsoxr (no torch).
 
 - Speed: a factor f from `speed_factors` (Kaldi, ESPnet and icefall use 0.9 / 1.0 / 1.1): the waveform is
   read as if recorded at f x its rate and resampled to 16 kHz, so tempo and pitch change together and the
@@ -144,15 +145,16 @@ class Augment:
         SetupError, in one line, when none can: concatenation would then never happen. A warning when fewer than a
         tenth can: the same few clips would end every concatenated example."""
         partners, seconds = self.partners(seconds), np.asarray(seconds)
-        room = f"a clip follows another when it lasts at most concat_seconds - the longest gap ({self.concat_gap[1]:g} s)" \
+        room = f"a clip follows another when it lasts at most concat_seconds - the longest gap " \
+               f"({self.concat_gap[1]:g} s)" \
                + (f" at the slowest speed ({self.slowest:g})" if self.slowest != 1.0 else "")
         median = float(np.median(seconds)) / self.slowest + self.concat_gap[1]
         if not len(partners):
             shortest = float(seconds.min()) / self.slowest + self.concat_gap[1]
-            raise SetupError(f"data.augment.concat_seconds={self.concat_seconds:g} leaves no training clip short enough to "
-                             f"follow another ({room}; the shortest lasts {float(seconds.min()):.2f} s): give "
-                             f"concat_seconds={shortest:.2f} or more ({median:.2f} lets half the clips follow), or "
-                             f"concat_prob=0.")
+            raise SetupError(f"data.augment.concat_seconds={self.concat_seconds:g} leaves no training clip short "
+                             f"enough to follow another ({room}; the shortest lasts {float(seconds.min()):.2f} s): "
+                             f"give concat_seconds={shortest:.2f} or more ({median:.2f} lets half the clips follow), "
+                             f"or concat_prob=0.")
         if len(partners) < 0.1 * len(seconds):
             log.warning("only %d of %d training clips (%.0f%%) are short enough to follow another (%s; "
                         "data.augment.concat_seconds=%g): those few end every concatenated example; "
@@ -224,7 +226,8 @@ class Augment:
         u = np.random.default_rng([self.seed, epoch, clip] + ([repeat] if repeat else [])).random(13)
         factor = 1.0
         if self.speed_prob > 0 and (force or u[0] < self.speed_prob):
-            factors = ([f for f in self.speed_factors if f != 1.0] or self.speed_factors) if force else self.speed_factors
+            factors = (([f for f in self.speed_factors if f != 1.0] or self.speed_factors) if force
+                       else self.speed_factors)
             factor = factors[int(u[1] * len(factors))]
         around = {}  # silence before and after, another clip after a gap
         if self.silence_prob > 0 and (force or u[7] < self.silence_prob):

@@ -84,9 +84,9 @@ class DurationBatchSampler(Sampler[Planned]):
 
     Augmentation (`asr.data.augment`): `tag_epoch` yields each clip as (epoch, clip), so that the dataset draws its
     perturbation from (seed, epoch, clip); a clip drawn again in an epoch (an oversampled corpus) as (epoch, clip,
-    n), its n-th repeat, which draws its own perturbation. With speed perturbation `durations` are the longest each clip can
-    last (its duration / the slowest factor): every epoch's clips fit the plan. `audio_seconds` are then the
-    clips' expected seconds, for the padding figure (None: `durations`).
+    n), its n-th repeat, which draws its own perturbation. With speed perturbation `durations` are the longest each clip
+    can last (its duration / the slowest factor): every epoch's clips fit the plan. `audio_seconds` are then the clips'
+    expected seconds, for the padding figure (None: `durations`).
 
     geometry: the model's frame geometry (`asr.core.frames`): every padded length is a whole number of its hops.
 
@@ -327,7 +327,8 @@ class DurationBatchSampler(Sampler[Planned]):
             self.position += 1  # batches handed out this epoch, the one being yielded included
             batch = self._batch(order, j)
             if self.tag_epoch:  # (epoch, clip), and the clip's draw where it is drawn again this epoch
-                again = copies[self.ends[j] - self.sizes[j] : self.ends[j]].tolist() if copies is not None else [0] * len(batch)
+                again = (copies[self.ends[j] - self.sizes[j] : self.ends[j]].tolist() if copies is not None
+                         else [0] * len(batch))
                 batch = Planned([(epoch, i, n) if n else (epoch, i) for i, n in zip(batch, again)], batch.shape)
             yield batch
         if self.shuffle:  # a complete pass: the next one is a new epoch, unless set_epoch says otherwise

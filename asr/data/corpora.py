@@ -101,7 +101,8 @@ class Clips:
         malformed = {b"malformed_rows": str(sum(int(m.get(b"malformed_rows", 0)) for m in metadata)),
                      b"malformed_lines": json.dumps(lines)}
         table = pa.concat_tables(tables, promote_options="permissive").replace_schema_metadata(malformed)
-        return Clips(table, np.concatenate([p.rows + o for p, o in zip(parts, offsets)]))  # before any check: no seconds
+        # before any check: no seconds
+        return Clips(table, np.concatenate([p.rows + o for p, o in zip(parts, offsets)]))
 
 
 LAYOUTS = {

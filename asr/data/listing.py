@@ -146,8 +146,10 @@ def format_report(report: dict[str, dict]) -> str:
         rows_of = [row for split, r in report.items()
                    for row in [(split, r), *((f"{split}:{name}", c) for name, c in r.get("corpora", {}).items())]]
     reasons = sorted({k for _, r in rows_of for k in r["dropped"]})
-    header = ["split", "kept", "hours", *reasons, "[UNK] chars", "batches", "shapes", "padding", *(["share"] if mixed else [])]
-    rows = [[split, r["kept"], f"{r['seconds'] / 3600:.2f}", *(r["dropped"].get(k, 0) for k in reasons), r["unk_characters"],
+    header = ["split", "kept", "hours", *reasons, "[UNK] chars", "batches", "shapes", "padding",
+              *(["share"] if mixed else [])]
+    rows = [[split, r["kept"], f"{r['seconds'] / 3600:.2f}", *(r["dropped"].get(k, 0) for k in reasons),
+             r["unk_characters"],
              *((r["batches"]["batches"], len(r["batches"]["shapes"]), f"{r['batches']['padding']:.1%}")
                if "batches" in r else ("-", "-", "-")),
              *([f"{r['share']['of_clips']:.1%}" if "share" in r else "-"] if mixed else [])]
@@ -170,5 +172,6 @@ def describe_augment(summary: dict) -> str:
         files = ", ".join(f"{c} {n}" for c, n in noise["files"].items())
         skipped = sum(noise.get("skipped", {}).values())
         parts.append(f"noise from {noise['dir']} ({files} files; {noise['unreadable_at_start']} unreadable at start, "
-                     f"{skipped} decodes failed) at {noise['snr_db'][0]:g}-{noise['snr_db'][1]:g} dB SNR (p {noise['prob']:g})")
+                     f"{skipped} decodes failed) at {noise['snr_db'][0]:g}-{noise['snr_db'][1]:g} dB SNR "
+                     f"(p {noise['prob']:g})")
     return "; ".join(parts) or "none"

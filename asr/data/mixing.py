@@ -67,8 +67,8 @@ def sources(entries: list, temperature: float | None) -> list[Source]:
         name = entry.get("name")
         where = f"data.corpora[{i}]" + (f" ({name})" if name else "")
         if not name or not NAME.match(str(name)):
-            raise SetupError(f"{where}: give each corpus a name of letters, digits, '_', '.' or '-' (name:pt): it names "
-                             f"its dev figures (val/<name>/cer).")
+            raise SetupError(f"{where}: give each corpus a name of letters, digits, '_', '.' or '-' (name:pt): "
+                             f"it names its dev figures (val/<name>/cer).")
         name = str(name)
         if name in seen:
             raise SetupError(f"data.corpora: entries {seen[name]} and {i} are both named {name}; give each corpus its "
@@ -76,8 +76,8 @@ def sources(entries: list, temperature: float | None) -> list[Source]:
         seen[name] = i
         unknown = sorted(set(entry) - {"name", "weight", *CORPUS_KEYS})
         if unknown:
-            raise SetupError(f"{where}: {', '.join(unknown)} is not a setting of a corpus; an entry takes name, weight, "
-                             f"{', '.join(CORPUS_KEYS)}.")
+            raise SetupError(f"{where}: {', '.join(unknown)} is not a setting of a corpus; an entry takes name, "
+                             f"weight, {', '.join(CORPUS_KEYS)}.")
         weight = entry.get("weight")
         if weight is not None and not (isinstance(weight, (int, float)) and weight > 0):
             raise SetupError(f"{where}: weight={weight}; a weight is the corpus's share of the clips an epoch draws: "
@@ -107,7 +107,8 @@ def sources(entries: list, temperature: float | None) -> list[Source]:
     return out
 
 
-def shares(clips: list[int], seconds: list[float], weights: list[float | None], temperature: float | None) -> np.ndarray:
+def shares(clips: list[int], seconds: list[float], weights: list[float | None],
+           temperature: float | None) -> np.ndarray:
     """Each corpus's share of the clips of an epoch (sums to 1): its weight; with a temperature, (hours)^(1/T);
     with neither, its share of the clips."""
     if temperature is not None:

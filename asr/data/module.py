@@ -153,7 +153,8 @@ class SpeechDataModule(L.LightningDataModule):
             if cached is not None and cached.is_file():
                 table = cache.read_arrow(cached)
             else:
-                table = prepare(corpora.read_split(h.corpus, h.root, name, h.language, h.columns, cache_dir=self.cache_dir),
+                table = prepare(corpora.read_split(h.corpus, h.root, name, h.language, h.columns,
+                                                   cache_dir=self.cache_dir),
                                 h.language)
                 if cached is not None:
                     cache.write_arrow(table, cached)
@@ -235,7 +236,8 @@ class SpeechDataModule(L.LightningDataModule):
         names = next(iter(kept.values())).table.column_names
         tables = [k.table.take(k.rows).select(names) for k in kept.values()]
         table = pa.concat_tables(tables, promote_options="permissive").replace_schema_metadata(None)
-        table = table.append_column("corpus", pa.array([n for n, k in kept.items() for _ in range(len(k))], pa.string()))
+        table = table.append_column("corpus",
+                                    pa.array([n for n, k in kept.items() for _ in range(len(k))], pa.string()))
         clips = corpora.Clips(table, seconds=np.concatenate([k.seconds for k in kept.values()]))
         reports = {}
         for name, part in parts.items():
@@ -401,7 +403,8 @@ class SpeechDataModule(L.LightningDataModule):
             UtteranceDataset(self.load(split), self.vocab, self.augment if training else None), batch_sampler=sampler,
             collate_fn=functools.partial(collate, ring=self.ring if workers else 0, hop=self.geometry.hop),
             # kept between epochs, and between evaluations (Lightning reuses the dev loader)
-            num_workers=workers, persistent_workers=workers > 0, prefetch_factor=self.hparams.prefetch_factor if workers else None,
+            num_workers=workers, persistent_workers=workers > 0,
+            prefetch_factor=self.hparams.prefetch_factor if workers else None,
             worker_init_fn=_one_thread, pin_memory=torch.cuda.is_available(),
         )
 

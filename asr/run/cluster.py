@@ -9,9 +9,9 @@ saves its checkpoint inside the signal handler, wherever the step happens to be 
 micro-batches of an accumulated update, whose gradients a checkpoint does not hold) and starts a
 collective save from it; submitit's handler (USR2) requeues without any checkpoint. `Requeue` only
 notes the signal; at the end of an update every rank agrees (under DDP an all-reduce of a host flag over
-a CPU (gloo) group, started at one update and read at the next: the GPUs never wait for it), the run saves an exact-resume checkpoint, rank 0 requeues the job, and the requeued job
-resumes from that checkpoint. Lightning's handler is switched off (`plugins`), submitit's is left
-alone on its own signal.
+a CPU (gloo) group, started at one update and read at the next: the GPUs never wait for it), the run saves an
+exact-resume checkpoint, rank 0 requeues the job, and the requeued job resumes from that checkpoint. Lightning's handler
+is switched off (`plugins`), submitit's is left alone on its own signal.
 """
 
 import logging
@@ -60,7 +60,8 @@ def batch_per_update(update_clips: int | None, update_seconds: float | None, acc
     clips = max_batch_size * accumulate * world_size if max_batch_size else None
     seconds = max_batch_seconds * accumulate * world_size
     per = f"{max_batch_size} clips" if max_batch_size else f"{max_batch_seconds:g} s of padded audio"
-    total_text = f"{clips} clips (up to {seconds:g} s of padded audio)" if clips else f"up to {seconds:g} s of padded audio"
+    total_text = (f"{clips} clips (up to {seconds:g} s of padded audio)" if clips
+                  else f"up to {seconds:g} s of padded audio")
     text = (f"{total_text} per update = {per} per batch x {accumulate} accumulated x {world_size} "
             f"process{'es' if world_size > 1 else ''}")
     return {"accumulate": accumulate, "world_size": world_size, "clips": clips, "seconds": seconds, "text": text}
@@ -159,10 +160,10 @@ def plugins() -> list:
 
 class Requeue(L.Callback):
     """On `signal` (SLURM's warning before the time limit or a preemption), at the end of the update in
-    progress (under DDP, of the next one: the ranks agree on a host flag while it computes): save an exact-resume checkpoint (`dirpath`/requeue.ckpt: weights, optimizer, scaler,
-    schedule, loader position, report and counters), requeue the SLURM job (`scontrol requeue`) and stop.
-    train.py resumes from that checkpoint when it finds it in the run directory. Outside SLURM the run
-    saves and stops the same way; running the same command again resumes it.
+    progress (under DDP, of the next one: the ranks agree on a host flag while it computes): save an exact-resume
+    checkpoint (`dirpath`/requeue.ckpt: weights, optimizer, scaler, schedule, loader position, report and counters),
+    requeue the SLURM job (`scontrol requeue`) and stop. train.py resumes from that checkpoint when it finds it in the
+    run directory. Outside SLURM the run saves and stops the same way; running the same command again resumes it.
 
     `requeued` is then the job id (or "" outside SLURM), `saved` the checkpoint's path.
     """

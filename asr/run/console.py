@@ -64,13 +64,15 @@ class ModelSummary(RichModelSummary):
         table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
         for name, _ in columns:  # the first is the layer index, named " "
             table.add_column(name, style="dim" if name == " " else None,
-                             justify="right" if name in ("Params", "Params per Device", "In sizes", "Out sizes") else "left")
+                             justify=("right" if name in ("Params", "Params per Device", "In sizes", "Out sizes")
+                                      else "left"))
         for row in zip(*(values for _, values in columns)):
             table.add_row(*map(str, row))
         grid = Table.grid(expand=True)
         grid.add_column()
         for label, value in (("Trainable params", get_human_readable_count(int(trainable_parameters))),
-                             ("Non-trainable params", get_human_readable_count(int(total_parameters - trainable_parameters))),
+                             ("Non-trainable params",
+                              get_human_readable_count(int(total_parameters - trainable_parameters))),
                              ("Total params", get_human_readable_count(int(total_parameters))),
                              ("Total estimated model params size (MB)", get_formatted_model_size(model_size)),
                              ("Modules in train mode", total_training_modes["train"]),
@@ -136,7 +138,8 @@ class Progress(TQDMProgressBar):
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if outputs is not None and batch["ids"]:
             loss = outputs["loss"].detach().float() * trainer.accumulate_grad_batches  # Lightning divided it
-            self._sum += torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0), torch.isfinite(loss).float()])
+            self._sum += torch.stack([torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0),
+                                      torch.isfinite(loss).float()])
         self._audio += batch["audio_seconds"]
         step = trainer.global_step
         if step != self._step and step % trainer.log_every_n_steps == 0:
@@ -153,7 +156,8 @@ class Progress(TQDMProgressBar):
 
     def _line(self, trainer, batch_idx: int, now: float) -> str:
         step = trainer.global_step
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+        total = (trainer.max_steps if trainer.max_steps and trainer.max_steps > 0
+                 else int(trainer.estimated_stepping_batches))
         epoch = trainer.current_epoch + (batch_idx + 1) / max(1, trainer.num_training_batches)
         elapsed = now - self._started
         done = step - self._start_step

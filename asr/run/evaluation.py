@@ -107,7 +107,8 @@ def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
             lm_path = lm.build([u.text for u in data.raw("train")], run_dir / "lm", cfg.lm_order,
                                data.hparams.language)
         elif not Path(lm_path).is_file():
-            raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.tools.lm text=<file> out=<dir> builds one)")
+            raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.tools.lm text=<file> out=<dir> "
+                             f"builds one)")
     return lm.beam_decoder(model.vocab.tokens, lm_path, cfg.alpha, cfg.beta), lm_path
 
 

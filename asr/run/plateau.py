@@ -76,7 +76,8 @@ class PlateauWatch(L.Callback):
         # device (read only if the checks are logged), while they may still be needed.
         if self.left_at is None and not self.warned and self.warn_after is not None:
             grads = [p.grad for p in pl_module.model.wav2vec2.parameters() if p.grad is not None]
-            self._encoder_grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+            self._encoder_grad_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads
+                                       else None)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
@@ -175,7 +176,8 @@ def encoder_check(pl_module, grad_norm) -> str:
     of its parameters in the last training batch (None: it had none)."""
     encoder = list(pl_module.model.wav2vec2.parameters())
     trainable = sum(p.numel() for p in encoder if p.requires_grad)
-    norm = f"gradient norm {float(grad_norm):.3g} in the last batch" if grad_norm is not None else "no gradients in the last batch"
+    norm = (f"gradient norm {float(grad_norm):.3g} in the last batch" if grad_norm is not None
+            else "no gradients in the last batch")
     frozen = pl_module.hparams.freeze_finetune_updates
     held = (f"; model.freeze_finetune_updates={frozen} holds it until update {frozen}"
             if pl_module.global_step < frozen else "")

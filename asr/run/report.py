@@ -37,7 +37,8 @@ class RunReport(L.Callback):
         self.batch_per_update = batch_per_update  # in results.json (asr.run.cluster.batch_per_update)
         self.rows: list[dict] = []
         self.audio_seconds = self.padded_seconds = 0.0
-        self.truncated_seconds = 0.0  # codec padding cut from clips that decode longer than stated (asr.data.loading.collate)
+        # codec padding cut from clips that decode longer than stated (asr.data.loading.collate)
+        self.truncated_seconds = 0.0
         self.skipped_clips = 0  # training clips that could not be read and were left out of their batch
         self.empty_batches = 0  # training batches of which no clip could be read: zero-loss steps
         self.dropped: dict[str, list] = {"train": [], "dev": []}  # (id, reason) of clips that could not be read
@@ -55,8 +56,9 @@ class RunReport(L.Callback):
 
     def state_dict(self) -> dict:
         self._read_curve()
-        return {"rows": self.rows, "curve": self.curve, "audio_seconds": self.audio_seconds, "padded_seconds": self.padded_seconds,
-                "truncated_seconds": self.truncated_seconds, "skipped_clips": self.skipped_clips, "empty_batches": self.empty_batches, "dropped": self.dropped,
+        return {"rows": self.rows, "curve": self.curve, "audio_seconds": self.audio_seconds,
+                "padded_seconds": self.padded_seconds, "truncated_seconds": self.truncated_seconds,
+                "skipped_clips": self.skipped_clips, "empty_batches": self.empty_batches, "dropped": self.dropped,
                 "loss_sum": float(self.loss_sum), "loss_count": float(self.loss_count),
                 "train_seconds": self.seconds_so_far()}
 
@@ -206,7 +208,8 @@ class RunReport(L.Callback):
 def corpus_rates(metrics: dict) -> dict[str, dict]:
     """{name: {val_wer, val_cer}} of the val/<name>/wer and val/<name>/cer an evaluation logged (several corpora)."""
     names = sorted({key.split("/")[1] for key in metrics if key.count("/") == 2 and key.startswith("val/")})
-    return {name: {f"val_{m}": metrics[f"val/{name}/{m}"].item() for m in ("wer", "cer") if f"val/{name}/{m}" in metrics}
+    return {name: {f"val_{m}": metrics[f"val/{name}/{m}"].item() for m in ("wer", "cer")
+                   if f"val/{name}/{m}" in metrics}
             for name in names}
 
 
@@ -228,7 +231,8 @@ def corpus_table(best: dict, data=None) -> str:
              "| Corpus | Dev hours | Wer    | Cer    |\n", "|:------:|:---------:|:------:|:------:|\n"]
     for name, rates in best["corpora"].items():
         hours = f"{dev[name]['seconds'] / 3600:.2f}" if name in dev else "-"
-        lines.append(f"| {name} | {hours} | {rates.get('val_wer', float('nan')):<6.4f} | {rates.get('val_cer', float('nan')):<6.4f} |\n")
+        lines.append(f"| {name} | {hours} | {rates.get('val_wer', float('nan')):<6.4f} | "
+                     f"{rates.get('val_cer', float('nan')):<6.4f} |\n")
     return "".join(lines)
 
 
@@ -324,7 +328,8 @@ def trained_on(data: dict) -> str:
     """The card's words for the training data: the corpus and its root, or each corpus of data.corpora."""
     if data.get("corpora"):
         return "; ".join(f"{c['name']} ({c.get('lang') or c.get('corpus')}, {c.get('root')}"
-                         + (f", weight {c['weight']}" if c.get("weight") is not None else "") + ")" for c in data["corpora"])
+                         + (f", weight {c['weight']}" if c.get("weight") is not None else "") + ")"
+                         for c in data["corpora"])
     return f"{data['corpus']} ({data['root']})"
 
 

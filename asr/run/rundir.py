@@ -55,7 +55,8 @@ def hold(run_dir: str | Path) -> None:
                          f"hydra.run.dir.") from None
     job = slurm_job_id()
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}{f' (SLURM job {job})' if job else ''}\n".encode(), 0)
+    os.pwrite(fd,
+              f"process {os.getpid()} on {socket.gethostname()}{f' (SLURM job {job})' if job else ''}\n".encode(), 0)
     _held[run_dir] = fd
     for partial in [*run_dir.glob(".*.partial"), *run_dir.glob("checkpoints/.*.partial")]:
         partial.unlink(missing_ok=True)  # what a killed writer left (`write`, checkpoints.AtomicCheckpointIO)

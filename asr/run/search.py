@@ -246,6 +246,7 @@ def for_this_job() -> Pruning | None:
     hydra = HydraConfig.get()
     multirun = str(hydra.mode) == "RunMode.MULTIRUN"
     if not multirun and "LOCAL_RANK" not in os.environ:
-        raise SetupError(f"a search runs as a multirun: python train.py -m search={hydra.runtime.choices.get('search')} ...")
+        raise SetupError(f"a search runs as a multirun: python train.py -m "
+                         f"search={hydra.runtime.choices.get('search')} ...")
     return Pruning(hydra.sweeper.storage, hydra.sweeper.study_name, hydra.job.num if multirun else None,
                    hydra.sweeper.objective, instantiate(hydra.sweeper.pruner))

@@ -212,7 +212,8 @@ class PredictionsTable(L.Callback):
             hypotheses = pl_module.decode(batch).hypotheses  # as validation decodes
         pl_module.train(was_training)
         augmented = any("augment" in item for item in self.sample)  # the column only where augmentation runs
-        table = wandb.Table(columns=["id", *(["augment"] if augmented else []), "audio", "reference", "hypothesis", "cer"])
+        table = wandb.Table(columns=["id", *(["augment"] if augmented else []), "audio", "reference", "hypothesis",
+                                     "cer"])
         for item, hypothesis in zip(self.sample, hypotheses):
             cer = utterance_cer(item["text"], hypothesis)
             table.add_data(item["id"], *([item.get("augment", "none")] if augmented else []),

@@ -78,8 +78,8 @@ def warmup_batch(lengths: list[int], samples: int, vocab_size: int, generator: t
     labels[torch.arange(labels.shape[1])[None, :] >= torch.tensor(label_lengths)[:, None]] = -100
     noise = torch.randn(clips, samples, generator=generator) * mask
     return {"ids": [f"warmup-{i}" for i in range(clips)], "audio": noise, "labels": labels, "lengths": list(lengths),
-            "label_lengths": label_lengths, "shape": (clips, samples), "audio_seconds": sum(lengths) / audio.SAMPLE_RATE,
-            "padded_seconds": clips * samples / audio.SAMPLE_RATE}
+            "label_lengths": label_lengths, "shape": (clips, samples),
+            "audio_seconds": sum(lengths) / audio.SAMPLE_RATE, "padded_seconds": clips * samples / audio.SAMPLE_RATE}
 
 
 # SDPA's kernels that `choose_attention` times (the math kernel is the fallback, never chosen)

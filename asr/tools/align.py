@@ -103,7 +103,8 @@ def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, 
     rows = []
     for n, run in enumerate(runs):
         start = (runs[n - 1][-1]["end"] + run[0]["start"]) / 2 if n else max(0.0, run[0]["start"] - 0.1)
-        end = (run[-1]["end"] + runs[n + 1][0]["start"]) / 2 if n + 1 < len(runs) else min(seconds, run[-1]["end"] + 0.1)
+        end = ((run[-1]["end"] + runs[n + 1][0]["start"]) / 2 if n + 1 < len(runs)
+               else min(seconds, run[-1]["end"] + 0.1))
         clip = f"{name}_{n:04d}.wav"
         sf.write(out / "clips" / clip, wave[int(start * audio.SAMPLE_RATE) : int(end * audio.SAMPLE_RATE)],
                  audio.SAMPLE_RATE)
@@ -138,7 +139,8 @@ def main(argv: list[str]) -> None:
     try:
         model, _ = CTCModel.load(args.model_path, args.target_lang)
         model = model.to(asr.device(args.device)).eval()
-        logits, seconds = file_logits(model, str(Path(args.audio).expanduser()), args.chunk_seconds, args.stride_seconds)
+        logits, seconds = file_logits(model, str(Path(args.audio).expanduser()), args.chunk_seconds,
+                                      args.stride_seconds)
     except (asr.SetupError, audio.AudioError) as error:
         sys.exit(f"error: {error}")
     ids, missing = targets(transcript, model.vocab, model.hparams.language)
@@ -160,7 +162,8 @@ def main(argv: list[str]) -> None:
         return
     written = {"json": lambda: json.dumps({"audio": str(args.audio), "seconds": round(seconds, 3), "words": words},
                                           ensure_ascii=False, indent=1) + "\n",
-               "textgrid": lambda: textgrid(words, round(seconds, 3)), "audacity": lambda: audacity(words)}[args.format]()
+               "textgrid": lambda: textgrid(words, round(seconds, 3)),
+               "audacity": lambda: audacity(words)}[args.format]()
     if args.out:
         Path(args.out).expanduser().write_text(written, encoding="utf-8")
     else:

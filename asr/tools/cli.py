@@ -56,7 +56,8 @@ def help_text(tool: str) -> str:
     width = max(len(key) for key, _, _ in rows)
     values = max(len(value) for _, value, _ in rows)
     return "\n".join([*header, "", f"settings (key=value; defaults in conf/{tool}.yaml):",
-                      *(f"  {key:<{width}}  {value:<{values}}  {comment or ''}".rstrip() for key, value, comment in rows)])
+                      *(f"  {key:<{width}}  {value:<{values}}  {comment or ''}".rstrip()
+                        for key, value, comment in rows)])
 
 
 def script_help(tool: str) -> str:
@@ -142,7 +143,8 @@ def parse(tool: str, argv: list[str], passthrough: bool = False) -> tuple[DictCo
             cfg = compose(tool, overrides=mine)
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as error:
-        sys.exit(f"error: {error.full_key} is needed ({error.full_key}=...); `{_command(tool)} --help` lists the settings")
+        sys.exit(f"error: {error.full_key} is needed ({error.full_key}=...); `{_command(tool)} --help` lists "
+                 f"the settings")
     except HydraException as error:
         first = str(error).strip().splitlines()[0]
         sys.exit(f"error: {first}. Quote a value with spaces or brackets, e.g. key='a b' (and the whole "

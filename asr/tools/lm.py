@@ -1,7 +1,8 @@
 """Build a word n-gram LM (ARPA) for beam search from a text file (`asr.model.lm.build`).
 
-    python -m asr.tools.lm text=<file, one sentence per line> out=<dir> [order=<lm_order of conf/evaluate.yaml>] [language=hy]
+    python -m asr.tools.lm text=<file, one sentence per line> out=<dir> [order=5] [language=hy]
 
+order defaults to evaluate.py's lm_order (conf/evaluate.yaml).
 Settings: conf/lm.yaml (`--help`).
 """
 

@@ -198,7 +198,8 @@ def main(argv: list[str]):
     if args.cards:
         rows = cards(device, args.margin, [*overrides, "run_dir=/tmp/asr-memory"])
         print(f"\nthe cards' batches on {where}, {capacity_gb(device):.0f} GB, {args.margin:.0%} kept free")
-        print(f"{'experiment':<16} {'precision':<10} {'batch':>12} {'peak GB':>8} {'fits':>5}  override that fits (same audio per update)")
+        print(f"{'experiment':<16} {'precision':<10} {'batch':>12} {'peak GB':>8} {'fits':>5}  "
+              f"override that fits (same audio per update)")
         for r in rows:
             peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "OOM"
             print(f"{r['experiment']:<16} {r['precision']:<10} {r['clips']:>4} x {r['seconds']:>4.0f} s {peak:>8} "
@@ -210,7 +211,8 @@ def main(argv: list[str]):
           f"{result['allowed_gb']:.1f} GB usable ({args.margin:.0%} kept free); clips of {cfg.data.max_seconds:g} s")
     print(f"{'max_batch_seconds':>17} {'clips':>5} {'peak GB':>8}")
     for r in result["rows"]:
-        print(f"{r['max_batch_seconds']:>17g} {r['clips']:>5} {r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)!s:>8}")
+        print(f"{r['max_batch_seconds']:>17g} {r['clips']:>5} "
+              f"{r['peak_gb'] if r['peak_gb'] is None else round(r['peak_gb'], 2)!s:>8}")
     print(f"largest that fits: data.max_batch_seconds={result['fits']:g}" if result["fits"] else
           "not even one clip of data.max_seconds fits: model.gradient_checkpointing=true, precision=bf16, or a "
           "lower data.max_seconds")
