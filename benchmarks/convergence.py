@@ -42,7 +42,8 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: corpus={args.corpus}: expected one of {', '.join(sorted(synth.CORPORA))}")
     root = corpus(args.corpus)
     run_dir = Path(tempfile.mkdtemp(prefix="convergence-"))
-    budget = [f"trainer.max_time=00:00:{int(args.minutes):02d}:{round(args.minutes % 1 * 60):02d}"] if args.minutes else []
+    budget = ([f"trainer.max_time=00:00:{int(args.minutes):02d}:{round(args.minutes % 1 * 60):02d}"]
+              if args.minutes else [])
     command = [sys.executable, "train.py", "lang=pt", f"data.root={root}", "logger=none", *budget, *overrides,
                f"hydra.run.dir={run_dir}"]
     print(" ".join(command[1:]), flush=True)

@@ -179,7 +179,8 @@ class Measure(speed.SpeedMonitor):
         if first == last:
             return
         if step == first:
-            activities = [torch.profiler.ProfilerActivity.CPU, *([torch.profiler.ProfilerActivity.CUDA] if cuda else [])]
+            activities = [torch.profiler.ProfilerActivity.CPU,
+                          *([torch.profiler.ProfilerActivity.CUDA] if cuda else [])]
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
             self._profile_started = time.perf_counter()
@@ -263,8 +264,10 @@ def hf(cfg, steps: int, warmup: int, data, model, peak) -> dict:
 
     seen = {}
     timer = Timer()
-    result = throughput.hf_trainer(cfg, warmup + steps, throughput.clips_per_batch(data), data, model.model, callbacks=[timer], seen=seen,
-                                   flops=lambda lengths: speed.training_flops(model.model.config, lengths, cfg.model.freeze_feature_encoder is False))
+    result = throughput.hf_trainer(cfg, warmup + steps, throughput.clips_per_batch(data), data, model.model,
+                                   callbacks=[timer], seen=seen,
+                                   flops=lambda lengths: speed.training_flops(
+                                       model.model.config, lengths, cfg.model.freeze_feature_encoder is False))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - timer.started

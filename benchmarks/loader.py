@@ -149,12 +149,14 @@ def main(argv: list[str]) -> None:
         for _ in range(args.repeats):
             measured = {
                 "decode only (soundfile, 48 kHz)": rate(paths, decode_only),
-                "new load path (soxr HQ, in place)": rate(paths, lambda p: len(audio.normalize(audio.load(p))) / 16_000),
+                "new load path (soxr HQ, in place)": rate(paths,
+                                                          lambda p: len(audio.normalize(audio.load(p))) / 16_000),
             }
             measured["one worker, end to end (new)"], shapes = worker_rate(root, args.passes)
             measured["one worker, augment=speed"] = worker_rate(root, args.passes, "augment=speed")[0]
             measured["one worker, augment=noise"] = worker_rate(root, args.passes, "augment=noise", noise)[0]
-            measured["one worker, augment=speed_noise"] = worker_rate(root, args.passes, "augment=speed_noise", noise)[0]
+            measured["one worker, augment=speed_noise"] = worker_rate(root, args.passes, "augment=speed_noise",
+                                                                      noise)[0]
             for name, figures in measured.items():
                 rows.setdefault(name, []).append(figures)
         if args.old:

@@ -10,8 +10,8 @@ words whose middle falls in it are compared with where its speech starts and end
 `speech_span`; the worst end counting the echoes is printed too). asr.tools.align's path aligns the clips' transcripts,
 and the words that land outside their clip are counted: a word is outside when its first or its last
 20 ms frame holds none of the clip (the joined clips do not start on frame boundaries, so a word's first frame
-may begin up to a frame before the clip's first sample and still cover it). Prints a row per clip and the worst differences. The settings
-and their defaults: conf/bench/timestamps.yaml (`--help`).
+may begin up to a frame before the clip's first sample and still cover it). Prints a row per clip and the worst
+differences. The settings and their defaults: conf/bench/timestamps.yaml (`--help`).
 """
 
 import sys
@@ -105,8 +105,8 @@ def main(argv: list[str]) -> dict:
         first, last = (f"{inside[0]['start']:.2f}-{inside[-1]['end']:.2f}", f"{starts[-1]:+.2f} {ends[-1]:+.2f}") \
             if inside else ("none", "-")
         echo = f"  (its echo to {echo_end:.2f} left out)" if echo_end > speech_end else ""
-        print(f"{Path(path).name:<34} {speech_start:>6.2f}-{speech_end:<6.2f} {first:>13} {last:>13}  {out} of {len(words)}"
-              f"{echo}")
+        print(f"{Path(path).name:<34} {speech_start:>6.2f}-{speech_end:<6.2f} {first:>13} {last:>13}  "
+              f"{out} of {len(words)}{echo}")
     result = {"worst_start": max(map(abs, starts), default=None), "worst_end": max(map(abs, ends), default=None),
               "worst_end_with_echo": max(map(abs, with_echo), default=None),
               "echoes": sum(b > e for *_, e, b in spans), "aligned_outside": outside, "aligned_words": len(aligned)}

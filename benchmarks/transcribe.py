@@ -92,7 +92,8 @@ def main(argv: list[str]) -> dict:
     print(f"{len(paths)} clips of {args.dir} ({len(set(paths))} distinct), {seconds / 60:.1f} min of audio; tiny "
           f"model, random weights; CPU, torch threads {torch.get_num_threads()}\n")
     rows = {"pipeline, one file at a time (old)": old_wall,
-            f"transcribe.py, {args.batch_seconds:g} s batches, loader workers {workers(args.num_workers)} (new)": new_wall}
+            f"transcribe.py, {args.batch_seconds:g} s batches, "
+            f"loader workers {workers(args.num_workers)} (new)": new_wall}
     print(f"{'path':<58} {'wall s':>7} {'audio-s/s':>10}")
     for name, wall in rows.items():
         print(f"{name:<58} {wall:>7.2f} {seconds / wall:>10.1f}")

@@ -72,8 +72,9 @@ def trained_run(cv_corpus, tmp_path_factory) -> TrainedRun:
     run_dir = home / "run"
     command = [sys.executable, "train.py"]
     common = dict(cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
-    first = subprocess.run([*command, "lang=hy", "data.root=~/cv", "trainer.max_steps=2", "trainer.val_check_interval=2",
-                            "data.max_batch_seconds=20", "data.num_workers=0", "logger=none", f"hydra.run.dir={run_dir}"],
+    first = subprocess.run([*command, "lang=hy", "data.root=~/cv", "trainer.max_steps=2",
+                            "trainer.val_check_interval=2", "data.max_batch_seconds=20", "data.num_workers=0",
+                            "logger=none", f"hydra.run.dir={run_dir}"],
                            env=dict(os.environ, HOME=str(home)), **common)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = subprocess.run([*command, f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_steps=4",

@@ -16,7 +16,8 @@ GAP = 0.6  # seconds of silence between two joined clips
 def transcripts(root, split: str, language: str) -> dict[str, str]:
     """clip file name -> its normalised transcript, from the Common Voice TSV of `split`."""
     clips = corpora.read_split("common_voice", str(root), split, language, cache_dir=root / ".cache")
-    return {p.rsplit("/", 1)[-1]: text.normalize(t, language) for p, t in zip(clips.column("path"), clips.column("text"))}
+    return {p.rsplit("/", 1)[-1]: text.normalize(t, language)
+            for p, t in zip(clips.column("path"), clips.column("text"))}
 
 
 def run_align(*args):
@@ -44,7 +45,8 @@ def test_a_known_transcript_aligns_word_by_word_in_every_format(barely_trained, 
                      "format=textgrid").stdout
     assert grid.startswith('File type = "ooTextFile"') and grid.count('text = "') >= len(words)
     too_long = run_align(f"model_path={model}", f"audio={clips[0]}", f"text='{' '.join(words * 8)}'")
-    assert too_long.returncode == 1 and too_long.stderr.strip().startswith("error: the transcript does not fit the audio")
+    assert (too_long.returncode == 1
+            and too_long.stderr.strip().startswith("error: the transcript does not fit the audio"))
 
 
 def test_segment_cuts_a_recording_into_a_corpus_train_py_reads(barely_trained, cv_corpus, tmp_path):
@@ -53,8 +55,8 @@ def test_segment_cuts_a_recording_into_a_corpus_train_py_reads(barely_trained, c
     joined(clips, tmp_path / "long.wav", GAP)
     transcript = " ".join(said[c.name] for c in clips)
     out = tmp_path / "corpus"
-    result = run_align(f"model_path={barely_trained / 'model'}", f"audio={tmp_path / 'long.wav'}", f"text='{transcript}'",
-                       "segment=true", "max_seconds=5", f"out={out}")
+    result = run_align(f"model_path={barely_trained / 'model'}", f"audio={tmp_path / 'long.wav'}",
+                       f"text='{transcript}'", "segment=true", "max_seconds=5", f"out={out}")
     assert result.returncode == 0, result.stderr
     listed = corpora.read_split("common_voice", str(out), "train", "pt", cache_dir=tmp_path / "cache")
     assert len(listed) >= 2 and " ".join(listed.column("text")) == transcript  # every word, once, in order

@@ -108,7 +108,8 @@ def test_concat_puts_another_clip_after_a_pause_and_joins_the_transcripts():
     train = demo.load("train")
     augmented = loading.UtteranceDataset(train, demo.vocab, demo.augment)
     plain = loading.UtteranceDataset(train, demo.vocab)
-    speed_only = loading.UtteranceDataset(train, demo.vocab, Augment(**{**OFF, "speed_prob": 1.0}, seed=demo.augment.seed))
+    speed_only = loading.UtteranceDataset(train, demo.vocab,
+                                          Augment(**{**OFF, "speed_prob": 1.0}, seed=demo.augment.seed))
     fits = np.flatnonzero(train.seconds / 0.9 <= 3.5 - 1.0)
     assert np.array_equal(augmented.partners, fits) and 0 < len(fits) < len(train)
     followed = repeats_differ = 0
@@ -164,7 +165,8 @@ def test_augmented_batches_stay_within_their_shapes_and_budget_with_the_same_cou
         assert module.report["train"]["augment"]["silence"]["planned_on"] == "durations + 2 s (the most on both sides)"
     if option == "long_form":
         assert 0.3 < np.mean(["another clip after" in d for d in descriptions[0]]) < 0.7
-        assert module.report["train"]["augment"]["concat"]["planned_on"] == "durations + 4 s (the room for a second clip)"
+        assert (module.report["train"]["augment"]["concat"]["planned_on"]
+                == "durations + 4 s (the room for a second clip)")
 
 
 def test_a_resumed_loader_replays_the_same_augmented_batches_whatever_the_workers(noise_dir):
@@ -222,7 +224,8 @@ def test_noise_is_mixed_at_the_snr_asked_for(noise_dir, snr_db):
         assert len(noise) == len(speech) and np.abs(noise).max() > 0
         mixed = mix(speech.copy(), noise, choice.snr_db)
         added = mixed.astype(np.float64) - speech
-        assert 10 * np.log10(np.sum(speech.astype(np.float64) ** 2) / np.sum(added**2)) == pytest.approx(snr_db, abs=0.01)
+        assert (10 * np.log10(np.sum(speech.astype(np.float64) ** 2) / np.sum(added**2))
+                == pytest.approx(snr_db, abs=0.01))
     assert used == {"white.wav", "music/tone.wav"}
 
 

@@ -64,7 +64,8 @@ def test_the_average_is_the_element_wise_mean_in_float64_and_integers_are_the_ne
     result = in_process(average_tool.main, ["ckpts=[" + ",".join(map(str, paths)) + "]", f"out={out}"])
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["averaged 3 checkpoints:", "  a.ckpt  update 20  dev CER -",
-                                          "  b.ckpt  update 30  dev CER -", "  c.ckpt  update 10  dev CER -", f"-> {out}"]
+                                          "  b.ckpt  update 30  dev CER -", "  c.ckpt  update 10  dev CER -",
+                                          f"-> {out}"]
     mean = torch.load(out, map_location="cpu", weights_only=True)
     assert set(mean["state_dict"]) == set(states[0])
     for key, tensor in mean["state_dict"].items():
@@ -94,7 +95,8 @@ def test_best_picks_the_lowest_dev_cer_and_last_the_latest_updates(barely_traine
     weights = {}
     for step, cer in [(10, 0.5), (20, 0.2), (30, 0.4), (40, 0.3)]:
         weights[step] = checkpoint_at(source, run / "checkpoints" / f"best-step{step}.ckpt", step, cer, plus(step))
-    weights[45] = checkpoint_at(source, run / "checkpoints" / "last.ckpt", 45, None, plus(45))  # after its last evaluation
+    # after its last evaluation
+    weights[45] = checkpoint_at(source, run / "checkpoints" / "last.ckpt", 45, None, plus(45))
     key = "model.lm_head.weight"
 
     result = in_process(average_tool.main, [f"run={run}", "best=2"])
@@ -109,7 +111,8 @@ def test_best_picks_the_lowest_dev_cer_and_last_the_latest_updates(barely_traine
 
     result = in_process(average_tool.main, [f"run={run}", "last=2", f"out={tmp_path / 'last2.ckpt'}"])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[1:3] == ["  last.ckpt  update 45  dev CER -", "  best-step40.ckpt  update 40  dev CER 0.3000"]
+    assert result.stdout.splitlines()[1:3] == ["  last.ckpt  update 45  dev CER -",
+                                               "  best-step40.ckpt  update 40  dev CER 0.3000"]
     mean = torch.load(tmp_path / "last2.ckpt", map_location="cpu", weights_only=True)
     expected = ((weights[45]["state_dict"][key].double() + weights[40]["state_dict"][key].double()) / 2).float()
     assert torch.equal(mean["state_dict"][key], expected)
@@ -146,7 +149,8 @@ def test_an_average_loads_transcribes_and_exports_as_the_weights_it_averages_to(
     assert ours.stdout == theirs.stdout and len(ours.stdout) > 20  # not a blank model
     exported = in_process(export_tool.main, [f"ckpt_path={out}", f"out={tmp_path / 'exported'}"])
     assert exported.returncode == 0 and (tmp_path / "exported" / "model.safetensors").is_file(), exported.stderr
-    with pytest.raises(SetupError, match=r"is an average of checkpoints \(python -m asr.tools.average\).*not a state to resume"):
+    with pytest.raises(SetupError, match=r"is an average of checkpoints \(python -m asr.tools.average\)"
+                                         r".*not a state to resume"):
         checkpoints.resume_checkpoint(str(out), tmp_path)
 
 
@@ -197,8 +201,10 @@ def test_callbacks_average_averages_the_best_at_the_end_and_scores_both_on_dev(c
     common = (f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=20", "logger=none",
               "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false")
     with pytest.raises(SetupError, match=r"callbacks.average.best=3 averages the 3 best checkpoints, but "
-                                         r"callbacks.checkpoint.save_top_k=2 keeps 2: add callbacks.checkpoint.save_top_k=3"):
-        assembled(*common, f"run_dir={tmp_path / 'refused'}", "callbacks.average.best=3", "callbacks.checkpoint.save_top_k=2")
+                                         r"callbacks.checkpoint.save_top_k=2 keeps 2: "
+                                         r"add callbacks.checkpoint.save_top_k=3"):
+        assembled(*common, f"run_dir={tmp_path / 'refused'}", "callbacks.average.best=3",
+                  "callbacks.checkpoint.save_top_k=2")
     assert compose_config(overrides=["callbacks.average.best=4"]).callbacks.checkpoint.save_top_k == 4
     assert compose_config().callbacks.checkpoint.save_top_k == 1
 

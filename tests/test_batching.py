@@ -161,8 +161,8 @@ def test_every_rank_plans_the_same_shapes():
 
 
 def test_collate_pads_to_the_planned_shape():
-    """collate pads samples to the plan's length (labels to the longest transcript); a clip decoded longer than its stated
-    duration (MP3 codec padding) is cut at that length and counted; `lengths` are what the batch holds."""
+    """collate pads samples to the plan's length (labels to the longest transcript); a clip decoded longer than its
+    stated duration (MP3 codec padding) is cut at that length and counted; `lengths` are what the batch holds."""
     def item(seconds, decoded, labels=3):
         return {"id": f"{seconds}", "audio": np.ones(decoded, np.float32), "text": "a" * labels,
                 "labels": [1] * labels, "seconds": seconds}

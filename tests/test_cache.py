@@ -31,7 +31,8 @@ def test_decode_cache_makes_16khz_copies_once_and_drops_what_does_not_decode(tmp
     t = np.arange(48000 * 2) / 48000
     synth.write_mp3(tmp_path / "a.mp3", (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32))
     (tmp_path / "bad.mp3").write_bytes(b"ID3" + bytes(300))
-    copies = cache.decoded_copies([str(tmp_path / "a.mp3"), str(tmp_path / "bad.mp3")], tmp_path / "c", workers=1, format="flac")
+    copies = cache.decoded_copies([str(tmp_path / "a.mp3"), str(tmp_path / "bad.mp3")], tmp_path / "c", workers=1,
+                                  format="flac")
     assert copies[1] is None
     info = sf.info(copies[0])
     assert info.samplerate == 16000 and info.subtype == "PCM_16" and info.format == "FLAC"

@@ -19,8 +19,10 @@ TOOLS = ["transcribe", "sweep", "export", "lm", "memory", "synth", "average"]
 @pytest.mark.parametrize("tool", TOOLS)
 def test_help_lists_every_setting_with_its_default(tool):
     settings = OmegaConf.load(asr.REPO_DIR / "conf" / f"{tool}.yaml")
+    # `in settings.keys()`, not `in settings`: a DictConfig's `in` leaves out the mandatory ('???') settings
     listed = {line.split()[0]: line.split()[1] for line in cli.help_text(tool).splitlines()
-              if line.startswith("  ") and len(line.split()) > 2 and line.split()[0] in settings.keys()}
+              if line.startswith("  ") and len(line.split()) > 2
+              and line.split()[0] in settings.keys()}  # noqa: SIM118
     assert listed == {key: str(value).replace("None", "null").replace("False", "false").replace("True", "true")
                       for key, value in OmegaConf.to_container(settings).items()}
 
@@ -32,7 +34,8 @@ def test_settings_take_overrides_and_missing_or_unknown_keys_are_named(monkeypat
     assert cli.parse("sweep", ["dir=$RUNS/sweep"])[0].dir == "/scratch/me/sweep"
     with pytest.raises(SystemExit, match=r"^error: dir is needed \(dir=\.\.\.\)"):
         cli.parse("sweep", ["key=val_wer"])
-    with pytest.raises(SystemExit, match=r"^error: foo is not a setting of python -m asr.tools.sweep; its settings: dir, key"):
+    with pytest.raises(SystemExit, match=r"^error: foo is not a setting of python -m asr.tools.sweep; "
+                                         r"its settings: dir, key"):
         cli.parse("sweep", ["dir=x", "foo=1"])
     with pytest.raises(SystemExit, match=r"^error: 'x' is not key=value"):
         cli.parse("sweep", ["x"])

@@ -37,7 +37,8 @@ def test_batch_per_update_keeps_a_cards_batch_on_any_number_of_gpus():
     assert (one["accumulate"], one["clips"]) == (8, 128) and (eight["accumulate"], eight["clips"]) == (1, 128)
     assert "128 clips" in eight["text"] and "x 8 processes" in eight["text"]
     assert cluster.batch_per_update(None, 240, 1, None, 30, world_size=2)["accumulate"] == 4
-    with pytest.raises(SetupError, match=r"update_clips=128 does not divide into 3 process\(es\) x data.max_batch_size=16"):
+    with pytest.raises(SetupError, match=r"update_clips=128 does not divide into 3 process\(es\) "
+                                         r"x data.max_batch_size=16"):
         cluster.batch_per_update(128, None, 1, 16, 320, world_size=3)
     with pytest.raises(SetupError, match="drop trainer.accumulate_grad_batches"):
         cluster.batch_per_update(128, None, 8, 16, 320, world_size=1)
@@ -229,9 +230,10 @@ def test_a_preempted_slurm_job_requeues_and_resumes_with_the_next_batch(slurm, t
 def test_a_two_point_sweep_through_the_submitit_launcher_runs_two_jobs_of_two_tasks(slurm, tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [PY, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.launcher.timeout_min=10",
-         "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3", "trainer.val_check_interval=3",
-         "data.num_workers=0", "logger=none", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"],
+        [PY, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
+         "hydra.launcher.timeout_min=10", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_steps=3",
+         "trainer.val_check_interval=3", "data.num_workers=0", "logger=none", "optim.lr=1e-3,2e-3",
+         f"hydra.sweep.dir={sweep}"],
         cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     sbatch = next((sweep / ".submitit").glob(".submission_file_*.sh")).read_text()
@@ -289,7 +291,8 @@ def test_a_cards_batch_and_evaluation_cadence_hold_on_1_and_8_gpus():
         batch = cluster.batch_per_update(cfg.update_clips, cfg.update_seconds, cfg.trainer.accumulate_grad_batches,
                                          cfg.data.max_batch_size, cfg.data.max_batch_seconds, world)
         assert (batch["accumulate"], batch["clips"]) == (accumulate, 128)
-        assert validation_cadence(cfg, batch) == {"val_check_interval": 100 * accumulate, "check_val_every_n_epoch": None}
+        assert validation_cadence(cfg, batch) == {"val_check_interval": 100 * accumulate,
+                                                  "check_val_every_n_epoch": None}
     tiny = compose_config(overrides=["update_seconds=120"])  # 30-second batches on the tiny model
     batch = cluster.batch_per_update(tiny.update_clips, tiny.update_seconds, tiny.trainer.accumulate_grad_batches,
                                      tiny.data.max_batch_size, tiny.data.max_batch_seconds, 2)

@@ -153,7 +153,8 @@ def test_offline_without_weights_or_data_fails_fast_with_a_message(tmp_path):
 
 def test_numeric_precision_choices_are_quoted_for_hydra():
     argv = ["train.py", "precision=32", "++precision=16,bf16", "trainer.devices=2"]
-    assert asr.quote_numeric_choices(argv) == ["train.py", "precision='32'", "++precision='16',bf16", "trainer.devices=2"]
+    assert asr.quote_numeric_choices(argv) == ["train.py", "precision='32'", "++precision='16',bf16",
+                                               "trainer.devices=2"]
 
 
 @pytest.mark.parametrize("lang", GROUPS["lang"])

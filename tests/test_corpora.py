@@ -130,7 +130,8 @@ def test_any_local_dataset_by_column_names(tmp_path):
     with pytest.raises(SetupError, match=r"lacks the column\(s\) \['text=text'\].*'sentence'"):
         corpora.read_split("hf_dataset", root, "train", "pt", {"audio": "clip", "text": "text"}, cache_dir=tmp_path)
     with pytest.raises(SetupError, match=r"no split 'validation'; it has \['train'\]"):
-        corpora.read_split("hf_dataset", root, "validation", "pt", {"audio": "clip", "text": "sentence"}, cache_dir=tmp_path)
+        corpora.read_split("hf_dataset", root, "validation", "pt", {"audio": "clip", "text": "sentence"},
+                           cache_dir=tmp_path)
     (utt,) = corpora.read_split("hf_dataset", root, "train", "pt",
                                 {"audio": "clip", "text": "sentence", "speaker": "who"}, cache_dir=tmp_path)
     assert (utt.id, utt.text, utt.speaker, utt.language) == ("0", "Olá!", "a", "pt")
@@ -181,8 +182,8 @@ def test_broken_rows_are_counted_and_the_good_ones_all_train(broken_cv, tmp_path
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "train.py", f"data.root={broken_cv}", "trainer.max_epochs=1", "trainer.max_steps=-1",
-         "trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=1", "data.num_workers=1", "data.max_batch_seconds=20",
-         f"hydra.run.dir={run}"],
+         "trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=1", "data.num_workers=1",
+         "data.max_batch_seconds=20", f"hydra.run.dir={run}"],
         cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300, env=dict(os.environ, WANDB_MODE="offline"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -207,8 +208,9 @@ def test_ascend_run_reports_mer_and_each_language_tag(tmp_path, ascend_rows):
     synth.write_hf_dataset(tmp_path / "ascend", ascend_rows, "save_to_disk")
     common = [f"data.root={tmp_path / 'ascend'}", "lang=zh_en", "data.num_workers=0", "data.max_batch_seconds=20"]
     env = dict(os.environ, WANDB_MODE="offline")
-    train = subprocess.run([sys.executable, "train.py", *common, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
-                            "trainer.val_check_interval=1.0", f"hydra.run.dir={tmp_path}/run"],
+    train = subprocess.run([sys.executable, "train.py", *common, "trainer.max_epochs=1",
+                            "trainer.check_val_every_n_epoch=1", "trainer.val_check_interval=1.0",
+                            f"hydra.run.dir={tmp_path}/run"],
                            cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300, env=env)
     assert train.returncode == 0, train.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -177,7 +177,8 @@ def test_two_corpora_load_with_a_union_vocabulary_and_a_report_per_corpus(cv_cor
     assert data.check() is None
     with caplog.at_level(logging.WARNING):
         data.setup("fit")
-    assert "corpus es: its dev split (dev) lists no clip; its dev is carved from its train split: 1 speakers" in caplog.text
+    assert ("corpus es: its dev split (dev) lists no clip; its dev is carved from its train split: 1 speakers"
+            in caplog.text)
     pt_only = set("".join(data.parts["pt"].raw("train").column("text")))
     es_only = set("".join(data.parts["es"].raw("train").column("text")))
     assert (pt_only | es_only) - {" "} <= set(data.vocab.tokens) and es_only - pt_only  # the union
@@ -265,7 +266,8 @@ def test_each_corpus_dev_split_is_scored_and_val_cer_is_their_hour_weighted_mean
         predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         assert {(p["corpus"], p["root"]) for p in predictions if p["corpus"] == "es"} == {("es", str(es_corpus))}
     result = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={tmp_path}", "corpus=fr",
-                             f"hydra.run.dir={tmp_path}/bad"], cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=600)
+                             f"hydra.run.dir={tmp_path}/bad"], cwd=asr.REPO_DIR, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 1 and "corpus=fr: the run's corpora are pt, es" in result.stderr
     with pytest.raises(SetupError, match=r"'fr' is not a corpus of this run; give one of val/pt/cer, val/es/cer"):
         assembled(mix_of(cv_corpus, es_corpus), "data.num_workers=0", "data.max_batch_seconds=20", "logger=none",
@@ -294,7 +296,8 @@ def test_lightning_resume_of_a_mixed_run_continues_with_the_next_batch(cv_corpus
     _, resumed = fit([], tmp_path / "ckpt" / "step=5.ckpt")
     assert len(uninterrupted) == 16 and resumed == uninterrupted[5:]
     es = {i for batch in uninterrupted for i in batch if i.startswith("common_voice_es")}
-    assert es and len(es) < sum(i.startswith("common_voice_es") for batch in uninterrupted for i in batch)  # drawn again
+    # drawn again
+    assert es and len(es) < sum(i.startswith("common_voice_es") for batch in uninterrupted for i in batch)
     epochs = [sorted(sum(uninterrupted[e * per_epoch:(e + 1) * per_epoch], [])) for e in (0, 1)]
     assert epochs[0] != epochs[1]  # each epoch its own draw of the oversampled corpus
 
@@ -328,11 +331,12 @@ def test_corpus_rates_are_each_corpus_s_and_their_dev_hour_weighted_mean():
     corpora = {"a": {"dev_seconds": 3600.0}, "b": {"dev_seconds": 1200.0}, "c": {"dev_seconds": 600.0}}
     rates = corpus_rates(corpora, [[2, 10, 5, 100], [3, 5, 20, 50], [0, 0, 0, 0]])
     assert rates["by_corpus"] == {"a": (0.2, 0.05), "b": (0.6, 0.4)}
-    assert rates["cer"] == pytest.approx(0.75 * 0.05 + 0.25 * 0.4) and rates["wer"] == pytest.approx(0.75 * 0.2 + 0.25 * 0.6)
+    assert (rates["cer"] == pytest.approx(0.75 * 0.05 + 0.25 * 0.4)
+            and rates["wer"] == pytest.approx(0.75 * 0.2 + 0.25 * 0.6))
     assert rates["cer"] != pytest.approx(25 / 150)  # the pooled figure
     assert corpus_rates(corpora, [[0, 0, 0, 0]] * 3) == {}
-    assert corpus_rates({"a": {"dev_seconds": 0.0}, "b": {"dev_seconds": 0.0}}, [[0, 1, 1, 10], [0, 1, 3, 10]])["cer"] == \
-        pytest.approx(0.2)  # no hours stated: equal weights
+    assert corpus_rates({"a": {"dev_seconds": 0.0}, "b": {"dev_seconds": 0.0}},
+                        [[0, 1, 1, 10], [0, 1, 3, 10]])["cer"] == pytest.approx(0.2)  # no hours stated: equal weights
 
 
 def test_evaluate_weighs_each_corpus_test_cer_by_its_test_hours():
@@ -345,7 +349,8 @@ def test_evaluate_weighs_each_corpus_test_cer_by_its_test_hours():
         return [*errors.totals("wer"), *errors.totals("cer")]
 
     a, b = ErrorRates(), ErrorRates()
-    a.update(["o gato", "a casa"], ["o gato", "a cosa"], ["pt", "pt"])  # 1 of 12 characters (spaces count), 1 of 4 words
+    # 1 of 12 characters (spaces count), 1 of 4 words
+    a.update(["o gato", "a casa"], ["o gato", "a cosa"], ["pt", "pt"])
     b.update(["el perro"], ["al pero"], ["es"])  # 2 of 8 characters, 2 of 2 words
     assert edits(a) == [1, 4, 1, 12] and edits(b) == [2, 2, 2, 8]
     rates = corpus_rates({"a": {"seconds": 900.0}, "b": {"seconds": 2700.0}}, [edits(a), edits(b)], seconds="seconds")

@@ -65,7 +65,8 @@ def test_common_voice_reader_keeps_quotes_and_reads_old_columns(tmp_path):
     utts = corpora.read_common_voice(tmp_path, "train", "pt")
     assert utts[0].text == 'Ele disse "olá sim"' and utts[0].speaker == "spk1" and utts[0].duration is None
     assert len(utts) == 1 and utts.table.schema.metadata[b"malformed_rows"] == b"1"
-    assert json.loads(utts.table.schema.metadata[b"malformed_lines"]) == ["train.tsv: " + "spk2\tb.mp3\tuma linha com campos a mais\t1\t0\t\t\t\t\t"]
+    assert json.loads(utts.table.schema.metadata[b"malformed_lines"]) == [
+        "train.tsv: " + "spk2\tb.mp3\tuma linha com campos a mais\t1\t0\t\t\t\t\t"]
 
 
 def test_common_voice_reader_names_what_is_missing(tmp_path):
@@ -94,7 +95,8 @@ def test_check_split_drops_and_counts(tmp_path):
     def check(utterances, training):
         clips = corpora.Clips(listing.prepare(corpora.Clips.from_records(utterances), "pt"))
         seconds, problems = listing.durations(clips, tmp_path / "cache.json", workers=1)
-        return listing.check_split(clips, seconds, problems, vocab, min_seconds=0.0, max_seconds=20.0, training=training)
+        return listing.check_split(clips, seconds, problems, vocab, min_seconds=0.0, max_seconds=20.0,
+                                   training=training)
 
     kept, report = check(utts, training=True)
     assert [u.id for u in kept] == ["ok"] and kept[0].duration == pytest.approx(2.0)
@@ -146,7 +148,7 @@ def test_num_workers_auto_is_the_ranks_cores_less_one(monkeypatch):
     assert data_module("data.num_workers=auto").num_workers == 8
     assert data_module("data.num_workers=2").num_workers == 2
     with pytest.raises(SetupError, match=r"data.num_workers='many': give a number of loader processes"):
-        data_module("data.num_workers=many").num_workers
+        _ = data_module("data.num_workers=many").num_workers
 
 
 def test_worker_batches_equal_in_process_batches_and_stay_intact_when_held():

@@ -26,7 +26,8 @@ def test_our_encoder_pass_is_hfs_with_spec_augment_and_reads_nothing_back(cv_cor
         ours, _ = model.model.encode(batch["audio"], batch["lengths"])
     np.random.seed(3)
     with DeviceReads() as hf_mode:
-        theirs = model.model.wav2vec2(batch["audio"], attention_mask=attention_mask(batch["lengths"], batch["shape"][1]))[0]
+        theirs = model.model.wav2vec2(batch["audio"],
+                                      attention_mask=attention_mask(batch["lengths"], batch["shape"][1]))[0]
     assert ours_mode.reads == []
     assert hf_mode.reads  # its lengths' .tolist() and the boolean-mask assignment
     torch.testing.assert_close(ours, theirs)

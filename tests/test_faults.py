@@ -99,7 +99,8 @@ def test_a_file_that_is_not_a_checkpoint_stops_every_tool_in_one_line(tmp_path):
 def test_a_checkpoint_of_something_else_names_what_it_lacks(tmp_path):
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, other)
-    assert checkpoints.problem(other) == f"{other} is not a checkpoint of train.py (it lacks hyper_parameters, wav2vec2_config)"
+    assert checkpoints.problem(other) == (f"{other} is not a checkpoint of train.py "
+                                          "(it lacks hyper_parameters, wav2vec2_config)")
 
 
 # 2. A half-written last.ckpt
@@ -147,8 +148,9 @@ def test_a_second_process_in_a_live_run_directory_is_refused_and_a_killed_one_fr
 
 
 def test_the_lock_is_per_process_and_released_at_exit(tmp_path):
-    holder = subprocess.Popen([PY, "-c", f"from asr.run import rundir; rundir.hold({str(tmp_path)!r}); print('held', flush=True); "
-                               "import time; time.sleep(60)"], cwd=asr.REPO_DIR, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([PY, "-c", f"from asr.run import rundir; rundir.hold({str(tmp_path)!r}); "
+                               "print('held', flush=True); import time; time.sleep(60)"], cwd=asr.REPO_DIR,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(SetupError, match=f"in use by process {holder.pid} on "):
@@ -182,7 +184,8 @@ def test_the_machine_check_passes_what_runs_and_names_bf16_without_support(monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU of before Ampere
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
-    with pytest.raises(SetupError, match="precision=bf16 needs a GPU with bf16 .* Tesla V100 has none: give precision=16"):
+    with pytest.raises(SetupError, match="precision=bf16 needs a GPU with bf16 .* Tesla V100 has none: "
+                                         "give precision=16"):
         cluster.check_machine(trainer(precision="bf16-mixed"))
     cluster.check_machine(trainer(precision="16-mixed", devices=2))
 
@@ -199,7 +202,8 @@ def test_transcribe_names_each_file_it_cannot_read_and_exits_1(finished, cv_corp
     (folder / "empty.wav").write_bytes(b"")
     sf.write(folder / "short.wav", np.zeros(0, dtype=np.float32), 16_000)  # a header and no samples
     missing = tmp_path / "gone.wav"
-    result = in_process(transcribe.main, [f"model_path={finished / 'model'}", f"audio=[{folder},{missing}]", "format=json"])
+    result = in_process(transcribe.main, [f"model_path={finished / 'model'}", f"audio=[{folder},{missing}]",
+                                          "format=json"])
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {folder / 'empty.wav'} is empty (0 bytes)",
@@ -213,7 +217,7 @@ def test_transcribe_names_each_file_it_cannot_read_and_exits_1(finished, cv_corp
 def test_the_data_report_gives_the_same_reasons_as_transcribe(cv_corpus, tmp_path):
     root = tmp_path / "cv"
     shutil.copytree(cv_corpus, root)
-    train = [row for row in csv.DictReader(open(root / "train.tsv"), delimiter="\t")]
+    train = list(csv.DictReader(open(root / "train.tsv"), delimiter="\t"))
     (root / "clips" / train[0]["path"]).write_bytes(b"")
     (root / "clips" / train[1]["path"]).unlink()
     (root / "clips" / train[2]["path"]).write_bytes(b"not audio" * 100)
@@ -266,7 +270,8 @@ def test_a_terminal_bar_shows_the_loss_and_plain_lines_wait_their_seconds(cv_cor
     assert run.report.state_dict()["curve"]["loss"][-1] == pytest.approx(mean, rel=1e-5)  # curves.png's too
     assembled(*common, "callbacks.progress.plain=true", "callbacks.progress.every_seconds=3600").fit()
     out = capfd.readouterr().out
-    assert not [line for line in out.splitlines() if line.startswith("update ")] and "it/s" not in out  # none before its hour
+    # none before its hour
+    assert not [line for line in out.splitlines() if line.startswith("update ")] and "it/s" not in out
     with pytest.raises(SetupError, match="callbacks.progress.plain='sometimes'"):
         Progress(plain="sometimes", every_seconds=30)
 

@@ -30,8 +30,8 @@ TRAIN = ("trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_worker
 def train(*overrides: str, check=True) -> subprocess.CompletedProcess:
     flags = [o for o in overrides if o.startswith("-")]  # -m: before the overrides, as argparse takes it
     overrides = [o for o in overrides if not o.startswith("-")]
-    result = subprocess.run([sys.executable, "train.py", *flags, *TRAIN, *overrides], cwd=asr.REPO_DIR, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, "train.py", *flags, *TRAIN, *overrides], cwd=asr.REPO_DIR,
+                            capture_output=True, text=True, timeout=600)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -68,7 +68,8 @@ def runs(base, cv_corpus, es_corpus, tmp_path_factory) -> dict[str, Path]:
     (corpora / "es").symlink_to(es_corpus)
     train("-m", "finetune=adapters", f"model.pretrained={base}", "lang=pt,es", f"data.root={corpora}/${{data.lang}}",
           f"hydra.sweep.dir={root}/adapters", "hydra.sweep.subdir=${data.lang}")
-    train("finetune=lora", "lang=es", f"model.pretrained={base}", f"data.root={es_corpus}", f"hydra.run.dir={root}/lora")
+    train("finetune=lora", "lang=es", f"model.pretrained={base}", f"data.root={es_corpus}",
+          f"hydra.run.dir={root}/lora")
     return {"pt": root / "adapters" / "pt", "es": root / "adapters" / "es", "lora": root / "lora"}
 
 

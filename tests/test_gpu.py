@@ -94,8 +94,8 @@ def test_the_cards_memory_table_runs_on_the_gpu():
     margin free. (On the first H200 run every card fitted in fp16, 12.6-53.8 GB.)"""
     from asr.tools.memory import capacity_gb
 
-    result = subprocess.run([sys.executable, "-m", "asr.tools.memory", "cards=true"], cwd=asr.REPO_DIR, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "asr.tools.memory", "cards=true"], cwd=asr.REPO_DIR,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     experiments = sorted(p.stem for p in (asr.REPO_DIR / "conf" / "experiment").glob("*.yaml"))
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()[:1] in

@@ -67,6 +67,7 @@ def test_no_asr_import_inside_a_function_without_a_reason():
 def test_a_local_import_without_a_comment_is_found(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from asr.run import training\n\n\ndef g():\n"
-                      "    # optional: onnxruntime is only needed here\n    from asr.model import onnx\n    from asr.model import lm\n\n"
+                      "    # optional: onnxruntime is only needed here\n    from asr.model import onnx\n"
+                      "    from asr.model import lm\n\n"
                       "    from asr.run import report\n")
     assert local_asr_imports(module) == [(2, "from asr.run import training"), (10, "from asr.run import report")]

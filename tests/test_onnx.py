@@ -56,7 +56,8 @@ def test_the_graph_computes_the_checkpoints_logits_and_transcripts_on_padded_bat
         with torch.no_grad():
             ours = model(batch)
         theirs = graph(batch)
-        assert theirs.frames.tolist() == ours.frames.tolist() == model.geometry.frames(np.array(batch["lengths"])).tolist()
+        assert (theirs.frames.tolist() == ours.frames.tolist()
+                == model.geometry.frames(np.array(batch["lengths"])).tolist())
         torch.testing.assert_close(theirs.logits, ours.logits, atol=1e-4, rtol=1e-4)
         hypotheses = graph.decoded(theirs.logits, theirs.frames).hypotheses
         assert hypotheses == model.decoded(ours.logits, ours.frames).hypotheses
@@ -90,10 +91,11 @@ def test_what_onnx_cannot_export_or_run_is_said_in_one_line(barely_trained, expo
     checkpoint = torch.load(ckpt, weights_only=True)
     checkpoint["state_dict"]["model.wav2vec2.encoder.layers.0.adapter.weight"] = torch.zeros(4, 4)
     torch.save(checkpoint, tmp_path / "adapter.ckpt")
-    result = run("-m", "asr.tools.export", f"ckpt_path={tmp_path / 'adapter.ckpt'}", f"out={tmp_path / 'x'}", "format=onnx",
-                 check=False)
+    result = run("-m", "asr.tools.export", f"ckpt_path={tmp_path / 'adapter.ckpt'}", f"out={tmp_path / 'x'}",
+                 "format=onnx", check=False)
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
-    assert "holds 1 parameters this code's model does not have (model.wav2vec2.encoder.layers.0.adapter.weight)" in result.stderr
+    assert ("holds 1 parameters this code's model does not have (model.wav2vec2.encoder.layers.0.adapter.weight)"
+            in result.stderr)
     # a model that knows a module of its own: the graph would leave it out
     model = CTCModel.from_checkpoint(ckpt)
     model.model.wav2vec2.encoder.layers[0].adapter = torch.nn.Linear(4, 4)

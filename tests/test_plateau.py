@@ -148,7 +148,8 @@ def test_off_the_plateau_it_says_nothing_more(run, caplog):
     said = _said(caplog, watch, run, _trainer(run, 10, 1.0), _trainer(run, 20, 0.85), _trainer(run, 40, 1.0))
     assert len(said) == 2 and said[1] == "update 20 (20% of the schedule): off the CTC blank plateau (dev CER 0.850)"
     assert watch.left_at == 20
-    assert _said(caplog, plateau.PlateauWatch(cer=0.9, warn_after=0.3, hold_spec_augment=False), run, _trainer(run, 40, 0.5)) == []
+    assert _said(caplog, plateau.PlateauWatch(cer=0.9, warn_after=0.3, hold_spec_augment=False), run,
+                 _trainer(run, 40, 0.5)) == []
     assert len(_said(caplog, plateau.PlateauWatch(cer=0.9, warn_after=None, hold_spec_augment=False), run,
                      *(_trainer(run, s, 1.0) for s in (10, 50, 90)))) == 1  # warn_after null: never the checks
 
@@ -167,9 +168,11 @@ def test_a_wall_clock_budget_counts_as_the_schedule(run):
 def test_vocabulary_check_names_characters_no_transcript_holds(run):
     vocab = run.model.vocab
     said = plateau.vocabulary_check(run.data, vocab)
-    assert said.startswith(f"vocabulary: {len(vocab)} tokens; in no training transcript: none; dev characters outside it: 0")
+    assert said.startswith(f"vocabulary: {len(vocab)} tokens; in no training transcript: none; "
+                           "dev characters outside it: 0")
     foreign = type(vocab)(vocab.tokens[:-2] + ["ж", "ы", "[UNK]", "[PAD]"])  # another language's vocabulary
-    assert f"vocabulary: {len(vocab) + 2} tokens; in no training transcript: ж ы;" in plateau.vocabulary_check(run.data, foreign)
+    assert (f"vocabulary: {len(vocab) + 2} tokens; in no training transcript: ж ы;"
+            in plateau.vocabulary_check(run.data, foreign))
 
 
 def test_learning_rate_check_gives_the_rate_now_and_the_peak(run):
@@ -216,7 +219,8 @@ def test_encoder_check_says_whether_the_encoder_has_gradients(run):
     assert said == f"encoder: {total:,} of {total:,} parameters trainable, no gradients in the last batch"
     model.hparams.freeze_finetune_updates = 50
     try:
-        assert said + "; model.freeze_finetune_updates=50 holds it until update 50" == plateau.encoder_check(model, None)
+        assert (said + "; model.freeze_finetune_updates=50 holds it until update 50"
+                == plateau.encoder_check(model, None))
     finally:
         model.hparams.freeze_finetune_updates = 0
     for p in model.model.wav2vec2.parameters():

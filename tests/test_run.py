@@ -111,7 +111,8 @@ def test_a_missing_checkpoint_fails_naming_its_path(tmp_path):
     result = train(f"hydra.run.dir={tmp_path}", f"ckpt_path={tmp_path}/none.ckpt", "data.root=/no/such/corpus")
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: ckpt_path={tmp_path}/none.ckpt does not exist: give a checkpoint "
-                                     f"(<run>/checkpoints/*.ckpt), a run directory, or last (with hydra.run.dir=<the run>).")
+                                     f"(<run>/checkpoints/*.ckpt), a run directory, or last "
+                                     f"(with hydra.run.dir=<the run>).")
 
 
 def test_a_run_directory_as_ckpt_path_resumes_its_last_state_and_evaluates_its_best(tmp_path):

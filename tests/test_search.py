@@ -19,7 +19,8 @@ from asr.run import search, tracking
 
 
 def test_the_search_space_reads_hydras_sweep_grammar():
-    space, fixed = search.search_space(["optim.lr=tag(log, interval(1e-5, 1e-3))", "sched.warmup_ratio=interval(0, 0.3)",
+    space, fixed = search.search_space(["optim.lr=tag(log, interval(1e-5, 1e-3))",
+                                        "sched.warmup_ratio=interval(0, 0.3)",
                                         "trainer.max_steps=range(100, 401, 100)", "model=choice(tiny, xlsr_300m)",
                                         "data.max_batch_seconds=range(10.0, 40.0, 10.0)", "seed=int(interval(1, 9))",
                                         "trainer.devices=1"])
@@ -73,7 +74,8 @@ def test_a_search_reloads_goes_on_retries_an_interrupted_trial_and_prunes(cv_cor
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     from tests.wandb_records import read_run
 
-    runs = [read_run(d) for t in study.trials for d in (sweep_dir / f"trial-{t.number}" / "wandb").glob("offline-run-*")]
+    runs = [read_run(d) for t in study.trials
+            for d in (sweep_dir / f"trial-{t.number}" / "wandb").glob("offline-run-*")]
     assert [r["name"] for r in runs] == [f"lr={t.params['optim.lr']},warmup_ratio={t.params['sched.warmup_ratio']}"
                                          for t in study.trials]  # what the search varies
     assert {r["group"] for r in runs} == {tracking.sweep_group(str(sweep_dir), str(asr.REPO_DIR))}  # <dir>/search
@@ -85,7 +87,7 @@ def test_a_search_reloads_goes_on_retries_an_interrupted_trial_and_prunes(cv_cor
         assert config.sched.warmup_ratio == pytest.approx(trial.params["sched.warmup_ratio"])
         assert 3e-4 <= trial.params["optim.lr"] <= 1e-2
         assert trial.value == pytest.approx(json.loads((run / "results.json").read_text())["val_cer"])
-        assert [s for s in trial.intermediate_values] == [2, 4]  # each evaluation reported from inside the job
+        assert list(trial.intermediate_values) == [2, 4]  # each evaluation reported from inside the job
     assert len({t.params["optim.lr"] for t in study.trials}) == 3
 
     # A sweeper killed while its trial ran leaves the trial running in the storage.
@@ -93,8 +95,8 @@ def test_a_search_reloads_goes_on_retries_an_interrupted_trial_and_prunes(cv_cor
     study.enqueue_trial({"optim.lr": 5e-3, "sched.warmup_ratio": 0.1})
     assert study.ask(space).number == 3
     # The same command goes on: one trial more to 4, with a pruner that rejects any dev CER.
-    result = run_search(cv_corpus, sweep_dir, "hydra.sweeper.n_trials=4",
-                        "~hydra.sweeper.pruner", "+hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,upper:-1.0}")
+    result = run_search(cv_corpus, sweep_dir, "hydra.sweeper.n_trials=4", "~hydra.sweeper.pruner",
+                        "+hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,upper:-1.0}")
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(sweep_dir)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3 + [TrialState.FAIL, TrialState.PRUNED]

@@ -143,7 +143,8 @@ def test_expandable_segments_go_to_the_allocators_environment_before_cuda_starts
 
 
 def _synchronise():
-    warnings.warn("called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:162.)")
+    warnings.warn("called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:162.)",
+                  stacklevel=2)
 
 
 def test_sync_sites_are_counted_by_the_innermost_frame_of_the_projects_code():
@@ -153,7 +154,7 @@ def test_sync_sites_are_counted_by_the_innermost_frame_of_the_projects_code():
         for _ in range(3):
             _synchronise()
         with pytest.warns(UserWarning, match="something else"):
-            warnings.warn("something else")
+            warnings.warn("something else", stacklevel=2)
     assert sites.count == 3
     [((ours, library), n)] = sites.sites.items()
     assert n == 3 and ours.startswith("tests/test_speed.py:") and ours.endswith(" _synchronise")

@@ -33,7 +33,8 @@ def test_a_frame_s_confidence_is_its_normalised_tsallis_entropy():
     gives 1 and a uniform one 0 (NeMo's entropy_tsallis_exp); a frame torn between two tokens scores lower than
     its best token's probability says."""
     alpha, vocab = 0.33, 5
-    p = np.array([[1.0, 0, 0, 0, 0], [0.2] * 5, [0.55, 0.45, 0, 0, 0], [0.55, 0.1, 0.1, 0.15, 0.1], [0.7, 0.3, 0, 0, 0]])
+    p = np.array([[1.0, 0, 0, 0, 0], [0.2] * 5, [0.55, 0.45, 0, 0, 0], [0.55, 0.1, 0.1, 0.15, 0.1],
+                  [0.7, 0.3, 0, 0, 0]])
     logits = torch.tensor(np.log(np.maximum(p, 1e-30)), dtype=torch.float32)
 
     def by_definition(q):
@@ -116,8 +117,9 @@ def test_an_archive_stopped_half_way_is_finished_by_a_second_run_each_file_once(
     done = transcribe_py(f"model_path={model}", audio_list(files), f"out={out}")
     assert done.returncode == 0 and len(out.read_text().splitlines()) == 8  # nothing left: nothing added
     other = transcribe_py(f"model_path={barely_trained / 'checkpoints' / 'last.ckpt'}", audio_list(files), f"out={out}")
-    assert other.returncode == 1 and other.stderr.strip().splitlines()[-1].startswith(f"error: out={out} holds "
-                                                                                     f"transcripts of {model.resolve()}")
+    assert (other.returncode == 1
+            and other.stderr.strip().splitlines()[-1].startswith(f"error: out={out} holds "
+                                                                 f"transcripts of {model.resolve()}"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -36,8 +36,8 @@ def run(script, *overrides, env=None):
 def test_train_export_evaluate(cv_corpus, tmp_path):
     run_dir = tmp_path / "train"
     run("train.py", f"data.root={cv_corpus}", "trainer.max_steps=6", "trainer.val_check_interval=3",
-        "data.max_batch_seconds=20", "data.num_workers=1", "logger=wandb", "logger.group=g1", f"hydra.run.dir={run_dir}",
-        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+        "data.max_batch_seconds=20", "data.num_workers=1", "logger=wandb", "logger.group=g1",
+        f"hydra.run.dir={run_dir}", env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
 
     for name in ("config.yaml", "vocab.json", "data_report.json", "checkpoints/last.ckpt", "results.md",
                  "model/config.json", "model/model.safetensors", "model/vocab.json",
@@ -90,7 +90,8 @@ def test_train_export_evaluate(cv_corpus, tmp_path):
         line.split("\t")[1] for line in (cv_corpus / "test.tsv").read_text().splitlines()[1:]}
     assert all(p["reference"] == p["reference"].lower() and "." not in p["reference"] for p in predictions)
     refs, hyps = [p["reference"] for p in predictions], [p["hypothesis"] for p in predictions]
-    assert (metrics["wer"], metrics["cer"]) == (pytest.approx(jiwer.wer(refs, hyps)), pytest.approx(jiwer.cer(refs, hyps)))
+    assert (metrics["wer"], metrics["cer"]) == (pytest.approx(jiwer.wer(refs, hyps)),
+                                                pytest.approx(jiwer.cer(refs, hyps)))
     assert metrics["audio_seconds"] == pytest.approx(metrics["data_report"]["seconds"], rel=0.02)  # decoded vs stated
 
     # logger=wandb: an eval run in the training run's group, beam and greedy side by side, the worst clips.
@@ -105,7 +106,8 @@ def test_train_export_evaluate(cv_corpus, tmp_path):
     assert eval_run["summary"]["test/cer"] == pytest.approx(metrics["cer"])
     assert eval_run["summary"]["test/greedy/cer"] == pytest.approx(metrics["greedy"]["cer"])
     tables = {a.name: {c.path: c.local_path for c in a.manifest.contents} for a in
-              (r.artifact for r in records(next(offline.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "artifact")
+              (r.artifact for r in records(next(offline.glob("run-*.wandb")))
+               if r.WhichOneof("record_type") == "artifact")
               if a.type == "run_table"}
     [worst] = [json.loads(Path(local).read_text()) for name, files in tables.items() if "testworst" in name
                for path, local in files.items() if path.endswith(".table.json")]
@@ -135,7 +137,8 @@ def test_default_logger_writes_csv_with_learning_rate(cv_corpus, tmp_path):
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
     evaluation = json.loads((tmp_path / "results.json").read_text())["evaluations"][-1]
     assert column("val/cer") == [pytest.approx(evaluation["val_cer"])]
-    assert all(0 <= x < 1 for x in column("train/padding_fraction")) and all(x > 0 for x in column("train/audio_seconds_per_second"))
+    assert (all(0 <= x < 1 for x in column("train/padding_fraction"))
+            and all(x > 0 for x in column("train/audio_seconds_per_second")))
 
 
 def test_tiny_model_learns_a_batch(cv_corpus):
@@ -152,7 +155,8 @@ def test_tiny_model_learns_a_batch(cv_corpus):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    assert model.model.lm_head.out_features == len(dm.vocab) == len(Vocabulary.from_transcripts(dm.load("train").column("text")))
+    assert (model.model.lm_head.out_features == len(dm.vocab)
+            == len(Vocabulary.from_transcripts(dm.load("train").column("text"))))
 
 
 @pytest.fixture(scope="module")

@@ -59,13 +59,14 @@ def test_transcribe_equals_evaluate_from_checkpoint_and_export(cv_corpus, barely
     run("-m", "asr.tools.export", f"ckpt_path={ckpt}", f"out={tmp_path / 'exported'}")
     expected = [predictions[clip] for clip in sorted(predictions)]
     for model in (str(ckpt), str(tmp_path / "exported"), str(barely_trained / "model")):
-        out = [json.loads(line) for line in run("transcribe.py", f"model_path={model}", audio_list(clips), "format=json",
-                                                "batch_seconds=10").stdout.splitlines()]
+        out = [json.loads(line) for line in run("transcribe.py", f"model_path={model}", audio_list(clips),
+                                                "format=json", "batch_seconds=10").stdout.splitlines()]
         assert [o["path"] for o in out] == clips  # in the files' order, though batched by duration
         assert_same_transcripts([o["text"] for o in out], expected)
     # the export works where transformers' own pipeline loads it
     pipe = pipeline(tmp_path / "exported")
-    assert_same_transcripts([text.normalize(pipe({"raw": audio.load(c), "sampling_rate": 16000})["text"], "pt") for c in clips], expected)
+    assert_same_transcripts([text.normalize(pipe({"raw": audio.load(c), "sampling_rate": 16000})["text"], "pt")
+                             for c in clips], expected)
 
 
 def pipeline(model_dir):
@@ -80,7 +81,8 @@ def test_long_file_at_44khz_transcribes_in_chunks(cv_corpus, barely_trained, tmp
     sf.write(tmp_path / "long.wav", torchaudio.functional.resample(torch.from_numpy(wave), 16000, 44100).numpy(),
              44100)
     model = str(barely_trained / "model")
-    whole = run("transcribe.py", f"model_path={model}", f"audio={tmp_path / 'long.wav'}", "chunk_seconds=60").stdout.strip()
+    whole = run("transcribe.py", f"model_path={model}", f"audio={tmp_path / 'long.wav'}",
+                "chunk_seconds=60").stdout.strip()
     chunked = json.loads(run("transcribe.py", f"model_path={model}", f"audio={tmp_path / 'long.wav'}", "format=json",
                              "chunk_seconds=6", "stride_seconds=1").stdout)
     assert chunked["seconds"] == pytest.approx(len(wave) / 16000, abs=0.01)
@@ -123,7 +125,8 @@ def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, b
     assert (tmp_path / "with-lm" / "alphabet.json").is_file()
     assert (tmp_path / "with-lm" / "language_model" / "3gram.arpa").is_file()
     clips = [str(cv_corpus / "clips" / clip) for clip in sorted(predictions)]
-    out = [json.loads(line) for line in run("transcribe.py", f"model_path={tmp_path / 'with-lm'}", audio_list(clips), "format=json").stdout.splitlines()]
+    out = [json.loads(line) for line in run("transcribe.py", f"model_path={tmp_path / 'with-lm'}", audio_list(clips),
+                                            "format=json").stdout.splitlines()]
     expected = [predictions[clip]["hypothesis"] for clip in sorted(predictions)]
     assert_same_transcripts([o["text"] for o in out], expected, max_cer=0.05)
     timed = [json.loads(line) for line in run("transcribe.py", f"model_path={tmp_path / 'with-lm'}", audio_list(clips),
@@ -132,7 +135,8 @@ def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, b
         assert " ".join(w["word"] for w in line["words"]) == line["text"]
         assert all(0 <= w["start"] < w["end"] <= line["seconds"] + 0.03 for w in line["words"])
     pipe = pipeline(tmp_path / "with-lm")  # transformers' pipeline decodes with the exported LM alike
-    assert_same_transcripts([text.normalize(pipe({"raw": audio.load(c), "sampling_rate": 16000})["text"], "pt") for c in clips], expected, max_cer=0.05)
+    assert_same_transcripts([text.normalize(pipe({"raw": audio.load(c), "sampling_rate": 16000})["text"], "pt")
+                             for c in clips], expected, max_cer=0.05)
 
 
 def test_alpha_beta_sweep_is_a_hydra_multirun(cv_corpus, barely_trained, tmp_path):
@@ -151,7 +155,8 @@ def test_a_glob_transcribes_its_files_in_order_and_a_wrong_key_is_named(barely_t
               "format=json").stdout.splitlines()
     assert [json.loads(line)["path"] for line in out] == [str(c) for c in clips]
     wrong = run("transcribe.py", f"model_path={barely_trained / 'model'}", "audio=x.mp3", "chunk=10", check=False)
-    assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error: chunk is not a setting of python transcribe.py")
+    assert (wrong.returncode == 1
+            and wrong.stderr.strip().startswith("error: chunk is not a setting of python transcribe.py"))
     assert "chunk_seconds" in wrong.stderr
     help_lines = run("transcribe.py", "--help").stdout.splitlines()
     assert any(line.split()[:2] == ["chunk_seconds", "30.0"] for line in help_lines)
