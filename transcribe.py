@@ -110,8 +110,8 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     # transformers and lightning take ~7 s to import (asr.model.module): not for --help or a refused setting
-    from asr.model import transcription
-    from asr.model.module import CTCModel
+    from asr.data import loading
+    from asr.model import inference, transcription
 
     hf_logging.disable_progress_bar()  # its "Loading weights" bar: transcripts only on stdout, errors on stderr
     subtitles = args.format in ("srt", "vtt")
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> None:
                 raise asr.SetupError("target_lang picks the adapters of an exported MMS directory (backend=torch)")
             model, decoder = OnnxModel.load(args.model_path)
         else:
-            model, decoder = CTCModel.load(args.model_path, args.target_lang)
+            model, decoder = inference.load(args.model_path, args.target_lang)
             model = model.to(asr.device(args.device)).eval()
         if timestamps == "char" and decoder is not None:
             raise asr.SetupError(f"timestamps=char comes from the greedy path; {args.model_path} decodes with its "
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
     try:
         for result in transcription.transcribe(
                 model, todo, decoder, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
-                batch_seconds=args.batch_seconds, num_workers=transcription.workers(args.num_workers),
+                batch_seconds=args.batch_seconds, num_workers=loading.workers(args.num_workers),
                 beam_width=args.beam_width, timestamps=timestamps, progress=bar.update, seconds=seconds):
             if result.error is not None:  # a bad file is named, the others are transcribed
                 print(f"error: {result.error}", file=sys.stderr, flush=True)

@@ -27,14 +27,20 @@ from pathlib import Path
 import jiwer
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from asr.core import text  # noqa: E402
 from asr.data import corpora  # noqa: E402
-from asr.model import transcription  # noqa: E402
-from asr.model.module import CTCModel  # noqa: E402
+from asr.model import (
+    inference,  # noqa: E402
+    transcription,  # noqa: E402
+)
 from asr.tools import cli  # noqa: E402
+
+# python -m asr.tools.align's windows over a long file (conf/align.yaml; transcribe.py's are the same)
+ALIGN = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "align.yaml")
 
 
 def frame_measures(logits: torch.Tensor, alpha: float) -> dict[str, np.ndarray]:
@@ -80,14 +86,14 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def main(argv: list[str]) -> dict:
     args, _ = cli.parse("bench/confidence", argv)
-    model = CTCModel.load(args.model_path)[0].eval()
+    model = inference.load(args.model_path)[0].eval()
     blank, spf = model.vocab.blank_id, model.geometry.seconds_per_frame
     rows, right = [], []
     for split in args.splits:
         clips = corpora.read_split("common_voice", args.root, split, args.language,
                                    cache_dir=Path(tempfile.gettempdir()) / "asr-bench-confidence")
         for path, reference in zip(clips.column("path"), clips.column("text")):
-            logits, _ = transcription.file_logits(model, path)
+            logits, _ = transcription.file_logits(model, path, ALIGN.chunk_seconds, ALIGN.stride_seconds)
             best = logits.argmax(-1).numpy()
             words = transcription.greedy_spans(best, np.ones(len(best)), model.vocab.tokens, blank, "word", spf)
             hypothesis = text.normalize(" ".join(w["word"] for w in words), args.language)

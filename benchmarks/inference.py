@@ -30,11 +30,13 @@ from asr.core import audio, text
 from asr.core.config import compose
 from asr.core.text import Vocabulary
 from asr.data import corpora
+from asr.data.loading import workers
+from asr.model import inference
 from asr.model.export import export
 from asr.model.metrics import ErrorRates
 from asr.model.module import CTCModel
 from asr.model.onnx import FILES, OnnxModel
-from asr.model.transcription import Files, collate, header_seconds, plan, transcribe, workers
+from asr.model.transcription import Files, collate, header_seconds, plan, transcribe
 from asr.tools import cli
 
 CHUNK_SECONDS, STRIDE_SECONDS = 30.0, 5.0  # transcribe.py's windows (conf/transcribe.yaml)
@@ -72,7 +74,7 @@ def main(argv: list[str]) -> None:
     rows = [clips[i] for i in range(min(args.clips, len(clips)))]
     paths = [row.path for row in rows]
     if args.ckpt_path:
-        model = CTCModel.from_checkpoint(Path(args.ckpt_path).expanduser())
+        model = inference.from_checkpoint(Path(args.ckpt_path).expanduser())
         name = Path(args.ckpt_path).name
     else:  # random weights of the train config's model; the characters of the corpus's train split as the vocabulary
         with tempfile.TemporaryDirectory() as run_dir:

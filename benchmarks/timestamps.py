@@ -21,14 +21,20 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from asr.core import audio, text  # noqa: E402
 from asr.data import corpora  # noqa: E402
-from asr.model import transcription  # noqa: E402
-from asr.model.module import CTCModel  # noqa: E402
+from asr.model import (
+    inference,  # noqa: E402
+    transcription,  # noqa: E402
+)
 from asr.tools import align, cli  # noqa: E402
+
+# python -m asr.tools.align's windows over a long file (conf/align.yaml; transcribe.py's are the same)
+ALIGN = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "align.yaml")
 
 
 def speech_span(wave: np.ndarray) -> tuple[float, float, float]:
@@ -80,10 +86,12 @@ def main(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         recording = Path(tmp) / "joined.wav"
         spans = joined(paths, recording, args.gap)
-        model = CTCModel.load(args.model_path)[0].eval()
-        timed = next(transcription.transcribe(model, [str(recording)], chunk_seconds=30.0, stride_seconds=5.0,
+        model = inference.load(args.model_path)[0].eval()
+        timed = next(transcription.transcribe(model, [str(recording)], chunk_seconds=ALIGN.chunk_seconds,
+                                              stride_seconds=ALIGN.stride_seconds,
                                               batch_seconds=120.0, num_workers=0, timestamps="word"))
-        logits, _ = transcription.file_logits(model, str(recording))  # as python -m asr.tools.align reads it
+        # as python -m asr.tools.align reads it
+        logits, _ = transcription.file_logits(model, str(recording), ALIGN.chunk_seconds, ALIGN.stride_seconds)
         ids, _ = align.targets(" ".join(said[p] for p in paths), model.vocab, model.hparams.language)
         aligned = align.align(torch.log_softmax(logits.float(), dim=-1), ids, model.vocab,
                               model.geometry.seconds_per_frame)

@@ -31,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from asr.core import audio, text  # noqa: E402
 from asr.core.config import compose  # noqa: E402
+from asr.data.loading import workers  # noqa: E402
+from asr.model import inference  # noqa: E402
 from asr.model.export import export  # noqa: E402
 from asr.model.module import CTCModel  # noqa: E402
-from asr.model.transcription import transcribe, workers  # noqa: E402
+from asr.model.transcription import transcribe  # noqa: E402
 from asr.tools import cli  # noqa: E402
 
 
@@ -80,7 +82,7 @@ def main(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = demo_model(Path(tmp))
         pipe = pipeline("automatic-speech-recognition", model=str(model_dir), device="cpu")
-        model = CTCModel.load(model_dir)[0].eval()
+        model = inference.load(model_dir)[0].eval()
         language = model.hparams.language
         old_path(pipe, paths[:2], language, args.chunk_seconds, args.stride_seconds)  # warm-up
         new_path(model, paths[:2], args)

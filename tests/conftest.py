@@ -174,3 +174,11 @@ def in_process(main, argv: list[str]) -> subprocess.CompletedProcess:
                 print(stop.code, file=sys.stderr)
             code = 1 if isinstance(stop.code, str) else stop.code or 0
     return subprocess.CompletedProcess(["python", *argv], code, out.getvalue(), err.getvalue())
+
+
+def attention_mask(lengths: list[int], samples: int):
+    """(B, samples) bool, True on each clip's samples: the mask HF's Wav2Vec2 forward takes, for the tests that
+    call HF's forward beside ours (our encoder pass takes the host `lengths` instead)."""
+    import torch
+
+    return torch.arange(samples)[None, :] < torch.tensor(lengths)[:, None]

@@ -7,7 +7,7 @@ import torch
 import transcribe
 from asr import SetupError
 from asr.core import checkpoints
-from asr.model.module import CTCModel
+from asr.model import inference
 from asr.run import rundir
 from asr.run.report import RunReport
 from asr.run.training import conclude
@@ -138,7 +138,7 @@ def test_an_average_loads_transcribes_and_exports_as_the_weights_it_averages_to(
     checkpoint_at(source, none, 2, change=scaled(0.0))
     out = tmp_path / "mean.ckpt"
     assert in_process(average_tool.main, [f"ckpts=[{twice},{none}]", f"out={out}"]).returncode == 0
-    model, original = CTCModel.from_checkpoint(out), CTCModel.from_checkpoint(source)
+    model, original = inference.from_checkpoint(out), inference.from_checkpoint(source)
     for key, tensor in original.state_dict().items():
         assert torch.equal(model.state_dict()[key], tensor), key
     clips = sorted(cv_corpus.glob("clips/*.mp3"))[:4]  # the corpus barely_trained trained on
@@ -228,4 +228,4 @@ def test_callbacks_average_averages_the_best_at_the_end_and_scores_both_on_dev(c
     # the best checkpoint scored here as validation scored it: the same dev clips, decoding and count
     assert mean["best_single_val_cer"] == pytest.approx(results["val_cer"], abs=1e-6)
     assert mean["best_single_val_wer"] == pytest.approx(results["val_wer"], abs=1e-6)
-    assert CTCModel.from_checkpoint(mean["checkpoint"]).vocab.tokens == run.model.vocab.tokens
+    assert inference.from_checkpoint(mean["checkpoint"]).vocab.tokens == run.model.vocab.tokens

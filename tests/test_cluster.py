@@ -23,7 +23,7 @@ import asr
 from asr import SetupError
 from asr.core import checkpoints
 from asr.data.batching import DurationBatchSampler
-from asr.model.module import CTCModel
+from asr.model import inference
 from asr.run import cluster
 from tests.conftest import compose_config, data_module
 
@@ -100,7 +100,7 @@ def test_ddp_with_layerdrop_an_unreadable_batch_and_validation_equal_to_one_proc
     cfg = compose_config(overrides=common)
     data = instantiate(cfg.data, _convert_="all")
     data.setup("fit")
-    model = CTCModel.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    model = inference.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                     enable_model_summary=False).validate(model, datamodule=data, verbose=False)[0]
     evaluation = results["evaluations"][-1]

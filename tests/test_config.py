@@ -37,6 +37,18 @@ GROUPS = {
 }
 
 
+def test_inference_builds_the_model_with_every_setting_from_the_files_or_conf():
+    """An exported model is built with what its files say (vocab, language, the weights' directory) and the rest
+    from conf/inference.yaml: together exactly CTCModel's settings, so a new one cannot be missed silently."""
+    from asr.model import inference
+
+    from_files = {"vocab", "pretrained", "arch", "config", "language", "optim", "sched", "finetune"}
+    from_conf = set(inference.settings()["export"])
+    assert not from_files & from_conf
+    assert from_files | from_conf == set(inspect.signature(CTCModel).parameters)
+    assert set(inference.settings()["older_checkpoints"]) <= set(inspect.signature(CTCModel).parameters)
+
+
 def test_groups_list_every_shipped_option():
     for group, options in GROUPS.items():
         shipped = sorted(p.stem for p in (asr.REPO_DIR / "conf" / group).glob("*.yaml"))

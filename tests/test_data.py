@@ -12,6 +12,7 @@ from asr.core.text import Vocabulary
 from asr.data import corpora, listing, loading
 from asr.data.corpora import Utterance
 from asr.data.module import SpeechDataModule
+from tests.conftest import attention_mask
 
 
 def test_collate_pads_audio_and_labels_with_masks():
@@ -19,7 +20,7 @@ def test_collate_pads_audio_and_labels_with_masks():
              for n, k in ((16000, 2), (8000, 1))]
     batch = loading.collate(items)
     assert batch["audio"].shape == (2, 16000) and batch["lengths"] == [16000, 8000] and "attention_mask" not in batch
-    assert loading.attention_mask(batch["lengths"], 16000).sum(1).tolist() == [16000, 8000]
+    assert attention_mask(batch["lengths"], 16000).sum(1).tolist() == [16000, 8000]
     assert batch["audio"][1, 8000:].abs().sum() == 0
     assert batch["labels"].tolist() == [[1, 1], [1, -100]]
     assert batch["audio_seconds"] == 1.5 and batch["padded_seconds"] == 2.0
@@ -149,6 +150,23 @@ def test_num_workers_auto_is_the_ranks_cores_less_one(monkeypatch):
     assert data_module("data.num_workers=2").num_workers == 2
     with pytest.raises(SetupError, match=r"data.num_workers='many': give a number of loader processes"):
         _ = data_module("data.num_workers=many").num_workers
+
+
+def test_inference_picks_its_loader_workers_by_the_training_rule(monkeypatch):
+    """transcribe.py's and align's num_workers=auto is training's rule (`loading.workers`), without a cap: a
+    SLURM task's --cpus-per-task less one, else the cores this process may use less one."""
+    import os
+
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
+    assert loading.workers("auto") == 31 and loading.workers("auto", max_workers=8) == 8
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert loading.workers("auto") == 1  # at least one
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    cores = len(os.sched_getaffinity(0))
+    assert loading.workers("auto") == max(1, cores - 1) and loading.workers("auto", ranks=cores) == 1
+    assert loading.workers(0) == 0 and loading.workers("3") == 3
+    with pytest.raises(SetupError, match=r"^num_workers='two': give a number"):
+        loading.workers("two")
 
 
 def test_worker_batches_equal_in_process_batches_and_stay_intact_when_held():

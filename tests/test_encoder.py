@@ -3,8 +3,7 @@
 import numpy as np
 import torch
 
-from asr.data.loading import attention_mask
-from tests.conftest import assembled
+from tests.conftest import assembled, attention_mask
 from tests.test_model import DeviceReads
 
 

@@ -7,7 +7,7 @@ from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 from asr.core import audio
 from asr.data import loading
-from asr.model.module import CTCModel
+from asr.model import inference
 from tests.test_transcribe import run
 
 
@@ -23,7 +23,7 @@ def test_export_writes_what_transformers_loads_and_computes_the_checkpoints_logi
     ckpt, out = trained_run.dir / "checkpoints" / "last.ckpt", tmp_path / "exported"
     result = run("-m", "asr.tools.export", f"ckpt_path={ckpt}", f"out={out}")
     assert result.stdout.strip() == f"exported to {out}"
-    model = CTCModel.from_checkpoint(ckpt).eval()
+    model = inference.from_checkpoint(ckpt).eval()
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]
     assert json.loads((out / "asr.json").read_text()) == {"language": "hy"}  # the run's text rules
     assert Wav2Vec2Processor.from_pretrained(out).tokenizer.get_vocab() == model.vocab.ids

@@ -17,6 +17,7 @@ import asr
 import transcribe
 from asr.core import audio, text
 from asr.model import finetune as tuning
+from asr.model import inference
 from asr.model.module import CTCModel
 from asr.tools import export as export_tool
 from asr.tools import synth
@@ -97,7 +98,7 @@ def test_only_the_adapters_or_lora_and_the_head_train_and_the_checkpoint_holds_o
 @pytest.mark.slow  # the module's runs: 3 trainings, about 45 s before the first test
 def test_a_checkpoint_loads_its_base_and_transcribes_as_the_run_left_it(runs, cv_corpus, tmp_path):
     ckpt = runs["pt"] / "checkpoints" / "last.ckpt"
-    model = CTCModel.from_checkpoint(ckpt)
+    model = inference.from_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=True)["state_dict"]
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
@@ -181,7 +182,7 @@ def test_lora_exports_merged_for_pipeline_and_as_peft_files(runs, base, es_corpu
                              for c in clips], expected)
     assert not any("lora" in k for k in load_file(out / "model.safetensors"))
     # peft's files on the base give the merged model's logits
-    model = CTCModel.from_checkpoint(ckpt)
+    model = inference.from_checkpoint(ckpt)
     plain = Wav2Vec2ForCTC.from_pretrained(str(base), vocab_size=len(model.vocab), ignore_mismatched_sizes=True)
     peft_model = PeftModel.from_pretrained(plain, str(out / "lora")).eval()
     merged = Wav2Vec2ForCTC.from_pretrained(str(out)).eval()
@@ -211,7 +212,7 @@ def test_resume_on_the_same_base_goes_on_another_base_or_method_stops(runs, base
     ckpt["base"]["pretrained"] = str(changed)
     torch.save(ckpt, tmp_path / "moved.ckpt")
     with pytest.raises(asr.SetupError, match=r"is not the base loaded now"):
-        CTCModel.from_checkpoint(tmp_path / "moved.ckpt")
+        inference.from_checkpoint(tmp_path / "moved.ckpt")
 
 
 def test_a_base_without_mms_layers_or_without_weights_stops_in_one_line(base, cv_corpus, tmp_path):
@@ -270,7 +271,7 @@ def test_onnx_exports_adapters_as_they_are_and_lora_merged(runs, cv_corpus, tmp_
         ckpt = runs[name] / "checkpoints" / "last.ckpt"
         result = in_process(export_tool.main, [f"ckpt_path={ckpt}", f"out={tmp_path / name}", "format=onnx"])
         assert result.returncode == 0, result.stderr
-        model = CTCModel.from_checkpoint(ckpt).eval()
+        model = inference.from_checkpoint(ckpt).eval()
         with torch.no_grad():
             ours = model(batch)
         theirs = OnnxModel(tmp_path / name / "model.onnx")(batch)

@@ -16,11 +16,11 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining
 
 import asr
 from asr.core.frames import WAV2VEC2
-from asr.data.loading import UtteranceDataset, attention_mask, collate
+from asr.data.loading import UtteranceDataset, collate
 from asr.model import schedules
 from asr.model.module import CTCModel, adamw
 from tests.callbacks import RecordUpdates
-from tests.conftest import SHRUNK, assembled, compose_config, data_module
+from tests.conftest import SHRUNK, assembled, attention_mask, compose_config, data_module
 
 VOCAB = list("abc") + ["|", "[UNK]", "[PAD]"]
 

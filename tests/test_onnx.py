@@ -13,9 +13,9 @@ import torch
 from asr import SetupError
 from asr.core import audio, text
 from asr.data import corpora
+from asr.model import inference
 from asr.model import onnx as asr_onnx
 from asr.model.metrics import ErrorRates
-from asr.model.module import CTCModel
 from asr.model.onnx import OnnxModel
 from asr.model.transcription import transcribe
 from tests.test_transcribe import audio_list, run
@@ -44,7 +44,7 @@ def padded(waves: list[np.ndarray]) -> dict:
 
 def test_the_graph_computes_the_checkpoints_logits_and_transcripts_on_padded_batches(barely_trained, exported,
                                                                                        cv_corpus):
-    model = CTCModel.from_checkpoint(barely_trained / "checkpoints" / "last.ckpt").eval()
+    model = inference.from_checkpoint(barely_trained / "checkpoints" / "last.ckpt").eval()
     graph = OnnxModel(exported / "model.onnx")
     assert graph.geometry == model.geometry and graph.vocab.tokens == model.vocab.tokens and graph.language == "pt"
     assert [i.name for i in graph.session.get_inputs()] == ["audio", "lengths"]
@@ -97,7 +97,7 @@ def test_what_onnx_cannot_export_or_run_is_said_in_one_line(barely_trained, expo
     assert ("holds 1 parameters this code's model does not have (model.wav2vec2.encoder.layers.0.adapter.weight)"
             in result.stderr)
     # a model that knows a module of its own: the graph would leave it out
-    model = CTCModel.from_checkpoint(ckpt)
+    model = inference.from_checkpoint(ckpt)
     model.model.wav2vec2.encoder.layers[0].adapter = torch.nn.Linear(4, 4)
     with pytest.raises(SetupError, match=r"holds 2 parameters a wav2vec2 CTC model does not have "
                                          r"\(model\.wav2vec2\.encoder\.layers\.0\.adapter\.weight, .*adapter\.bias\)"):

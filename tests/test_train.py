@@ -19,8 +19,7 @@ import asr
 from asr.core import audio
 from asr.core.text import Vocabulary
 from asr.data import loading
-from asr.model import schedules
-from asr.model.module import CTCModel
+from asr.model import inference, schedules
 from tests.conftest import assembled
 from tests.wandb_records import read_run, records
 
@@ -62,7 +61,7 @@ def test_train_export_evaluate(cv_corpus, tmp_path):
     assert report["train"]["kept"] == 12 and report["dev"]["kept"] == 4
 
     # The exported HF directory loads with plain transformers and gives the checkpoint's logits.
-    best = CTCModel.from_checkpoint(results["best_checkpoint"]).eval()
+    best = inference.from_checkpoint(results["best_checkpoint"]).eval()
     hf_model = Wav2Vec2ForCTC.from_pretrained(run_dir / "model").eval()
     assert type(hf_model) is Wav2Vec2ForCTC  # HF's own class, named so in config.json (AutoModelForCTC loads it)
     assert json.loads((run_dir / "model" / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]

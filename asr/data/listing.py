@@ -140,7 +140,7 @@ def format_report(report: dict[str, dict]) -> str:
     batches per epoch, distinct (clips, samples) shapes and the padding they cost (padded audio / all audio
     the encoder computes on). Several corpora: under each split a row per corpus (`<split>:<name>`), and a
     `share` column: each corpus's share of the clips a training epoch draws."""
-    rows_of = [(split, r) for split, r in report.items()]
+    rows_of = list(report.items())
     mixed = any("corpora" in r for r in report.values())
     if mixed:
         rows_of = [row for split, r in report.items()

@@ -3,11 +3,13 @@ buffers in loader workers, and the loaders."""
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from asr import SetupError
 from asr.core import audio, text
 from asr.core.frames import WAV2VEC2
 from asr.data import corpora
@@ -191,12 +193,6 @@ def collate(items: list[dict], ring: int = 0, hop: int = WAV2VEC2.hop) -> dict:
     }
 
 
-def attention_mask(lengths: list[int], samples: int) -> torch.Tensor:
-    """(B, samples) bool, True on each clip's samples: the mask HF's Wav2Vec2 forward takes, for code that
-    calls it (our encoder pass takes the host `lengths` instead)."""
-    return torch.arange(samples)[None, :] < torch.tensor(lengths)[:, None]
-
-
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, slot: dict | None = None, name: str = "") -> torch.Tensor:
     """An uninitialised tensor; in a loader worker, in shared memory, as torch's default_collate makes its
     batches: a tensor sent to the training process is otherwise copied into shared memory first. With a
@@ -297,6 +293,23 @@ class TrainingLoader(SpeechLoader):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def workers(setting: int | str, max_workers: int | None = None, ranks: int = 1, key: str = "num_workers") -> int:
+    """Loader processes for `key`=`setting`, training's (`SpeechDataModule.num_workers`) and inference's
+    (transcribe.py, align, the benchmarks) alike: a number as given; auto: the CPU cores of this process's share,
+    less one for the loop that takes the batches, at least 1 and at most `max_workers`. A process's share is the
+    cores of its SLURM task (`--cpus-per-task`), else the cores it may run on divided among the node's `ranks`."""
+    if setting != "auto":
+        if not str(setting).isdigit():
+            raise SetupError(f"{key}={setting!r}: give a number of loader processes per rank (0: load in the "
+                             f"training process) or auto.")
+        return int(setting)
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        cores = int(os.environ["SLURM_CPUS_PER_TASK"])
+    else:
+        cores = len(os.sched_getaffinity(0)) // max(1, ranks)
+    return max(1, min(max_workers or cores, cores - 1))
 
 
 def _one_thread(_worker_id: int) -> None:

@@ -4,7 +4,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +20,7 @@ from asr.data import cache, corpora, mixing
 from asr.data.augment import Augment
 from asr.data.batching import DurationBatchSampler
 from asr.data.listing import characters, check_split, durations, example, format_report, prepare
-from asr.data.loading import SpeechLoader, TrainingLoader, UtteranceDataset, _one_thread, collate
+from asr.data.loading import SpeechLoader, TrainingLoader, UtteranceDataset, _one_thread, collate, workers
 
 log = logging.getLogger(__name__)
 LISTING_VERSION = 2  # of the prepared listing's columns; a change makes every cached listing stale
@@ -323,20 +322,10 @@ class SpeechDataModule(L.LightningDataModule):
 
     @property
     def num_workers(self) -> int:
-        """`num_workers`, or for "auto" the CPU cores of this process's share, less one for the training
-        loop, at most `max_workers`: the cores of a SLURM task (`--cpus-per-task`), else the cores this process may run
-        on divided among the node's ranks."""
-        if self.hparams.num_workers != "auto":
-            if not str(self.hparams.num_workers).isdigit():
-                raise SetupError(f"data.num_workers={self.hparams.num_workers!r}: give a number of loader "
-                                 f"processes per rank (0: load in the training process) or auto.")
-            return int(self.hparams.num_workers)
-        if os.environ.get("SLURM_CPUS_PER_TASK"):
-            cores = int(os.environ["SLURM_CPUS_PER_TASK"])
-        else:
-            ranks = self.trainer.num_devices if self.trainer else 1
-            cores = len(os.sched_getaffinity(0)) // max(1, ranks)
-        return max(1, min(self.hparams.max_workers, cores - 1))
+        """Loader processes per rank: `num_workers` by the one rule of `asr.data.loading.workers` (auto: this
+        rank's share of the cores less one, at most `max_workers`), with this run's ranks."""
+        return workers(self.hparams.num_workers, self.hparams.max_workers,
+                       self.trainer.num_devices if self.trainer else 1, key="data.num_workers")
 
     @property
     def ring(self) -> int:

@@ -1,21 +1,18 @@
 """The LightningModule around the network (`asr.model.encoder.SyncFreeWav2Vec2ForCTC`): training and evaluation
 steps, the CTC loss, WER/CER/MER, the guard against non-finite updates, AdamW and its schedule."""
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import torch
 
 from asr import SetupError
-from asr.core import checkpoints, text
+from asr.core import text
 from asr.core.frames import Geometry
 from asr.core.text import Vocabulary
 from asr.model import ctc, metrics, schedules, speed
 from asr.model import finetune as tuning
-from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2, check_pretrained, init_head
-from asr.model.lm import exported_decoder
+from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2, init_head
 from asr.model.metrics import ErrorRate, Share
 from asr.model.speed import PRECISION_DTYPE, LateRead
 
@@ -235,68 +232,6 @@ class CTCModel(L.LightningModule):
             if isinstance(error.__cause__, SetupError):
                 raise error.__cause__ from None
             raise
-
-    @classmethod
-    def load(cls, path: str | Path, target_lang: str | None = None) -> tuple["CTCModel", object]:
-        """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.core.checkpoints`) or a
-        directory `asr.model.export` wrote; an exported directory with an LM (language_model/) brings its
-        pyctcdecode decoder, with the alpha and beta it was exported with. A directory of MMS adapters
-        (`asr.model.export.export_adapters`) gives `target_lang`'s (None: its one language). SetupError for anything
-        else."""
-
-        path = Path(path).expanduser()
-        if path.is_file() or path.suffix == ".ckpt":
-            if target_lang is not None:
-                raise SetupError(f"target_lang={target_lang} picks a language of an exported adapters directory; "
-                                 f"{path} is a checkpoint of one language")
-            return cls.from_checkpoint(checkpoints.verified(str(path), "model_path")), None
-        if not (path / "config.json").is_file():
-            if (path / "model.onnx").is_file():
-                raise SetupError(f"model_path={path} is an ONNX export (model.onnx): backend=onnx runs it")
-            raise SetupError(f"model_path={path} is neither a checkpoint (.ckpt) nor an exported model directory "
-                             f"(train.py writes <run>/model/ and <run>/checkpoints/)")
-        rules = json.loads((path / "asr.json").read_text()) if (path / "asr.json").is_file() else {}
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        languages = rules.get("adapters")
-        if languages is not None:
-            if target_lang is None and len(languages) > 1:
-                raise SetupError(f"{path} has adapters for {', '.join(languages)}: pick one with target_lang=<lang>")
-            target_lang = target_lang or next(iter(languages))
-            if target_lang not in languages:
-                raise SetupError(f"target_lang={target_lang}: {path} has adapters for {', '.join(languages)} only")
-            vocab, rules = vocab[target_lang], languages[target_lang]
-        elif target_lang is not None:
-            raise SetupError(f"target_lang={target_lang}: {path} is a model of one language, without adapters")
-        model = cls(vocab=sorted(vocab, key=vocab.get), pretrained=str(path), arch={}, config={},
-                    language=rules.get("language"), freeze_feature_encoder=False, freeze_finetune_updates=0,
-                    gradient_checkpointing=False, attn_implementation="sdpa", compile=False, ctc_loss="auto",
-                    max_consecutive_skips=1, expandable_segments=False, optim={}, sched={}, head_init="normal",
-                    finetune=None)
-        if target_lang is not None:
-            model.model.load_adapter(target_lang)  # its adapters and CTC head (adapter.<lang>.safetensors)
-        return model, exported_decoder(path)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "CTCModel":
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        # ctc_loss: checkpoints older than the option trained with torch's loss; auto gives the same figures.
-        # head_init: the weights below replace the head either way
-        # finetune: checkpoints older than the option trained every weight.
-        base = checkpoint.get("base")  # adapters or LoRA: the base comes from its path, the rest from the file
-        hparams = {"ctc_loss": "auto", "expandable_segments": False, "head_init": "normal", "finetune": None,
-                   **checkpoint["hyper_parameters"],
-                   "pretrained": base["pretrained"] if base else None,
-                   "arch": checkpoint["wav2vec2_config"], "compile": False}
-        if base and (problem := check_pretrained(base["pretrained"])):
-            raise SetupError(f"{path} holds adapters or LoRA weights of the base {base['pretrained']}, which cannot "
-                             f"be loaded: {problem}")
-        model = cls(**hparams)
-        if unknown := sorted(set(checkpoint["state_dict"]) - set(model.state_dict())):
-            raise SetupError(f"{path} holds {len(unknown)} parameters this code's model does not have "
-                             f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}): written by other code")
-        model.on_load_checkpoint(checkpoint)  # a base's weights filled in (its hash checked), the counters
-        model.load_state_dict(checkpoint["state_dict"])
-        return model
 
     @property
     def finetune_method(self) -> str:

@@ -16,7 +16,6 @@ against the mean best-token probability by how well it tells wrong words from ri
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -294,7 +293,3 @@ def subtitle_file(lines: list[tuple[float, float, str]], kind: str) -> str:
         return "\n".join(f"{n}\n{cue}" for n, cue in enumerate(cues, 1))
     return "WEBVTT\n\n" + "\n".join(cues)
 
-
-def workers(setting) -> int:
-    """num_workers: a number, or auto: the cores this process may run on, less one for the model."""
-    return int(setting) if setting != "auto" else max(1, len(os.sched_getaffinity(0)) - 1)

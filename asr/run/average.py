@@ -19,7 +19,7 @@ import torch
 
 from asr import SetupError
 from asr.core import checkpoints
-from asr.model.module import CTCModel
+from asr.model import inference
 from asr.run.evaluation import dev_rates
 from asr.run.report import RunReport
 
@@ -180,8 +180,8 @@ class AverageBest(L.Callback):
             log.warning("callbacks.average: %s", error)
             return {"skipped": str(error)}
         out = write(averaged(sources), run_dir / "checkpoints" / f"average-best{self.best}.ckpt")
-        mean = dev_rates(CTCModel.from_checkpoint(out), data, device)
-        single = dev_rates(CTCModel.from_checkpoint(best_single), data, device)
+        mean = dev_rates(inference.from_checkpoint(out), data, device)
+        single = dev_rates(inference.from_checkpoint(best_single), data, device)
         log.warning("dev CER %.4f (WER %.4f) for the average of the %d best checkpoints (%s), %.4f (WER %.4f) for "
                     "the best one (%s)", mean["cer"], mean["wer"], len(sources), out.name, single["cer"],
                     single["wer"], Path(best_single).name)

@@ -14,7 +14,7 @@ from asr import SetupError
 from asr.core import checkpoints
 from asr.core.config import checked, command_line_changes
 from asr.data.module import SpeechDataModule
-from asr.model import lm
+from asr.model import inference, lm
 from asr.model.metrics import ErrorRates
 from asr.model.module import CTCModel, corpus_counts, corpus_rates
 from asr.run import provenance
@@ -54,7 +54,7 @@ def assemble_evaluation(cfg: DictConfig) -> Evaluation:
     role, split = split_role(cfg.split, cfg.data)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = CTCModel.from_checkpoint(ckpt).to(asr.device(cfg.device)).eval()
+    model = inference.from_checkpoint(ckpt).to(asr.device(cfg.device)).eval()
     data = instantiate(cfg.data, _convert_="all")
     if problem := data.check():
         raise SetupError(problem)

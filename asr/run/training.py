@@ -27,7 +27,7 @@ from asr.core.config import checked, expand_path
 from asr.core.frames import Geometry
 from asr.core.text import Vocabulary
 from asr.data.module import SpeechDataModule
-from asr.model import speed
+from asr.model import inference, speed
 from asr.model.encoder import check_pretrained, wav2vec2_config
 from asr.model.export import export
 from asr.model.module import CTCModel
@@ -210,7 +210,7 @@ def conclude(run: Run) -> dict:
         run.data.write_report(run.dir / "data_report.json")
     best_by_cer = run.trainer.checkpoint_callback  # callbacks.checkpoint; without it, the final weights
     best = best_by_cer and (best_by_cer.best_model_path or best_by_cer.last_model_path)
-    export(CTCModel.from_checkpoint(best) if best else run.model.cpu(), run.dir / "model")
+    export(inference.from_checkpoint(best) if best else run.model.cpu(), run.dir / "model")
     first = {} if run.report.rows else {"updates": run.trainer.global_step,
                                         "first_evaluation_at_update": run.first_evaluation()}
     size = {"checkpoint_bytes": Path(best).stat().st_size} if best else {}

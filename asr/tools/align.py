@@ -132,12 +132,12 @@ def main(argv: list[str]) -> None:
     from transformers.utils import logging as hf_logging
 
     # transformers and lightning take ~7 s to import (asr.model.module): not for --help or a refused setting
-    from asr.model.module import CTCModel
+    from asr.model import inference
     from asr.model.transcription import file_logits
 
     hf_logging.disable_progress_bar()
     try:
-        model, _ = CTCModel.load(args.model_path, args.target_lang)
+        model, _ = inference.load(args.model_path, args.target_lang)
         model = model.to(asr.device(args.device)).eval()
         logits, seconds = file_logits(model, str(Path(args.audio).expanduser()), args.chunk_seconds,
                                       args.stride_seconds)

@@ -13,8 +13,8 @@ from pathlib import Path
 from asr import SetupError
 from asr.core import checkpoints
 from asr.core.config import decoding_defaults
+from asr.model import inference
 from asr.model.export import export
-from asr.model.module import CTCModel
 from asr.tools import cli
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     defaults = decoding_defaults()  # alpha and beta as evaluate.py's
     alpha, beta = (defaults[k] if args[k] is None else args[k] for k in ("alpha", "beta"))
     try:
-        out = export(CTCModel.from_checkpoint(ckpt_path), Path(args.out).expanduser(), lm_path, float(alpha),
+        out = export(inference.from_checkpoint(ckpt_path), Path(args.out).expanduser(), lm_path, float(alpha),
                      float(beta), format, args.quantize, args.target_lang)
     except SetupError as error:
         sys.exit(f"error: {error}")
