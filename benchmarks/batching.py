@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from asr.core.audio import SAMPLE_RATE  # noqa: E402
+from asr.core.frames import WAV2VEC2  # noqa: E402
 from asr.data.batching import DurationBatchSampler  # noqa: E402
 from asr.tools import cli  # noqa: E402
 
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> None:
     for name, durations in corpora().items():
         for budget in cli.values(args, "budgets"):
             sampler = DurationBatchSampler(durations, budget, max_batch_size=None, num_buckets=19, attention_q=None,
-                                           seed=0)
+                                           seed=0, geometry=WAV2VEC2)
             ours = sampler.batches(0)
             size = round(len(durations) / len(ours))
             torch.manual_seed(0)

@@ -38,13 +38,14 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
-from hydra.utils import instantiate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
 from asr.core import audio  # noqa: E402
 from asr.core.config import compose  # noqa: E402
+from asr.core.frames import WAV2VEC2  # noqa: E402
+from asr.data.module import SpeechDataModule  # noqa: E402
 from asr.tools import cli, synth  # noqa: E402
 
 
@@ -121,7 +122,7 @@ def worker_rate(root: Path, passes: int, *overrides: str) -> tuple[tuple[float, 
     os.environ["ASR_CACHE_DIR"] = str(root.parent / "cache")  # listings and durations stay in the temporary directory
     cfg = compose("train", ["lang=pt", f"data.root={root}", "data.num_workers=1", "data.max_batch_seconds=60",
                             f"run_dir={root.parent / 'run'}", *overrides])
-    data = instantiate(cfg.data, _convert_="all")
+    data = SpeechDataModule.from_config(cfg.data, WAV2VEC2)
     data.setup("fit")
     loader = data.train_dataloader()
     batches = iter(loader)  # starts the (persistent) worker

@@ -34,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from asr.core.frames import WAV2VEC2  # noqa: E402
+from asr.data.module import SpeechDataModule  # noqa: E402
 from asr.tools import cli, synth  # noqa: E402
 
 DEMO = REPO / "demo" / "cv-pt"
@@ -116,13 +118,12 @@ def _collect(_worker_id: int) -> None:
 def in_process(root: Path, cache: Path) -> dict:
     """Load (warm), plan, len() and the loader workers' memory, in this process."""
     os.environ["ASR_CACHE_DIR"] = str(cache)
-    from hydra.utils import instantiate
 
     from asr.core.config import compose
 
     cfg = compose("train", ["lang=pt", "model=tiny", f"data.root={root}", f"run_dir={tempfile.mkdtemp()}",
                             "data.num_workers=4"])
-    data = instantiate(cfg.data, _convert_="all")
+    data = SpeechDataModule.from_config(cfg.data, WAV2VEC2)
     started = time.perf_counter()
     data.setup("fit")
     load = time.perf_counter() - started

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from transformers import pipeline
 from transformers.utils import logging as hf_logging
 
@@ -31,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from asr.core import audio, text  # noqa: E402
 from asr.core.config import compose  # noqa: E402
+from asr.core.frames import WAV2VEC2  # noqa: E402
 from asr.data.loading import workers  # noqa: E402
+from asr.data.module import SpeechDataModule  # noqa: E402
 from asr.model import inference  # noqa: E402
 from asr.model.export import export  # noqa: E402
 from asr.model.module import CTCModel  # noqa: E402
@@ -42,7 +43,7 @@ from asr.tools import cli  # noqa: E402
 def demo_model(out_dir: Path) -> Path:
     """The tiny model with random weights (the train config's seed) and the demo's vocabulary, exported."""
     cfg = compose("train", [f"run_dir={out_dir / 'run'}"])
-    data = instantiate(cfg.data, _convert_="all")
+    data = SpeechDataModule.from_config(cfg.data, WAV2VEC2)
     data.load("train")  # the vocabulary of the training transcripts
     torch.manual_seed(cfg.seed)
     return export(CTCModel.from_config(cfg, data.vocab.tokens), out_dir / "model")

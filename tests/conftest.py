@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
 
 import asr
 from asr.core.config import compose
+from asr.core.frames import WAV2VEC2
+from asr.data.module import SpeechDataModule
 from asr.tools import synth
 
 
@@ -36,7 +37,7 @@ def compose_config(name: str = "train", overrides: list[str] = ()):
 
 def data_module(*overrides: str):
     """The SpeechDataModule of the train config with these overrides."""
-    return instantiate(compose_config(overrides=overrides).data, _convert_="all")
+    return SpeechDataModule.from_config(compose_config(overrides=overrides).data, WAV2VEC2)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,8 @@ NUM_BUCKETS = OmegaConf.load(asr.REPO_DIR / "conf" / "data" / "default.yaml").nu
 
 def make_sampler(durations, max_batch_seconds, **options) -> DurationBatchSampler:
     """The sampler with this test's settings: no clip cap, the YAML's buckets, no attention cost, seed 0."""
-    settings = {"max_batch_size": None, "num_buckets": NUM_BUCKETS, "attention_q": None, "seed": 0, **options}
+    settings = {"max_batch_size": None, "num_buckets": NUM_BUCKETS, "attention_q": None, "seed": 0,
+                "geometry": WAV2VEC2, **options}
     return DurationBatchSampler(durations, max_batch_seconds, **settings)
 
 
@@ -170,21 +171,23 @@ def test_collate_pads_to_the_planned_shape():
     def planned(items, samples):
         return Planned(items, (len(items), samples))
 
-    batch = collate(planned([item(1.2, 19_200), item(1.9, 30_800)], 32_000))
+    batch = collate(planned([item(1.2, 19_200), item(1.9, 30_800)], 32_000), hop=WAV2VEC2.hop)
     assert batch["shape"] == (2, 32_000) == tuple(batch["audio"].shape)
     assert batch["lengths"] == [19_200, 30_800] and not batch["audio"][0, 19_200:].any()
     assert batch["labels"].shape == (2, 3) and batch["truncated_seconds"] == 0
     assert batch["audio"][0, 19_200:].abs().sum() == 0 and batch["padded_seconds"] == 4.0
-    batch = collate(planned([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 16_500)], 16_000))  # 500 samples past it
+    # 500 samples past it
+    batch = collate(planned([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 16_500)], 16_000), hop=WAV2VEC2.hop)
     assert batch["shape"] == (3, 16_000) and batch["lengths"] == [14_000, 8_000, 16_000]
     assert batch["truncated_seconds"] == 500 / 16_000
     # A stated duration that is wrong (2 s more decoded than stated): never cut, a longer batch instead
-    batch = collate(planned([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 48_000)], 16_000))
+    batch = collate(planned([item(0.9, 14_000), item(0.5, 8_000), item(0.99, 48_000)], 16_000), hop=WAV2VEC2.hop)
     assert batch["lengths"] == [14_000, 8_000, 48_000] and batch["shape"] == (3, 48_000)
     assert batch["truncated_seconds"] == 0
-    batch = collate(planned([item(0.9, 14_400)], 48_000))  # a short clip in a long batch: the plan's length
+    # a short clip in a long batch: the plan's length
+    batch = collate(planned([item(0.9, 14_400)], 48_000), hop=WAV2VEC2.hop)
     assert batch["shape"] == (1, 48_000)
-    batch = collate([item(1.2, 19_200), item(1.0, 16_000), item(0.5, 8_000), item(0.5, 8_000)])
+    batch = collate([item(1.2, 19_200), item(1.0, 16_000), item(0.5, 8_000), item(0.5, 8_000)], hop=WAV2VEC2.hop)
     assert batch["shape"] == (4, 19_200)  # no plan: padded to its longest
 
 

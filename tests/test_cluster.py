@@ -17,12 +17,13 @@ import time
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 
 import asr
 from asr import SetupError
 from asr.core import checkpoints
+from asr.core.frames import WAV2VEC2
 from asr.data.batching import DurationBatchSampler
+from asr.data.module import SpeechDataModule
 from asr.model import inference
 from asr.run import cluster
 from tests.conftest import compose_config, data_module
@@ -98,7 +99,7 @@ def test_ddp_with_layerdrop_an_unreadable_batch_and_validation_equal_to_one_proc
     assert report["train"]["dropped"] == {"unreadable_audio": 1} and report["train"]["kept"] == 11
 
     cfg = compose_config(overrides=common)
-    data = instantiate(cfg.data, _convert_="all")
+    data = SpeechDataModule.from_config(cfg.data, WAV2VEC2)
     data.setup("fit")
     model = inference.from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -216,7 +217,7 @@ def test_a_preempted_slurm_job_requeues_and_resumes_with_the_next_batch(slurm, t
         assert 4 <= len(before["ids"]) < 16 and len(before["ids"]) + len(after["ids"]) == 16
         sampler = DurationBatchSampler(train.seconds, data.hparams.max_batch_seconds, max_batch_size=None,
                                        num_buckets=data.hparams.num_buckets, attention_q=None, seed=data.hparams.seed,
-                                       shuffle=True, num_replicas=2, rank=rank)
+                                       shuffle=True, num_replicas=2, rank=rank, geometry=data.geometry)
         ids, planned = train.column("id"), []
         for epoch in range(3):
             sampler.set_epoch(epoch)

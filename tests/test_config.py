@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 import asr
 from asr import SetupError
 from asr.core import config
+from asr.core.frames import WAV2VEC2
 from asr.data.augment import Augment
 from asr.data.module import SpeechDataModule
 from asr.model import schedules
@@ -58,7 +59,7 @@ def test_groups_list_every_shipped_option():
 def test_default_is_tiny_on_the_demo():
     cfg = compose_config(overrides=["run_dir=/tmp/unused"])
     assert cfg.data.lang == "demo" and cfg.model.pretrained is None
-    data = instantiate(cfg.data, _convert_="all")
+    data = SpeechDataModule.from_config(cfg.data, WAV2VEC2)
     assert data.check() is None
     data.setup("fit")  # the committed demo: every clip of its train and dev splits usable
     assert {split: (r["kept"], r["dropped"]) for split, r in data.report.items()} == {"train": (520, {}),
@@ -68,7 +69,7 @@ def test_default_is_tiny_on_the_demo():
 @pytest.mark.parametrize("lang", GROUPS["lang"])
 def test_lang(lang):
     cfg = compose_config(overrides=[f"lang={lang}"])
-    data = instantiate(cfg.data)
+    data = SpeechDataModule.from_config(cfg.data, WAV2VEC2)
     assert data.hparams.lang == lang
     problem = data.check()
     if lang == "demo":
@@ -103,7 +104,8 @@ def test_augment(option, tmp_path):
 
     sf.write(tmp_path / "noise.wav", np.zeros(1600, np.float32) + 0.1, 16_000)
     folder = [f"data.augment.noise_dir={tmp_path}"] if "noise" in option else []
-    data = instantiate(compose_config(overrides=[f"augment={option}", *folder]).data, _convert_="all")
+    data = SpeechDataModule.from_config(compose_config(overrides=[f"augment={option}", *folder]).data,
+                                       WAV2VEC2)
     assert data.check() is None and data.augment.active == (option != "none")
     assert (data.augment.slowest < 1) == ("speed" in option) and (data.augment.noise_prob > 0) == ("noise" in option)
     assert (data.augment.silence_prob > 0) == (option in ("silence", "long_form"))
@@ -172,7 +174,7 @@ def test_numeric_precision_choices_are_quoted_for_hydra():
 @pytest.mark.parametrize("lang", GROUPS["lang"])
 def test_evaluate_config_composes(lang):
     cfg = compose_config("evaluate", overrides=[f"lang={lang}", "ckpt_path=x.ckpt"])
-    assert instantiate(cfg.data).hparams.lang == lang and cfg.split == "test"
+    assert SpeechDataModule.from_config(cfg.data, WAV2VEC2).hparams.lang == lang and cfg.split == "test"
 
 
 def test_trainer_overrides_as_users_type_them(tmp_path):

@@ -13,6 +13,7 @@ import pytest
 import asr
 from asr import SetupError
 from asr.core import audio
+from asr.core.frames import WAV2VEC2
 from asr.data import corpora
 from asr.tools import synth
 from tests.conftest import data_module
@@ -266,9 +267,9 @@ def test_a_clip_that_stops_decoding_is_skipped_and_counted(cv_corpus, tmp_path):
     utts = data.load("dev")
     Path(utts[0].path).write_bytes(b"\xff\xfb" + bytes(100))  # corrupted after the pre-flight pass
     dataset = UtteranceDataset(utts, data.vocab)
-    batch = collate([dataset[0], dataset[1]])
+    batch = collate([dataset[0], dataset[1]], hop=WAV2VEC2.hop)
     assert batch["skipped"] == 1 and batch["ids"] == [utts[1].id]
     assert batch["dropped"] == [(utts[0].id, "unreadable_audio")]
-    assert collate([dataset[0]])["ids"] == []  # a batch of nothing: the step is skipped
+    assert collate([dataset[0]], hop=WAV2VEC2.hop)["ids"] == []  # a batch of nothing: the step is skipped
 
 

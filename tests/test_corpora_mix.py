@@ -11,6 +11,7 @@ import pytest
 
 import asr
 from asr import SetupError
+from asr.core.frames import WAV2VEC2
 from asr.data import mixing
 from asr.data.batching import DurationBatchSampler
 from asr.data.listing import format_report
@@ -24,6 +25,7 @@ def mixed_sampler(shares, sizes=(600, 200), seed=3, **kwargs) -> DurationBatchSa
     durations = np.concatenate([rng.uniform(1, 8, sizes[0]), rng.uniform(3, 10, sizes[1])])
     corpus = np.repeat([0, 1], sizes)
     return DurationBatchSampler(durations, 40.0, max_batch_size=None, num_buckets=6, attention_q=None, seed=seed,
+                                geometry=WAV2VEC2,
                                 corpus=corpus, draws=mixing.apportion(len(durations), shares), **kwargs)
 
 
@@ -111,7 +113,8 @@ def test_a_single_corpus_keeps_its_plan():
     """Without corpora the sampler is today's: the plan tests of test_batching.py pin it; here its draw is the
     whole corpus in the order the single-corpus code gives."""
     durations = np.random.default_rng(0).uniform(1, 8, 300)
-    plain = DurationBatchSampler(durations, 40.0, max_batch_size=None, num_buckets=6, attention_q=None, seed=3)
+    plain = DurationBatchSampler(durations, 40.0, max_batch_size=None, num_buckets=6, attention_q=None, seed=3,
+                                 geometry=WAV2VEC2)
     assert plain.strata is None and plain.drawn_clips() is None
     assert sorted(np.concatenate(plain.batches(0)).tolist()) == list(range(300))
 

@@ -18,7 +18,7 @@ from tests.conftest import attention_mask
 def test_collate_pads_audio_and_labels_with_masks():
     items = [{"id": f"u{n}", "audio": np.ones(n, dtype=np.float32), "text": "ab"[: k], "labels": [1] * k}
              for n, k in ((16000, 2), (8000, 1))]
-    batch = loading.collate(items)
+    batch = loading.collate(items, hop=WAV2VEC2.hop)
     assert batch["audio"].shape == (2, 16000) and batch["lengths"] == [16000, 8000] and "attention_mask" not in batch
     assert attention_mask(batch["lengths"], 16000).sum(1).tolist() == [16000, 8000]
     assert batch["audio"][1, 8000:].abs().sum() == 0
@@ -97,7 +97,7 @@ def test_check_split_drops_and_counts(tmp_path):
         clips = corpora.Clips(listing.prepare(corpora.Clips.from_records(utterances), "pt"))
         seconds, problems = listing.durations(clips, tmp_path / "cache.json", workers=1)
         return listing.check_split(clips, seconds, problems, vocab, min_seconds=0.0, max_seconds=20.0,
-                                   training=training)
+                                   training=training, geometry=WAV2VEC2)
 
     kept, report = check(utts, training=True)
     assert [u.id for u in kept] == ["ok"] and kept[0].duration == pytest.approx(2.0)
@@ -121,9 +121,9 @@ def test_stated_durations_are_not_probed_and_unreadable_clips_are_counted_when_m
     seconds, problems = listing.durations(clips, tmp_path / "cache.json", workers=1)
     assert problems == {2: "missing_file"} and not (tmp_path / "cache.json").exists()  # no header read
     vocab = Vocabulary.from_transcripts(["texto"])
-    kept, report = listing.check_split(clips, seconds, problems, vocab, 0.0, 20.0, training=True)
+    kept, report = listing.check_split(clips, seconds, problems, vocab, 0.0, 20.0, training=True, geometry=WAV2VEC2)
     assert [u.id for u in kept] == ["ok.wav", "corrupt.mp3"] and report["dropped"] == {"missing_file": 1}
-    batch = loading.collate([loading.UtteranceDataset(kept, vocab)[i] for i in range(2)])
+    batch = loading.collate([loading.UtteranceDataset(kept, vocab)[i] for i in range(2)], hop=WAV2VEC2.hop)
     assert batch["ids"] == ["ok.wav"] and batch["dropped"] == [("corrupt.mp3", "unreadable_audio")]
     module = SpeechDataModule.__new__(SpeechDataModule)  # only its report
     module.report, module._met, module.utterances = {"train": report}, {}, {"train": kept}

@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from asr.core.frames import WAV2VEC2
 from tests.conftest import assembled, attention_mask
 from tests.test_model import DeviceReads
 
@@ -11,7 +12,7 @@ def _model_and_batch(cv_corpus, *overrides):
     from asr.data import loading
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "logger=none", *overrides)
     dataset = loading.UtteranceDataset(run.data.load("train"), run.data.vocab)
-    return run.model, loading.collate([dataset[i] for i in range(4)])
+    return run.model, loading.collate([dataset[i] for i in range(4)], hop=WAV2VEC2.hop)
 
 
 def test_our_encoder_pass_is_hfs_with_spec_augment_and_reads_nothing_back(cv_corpus):

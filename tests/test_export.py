@@ -6,6 +6,7 @@ import torch
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 from asr.core import audio
+from asr.core.frames import WAV2VEC2
 from asr.data import loading
 from asr.model import inference
 from tests.test_transcribe import run
@@ -29,6 +30,6 @@ def test_export_writes_what_transformers_loads_and_computes_the_checkpoints_logi
     assert Wav2Vec2Processor.from_pretrained(out).tokenizer.get_vocab() == model.vocab.ids
     hf = Wav2Vec2ForCTC.from_pretrained(out).eval()
     wave = audio.normalize(audio.load(next((trained_run.root / "clips").glob("*.mp3"))))
-    batch = loading.collate([{"id": "x", "audio": wave, "text": "", "labels": []}])
+    batch = loading.collate([{"id": "x", "audio": wave, "text": "", "labels": []}], hop=WAV2VEC2.hop)
     with torch.no_grad():
         torch.testing.assert_close(hf(batch["audio"]).logits, model.decode(batch).logits, atol=1e-4, rtol=1e-4)

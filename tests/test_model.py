@@ -103,7 +103,7 @@ def test_our_ctc_loss_equals_hf_and_reads_nothing_back_from_the_device(cv_corpus
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0", "logger=none")
     model = run.model.eval()
     dataset = loading.UtteranceDataset(run.data.load("train"), run.data.vocab)
-    batch = loading.collate([dataset[i] for i in range(4)])
+    batch = loading.collate([dataset[i] for i in range(4)], hop=WAV2VEC2.hop)
     batch["labels"][0, 3:] = -100  # an utterance whose label is shorter
     batch["label_lengths"][0] = 3
     out = model(batch)
@@ -266,7 +266,7 @@ def test_compiled_layers_train_and_compute_what_the_eager_ones_do(cv_corpus):
     the eager model's on the same weights."""
     data = data_module(f"data.root={cv_corpus}", "data.num_workers=0")
     dataset = UtteranceDataset(data.load("train"), data.vocab)
-    batch = collate([dataset[i] for i in range(4)])
+    batch = collate([dataset[i] for i in range(4)], hop=WAV2VEC2.hop)
     models = {c: CTCModel.from_config(compose_config(overrides=[f"data.root={cv_corpus}", f"model.compile={c}"]),
                                       data.vocab.tokens) for c in ("true", "false")}
     compiled, eager = models["true"], models["false"]

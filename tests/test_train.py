@@ -17,6 +17,7 @@ from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 import asr
 from asr.core import audio
+from asr.core.frames import WAV2VEC2
 from asr.core.text import Vocabulary
 from asr.data import loading
 from asr.model import inference, schedules
@@ -69,7 +70,7 @@ def test_train_export_evaluate(cv_corpus, tmp_path):
     assert processor.tokenizer.get_vocab() == best.vocab.ids
     wave = audio.load(next((cv_corpus / "clips").glob("*.mp3")))
     inputs = processor(wave, sampling_rate=16000, return_tensors="pt")
-    batch = loading.collate([{"id": "x", "audio": audio.normalize(wave), "text": "", "labels": []}])
+    batch = loading.collate([{"id": "x", "audio": audio.normalize(wave), "text": "", "labels": []}], hop=WAV2VEC2.hop)
     with torch.no_grad():
         ours = best(batch).logits
         theirs = hf_model(inputs.input_values, attention_mask=inputs.attention_mask).logits
@@ -144,7 +145,8 @@ def test_tiny_model_learns_a_batch(cv_corpus):
     """Gradients reach the whole model: 60 updates on one batch cut its CTC loss by more than half."""
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "model.config.mask_time_prob=0", "logger=none")
     model, dm = run.model, run.data
-    batch = loading.collate([loading.UtteranceDataset(dm.load("train"), dm.vocab)[i] for i in range(4)])
+    batch = loading.collate([loading.UtteranceDataset(dm.load("train"), dm.vocab)[i] for i in range(4)],
+                            hop=WAV2VEC2.hop)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):

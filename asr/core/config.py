@@ -28,6 +28,7 @@ CALL_SITE = {
     "asr.model.schedules.linear": ("optimizer", "total_steps"),
     "asr.model.schedules.tristage": ("optimizer", "total_steps"),
     "asr.data.augment.Augment": ("seed",),
+    "asr.data.module.SpeechDataModule": ("geometry", "vocab"),
 }
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from asr.core.audio import SAMPLE_RATE
-from asr.core.frames import WAV2VEC2, Geometry
+from asr.core.frames import Geometry
 from asr.data import mixing
 
 # The dynamic programme holds a (lengths x lengths) table. Above this many distinct lengths, the
@@ -101,8 +101,7 @@ class DurationBatchSampler(Sampler[Planned]):
 
     def __init__(self, durations, max_batch_seconds: float, *, max_batch_size: int | None, num_buckets: int,
                  attention_q: float | None, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
-                 tag_epoch: bool = False, audio_seconds=None, geometry: Geometry = WAV2VEC2, corpus=None,
-                 draws=None):
+                 tag_epoch: bool = False, audio_seconds=None, geometry: Geometry, corpus=None, draws=None):
         super().__init__()
         self.geometry, self.hop = geometry, geometry.hop
         self.durations = np.asarray(durations, dtype=np.float64)

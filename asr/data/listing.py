@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from asr.core import audio, text
-from asr.core.frames import WAV2VEC2, Geometry
+from asr.core.frames import Geometry
 from asr.data import cache, corpora
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ def characters(clips: corpora.Clips) -> set[str]:
 
 
 def check_split(clips: corpora.Clips, seconds: np.ndarray, problems: dict[int, str], vocab: text.Vocabulary,
-                min_seconds: float, max_seconds: float, training: bool, geometry: Geometry = WAV2VEC2
-                ) -> tuple[corpora.Clips, dict]:
+                min_seconds: float, max_seconds: float, training: bool,
+                geometry: Geometry) -> tuple[corpora.Clips, dict]:
     """Drop and count what cannot train or be scored; the run goes on with the rest.
 
     clips: a prepared listing (`prepare`: normalised `text`, `frames`). seconds: per clip, from the

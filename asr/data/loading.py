@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from asr import SetupError
 from asr.core import audio, text
-from asr.core.frames import WAV2VEC2
 from asr.data import corpora
 from asr.data.augment import NONE, Augment, Choice, mix
 from asr.data.batching import Planned
@@ -128,11 +127,12 @@ class UtteranceDataset(Dataset):
             item["noise_skipped"] = name
 
 
-def collate(items: list[dict], ring: int = 0, hop: int = WAV2VEC2.hop) -> dict:
+def collate(items: list[dict], *, hop: int, ring: int = 0) -> dict:
     """Pad a batch. audio: (B, S) float32 at 16 kHz, zeros past each clip; labels: (B, L) ids padded with -100
     (ignored by the CTC loss). lengths (samples) and label_lengths are host lists, which Lightning leaves on
     the host: the encoder pass and the loss take them there, so no (B, S) mask is built or sent to the device
-    (`attention_mask` makes HF's from them). `shape` is (B, S).
+    (tests/conftest.py's `attention_mask` makes HF's from them). `shape` is (B, S), its samples a multiple of
+    `hop`, the model's (`asr.core.frames`).
 
     A `Planned` batch (`asr.data.batching`: what the batch sampler yields, passed on by the dataset) is padded to
     the samples of its planned shape. A clip that decodes longer than its stated duration by MP3 codec

@@ -11,11 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from asr import SetupError
 from asr.core import audio, text
-from asr.core.frames import WAV2VEC2
+from asr.core.frames import Geometry
 from asr.data import cache, corpora, mixing
 from asr.data.augment import Augment
 from asr.data.batching import DurationBatchSampler
@@ -34,7 +35,10 @@ class SpeechDataModule(L.LightningDataModule):
     `train_extra` adds release splits to training (Common Voice `validated`) minus dev/test speakers.
     The vocabulary is built from the training transcripts unless one is given (evaluation uses the
     model's own). Every argument comes from conf/data/default.yaml and conf/lang/ (their comments say what
-    each does); there are no defaults here.
+    each does); there are no defaults here. But two come from the call site (`asr.run.training.assemble`,
+    `asr.run.evaluation.assemble_evaluation`), as they are the model's: `geometry`, its frames
+    (`asr.core.frames`), which the checks and the batch shapes follow; `vocab`, its vocabulary (evaluation, a
+    resumed run), or None to build one from the training transcripts.
 
     Several corpora (`corpora`: a list of {name, lang, root, weight, ...}, `asr.data.mixing`): each is read and
     checked by a SpeechDataModule of its own (`parts`), with its own text rules; the vocabulary is the union of
@@ -52,13 +56,15 @@ class SpeechDataModule(L.LightningDataModule):
                  eval_max_batch_size: int | None, num_buckets: int, attention_q: float | None, min_seconds: float,
                  max_seconds: float, num_workers: int | str, max_workers: int, prefetch_factor: int, seed: int,
                  cache_dir: str, decode_cache: bool, cache_format: str, augment: dict,
-                 corpora: list[dict] | None, temperature: float | None):
+                 corpora: list[dict] | None, temperature: float | None, geometry: Geometry,
+                 vocab: text.Vocabulary | None):
         super().__init__()
-        self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
+        # The logger gets the whole run config (train.py); geometry and vocab are the model's, not settings.
+        self.save_hyperparameters(ignore=["geometry", "vocab"], logger=False)
         self.splits = {"train": train_split, "dev": dev_split, "test": test_split}
         self.cache_dir = Path(cache_dir).expanduser()
-        self.vocab: text.Vocabulary | None = None
-        self.geometry = WAV2VEC2  # the model's frame geometry (asr.core.frames): set before setup when it differs
+        self.vocab = vocab  # None: built from the training transcripts (`load`)
+        self.geometry = geometry  # the model's frame geometry (asr.core.frames)
         self.utterances: dict[str, corpora.Clips] = {}
         self.report: dict[str, dict] = {}
         self._raw: dict[str, corpora.Clips] = {}
@@ -70,6 +76,12 @@ class SpeechDataModule(L.LightningDataModule):
         self.noise_skipped: dict[str, int] = {}  # noise file -> times it failed to decode (this rank)
         self._sources: list[mixing.Source] | None = None  # several corpora: what data.corpora says
         self._parts: dict[str, SpeechDataModule] | None = None  # several corpora: one module per corpus
+
+    @staticmethod
+    def from_config(node, geometry: Geometry, vocab: text.Vocabulary | None = None) -> "SpeechDataModule":
+        """The data module a config's `data` node builds (its `_target_`), for the model of this `geometry` and,
+        when it has one already (evaluation, a resumed run), this `vocab`: the model's facts go in at construction."""
+        return instantiate(node, _partial_=True, _convert_="all")(geometry=geometry, vocab=vocab)
 
     @property
     def mixed(self) -> bool:
@@ -93,8 +105,8 @@ class SpeechDataModule(L.LightningDataModule):
             off = {**h["augment"], "speed_prob": 0.0, "silence_prob": 0.0, "concat_prob": 0.0, "noise_prob": 0.0}
             self._parts = {}
             for source in self.sources:
-                part = SpeechDataModule(**shared, **source.settings, augment=off, corpora=None, temperature=None)
-                part.geometry = self.geometry
+                part = SpeechDataModule(**shared, **source.settings, augment=off, corpora=None, temperature=None,
+                                        geometry=self.geometry, vocab=self.vocab)
                 split = part.hparams.dev_split
                 if split is not None and not len(part._read(split)):
                     part.hparams.dev_split = part.splits["dev"] = None
@@ -229,8 +241,8 @@ class SpeechDataModule(L.LightningDataModule):
         parts = self.parts
         if self.vocab is None:  # the union of the corpora's training transcripts
             self.vocab = text.Vocabulary.from_transcripts([characters(p.raw("train")) for p in parts.values()])
-        for part in parts.values():
-            part.vocab, part.geometry = self.vocab, self.geometry
+        for part in parts.values():  # the union, known only now
+            part.vocab = self.vocab
         kept = {name: part.load(split) for name, part in parts.items()}
         names = next(iter(kept.values())).table.column_names
         tables = [k.table.take(k.rows).select(names) for k in kept.values()]
@@ -433,3 +445,4 @@ class SpeechDataModule(L.LightningDataModule):
 
     def audio_seconds(self, split: str) -> float:
         return float(self.load(split).seconds.sum())
+

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import asr
@@ -55,10 +54,10 @@ def assemble_evaluation(cfg: DictConfig) -> Evaluation:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = inference.from_checkpoint(ckpt).to(asr.device(cfg.device)).eval()
-    data = instantiate(cfg.data, _convert_="all")
+    # labels, [UNK] counts and frames: the model's own
+    data = SpeechDataModule.from_config(cfg.data, model.geometry, model.vocab)
     if problem := data.check():
         raise SetupError(problem)
-    data.vocab, data.geometry = model.vocab, model.geometry  # labels, [UNK] counts and frames: the model's own
     data.load(role)
     if unknown := data.report[role]["unk_characters"]:
         log.warning("%d characters of the %s transcripts are not in the model's vocabulary, among them %s: the "

@@ -205,7 +205,7 @@ class PredictionsTable(L.Callback):
             self.sample = self._draw(trainer.datamodule)
         if not self.sample:
             return
-        batch = collate(self.sample)
+        batch = collate(self.sample, hop=pl_module.geometry.hop)
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from asr import Complete, Requeued, SetupError, TrainingStopped
 from asr.core import checkpoints
 from asr.core.config import checked, expand_path
-from asr.core.frames import Geometry
+from asr.core.frames import WAV2VEC2, Geometry
 from asr.core.text import Vocabulary
 from asr.data.module import SpeechDataModule
 from asr.model import inference, speed
@@ -152,24 +152,27 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     if group := wandb_args.pop("group", None):
         with open_dict(cfg):
             cfg.logger.group = group  # in config.yaml: evaluate.py logs its eval runs into this group
-    data = instantiate(cfg.data, _convert_="all")
     method = cfg.model.finetune.method
     tuned_without_base = (f"finetune={method} adapts a pretrained base and keeps it frozen: give "
                           f"model.pretrained=<hub id or model directory> (the base; model.pretrained=null is random "
                           f"weights)") if method != "full" and cfg.model.pretrained is None else None
-    problems = [p for p in (tuned_without_base, data.check(), check_pretrained(cfg.model.pretrained)) if p]
+    base_problem = check_pretrained(cfg.model.pretrained)
+    # The frames of the model to come (a base that cannot load stops the run below, before any data is read),
+    # and a resumed run's vocabulary: the checkpoint's, whatever the transcripts say.
+    geometry = WAV2VEC2 if base_problem else Geometry.of(wav2vec2_config(cfg.model.pretrained,
+                                                                         OmegaConf.to_container(cfg.model.arch)))
+    resumed_from = ckpt_path and checkpoints.run_dir_of(ckpt_path)
+    vocab = (Vocabulary.load(resumed_from / "vocab.json")
+             if resumed_from and (resumed_from / "vocab.json").is_file() else None)
+    data = SpeechDataModule.from_config(cfg.data, geometry, vocab)
+    problems = [p for p in (tuned_without_base, data.check(), base_problem) if p]
     if problems:
         raise SetupError("\n".join(problems))
     monitor = check_monitor(cfg, data)  # from the settings, before any data is read
-    arch = OmegaConf.to_container(cfg.model.arch)
-    data.geometry = Geometry.of(wav2vec2_config(cfg.model.pretrained, arch))  # the frames of the model to come
     rundir.hold(run_dir)  # one process per run directory, from its first write on
     _write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
-    resumed_from = ckpt_path and checkpoints.run_dir_of(ckpt_path)
-    if resumed_from and (resumed_from / "vocab.json").is_file():
-        data.vocab = Vocabulary.load(resumed_from / "vocab.json")  # the checkpoint's, whatever the transcripts say
     data.setup("fit")  # one rank at a time: the first fills the caches (SpeechDataModule.setup)
     if rank_zero_only.rank == 0:
         data.vocab.save(run_dir / "vocab.json")
