@@ -38,7 +38,7 @@ def corpus(name: str) -> Path:
     root = cache() / "corpora" / name
     if not (root / "clip_durations.tsv").is_file():
         print(f"generating {root} ...", flush=True)
-        synth.CORPORA[name](root)
+        synth.make(name, root)
     return root
 
 

@@ -32,7 +32,7 @@ def corpus(name: str) -> Path:
     root = Path(os.environ.get("ASR_CACHE_DIR", "~/.cache/asr")).expanduser() / "corpora" / name
     if not (root / "clip_durations.tsv").is_file():
         print(f"generating {root} ...", flush=True)
-        synth.CORPORA[name](root)
+        synth.make(name, root)
     return root
 
 

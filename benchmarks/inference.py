@@ -54,7 +54,7 @@ def model_only(model, batches: list[dict]) -> float:
 def end_to_end(model, paths: list[str], batch_seconds: float, num_workers: int) -> tuple[float, list[str]]:
     """Seconds of `asr.model.transcription.transcribe` over `paths`, and the transcripts."""
     started = time.perf_counter()
-    out = [hypothesis for *_, hypothesis, _ in transcribe(model, paths, chunk_seconds=CHUNK_SECONDS,
+    out = [hypothesis for *_, hypothesis, _ in transcribe(model, paths, timestamps="none", chunk_seconds=CHUNK_SECONDS,
                                                           stride_seconds=STRIDE_SECONDS, batch_seconds=batch_seconds,
                                                           num_workers=num_workers)]
     return time.perf_counter() - started, out

@@ -46,7 +46,7 @@ def demo_model(out_dir: Path) -> Path:
     data = SpeechDataModule.from_config(cfg.data, WAV2VEC2)
     data.load("train")  # the vocabulary of the training transcripts
     torch.manual_seed(cfg.seed)
-    return export(CTCModel.from_config(cfg, data.vocab.tokens), out_dir / "model")
+    return export(CTCModel.from_config(cfg, data.vocab.tokens), out_dir / "model", format="hf")
 
 
 def old_path(pipe, paths: list[str], language: str, chunk_seconds: float, stride_seconds: float) -> list[str]:
@@ -63,8 +63,9 @@ def old_path(pipe, paths: list[str], language: str, chunk_seconds: float, stride
 
 def new_path(model, paths: list[str], args) -> list[str]:
     """transcribe.py's loop: `asr.model.transcription.transcribe`, transcripts in the files' order."""
-    out = transcribe(model, paths, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
-                     batch_seconds=args.batch_seconds, num_workers=workers(args.num_workers))
+    out = transcribe(model, paths, timestamps="none", chunk_seconds=args.chunk_seconds,
+                     stride_seconds=args.stride_seconds, batch_seconds=args.batch_seconds,
+                     num_workers=workers(args.num_workers))
     return [result.text for result in out]
 
 

@@ -283,3 +283,24 @@ def test_train_py_names_the_valid_keys(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: data.max_batch_secs is not a setting of data" in result.stderr
     assert "Did you mean data.max_batch_seconds?" in result.stderr
+
+
+def test_no_python_default_for_a_setting_a_tool_yaml_gives():
+    """Beyond the Hydra targets: the functions the tools' settings reach take those settings without a default
+    of their own (None, "not given", aside), so conf/<tool>.yaml stays their one home."""
+    from asr.model import export, lm, transcription
+    from asr.model.module import decoded
+    from asr.model.onnx import OnnxModel
+    from asr.run import average
+    from asr.tools import align, synth
+
+    tools = ("transcribe", "align", "export", "average", "lm", "synth", "memory", "evaluate", "sweep")
+    settings = {key for tool in tools for key in OmegaConf.load(asr.REPO_DIR / "conf" / f"{tool}.yaml")}
+    settings |= {"n_train", "n_dev", "n_test", "seed"}  # synth's corpora.<name>: train, dev, test, seed
+    reached = [transcription.transcribe, transcription.file_logits, transcription.subtitles, export.export,
+               lm.build, lm.beam_decoder, decoded, CTCModel.decode, CTCModel.decoded, OnnxModel.decoded,
+               average.chosen, align.segments, synth.make_demo, synth.make_short, synth.make_spanish]
+    found = {f.__qualname__: names for f in reached
+             if (names := [p.name for p in inspect.signature(f).parameters.values()
+                           if p.name in settings and p.default is not p.empty and p.default is not None])}
+    assert found == {}

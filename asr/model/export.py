@@ -41,7 +41,7 @@ def save_processor(out_dir: Path, target_lang: str | None = None) -> Wav2Vec2Pro
 
 
 def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = None, alpha: float | None = None,
-           beta: float | None = None, format: str = "hf", quantize: str | None = None,
+           beta: float | None = None, *, format: str, quantize: str | None = None,
            target_lang: str | None = None) -> Path:
     """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
     (the text rules, `language`, that transcripts follow: `asr.core.text.normalize`). With `lm_path`, the

@@ -197,7 +197,7 @@ def beam_spans(word_frames: list[tuple[str, tuple[int, int]]], confidence: np.nd
 
 
 def transcribe(model, paths: list[str], decoder=None, *, chunk_seconds: float, stride_seconds: float,
-               batch_seconds: float, num_workers: int, beam_width: int | None = None, timestamps: str = "none",
+               batch_seconds: float, num_workers: int, beam_width: int | None = None, timestamps: str,
                progress=None, seconds: list[float | None] | None = None):
     """Yields a `Transcript` for each of `paths`, in their order. `model`: a `CTCModel` in evaluation mode,
     on its device; `decoder` (an exported LM's) keeps `beam_width` beams. timestamps: none, word or char

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     alpha, beta = (defaults[k] if args[k] is None else args[k] for k in ("alpha", "beta"))
     try:
         out = export(inference.from_checkpoint(ckpt_path), Path(args.out).expanduser(), lm_path, float(alpha),
-                     float(beta), format, args.quantize, args.target_lang)
+                     float(beta), format=format, quantize=args.quantize, target_lang=args.target_lang)
     except SetupError as error:
         sys.exit(f"error: {error}")
     print(f"exported to {out}")

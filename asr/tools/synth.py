@@ -18,7 +18,9 @@ import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+from omegaconf import OmegaConf
 
+from asr import REPO_DIR
 from asr.tools import cli
 
 # Common Voice TSV columns of recent releases (docs/data.md).
@@ -217,7 +219,7 @@ def demo_sentences(n: int, rng: random.Random) -> list[str]:
     return grammar_sentences(n, rng, SUBJECTS, VERBS, OBJECTS, PLACES, TIMES, [".", ".", "!", "?"])
 
 
-def make_demo(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50, seed: int = 0) -> None:
+def make_demo(root: Path, n_train: int, n_dev: int, n_test: int, seed: int) -> None:
     rng = random.Random(seed)
     sentences = demo_sentences(n_train + n_dev + n_test, rng)
     write_speakers(root, sentences, rng, n_train, n_dev, (TRAIN_VOICES, DEV_VOICES, TEST_VOICES))
@@ -266,8 +268,8 @@ def short_sentences(n: int, rng: random.Random) -> list[str]:
     return distinct(n, sentence)
 
 
-def make_short(root: Path, n_train: int = 700, n_dev: int = 50, n_test: int = 50, seed: int = 1) -> None:
-    """800 clips of about 2.3 s in the Common Voice layout: a corpus that is not the demo."""
+def make_short(root: Path, n_train: int, n_dev: int, n_test: int, seed: int) -> None:
+    """Clips of about 2.3 s in the Common Voice layout: a corpus that is not the demo."""
     rng = random.Random(seed)
     sentences = short_sentences(n_train + n_dev + n_test, rng)
     write_speakers(root, sentences, rng, n_train, n_dev, (SHORT_TRAIN_VOICES, SHORT_DEV_VOICES, SHORT_TEST_VOICES))
@@ -304,8 +306,8 @@ def spanish_sentences(n: int, rng: random.Random) -> list[str]:
     return grammar_sentences(n, rng, ES_SUBJECTS, ES_VERBS, ES_OBJECTS, ES_PLACES, ES_TIMES, [".", ".", "!"])
 
 
-def make_spanish(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 50, seed: int = 2) -> None:
-    """620 Spanish clips in the Common Voice layout (locale es): the demo's size, another language."""
+def make_spanish(root: Path, n_train: int, n_dev: int, n_test: int, seed: int) -> None:
+    """Spanish clips in the Common Voice layout (locale es): the demo's shape, another language."""
     rng = random.Random(seed)
     sentences = spanish_sentences(n_train + n_dev + n_test, rng)
     write_speakers(root, sentences, rng, n_train, n_dev, (ES_TRAIN_VOICES, ES_DEV_VOICES, ES_TEST_VOICES),
@@ -314,6 +316,13 @@ def make_spanish(root: Path, n_train: int = 520, n_dev: int = 50, n_test: int = 
 
 CORPORA = {"demo": make_demo, "short": make_short, "es": make_spanish}
 
+
+def make(corpus: str, root: Path, sizes: dict | None = None) -> None:
+    """`corpus` (demo, short or es) into `root`, with its sentences per split and seed from `sizes` (train, dev,
+    test, seed), by default conf/synth.yaml's (`corpora.<corpus>`): the committed demo's, for instance."""
+    sizes = sizes or OmegaConf.load(REPO_DIR / "conf" / "synth.yaml").corpora[corpus]
+    CORPORA[corpus](root, n_train=sizes["train"], n_dev=sizes["dev"], n_test=sizes["test"], seed=sizes["seed"])
+
 def main(argv: list[str]) -> None:
     settings, _ = cli.parse("synth", argv)
     if settings.corpus not in CORPORA:
@@ -321,7 +330,7 @@ def main(argv: list[str]) -> None:
     out = Path(settings.out).expanduser()
     if out.exists():
         shutil.rmtree(out)
-    CORPORA[settings.corpus](out)
+    make(settings.corpus, out, settings.corpora[settings.corpus])
     print(f"wrote {out}")
 
 
