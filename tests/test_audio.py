@@ -1,6 +1,8 @@
 """The loader's audio path: soxr resampling against torchaudio's, normalisation in place, one torch thread
 per loader worker."""
 
+import functools
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -10,6 +12,7 @@ import torchaudio
 from torch.utils.data import DataLoader
 
 from asr.core import audio
+from asr.core.frames import WAV2VEC2
 from asr.data import loading
 from asr.data.batching import Planned
 
@@ -106,7 +109,7 @@ def test_a_worker_collates_into_shared_memory_once():
     tensors start uninitialised."""
 
     loader = DataLoader(_Clips(), batch_sampler=[Planned([0, 1, 2], (3, 19_200))], num_workers=1,
-                        collate_fn=loading.collate)
+                        collate_fn=functools.partial(loading.collate, hop=WAV2VEC2.hop))
     batch = next(iter(loader))
     assert batch["audio"].is_shared() and batch["labels"].is_shared() and "attention_mask" not in batch
     assert batch["audio"].shape == (3, 19_200) and batch["lengths"] == [16_000, 17_000, 18_000]

@@ -52,7 +52,8 @@ def help_text(tool: str) -> str:
     path = REPO_DIR / "conf" / f"{tool}.yaml"
     header = [line.removeprefix("#").removeprefix(" ") for line in path.read_text(encoding="utf-8").splitlines()
               if line.startswith("#") and not line.startswith("# @package")]
-    rows = [(key, value, comment) for key, (value, comment) in yaml_settings(path).items() if "." not in key]
+    # top-level settings, and the leaves of a mapping (synth's corpora.demo.train) under their dotted names
+    rows = [(key, value, comment) for key, (value, comment) in yaml_settings(path).items() if "." not in key or value]
     width = max(len(key) for key, _, _ in rows)
     values = max(len(value) for _, value, _ in rows)
     return "\n".join([*header, "", f"settings (key=value; defaults in conf/{tool}.yaml):",
