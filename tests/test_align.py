@@ -62,3 +62,19 @@ def test_segment_cuts_a_recording_into_a_corpus_train_py_reads(barely_trained, c
     assert len(listed) >= 2 and " ".join(listed.column("text")) == transcript  # every word, once, in order
     lengths = [audio.duration(p) for p in listed.column("path")]
     assert max(lengths) <= 5 + 2 * GAP and sum(lengths) <= audio.duration(tmp_path / "long.wav")
+
+
+def test_a_text_that_names_a_missing_file_or_says_nothing_stops_in_one_line(tmp_path):
+    """Before the model loads (model_path names nothing here): a path-like text= that does not exist is not
+    aligned as the transcript; an empty transcript says so."""
+    common = [f"model_path={tmp_path / 'no-model'}", f"audio={tmp_path / 'talk.wav'}"]
+    for given in (tmp_path / "talk.txt", "notes/talk"):
+        result = run_align(*common, f"text={given}")
+        assert result.returncode == 1
+        assert result.stderr.strip() == (f"error: text={given}: no such file (text= takes a transcript file, or the "
+                                          f"words themselves: text='o livro azul')")
+    (tmp_path / "empty.txt").write_text("  \n")
+    result = run_align(*common, f"text={tmp_path / 'empty.txt'}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: text={tmp_path / 'empty.txt'} is empty: give the words spoken in " \
+                                    f"audio={tmp_path / 'talk.wav'}"

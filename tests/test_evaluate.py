@@ -74,6 +74,14 @@ def test_a_missing_checkpoint_or_an_empty_run_directory_is_named(tmp_path):
     assert result.stderr.strip().startswith(f"error: ckpt_path={tmp_path / 'run'}: no checkpoint in")
 
 
+def test_an_lm_without_the_decoder_that_reads_it_is_refused_before_any_load(tmp_path):
+    result = command("evaluate.py", f"ckpt_path={tmp_path / 'no-run'}", f"lm_path={tmp_path / 'lm.arpa'}",
+                     "decoder=beam", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: lm_path={tmp_path / 'lm.arpa'} is read by decoder=beam_lm only: add "
+                                     f"decoder=beam_lm (decoder=beam uses no LM)")
+
+
 def test_help_shows_only_what_evaluate_takes():
     result = command("evaluate.py", "--help")
     assert result.returncode == 0, result.stderr

@@ -21,7 +21,7 @@ from asr.model import inference
 from asr.model.module import CTCModel
 from asr.tools import export as export_tool
 from asr.tools import synth
-from tests.conftest import compose_config, in_process
+from tests.conftest import assembled, compose_config, in_process
 from tests.test_transcribe import assert_same_transcripts, audio_list
 
 TRAIN = ("trainer.max_steps=2", "trainer.val_check_interval=2", "data.num_workers=0", "data.max_batch_seconds=20",
@@ -288,3 +288,22 @@ def test_memory_states_true_prints_the_arithmetic_of_the_composed_run():
     head = 40 * 128 + 40
     trainable = 3 * (4 * 4 * 256 + 2 * 4 * (128 + 512)) + head
     assert f"finetune=lora, {trainable:,} of " in result.stdout and "before activations" in result.stdout
+
+
+@pytest.mark.parametrize("method,override,message", [
+    ("lora", "model.finetune.rank=eight", "model.finetune.rank='eight': give a whole number of at least 1"),
+    ("lora", "model.finetune.rank=0", "model.finetune.rank=0: give a whole number of at least 1"),
+    ("adapters", "model.finetune.adapter_dim=0", "model.finetune.adapter_dim=0: give a whole number of at least 1"),
+    ("adapters", "model.finetune.adapter_dim=2.5", "model.finetune.adapter_dim=2.5: give a whole number of at least 1"),
+    ("lora", "model.finetune.dropout=1.5", "model.finetune.dropout=1.5: give a number from 0 to below 1"),
+    ("lora", "model.finetune.alpha=-1", "model.finetune.alpha=-1: give a number above 0"),
+    ("lora", "model.finetune.target_modules=[]", "model.finetune.target_modules=[]: give a list of module names"),
+])
+def test_finetune_settings_are_typed_before_any_data_or_weights_load(method, override, message, tmp_path):
+    """A wrong finetune setting stops the run in its one line, before the data is read or the base loaded: the
+    corpus and the base named here do not exist, and the error is only about the setting."""
+    with pytest.raises(asr.SetupError) as error:
+        assembled(f"finetune={method}", override, f"data.root={tmp_path / 'no-corpus'}",
+                  f"model.pretrained={tmp_path / 'no-base'}", f"run_dir={tmp_path / 'run'}")
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()

@@ -18,6 +18,9 @@ import torch
 from asr import SetupError
 
 METHODS = {"full": set(), "adapters": {"adapter_dim"}, "lora": {"rank", "alpha", "dropout", "target_modules"}}
+# What each number may be: (kind, least, below), a value v with least <= v (< below, where given).
+NUMBERS = {"adapter_dim": (int, 1, None), "rank": (int, 1, None), "alpha": (float, 0, None),
+           "dropout": (float, 0, 1)}
 
 
 def check(finetune: dict) -> dict:
@@ -31,6 +34,18 @@ def check(finetune: dict) -> dict:
     if unknown := given - METHODS[method]:
         raise SetupError(f"finetune={method} does not take model.finetune.{', model.finetune.'.join(sorted(unknown))} "
                          f"(its settings: {', '.join(sorted(METHODS[method])) or 'none'})")
+    for key in sorted(given & set(NUMBERS)):
+        kind, least, below = NUMBERS[key]
+        value = finetune[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (kind is int and not isinstance(value, int)) or value < least or (below and value >= below):
+            wanted = (f"a whole number of at least {least}" if kind is int
+                      else f"a number from {least} to below {below}" if below else f"a number above {least}")
+            raise SetupError(f"model.finetune.{key}={value!r}: give {wanted}")
+    if "target_modules" in given and not (isinstance(finetune["target_modules"], list) and finetune["target_modules"]
+                                          and all(isinstance(m, str) for m in finetune["target_modules"])):
+        raise SetupError(f"model.finetune.target_modules={finetune['target_modules']!r}: give a list of module "
+                         f"names, e.g. [q_proj, v_proj]")
     return finetune
 
 

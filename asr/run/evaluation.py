@@ -44,6 +44,9 @@ def assemble_evaluation(cfg: DictConfig) -> Evaluation:
     characters of the split that the model's vocabulary lacks."""
     changes, _ = command_line_changes(cfg, "evaluate")
     cfg = checked(cfg, "evaluate")
+    if cfg.lm_path is not None and cfg.decoder != "beam_lm":  # before any weights or data load
+        raise SetupError(f"lm_path={cfg.lm_path} is read by decoder=beam_lm only: add decoder=beam_lm (decoder="
+                         f"{cfg.decoder} uses no LM)")
     if cfg.logger and not str(cfg.logger._target_).endswith("WandbLogger"):
         raise SetupError("evaluate.py logs to W&B only (logger=wandb); metrics.json holds its figures")
     ckpt = checkpoints.best_checkpoint(cfg.ckpt_path)

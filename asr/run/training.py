@@ -27,6 +27,7 @@ from asr.core.config import checked, expand_path
 from asr.core.frames import WAV2VEC2, Geometry
 from asr.core.text import Vocabulary
 from asr.data.module import SpeechDataModule
+from asr.model import finetune as tuning
 from asr.model import inference, speed
 from asr.model.encoder import check_pretrained, wav2vec2_config
 from asr.model.export import export
@@ -137,6 +138,7 @@ def assemble(cfg: DictConfig, callbacks: list = (), **trainer_args) -> Run:
     speed.configure_cuda_allocator(cfg.model.expandable_segments)  # before anything initialises CUDA
     cluster.check_machine(cfg.trainer)  # no setting that Lightning would swap for another
     check_kept(cfg.callbacks)  # callbacks.average.best: as many best checkpoints kept
+    tuning.check(OmegaConf.to_container(cfg.model.finetune))  # its method's settings and their types
     run_dir = Path(cfg.run_dir)
     ckpt_path = checkpoints.resume_checkpoint(cfg.ckpt_path, run_dir / "checkpoints")  # before any data is read
     ckpt_path = ckpt_path and checkpoints.verified(ckpt_path)

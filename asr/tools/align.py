@@ -126,8 +126,13 @@ def main(argv: list[str]) -> None:
     try:  # a file's name, or the text itself (too long to be a name, or no such file)
         if Path(transcript).expanduser().is_file():
             transcript = Path(transcript).expanduser().read_text(encoding="utf-8")
+        elif "/" in transcript or transcript.endswith(".txt"):
+            sys.exit(f"error: text={transcript}: no such file (text= takes a transcript file, or the words "
+                     f"themselves: text='o livro azul')")
     except OSError:
         pass
+    if not transcript.strip():
+        sys.exit(f"error: text={args.text} is empty: give the words spoken in audio={args.audio}")
 
     from transformers.utils import logging as hf_logging
 
