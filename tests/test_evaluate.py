@@ -48,6 +48,21 @@ def test_given_only_a_checkpoint_it_scores_the_runs_own_test_split(hy_run, root,
     assert f"test greedy: WER {metrics['wer']:.4f}" in result.stdout and f"of common_voice at {root}" in result.stdout
 
 
+def test_a_copied_run_scores_its_own_best_checkpoint_not_the_originals(hy_run, tmp_path):
+    """results.json records the best checkpoint where the run was written; a copy of the run (the original
+    moved or deleted, or still there) scores the copy's."""
+    import shutil
+
+    from asr.core import checkpoints
+
+    copy = tmp_path / "copy"
+    shutil.copytree(hy_run, copy, ignore=shutil.ignore_patterns("wandb"))
+    best = Path(json.loads((hy_run / "results.json").read_text())["best_checkpoint"])
+    assert best.is_file() and best.parent == hy_run / "checkpoints"
+    assert checkpoints.best_checkpoint(str(copy)) == str(copy / "checkpoints" / best.name)
+    assert checkpoints.best_checkpoint(str(copy / "checkpoints")) == str(copy / "checkpoints" / best.name)
+
+
 def test_other_data_is_scored_when_asked_and_said_so(hy_run, root, tmp_path):
     result = command("evaluate.py", f"ckpt_path={hy_run / 'checkpoints' / 'last.ckpt'}", "lang=demo", "split=dev",
                      "data.num_workers=0", f"hydra.run.dir={tmp_path}")

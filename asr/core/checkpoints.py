@@ -166,7 +166,8 @@ def best_checkpoint(ckpt_path: str) -> str:
     results = checkpoint_dir.parent / "results.json"
     if results.is_file():
         best = json.loads(results.read_text()).get("best_checkpoint")
-        if best and Path(best).is_file():
-            return verified(best)
+        # recorded where the run was written: a run copied or moved elsewhere holds it under its own checkpoints/
+        if best and (here := checkpoint_dir / Path(best).name).is_file():
+            return verified(str(here))
     best = sorted(checkpoint_dir.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
     return verified(str(best[-1]) if best else str(last_checkpoint(checkpoint_dir, f"ckpt_path={ckpt_path}")))
