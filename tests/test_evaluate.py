@@ -98,12 +98,21 @@ def test_an_lm_without_the_decoder_that_reads_it_is_refused_before_any_load(tmp_
 
 
 def test_help_shows_only_what_evaluate_takes():
+    """As train.py's (tests/test_cli.py): the docstring's top, evaluate.py's groups, and its key settings, each
+    with its default and its comment."""
+    from asr.tools import cli
+
     result = command("evaluate.py", "--help")
     assert result.returncode == 0, result.stderr
-    groups = result.stdout.split("== Groups ==")[1].split("==")[0]
-    assert [line.split(":")[0] for line in groups.strip().splitlines()] == ["lang", "logger"]
+    groups = result.stdout.split("config groups")[1].split("\n\n")[0].splitlines()[1:]
+    groups = dict(line.split(None, 1) for line in groups)
+    assert list(groups) == ["data", "lang", "logger"]
     shipped = sorted(p.stem for p in (asr.REPO_DIR / "conf" / "lang").glob("*.yaml"))
-    assert groups.split("lang: ")[1].split("  (")[0].split(", ") == shipped
-    for train_only in ("model:", "experiment", "sched", "search", "precision"):
-        assert train_only not in groups
-    assert "ckpt_path: ???" in result.stdout
+    assert groups["lang"].replace("*", "").split(", ") == shipped
+    settings = result.stdout.split("settings you will reach for")[1].split("\n\n")[0].splitlines()[1:]
+    shown = [line.strip().split("=", 1)[0] for line in settings if not line.startswith("      ")]
+    assert shown == list(cli.KEY_SETTINGS["evaluate"]) and "ckpt_path=???" in result.stdout
+    commented = [i for i, line in enumerate(settings) if not line.startswith("      ")]
+    assert all(settings[i + 1].startswith("      ") for i in commented)  # each with its comment below it
+    for train_only in ("model", "experiment", "sched", "search", "precision", "optim."):
+        assert train_only not in groups and f"  {train_only}" not in result.stdout

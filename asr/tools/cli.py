@@ -23,14 +23,17 @@ from asr.core.config import check_overrides, expand_path, expand_path_overrides,
 
 _SETTING = re.compile(r"^( *)(\w+):\s*(.*?)\s*(?:#\s*(.*))?$")  # `key: value  # comment`, at its indentation
 
-# The settings `python train.py --help` shows (every one has a comment in conf/; tests/test_cli.py checks).
-# evaluate.py's --help is the hydra.help template in conf/evaluate.yaml.
+# The settings `python train.py --help` and `python evaluate.py --help` show (every one has a comment in conf/;
+# tests/test_cli.py and tests/test_evaluate.py check).
 KEY_SETTINGS = {"train": (
     "hydra.run.dir", "ckpt_path", "seed", "data.root", "data.max_batch_seconds", "data.max_batch_size",
-    "data.max_seconds", "data.num_workers", "data.decode_cache", "update_clips", "update_seconds",
-    "val_every_updates", "optim.lr", "optim.head_lr", "sched.warmup_steps", "trainer.max_steps",
-    "trainer.max_time", "trainer.devices", "model.pretrained", "model.freeze_finetune_updates",
-    "model.gradient_checkpointing", "model.compile")}
+    "data.max_seconds", "data.num_workers", "data.decode_cache", "data.corpora", "data.temperature", "update_clips",
+    "update_seconds", "val_every_updates", "optim.lr", "optim.head_lr", "sched.warmup_steps", "trainer.max_steps",
+    "trainer.max_time", "trainer.devices", "model.pretrained", "model.finetune.method",
+    "model.freeze_finetune_updates", "model.gradient_checkpointing", "model.compile"),
+    "evaluate": (
+    "ckpt_path", "split", "corpus", "decoder", "beam_width", "alpha", "beta", "lm_path", "lm_order",
+    "worst_utterances", "device", "data.max_batch_seconds", "data.num_workers")}
 
 
 def yaml_settings(path: Path, prefix: str = "") -> dict[str, tuple[str, str | None]]:
