@@ -72,9 +72,10 @@ def check(args, files: list[str]) -> str | None:
 
 
 def resume(out: Path, model: str) -> set[str]:
-    """The files an earlier run already wrote into the JSON lines file `out` (its lines after the first, which
-    names the model); a line cut short by a killed run is dropped. A file of another model is refused. A new
-    file gets its first line."""
+    """The files an earlier run already transcribed into the JSON lines file `out` (its lines after the first,
+    which names the model); a line cut short by a killed run is dropped, and a file whose line is an error is not
+    done: this run tries it again (the archive keeps the error line, and a new line follows it). A file of
+    another model is refused. A new file gets its first line."""
     header = {"transcribed_with": {"model": model}}
     if not out.is_file() or out.stat().st_size == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,7 @@ def resume(out: Path, model: str) -> set[str]:
         raise asr.SetupError(f"out={out} holds transcripts of "
                              f"{theirs or 'something else (its first line names no model)'}, "
                              f"not of model_path={model}: give another out= (or that model_path to go on with it)")
-    return {json.loads(line)["path"] for line in lines[1:] if line.strip()}
+    return {entry["path"] for entry in map(json.loads, filter(str.strip, lines[1:])) if "error" not in entry}
 
 
 def main(argv: list[str]) -> None:
@@ -167,6 +168,8 @@ def main(argv: list[str]) -> None:
                 if result.words is not None:
                     line["words" if timestamps == "word" else "chars"] = result.words
                 sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+            elif len(files) > 1:  # which line is which file, failures and all
+                sink.write(f"{result.path}\t{result.text}\n")
             else:
                 sink.write(result.text + "\n")
             sink.flush()
@@ -175,7 +178,8 @@ def main(argv: list[str]) -> None:
         if archive:
             sink.close()
     if failed:
-        sys.exit(f"error: {failed} of {len(todo)} files failed (named above); the others were transcribed")
+        retried = f"; out={archive} holds their errors, and a rerun tries them again" if archive else ""
+        sys.exit(f"error: {failed} of {len(todo)} files failed (named above); the others were transcribed{retried}")
 
 
 if __name__ == "__main__":

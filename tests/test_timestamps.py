@@ -2,6 +2,7 @@
 subtitles, and a whole archive transcribed into a JSON lines file that a second run resumes."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -114,12 +115,32 @@ def test_an_archive_stopped_half_way_is_finished_by_a_second_run_each_file_once(
     first = {w["path"]: w.get("text") for w in map(json.loads, lines[1:])}
     assert_same_transcripts([w.get("text") or "" for w in written], [first[w["path"]] or "" for w in written])
     assert "does not decode as audio" in next(w["error"] for w in written if w["path"].endswith("bad.mp3"))
+    # a failed file is not done: each run tries it again, and says so in its last line
+    retried = transcribe_py(f"model_path={model}", audio_list(files), f"out={out}")
+    assert "6 of 7 files are in" in retried.stderr and retried.returncode == 1
+    assert retried.stderr.strip().splitlines()[-1] == (f"error: 1 of 1 files failed (named above); the others were "
+                                                       f"transcribed; out={out} holds their errors, and a rerun "
+                                                       f"tries them again")
+    assert len(out.read_text().splitlines()) == 9 and "error" in json.loads(out.read_text().splitlines()[-1])
+    shutil.copy(clips[0], tmp_path / "bad.mp3")  # the file fixed
+    fixed = transcribe_py(f"model_path={model}", audio_list(files), f"out={out}")
+    assert fixed.returncode == 0
+    assert_same_transcripts([json.loads(out.read_text().splitlines()[-1])["text"]], [first[clips[0]]])
     done = transcribe_py(f"model_path={model}", audio_list(files), f"out={out}")
-    assert done.returncode == 0 and len(out.read_text().splitlines()) == 8  # nothing left: nothing added
+    assert done.returncode == 0 and len(out.read_text().splitlines()) == 10  # nothing left: nothing added
     other = transcribe_py(f"model_path={barely_trained / 'checkpoints' / 'last.ckpt'}", audio_list(files), f"out={out}")
     assert (other.returncode == 1
             and other.stderr.strip().splitlines()[-1].startswith(f"error: out={out} holds "
                                                                  f"transcripts of {model.resolve()}"))
+
+
+def test_text_lines_of_several_files_start_with_their_path(barely_trained, cv_corpus):
+    clips = [str(c) for c in sorted((cv_corpus / "clips").glob("*.mp3"))[:3]]
+    several = transcribe_py(f"model_path={barely_trained / 'model'}", audio_list(clips))
+    lines = several.stdout.splitlines()
+    assert several.returncode == 0 and [line.split("\t")[0] for line in lines] == clips
+    one = transcribe_py(f"model_path={barely_trained / 'model'}", f"audio={clips[0]}")
+    assert one.returncode == 0 and len(one.stdout.splitlines()) == 1 and "\t" not in one.stdout  # one file: no path
 
 
 @pytest.mark.parametrize("args, message", [
