@@ -25,6 +25,7 @@ then the exit status is 1 and the last line counts the failures.
 
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,7 +69,19 @@ def check(args, files: list[str]) -> str | None:
             return f"format={args.format} makes lines of words: timestamps=word (or none)"
         if len(files) > 1 and not args.out:
             return f"format={args.format} for {len(files)} files needs out=<directory> (one subtitle file each)"
+        if len(files) > 1 and Path(args.out).suffix == f".{args.format}":
+            return (f"out={args.out} names one {args.format} file; {len(files)} files need out=<directory> (one "
+                    f"subtitle file each)")
     return None
+
+
+def subtitle_target(out: Path, path: str, files: list[str], kind: str) -> Path:
+    """Where a file's subtitles go: `out` itself when it names a .srt/.vtt file; else under the directory `out`
+    at the file's path relative to the files' common folder (a/x.mp3 and b/x.mp3: a/x.srt and b/x.srt)."""
+    if out.suffix == f".{kind}":
+        return out
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    return out / Path(os.path.relpath(os.path.abspath(path), common)).with_suffix(f".{kind}")
 
 
 def resume(out: Path, model: str) -> set[str]:
@@ -158,7 +171,7 @@ def main(argv: list[str]) -> None:
                 lines = transcription.subtitles(result.words, args.max_line_seconds, args.max_line_chars)
                 written = transcription.subtitle_file(lines, args.format)
                 if args.out:
-                    target = Path(args.out).expanduser() / f"{Path(result.path).stem}.{args.format}"
+                    target = subtitle_target(Path(args.out).expanduser(), result.path, files, args.format)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_text(written, encoding="utf-8")
                 else:

@@ -92,6 +92,20 @@ def test_subtitles_of_one_file_and_of_several(barely_trained, cv_corpus, tmp_pat
     assert transcribe_py(f"model_path={model}", audio_list(clips), "format=vtt", f"out={tmp_path}").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c.stem}.vtt" for c in clips)
     assert (tmp_path / f"{clips[0].stem}.vtt").read_text().startswith("WEBVTT\n\n00:00:0")
+    # one file to a .vtt file, not a directory of that name; two files of one name apart by their folders
+    one = tmp_path / "one" / "talk.vtt"
+    assert transcribe_py(f"model_path={model}", f"audio={clips[0]}", "format=vtt", f"out={one}").returncode == 0
+    assert one.is_file() and one.read_text().startswith("WEBVTT\n\n00:00:0")
+    refused = transcribe_py(f"model_path={model}", audio_list(clips), "format=vtt", f"out={one}")
+    assert refused.returncode == 1 and "names one vtt file; 2 files need out=<directory>" in refused.stderr
+    for day in ("monday", "tuesday"):
+        (tmp_path / "rec" / day).mkdir(parents=True)
+        shutil.copy(clips[0], tmp_path / "rec" / day / "x.mp3")
+    twins = [tmp_path / "rec" / day / "x.mp3" for day in ("monday", "tuesday")]
+    assert transcribe_py(f"model_path={model}", audio_list(twins), "format=srt", f"out={tmp_path / 'subs'}"
+                         ).returncode == 0
+    assert sorted(str(p.relative_to(tmp_path / "subs")) for p in (tmp_path / "subs").rglob("*.srt")) == \
+        ["monday/x.srt", "tuesday/x.srt"]
 
 
 def test_an_archive_stopped_half_way_is_finished_by_a_second_run_each_file_once(barely_trained, cv_corpus, tmp_path):
