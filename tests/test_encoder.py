@@ -33,3 +33,41 @@ def test_our_encoder_pass_is_hfs_with_spec_augment_and_reads_nothing_back(cv_cor
     torch.testing.assert_close(ours, theirs)
     np.random.seed(4)  # another draw masks other frames: the masks were applied
     assert not torch.allclose(model.model.encode(batch["audio"], batch["lengths"])[0], ours)
+
+
+def test_a_base_loads_in_one_line_and_transformers_report_shows_only_a_real_loss(tmp_path, caplog):
+    """A new CTC head and new adapters are what fine-tuning adds: one line of ours, not transformers' LOAD REPORT
+    ("MISSING ... Consider training", "MISMATCH Reinit"). A base that lacks a weight the model needs gets the
+    report, as before."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    from transformers import Wav2Vec2Config
+
+    from asr.core.text import Vocabulary
+    from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2
+
+    base = tmp_path / "base"
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(32, 32), conv_kernel=(10, 3), conv_stride=(5, 2), vocab_size=10,
+                            do_stable_layer_norm=True, feat_extract_norm="layer", num_conv_pos_embeddings=16)
+    SyncFreeWav2Vec2ForCTC._from_config(config).save_pretrained(base)
+    vocab = Vocabulary([*"abcde", "|", "[UNK]", "[PAD]"])  # 8 tokens: the base's head has 10
+    shown = []  # what transformers' logger emits (it does not propagate to the root logger caplog reads)
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="asr.model.encoder"):
+            build_wav2vec2(vocab, str(base), {}, {"adapter_attn_dim": 16}, "sdpa", "normal")
+        assert not any("LOAD REPORT" in message for message in shown)
+        assert caplog.messages == [f"model.pretrained={base}: every weight of the base loaded; a new CTC head and "
+                                   f"new adapters to train"]
+        weights = load_file(base / "model.safetensors")
+        del weights["wav2vec2.encoder.layers.1.feed_forward.output_dense.weight"]
+        save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+        build_wav2vec2(vocab, str(base), {}, {}, "sdpa", "normal")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    (report,) = [message for message in shown if "LOAD REPORT" in message]
+    assert "layers.1.feed_forward.output_dense.weight | MISSING" in report

@@ -13,6 +13,9 @@ fp16 again in every forward pass (frozen weights are not in autocast's cast cach
 """
 
 import json
+import logging
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +186,54 @@ def wav2vec2_config(pretrained: str | None, arch: dict) -> Wav2Vec2Config:
     return Wav2Vec2Config.from_pretrained(pretrained)
 
 
+log = logging.getLogger(__name__)
+
+# What a base may lack without anything being lost: a new CTC head (another vocabulary), new adapters
+# (finetune=adapters); and what it may hold that a CTC model does not use: XLS-R's pretraining quantiser and
+# projections (Wav2Vec2ForPreTraining checkpoints).
+NEW_WEIGHTS = re.compile(r"^lm_head\.|\.adapter_layer\.")
+UNUSED_WEIGHTS = re.compile(r"^(quantizer|project_q|project_hid)\.")
+
+
+@contextmanager
+def _held_load_report():
+    """transformers' LOAD REPORT (a warning of `transformers.modeling_utils`) held back; the list of the records
+    held, for the caller to show when the load lost something."""
+    held = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hf_logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        hf_logger.removeFilter(hold)
+
+
+def report_load(pretrained: str, loading: dict, held: list) -> None:
+    """One line of ours when a base loaded with only what is expected new (`NEW_WEIGHTS`) or unused
+    (`UNUSED_WEIGHTS`); transformers' own report, held back while loading, when a weight the model needs was
+    missing, did not fit, or the base held weights the model has no place for."""
+    new = [k for k in loading["missing_keys"] if NEW_WEIGHTS.search(k)]
+    new += [k for k, *_ in loading["mismatched_keys"] if k.startswith("lm_head.")]
+    lost = ([k for k in loading["missing_keys"] if not NEW_WEIGHTS.search(k)]
+            + [k for k, *_ in loading["mismatched_keys"] if not k.startswith("lm_head.")]
+            + [k for k in loading["unexpected_keys"] if not UNUSED_WEIGHTS.match(k)])
+    if lost:
+        for record in held:
+            logging.getLogger(record.name).handle(record)
+        return
+    parts = [*(["a new CTC head"] if any(k.startswith("lm_head.") for k in new) else []),
+             *(["new adapters"] if any(".adapter_layer." in k for k in new) else [])]
+    log.info("model.pretrained=%s: every weight of the base loaded%s", pretrained,
+             f"; {' and '.join(parts)} to train" if parts else "")
+
+
 def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config: dict,
                    attn_implementation: str, head_init: str) -> SyncFreeWav2Vec2ForCTC:
     """`pretrained` (hub id or directory; its config.json fixes the architecture), or random weights
@@ -202,11 +253,13 @@ def build_wav2vec2(vocab: Vocabulary, pretrained: str | None, arch: dict, config
         new_head = True
     else:
         try:  # a CTC head of another vocabulary is replaced (mismatched sizes); nothing else may mismatch
-            model, loading = SyncFreeWav2Vec2ForCTC.from_pretrained(
-                pretrained, attn_implementation=attn_implementation, ignore_mismatched_sizes=True,
-                output_loading_info=True, **config)
+            with _held_load_report() as held:
+                model, loading = SyncFreeWav2Vec2ForCTC.from_pretrained(
+                    pretrained, attn_implementation=attn_implementation, ignore_mismatched_sizes=True,
+                    output_loading_info=True, **config)
         except OSError as error:
             raise SetupError(check_pretrained(pretrained) or str(error)) from error
+        report_load(pretrained, loading, held)
         new_head = "lm_head.weight" in {*loading["missing_keys"], *(key for key, *_ in loading["mismatched_keys"])}
     if model.config.add_adapter:  # HF's strided adapter after the transformer: frames asr.core.frames does not count
         raise SetupError(f"{pretrained} has add_adapter=true in its config.json; this framework trains the CTC head "
