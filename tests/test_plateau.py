@@ -53,7 +53,7 @@ def test_shares_of_empty_transcripts_and_blank_frames_over_the_clips_own_frames(
 
 def test_results_and_logs_carry_both_shares(cv_corpus, tmp_path, caplog):
     """A real fit: results.json's evaluation rows and the logged metrics hold both shares; the model card's
-    table keeps its columns; the run says once that it is on the plateau, and lists the checks past warn_after."""
+    table keeps its columns; the run says once that it is on the plateau, with the checks past warn_after."""
     run = assembled(f"data.root={cv_corpus}", "data.num_workers=0", "data.max_batch_seconds=20", f"run_dir={tmp_path}",
                     "callbacks.plateau.warn_after=0.5", "callbacks.plateau.cer=0", "logger=csv", accelerator="cpu",
                     max_steps=4, val_check_interval=2, check_val_every_n_epoch=None)
@@ -68,12 +68,12 @@ def test_results_and_logs_carry_both_shares(cv_corpus, tmp_path, caplog):
     assert "val/empty_hypotheses" in header and "val/blank_frames" in header
     assert (tmp_path / "results.md").read_text().splitlines()[0] == plateau_free_header()
     said = [r.getMessage() for r in caplog.records if r.name == "asr.run.plateau" and r.levelno >= logging.WARNING]
-    assert len(said) == 2, said  # once on the plateau (update 2, 50%: the checks too at 50%), nothing again at 4
-    assert "update 2 (50% of the schedule): on the CTC blank plateau" in said[0] and "typical" in said[0]
-    assert "still on the CTC blank plateau" in said[1]
+    # once, with the checks: the first evaluation (update 2) is at 50% already; nothing again at 4
+    assert len(said) == 1, said
+    assert "update 2 (50% of the schedule): on the CTC blank plateau" in said[0] and "Check:" in said[0]
     for check in ("vocabulary:", "learning rate:", "labels longer than their frames:", "encoder:"):
-        assert f"- {check}" in said[1], check
-    assert "parameters trainable, gradient norm " in said[1]  # the encoder learns: it had gradients
+        assert f"- {check}" in said[0], check
+    assert "parameters trainable, gradient norm " in said[0]  # the encoder learns: it had gradients
 
 
 def plateau_free_header() -> str:
@@ -141,6 +141,15 @@ def test_says_once_then_warns_once_past_its_share_of_the_schedule(run, caplog):
     restored = plateau.PlateauWatch(cer=0.9, warn_after=0.3, hold_spec_augment=False)
     restored.load_state_dict(watch.state_dict())
     assert _said(caplog, restored, run, _trainer(run, 60, 1.0)) == []
+
+
+def test_a_first_evaluation_past_its_share_warns_once_with_the_checks(run, caplog):
+    """A short run (60 updates, dev at 50, warn_after 0.5): one warning at update 50, the checks, not the
+    "normal early" line beside it."""
+    watch = plateau.PlateauWatch(cer=0.9, warn_after=0.5, hold_spec_augment=False)
+    said = _said(caplog, watch, run, _trainer(run, 50, 1.0, total=60), _trainer(run, 60, 1.0, total=60))
+    assert len(said) == 1 and said[0].startswith("update 50 (83% of the schedule): on the CTC blank plateau")
+    assert "Check:\n- " in said[0]
 
 
 def test_off_the_plateau_it_says_nothing_more(run, caplog):

@@ -96,18 +96,19 @@ class PlateauWatch(L.Callback):
                  f"{float(metrics.get('val/empty_hypotheses', float('nan'))):.0%} of transcripts empty, "
                  f"{float(metrics.get('val/blank_frames', float('nan'))):.1%} of frames blank")
         typical = TYPICAL + (f", {TINY_TYPICAL}" if pl_module.hparams.pretrained is None else "") + " (docs/plateau.md)"
-        if not self.said:
-            self.said = True
-            if trainer.is_global_zero:
-                late = (f"; past {self.warn_after:.0%} of the schedule the log will say what to check"
-                        if self.warn_after is not None else "")
-                log.warning("%s: on the CTC blank plateau (%s). Normal early in CTC training; %s%s.",
-                            where, state, typical, late)
+        first, self.said = not self.said, True
         if self.warn_after is not None and share >= self.warn_after and not self.warned:
+            # the checks, and only they, when the first evaluation is already past the share (a short run)
             self.warned = True
             if trainer.is_global_zero:
-                log.warning("%s: still on the CTC blank plateau (%s). Check:\n%s", where, state,
-                            "\n".join(f"- {check}" for check in checks(trainer, pl_module, self._encoder_grad_norm)))
+                log.warning("%s: %s the CTC blank plateau (%s). Check:\n%s", where, "on" if first else "still on",
+                            state, "\n".join(f"- {check}"
+                                              for check in checks(trainer, pl_module, self._encoder_grad_norm)))
+        elif first and trainer.is_global_zero:
+            late = (f"; past {self.warn_after:.0%} of the schedule the log will say what to check"
+                    if self.warn_after is not None else "")
+            log.warning("%s: on the CTC blank plateau (%s). Normal early in CTC training; %s%s.",
+                        where, state, typical, late)
 
     @staticmethod
     def share(trainer) -> float:
