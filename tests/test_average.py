@@ -7,8 +7,9 @@ import torch
 import transcribe
 from asr import SetupError
 from asr.core import checkpoints
+from asr.core.config import compose
 from asr.model import inference
-from asr.run import rundir
+from asr.run import provenance, rundir
 from asr.run.report import RunReport
 from asr.run.training import conclude
 from asr.tools import average as average_tool
@@ -149,6 +150,11 @@ def test_an_average_loads_transcribes_and_exports_as_the_weights_it_averages_to(
     assert ours.stdout == theirs.stdout and len(ours.stdout) > 20  # not a blank model
     exported = in_process(export_tool.main, [f"ckpt_path={out}", f"out={tmp_path / 'exported'}"])
     assert exported.returncode == 0 and (tmp_path / "exported" / "model.safetensors").is_file(), exported.stderr
+    # outside its run (no config.yaml beside it), the average is scored on the data it records, not the demo's
+    cfg = compose("evaluate", [f"ckpt_path={out}", f"run_dir={tmp_path / 'eval'}"])
+    assert cfg.data.root != str(cv_corpus)
+    scored, _ = provenance.the_runs_data(cfg, {}, str(out))
+    assert (scored.data.root, scored.data.lang) == (str(cv_corpus), "demo")
     with pytest.raises(SetupError, match=r"is an average of checkpoints \(python -m asr.tools.average\)"
                                          r".*not a state to resume"):
         checkpoints.resume_checkpoint(str(out), tmp_path)

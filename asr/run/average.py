@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 
 # What an average keeps of the newest checkpoint besides its state_dict: what a model loads from (`checkpoints.KEYS`)
 # and where it stood. Not the optimizer, schedule, loops or callback states: an average is not a state to resume.
-# "base": adapters and LoRA checkpoints name the frozen base their weights complete (asr.model.finetune)
-KEPT = (*checkpoints.KEYS, "base", "epoch", "global_step", "pytorch-lightning_version", "hparams_name")
+# "base": adapters and LoRA checkpoints name the frozen base their weights complete (asr.model.finetune);
+# "datamodule_hyper_parameters": the data the run trained on, which evaluate.py scores when the average is
+# written outside its run (no config.yaml beside it).
+KEPT = (*checkpoints.KEYS, "base", "epoch", "global_step", "pytorch-lightning_version", "hparams_name",
+        "datamodule_hparams_name", "datamodule_hyper_parameters")
 
 
 @dataclass

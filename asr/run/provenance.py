@@ -155,14 +155,19 @@ def the_runs_data(cfg: DictConfig, changes: dict, ckpt: str) -> tuple[DictConfig
     that run: {run, group (its W&B group), other (key -> [trained on, scored]: other data, said so)}."""
     run = checkpoints.run_dir_of(ckpt)
     record = run / "config.yaml" if run else None
-    if record is None or not record.is_file():
-        language = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["language"]
-        log.warning("%s has no config.yaml beside its checkpoints/: scoring the data as configured (lang=%s, "
-                    "data.root=%s)%s", ckpt, cfg.data.lang, cfg.data.root,
-                    f"; the model was trained with the text rules of {language!r}" if language != cfg.data.language
-                    else "")
-        return cfg, {"run": run, "group": None, "other": {}}
-    trained = OmegaConf.to_container(OmegaConf.load(record))
+    if record is None or not record.is_file():  # the data settings the checkpoint itself carries, if it does
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if "datamodule_hyper_parameters" not in checkpoint:
+            language = checkpoint["hyper_parameters"]["language"]
+            log.warning("%s has no config.yaml beside its checkpoints/ and records no data: scoring the data as "
+                        "configured (lang=%s, data.root=%s)%s", ckpt, cfg.data.lang, cfg.data.root,
+                        f"; the model was trained with the text rules of {language!r}"
+                        if language != cfg.data.language else "")
+            return cfg, {"run": run, "group": None, "other": {}}
+        log.info("%s has no config.yaml beside its checkpoints/: scoring the data it records", ckpt)
+        trained = {"data": dict(checkpoint["datamodule_hyper_parameters"])}
+    else:
+        trained = OmegaConf.to_container(OmegaConf.load(record))
     settings = OmegaConf.to_container(cfg)
     for key in RUN_DATA:
         if f"data.{key}" not in changes and not any(k.startswith(f"data.{key}.") for k in changes):
