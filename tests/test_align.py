@@ -3,12 +3,13 @@ near-random model of one update: every word of the transcript, in order, in ever
 a recording. How well a trained model places the words: benchmarks/timestamps.py."""
 
 import json
+import shutil
 
 from asr.core import audio, text
 from asr.data import corpora
 from asr.tools import align
 from benchmarks.timestamps import joined
-from tests.conftest import in_process
+from tests.conftest import assembled, in_process
 
 GAP = 0.6  # seconds of silence between two joined clips
 
@@ -58,10 +59,28 @@ def test_segment_cuts_a_recording_into_a_corpus_train_py_reads(barely_trained, c
     result = run_align(f"model_path={barely_trained / 'model'}", f"audio={tmp_path / 'long.wav'}",
                        f"text='{transcript}'", "segment=true", "max_seconds=5", f"out={out}")
     assert result.returncode == 0, result.stderr
-    listed = corpora.read_split("common_voice", str(out), "train", "pt", cache_dir=tmp_path / "cache")
-    assert len(listed) >= 2 and " ".join(listed.column("text")) == transcript  # every word, once, in order
+    splits = {s: corpora.read_split("common_voice", str(out), s, "pt", cache_dir=tmp_path / "cache")
+              for s in ("train", "dev", "test")}
+    listed = corpora.Clips.concat([splits["train"], splits["dev"]])
+    order = sorted(range(len(listed)), key=lambda i: listed.column("path")[i])  # <name>_<n>.wav: the clips' order
+    assert len(splits["dev"]) == 1 and len(splits["train"]) >= 1  # one clip of the recording held out
+    assert splits["test"].column("path") == splits["dev"].column("path")
+    assert " ".join(listed.column("text")[i] for i in order) == transcript  # every word, once, in order
     lengths = [audio.duration(p) for p in listed.column("path")]
     assert max(lengths) <= 5 + 2 * GAP and sum(lengths) <= audio.duration(tmp_path / "long.wav")
+    # a second recording is appended; the same one again is refused, and nothing is rewritten
+    shutil.copy(tmp_path / "long.wav", tmp_path / "again.wav")
+    before = (out / "train.tsv").read_text()
+    second = run_align(f"model_path={barely_trained / 'model'}", f"audio={tmp_path / 'again.wav'}",
+                       f"text='{transcript}'", "segment=true", "max_seconds=5", f"out={out}")
+    assert second.returncode == 0, second.stderr
+    assert (out / "train.tsv").read_text().startswith(before) and "again\t" in (out / "train.tsv").read_text()
+    same = run_align(f"model_path={barely_trained / 'model'}", f"audio={tmp_path / 'long.wav'}",
+                     f"text='{transcript}'", "segment=true", f"out={out}")
+    assert same.returncode == 1 and same.stderr.strip().startswith(f"error: out={out} lists clips of long already")
+    # and train.py reads it as it stands
+    run = assembled(f"data.root={out}", "data.num_workers=0", "logger=none", f"run_dir={tmp_path / 'run'}")
+    assert len(run.data.load("train")) >= 2 and len(run.data.load("dev")) == 2
 
 
 def test_a_text_that_names_a_missing_file_or_says_nothing_stops_in_one_line(tmp_path):

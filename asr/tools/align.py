@@ -96,10 +96,26 @@ def segments(words: list[dict], max_seconds: float) -> list[list[dict]]:
     return runs
 
 
-def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, seconds: float) -> list[dict]:
-    """Each run of words as a clip, cut halfway through the silences beside it (16 kHz WAV in out/clips), and
-    out/train.tsv in the Common Voice layout (client_id: the recording's name). Returns the rows."""
+SPLITS = ("train", "dev", "test")
+
+
+def recordings_in(out: Path) -> set[str]:
+    """The recordings (client_id) a corpus directory `segment=true` wrote already lists, in any split."""
+    names = set()
+    for split in SPLITS:
+        if (tsv := out / f"{split}.tsv").is_file():
+            names |= {line.split("\t")[0] for line in tsv.read_text(encoding="utf-8").splitlines()[1:]}
+    return names
+
+
+def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, seconds: float,
+                dev_share: float) -> list[dict]:
+    """Each run of words as a clip, cut halfway through the silences beside it (16 kHz WAV in out/clips), listed
+    in the Common Voice layout (client_id: the recording's name) and appended to out/train.tsv, or for every
+    1/dev_share-th clip (at least one of a recording of two or more) to out/dev.tsv and out/test.tsv, which hold
+    the same held-out clips. Returns the rows, each with its `split`."""
     (out / "clips").mkdir(parents=True, exist_ok=True)
+    every = max(2, round(1 / dev_share)) if dev_share else 0
     rows = []
     for n, run in enumerate(runs):
         start = (runs[n - 1][-1]["end"] + run[0]["start"]) / 2 if n else max(0.0, run[0]["start"] - 0.1)
@@ -108,11 +124,16 @@ def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, 
         clip = f"{name}_{n:04d}.wav"
         sf.write(out / "clips" / clip, wave[int(start * audio.SAMPLE_RATE) : int(end * audio.SAMPLE_RATE)],
                  audio.SAMPLE_RATE)
+        held_out = every and len(runs) > 1 and n % every == (every // 2) % len(runs)  # 5, 15, ... (1 of 2 to 5)
         rows.append({"client_id": name, "path": clip, "sentence": " ".join(w["word"] for w in run),
-                     "start": round(start, 3), "end": round(end, 3)})
-    with open(out / "train.tsv", "w", encoding="utf-8") as tsv:
-        tsv.write("client_id\tpath\tsentence\n")
-        tsv.writelines(f"{r['client_id']}\t{r['path']}\t{r['sentence']}\n" for r in rows)
+                     "start": round(start, 3), "end": round(end, 3), "split": "dev" if held_out else "train"})
+    for split in SPLITS:
+        listed = [r for r in rows if r["split"] == ("train" if split == "train" else "dev")]
+        tsv_path = out / f"{split}.tsv"
+        new = not tsv_path.is_file()
+        with open(tsv_path, "a", encoding="utf-8") as tsv:  # appended: the corpus grows by a recording a run
+            tsv.write("client_id\tpath\tsentence\n" if new else "")
+            tsv.writelines(f"{r['client_id']}\t{r['path']}\t{r['sentence']}\n" for r in listed)
     return rows
 
 
@@ -122,6 +143,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: format={args.format}: give json, textgrid or audacity")
     if args.segment and not args.out:
         sys.exit("error: segment=true writes clips: give out=<directory>")
+    name = Path(args.audio).stem
+    if args.segment and name in recordings_in(Path(args.out).expanduser()):
+        sys.exit(f"error: out={args.out} lists clips of {name} already (segment=true appends a recording a run): "
+                 f"give another out=, or another name to the recording")
     transcript = str(args.text)
     try:  # a file's name, or the text itself (too long to be a name, or no such file)
         if Path(transcript).expanduser().is_file():
@@ -162,8 +187,10 @@ def main(argv: list[str]) -> None:
     if args.segment:
         out = Path(args.out).expanduser()
         wave = audio.load(str(Path(args.audio).expanduser()))
-        rows = write_clips(wave, segments(words, args.max_seconds), out, Path(args.audio).stem, seconds)
-        print(f"{len(rows)} clips of at most {args.max_seconds:g} s in {out}/clips, listed in {out}/train.tsv")
+        rows = write_clips(wave, segments(words, args.max_seconds), out, name, seconds, args.dev_share)
+        held = sum(r["split"] == "dev" for r in rows)
+        print(f"{len(rows)} clips of at most {args.max_seconds:g} s in {out}/clips: {len(rows) - held} added to "
+              f"{out}/train.tsv, {held} to dev.tsv and test.tsv")
         return
     written = {"json": lambda: json.dumps({"audio": str(args.audio), "seconds": round(seconds, 3), "words": words},
                                           ensure_ascii=False, indent=1) + "\n",
