@@ -160,6 +160,25 @@ def test_an_average_loads_transcribes_and_exports_as_the_weights_it_averages_to(
         checkpoints.resume_checkpoint(str(out), tmp_path)
 
 
+def test_an_out_this_tool_did_not_write_is_refused_and_its_own_average_replaced(barely_trained, tmp_path):
+    source = barely_trained / "checkpoints" / "last.ckpt"
+    a, b = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    checkpoint_at(source, a, 1)
+    checkpoint_at(source, b, 2)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    error = one_line_error(in_process(average_tool.main, [f"ckpts=[{a},{b}]", f"out={notes}"]))
+    assert error == (f"error: out={notes} exists and is not an average this tool wrote: give another out=, or "
+                     f"overwrite=true to replace it")
+    assert notes.read_text() == "my notes"
+    error = one_line_error(in_process(average_tool.main, [f"ckpts=[{a},{b}]", f"out={tmp_path}"]))
+    assert error.startswith(f"error: out={tmp_path} is a directory")
+    mean = tmp_path / "mean.ckpt"
+    assert in_process(average_tool.main, [f"ckpts=[{a},{b}]", f"out={mean}"]).returncode == 0
+    assert in_process(average_tool.main, [f"ckpts=[{a},{b}]", f"out={mean}"]).returncode == 0  # its own: replaced
+    assert in_process(average_tool.main, [f"ckpts=[{a},{b}]", f"out={notes}", "overwrite=true"]).returncode == 0
+
+
 def test_other_vocabularies_architectures_and_files_are_refused_in_one_line(barely_trained, tmp_path):
     source = barely_trained / "checkpoints" / "last.ckpt"
     a = tmp_path / "a.ckpt"

@@ -155,6 +155,12 @@ def averaged(sources: list[Source]) -> dict:
     return {**{k: base[k] for k in KEPT if k in base}, "state_dict": weights, "averaged": record}
 
 
+def is_average(path: Path) -> bool:
+    """Whether `path` is a checkpoint this module wrote (it records its sources under `averaged`)."""
+    return checkpoints.problem(path) is None and "averaged" in torch.load(path, map_location="cpu",
+                                                                           weights_only=True, mmap=True)
+
+
 def write(checkpoint: dict, out: str | Path) -> Path:
     """`checkpoint` written to `out`, atomically (a kill leaves the previous file or none)."""
     out = Path(out).expanduser()
