@@ -105,6 +105,7 @@ def test_a_checkpoint_of_something_else_names_what_it_lacks(tmp_path):
 
 # 2. A half-written last.ckpt
 
+@pytest.mark.slow  # 17 s of train.py processes: make test stays under 8 minutes on 2 cores
 def test_a_half_written_last_checkpoint_names_the_readable_ones_and_changes_nothing(finished, tmp_path):
     run = copy_of(finished, tmp_path)
     last = run / "checkpoints" / "last.ckpt"
@@ -165,6 +166,7 @@ def test_the_lock_is_per_process_and_released_at_exit(tmp_path):
 
 # 4. Settings the machine cannot honour
 
+@pytest.mark.slow  # 14 s of train.py processes: make test stays under 8 minutes on 2 cores
 @pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without CUDA refuses")
 def test_settings_a_cpu_cannot_honour_stop_with_the_override_that_works(tmp_path):
     line = one_error_line(command("train.py", "precision=16", f"hydra.run.dir={tmp_path / 'a'}"))
