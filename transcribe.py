@@ -75,13 +75,13 @@ def check(args, files: list[str]) -> str | None:
     return None
 
 
-def subtitle_target(out: Path, path: str, files: list[str], kind: str) -> Path:
-    """Where a file's subtitles go: `out` itself when it names a .srt/.vtt file; else under the directory `out`
-    at the file's path relative to the files' common folder (a/x.mp3 and b/x.mp3: a/x.srt and b/x.srt)."""
+def subtitle_targets(out: Path, files: list[str], kind: str) -> dict[str, Path]:
+    """Where each file's subtitles go: `out` itself when it names a .srt/.vtt file; else under the directory
+    `out` at the file's path relative to the files' common folder (a/x.mp3 and b/x.mp3: a/x.srt and b/x.srt)."""
     if out.suffix == f".{kind}":
-        return out
+        return dict.fromkeys(files, out)
     common = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    return out / Path(os.path.relpath(os.path.abspath(path), common)).with_suffix(f".{kind}")
+    return {f: out / Path(os.path.relpath(os.path.abspath(f), common)).with_suffix(f".{kind}") for f in files}
 
 
 def resume(out: Path, model: str) -> set[str]:
@@ -131,7 +131,9 @@ def main(argv: list[str]) -> None:
     subtitles = args.format in ("srt", "vtt")
     timestamps = "word" if subtitles else args.timestamps
     archive = Path(args.out).expanduser() if args.out and not subtitles else None
+    targets = subtitle_targets(Path(args.out).expanduser(), files, args.format) if subtitles and args.out else {}
     try:
+        num_workers = loading.workers(args.num_workers)  # a bad setting stops before the model loads
         if backend == "onnx":
             from asr.model.onnx import OnnxModel  # onnxruntime: only for backend=onnx
 
@@ -160,7 +162,7 @@ def main(argv: list[str]) -> None:
     try:
         for result in transcription.transcribe(
                 model, todo, decoder, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
-                batch_seconds=args.batch_seconds, num_workers=loading.workers(args.num_workers),
+                batch_seconds=args.batch_seconds, num_workers=num_workers,
                 beam_width=args.beam_width, timestamps=timestamps, progress=bar.update, seconds=seconds):
             if result.error is not None:  # a bad file is named, the others are transcribed
                 print(f"error: {result.error}", file=sys.stderr, flush=True)
@@ -171,7 +173,7 @@ def main(argv: list[str]) -> None:
                 lines = transcription.subtitles(result.words, args.max_line_seconds, args.max_line_chars)
                 written = transcription.subtitle_file(lines, args.format)
                 if args.out:
-                    target = subtitle_target(Path(args.out).expanduser(), result.path, files, args.format)
+                    target = targets[result.path]
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_text(written, encoding="utf-8")
                 else:

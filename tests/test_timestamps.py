@@ -161,6 +161,7 @@ def test_text_lines_of_several_files_start_with_their_path(barely_trained, cv_co
     (["timestamps=char", "format=text"], "timestamps=char needs format=json"),
     (["format=srt", "timestamps=char"], "format=srt makes lines of words"),
     (["format=doc"], "format=doc: give one of text, json, srt, vtt"),
+    (["num_workers=two"], "num_workers='two': give a number of loader processes"),  # before the model loads
 ])
 def test_settings_that_do_not_go_together_are_named(args, message, cv_corpus):
     clip = sorted((cv_corpus / "clips").glob("*.mp3"))[0]

@@ -85,6 +85,12 @@ def verified(path: str, setting: str = "ckpt_path") -> str:
     raise SetupError(why)
 
 
+def is_average(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint `asr.run.average` wrote: it records its sources under `averaged` (the
+    tensors are mapped, not read)."""
+    return problem(path) is None and "averaged" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def _update(path: Path) -> int:
     """The optimizer update a checkpoint was saved at (its tensors are not read)."""
     return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
@@ -136,7 +142,7 @@ def resume_checkpoint(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
         if not path.is_file():
             raise SetupError(f"ckpt_path={ckpt_path} does not exist: give a checkpoint (<run>/checkpoints/*.ckpt), "
                              f"a run directory, or last (with hydra.run.dir=<the run>).")
-        if problem(path) is None and "averaged" in torch.load(path, map_location="cpu", weights_only=True, mmap=True):
+        if is_average(path):
             raise SetupError(f"ckpt_path={ckpt_path} is an average of checkpoints (python -m asr.tools.average): "
                              f"weights without an optimizer or a position, not a state to resume. evaluate.py, "
                              f"transcribe.py and python -m asr.tools.export take it.")

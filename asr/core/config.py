@@ -161,14 +161,12 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
 def _options(group: str) -> list[str]:
     """The options of a config group: the files of conf/<group>/ (a schedule's is the function of its name in
     `asr.model.schedules`, checked like any `_target_`)."""
-
     return sorted(p.stem for p in (REPO_DIR / "conf" / group).glob("*.yaml"))
 
 
 def decoding_defaults() -> DictConfig:
     """alpha, beta, beam_width and lm_order as conf/evaluate.yaml sets them, for the command-line tools
     that decode or build LMs outside evaluate.py (`python -m asr.tools.export`, `python -m asr.tools.lm`)."""
-
     settings = OmegaConf.load(REPO_DIR / "conf" / "evaluate.yaml")
     return OmegaConf.masked_copy(settings, ["alpha", "beta", "beam_width", "lm_order"])
 
@@ -259,7 +257,6 @@ def _flat(node, prefix: str = "") -> dict:
 def package(group: str, option: str) -> str:
     """Where the keys of conf/<group>/<option>.yaml land: its `# @package` header, else the group's path;
     "" for `_global_` (the root)."""
-
     lines = (REPO_DIR / "conf" / group / f"{option}.yaml").read_text().splitlines()[:5]
     header = [line.split()[-1] for line in lines if line.startswith("# @package")]
     name = header[0] if header else group.replace("/", ".")
@@ -268,7 +265,6 @@ def package(group: str, option: str) -> str:
 
 def _written_by(group: str, option: str) -> set[str]:
     """The dotted keys a group option writes (conf/<group>/<option>.yaml, at its `# @package`)."""
-
     path = REPO_DIR / "conf" / group / f"{option}.yaml"
     if group.startswith("hydra") or not path.is_file():
         return set()
@@ -313,7 +309,6 @@ def register_resolvers() -> None:
     """The resolvers conf/ uses: `${repo:}` (this checkout, whatever the working directory),
     `${run_dir_name:<otherwise>}` (`asr.run_dir_name`) and `${either:<value>,<otherwise>}` (the value unless it is
     null). Every entry point calls this before composing."""
-
     OmegaConf.register_new_resolver("repo", lambda: str(REPO_DIR), replace=True)
     OmegaConf.register_new_resolver("run_dir_name", run_dir_name, replace=True)
     OmegaConf.register_new_resolver("either", lambda value, otherwise: otherwise if value is None else value,

@@ -303,7 +303,7 @@ def workers(setting: int | str, max_workers: int | None = None, ranks: int = 1, 
     if setting != "auto":
         if not str(setting).isdigit():
             raise SetupError(f"{key}={setting!r}: give a number of loader processes per rank (0: load in the "
-                             f"training process) or auto.")
+                             f"process itself) or auto.")
         return int(setting)
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         cores = int(os.environ["SLURM_CPUS_PER_TASK"])

@@ -44,7 +44,6 @@ class Source:
 def _conf(path: Path) -> dict:
     """The settings of one corpus in a config file (conf/data/default.yaml, conf/lang/<lang>.yaml), resolved
     (${repo:} in conf/lang/demo.yaml)."""
-
     register_resolvers()
     node = OmegaConf.load(path)
     return {k: OmegaConf.to_container(OmegaConf.create({"v": node._get_node(k)}), resolve=True)["v"]

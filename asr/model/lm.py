@@ -119,7 +119,6 @@ def write_arpa(model: list[dict], path: str | Path) -> Path:
 def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
     """An ARPA model (and KenLM's binary format when `build_binary` is on the PATH) of the normalised
     `texts` in `out_dir`; returns the path decoders should load."""
-
     sentences = [s.split() for s in (text.normalize(t, language) for t in texts) if s]
     if not sentences:
         raise ValueError("no text to build a language model from")
@@ -138,7 +137,6 @@ def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
 
 def ctc_labels(tokens: list[str]) -> list[str]:
     """Our vocabulary as pyctcdecode's labels: the word delimiter is a space, the blank is ''."""
-
     return ["" if t == text.PAD else " " if t == text.WORD_DELIMITER else "⁇" if t == text.UNK else t for t in tokens]
 
 

@@ -155,12 +155,6 @@ def averaged(sources: list[Source]) -> dict:
     return {**{k: base[k] for k in KEPT if k in base}, "state_dict": weights, "averaged": record}
 
 
-def is_average(path: Path) -> bool:
-    """Whether `path` is a checkpoint this module wrote (it records its sources under `averaged`)."""
-    return checkpoints.problem(path) is None and "averaged" in torch.load(path, map_location="cpu",
-                                                                           weights_only=True, mmap=True)
-
-
 def write(checkpoint: dict, out: str | Path) -> Path:
     """`checkpoint` written to `out`, atomically (a kill leaves the previous file or none)."""
     out = Path(out).expanduser()
@@ -182,7 +176,6 @@ class AverageBest(L.Callback):
     def conclude(self, run_dir: Path, best_single: str, data, device) -> dict:
         """Average, score, and what results.json records; when the run kept fewer checkpoints than `best` (it
         evaluated fewer times), a warning and {"skipped": why}: the run itself is complete."""
-
         try:
             sources = chosen(run_dir, best=self.best)
         except SetupError as error:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from asr import SetupError
 from asr.core import checkpoints
-from asr.run.average import averaged, chosen, is_average, source, write
+from asr.run.average import averaged, chosen, source, write
 from asr.tools import cli
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: out={out}: train.py writes and reads that name; give another")
     if out.is_dir():
         sys.exit(f"error: out={out} is a directory: give the checkpoint file to write (<dir>/average.ckpt)")
-    if out.exists() and not args.overwrite and not is_average(out):
+    if out.exists() and not args.overwrite and not checkpoints.is_average(out):
         sys.exit(f"error: out={out} exists and is not an average this tool wrote: give another out=, or "
                  f"overwrite=true to replace it")
     try:

@@ -156,7 +156,6 @@ def cards(device: torch.device, margin: float, overrides: list[str]) -> list[dic
     """Each experiment's card batch (data.max_batch_size clips of data.max_seconds, its precision): its
     peak, whether it fits, and where not the first of these that does with the same audio per update:
     gradient checkpointing, then half the clips per batch (update_clips keeps the update)."""
-
     rows = []
     for path in sorted((asr.REPO_DIR / "conf" / "experiment").glob("*.yaml")):
         tried = [[], ["model.gradient_checkpointing=true"]]
