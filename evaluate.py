@@ -33,8 +33,7 @@ from tqdm import tqdm
 from asr import SetupError
 from asr.core import text
 from asr.core.config import register_resolvers
-from asr.model.metrics import ErrorRates, utterance_cer
-from asr.model.module import corpus_rates
+from asr.model.metrics import UNITS, CorpusErrors, ErrorRates, corpus_rates, utterance_cer
 from asr.run import tracking
 from asr.run.evaluation import assemble_evaluation
 from asr.tools import cli
@@ -47,16 +46,15 @@ def evaluate(cfg: DictConfig) -> dict:
                                               scoring.split)
     trained, run_dir = scoring.trained, scoring.dir
     scored = {"corpus": cfg.data.corpus, "root": cfg.data.root, "split": split, "checkpoint": scoring.checkpoint}
-    # several corpora (data.corpora): each corpus's split scored on its own, under its own text rules; each
-    # prediction names its corpus and that corpus's root, metrics.json every corpus scored (`corpora`)
-    corpora = {name: {"corpus": part.hparams.corpus, "root": part.hparams.root, "language": part.hparams.language}
-               for name, part in data.parts.items()} if data.mixed else {}
+    # each corpus's split scored on its own, under its own text rules (`CorpusErrors`); with several corpora each
+    # prediction names its corpus and that corpus's root, and metrics.json every corpus scored (`corpora`)
+    corpora = {name: {"corpus": part.corpus, "root": part.root, "language": part.language}
+               for name, part in data.shown.items()}
     if corpora:
         scored = {"split": split, "checkpoint": scoring.checkpoint}
-    languages = {name: where["language"] for name, where in corpora.items()}
     loader = data.dataloader(role)
     errors, greedy_errors = ErrorRates(), ErrorRates()
-    by_corpus = {name: ErrorRates() for name in languages}
+    by_corpus = CorpusErrors(data.scoring(), tuple(UNITS))
     seconds, skipped = 0.0, 0
     worst = []  # with a W&B logger: (CER, line) of the worst_utterances highest, as a min-heap
     with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as out, torch.inference_mode():
@@ -68,14 +66,12 @@ def evaluate(cfg: DictConfig) -> dict:
             greedy, hypotheses = decoded.greedy, decoded.hypotheses
             errors.update(batch["texts"], hypotheses, batch["languages"])
             greedy_errors.update(batch["texts"], greedy, batch["languages"])
-            for name, reference, hypothesis, tag in zip(batch.get("corpora", ()), batch["texts"], hypotheses,
-                                                        batch["languages"]):
-                by_corpus[name].update([reference], [text.normalize(hypothesis, languages[name])], [tag])
+            by_corpus.update(batch, hypotheses)
             for i, (utt_id, tag, reference, hypothesis, best_path) in enumerate(zip(
                     batch["ids"], batch["languages"], batch["texts"], hypotheses, greedy)):
                 line = {"id": utt_id, "language": tag, "reference": reference, "hypothesis": hypothesis, **scored,
                         **({"corpus": batch["corpora"][i], "root": corpora[batch["corpora"][i]]["root"]}
-                           if "corpora" in batch else {})}
+                           if corpora else {})}
                 if decoder is not None:
                     line["greedy_hypothesis"] = best_path
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -103,14 +99,13 @@ def evaluate(cfg: DictConfig) -> dict:
                   if trained["other"] else {}),
                **({"by_language": by_language} if len(by_language) > 1 else {}),
                **({"by_corpus": {name: {k: v for k, v in e.rates().items()
-                                        if k != "mer" or text.is_chinese(languages[name])} | {
+                                        if k != "mer" or text.is_chinese(corpora[name]["language"])} | {
                                             "n_utterances": sum(e.utterances.values())}
-                                 for name, e in by_corpus.items() if e.utterances}} if by_corpus else {}),
+                                 for name, e in by_corpus.errors.items() if e.utterances}} if corpora else {}),
                "data_report": data.report[role]}
     if len(metrics.get("by_corpus", {})) > 1:  # as val/cer weighs the corpora's dev, by this split's hours
-        scored_corpora = {name: data.report[role]["corpora"][name] for name in metrics["by_corpus"]}
-        counts = [[*by_corpus[name].totals("wer"), *by_corpus[name].totals("cer")] for name in scored_corpora]
-        weighted = corpus_rates(scored_corpora, counts, seconds="seconds")
+        weighted = corpus_rates({name: part.report[role] for name, part in data.parts.items()},
+                                by_corpus.counts().tolist(), seconds="seconds")
         metrics["hour_weighted"] = {"wer": weighted["wer"], "cer": weighted["cer"]}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
     if cfg.logger:

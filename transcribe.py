@@ -143,9 +143,7 @@ def main(argv: list[str]) -> None:
         else:
             model, decoder = inference.load(args.model_path, args.target_lang)
             model = model.to(asr.device(args.device)).eval()
-        if timestamps == "char" and decoder is not None:
-            raise asr.SetupError(f"timestamps=char comes from the greedy path; {args.model_path} decodes with its "
-                                 f"language model (its words have timestamps: timestamps=word)")
+        recognizer = transcription.Recognizer(model, decoder, args.beam_width, timestamps)
         done = resume(archive, str(Path(args.model_path).expanduser().resolve())) if archive else set()
     except asr.SetupError as error:
         sys.exit(f"error: {error}")
@@ -161,9 +159,9 @@ def main(argv: list[str]) -> None:
     failed = 0
     try:
         for result in transcription.transcribe(
-                model, todo, decoder, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
-                batch_seconds=args.batch_seconds, num_workers=num_workers,
-                beam_width=args.beam_width, timestamps=timestamps, progress=bar.update, seconds=seconds):
+                recognizer, todo, chunk_seconds=args.chunk_seconds, stride_seconds=args.stride_seconds,
+                batch_seconds=args.batch_seconds, num_buckets=args.num_buckets, num_workers=num_workers,
+                progress=bar.update, seconds=seconds):
             if result.error is not None:  # a bad file is named, the others are transcribed
                 print(f"error: {result.error}", file=sys.stderr, flush=True)
                 failed += 1

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
@@ -36,10 +37,11 @@ from asr.model.export import export
 from asr.model.metrics import ErrorRates
 from asr.model.module import CTCModel
 from asr.model.onnx import FILES, OnnxModel
-from asr.model.transcription import Files, collate, header_seconds, plan, transcribe
+from asr.model.transcription import Files, Recognizer, collate, header_seconds, sampler, transcribe
 from asr.tools import cli
 
-CHUNK_SECONDS, STRIDE_SECONDS = 30.0, 5.0  # transcribe.py's windows (conf/transcribe.yaml)
+TRANSCRIBE = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "transcribe.yaml")  # its windows, buckets
+CHUNK_SECONDS, STRIDE_SECONDS = TRANSCRIBE.chunk_seconds, TRANSCRIBE.stride_seconds
 
 
 def model_only(model, batches: list[dict]) -> float:
@@ -54,9 +56,10 @@ def model_only(model, batches: list[dict]) -> float:
 def end_to_end(model, paths: list[str], batch_seconds: float, num_workers: int) -> tuple[float, list[str]]:
     """Seconds of `asr.model.transcription.transcribe` over `paths`, and the transcripts."""
     started = time.perf_counter()
-    out = [hypothesis for *_, hypothesis, _ in transcribe(model, paths, timestamps="none", chunk_seconds=CHUNK_SECONDS,
-                                                          stride_seconds=STRIDE_SECONDS, batch_seconds=batch_seconds,
-                                                          num_workers=num_workers)]
+    out = [hypothesis for *_, hypothesis, _ in transcribe(Recognizer(model, None, None, "none"), paths,
+                                                          chunk_seconds=CHUNK_SECONDS, stride_seconds=STRIDE_SECONDS,
+                                                          batch_seconds=batch_seconds,
+                                                          num_buckets=TRANSCRIBE.num_buckets, num_workers=num_workers)]
     return time.perf_counter() - started, out
 
 
@@ -95,8 +98,10 @@ def main(argv: list[str]) -> None:
         backends = {"torch fp32": model, **{f"onnx {kind}": OnnxModel(Path(out) / FILES[quantize], args.threads)
                                             for kind, quantize in (("fp32", None), ("int8", "int8"))}}
         files = Files(paths, 0, 0, 0, model.geometry)  # whole files: the demo's clips are short
-        batches = [collate([files[i] for i in batch])
-                   for batch in plan([header_seconds(p) for p in paths], args.batch_seconds, CHUNK_SECONDS)]
+        plan = sampler([header_seconds(p) for p in paths], model.geometry, chunk_seconds=CHUNK_SECONDS,
+                       stride_seconds=STRIDE_SECONDS, batch_seconds=args.batch_seconds,
+                       num_buckets=TRANSCRIBE.num_buckets)
+        batches = [collate(files.__getitems__(batch)) for batch in plan]
         seconds = sum(len(w.wave) for batch in batches for w in batch["windows"]) / audio.SAMPLE_RATE
         fastest = {backend: {"model": float("inf"), "end": float("inf")} for backend in backends}
         transcripts = {}

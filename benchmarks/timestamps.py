@@ -35,6 +35,7 @@ from asr.tools import align, cli  # noqa: E402
 
 # python -m asr.tools.align's windows over a long file (conf/align.yaml; transcribe.py's are the same)
 ALIGN = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "align.yaml")
+TRANSCRIBE = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "transcribe.yaml")
 
 
 def speech_span(wave: np.ndarray) -> tuple[float, float, float]:
@@ -87,9 +88,11 @@ def main(argv: list[str]) -> dict:
         recording = Path(tmp) / "joined.wav"
         spans = joined(paths, recording, args.gap)
         model = inference.load(args.model_path)[0].eval()
-        timed = next(transcription.transcribe(model, [str(recording)], chunk_seconds=ALIGN.chunk_seconds,
+        recognizer = transcription.Recognizer(model, None, None, "word")
+        timed = next(transcription.transcribe(recognizer, [str(recording)], chunk_seconds=ALIGN.chunk_seconds,
                                               stride_seconds=ALIGN.stride_seconds,
-                                              batch_seconds=120.0, num_workers=0, timestamps="word"))
+                                              batch_seconds=120.0, num_buckets=TRANSCRIBE.num_buckets,
+                                              num_workers=0))
         # as python -m asr.tools.align reads it
         logits, _ = transcription.file_logits(model, str(recording), ALIGN.chunk_seconds, ALIGN.stride_seconds)
         ids, _ = align.targets(" ".join(said[p] for p in paths), model.vocab, model.hparams.language)

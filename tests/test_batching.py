@@ -292,3 +292,25 @@ def test_real_ddp_ranks_see_every_clip_in_equal_counts(cv_corpus, tmp_path):
     ids = list(durations)  # in the order of the split
     named = [[ids[i] for i in b] for b in all_batches]
     assert [b for step in zip(*ranks) for b in step] == named + named[:1]  # the first batch pads the epoch
+
+
+def test_files_of_several_windows_are_planned_by_the_same_sampler_their_windows_in_one_batch():
+    """transcribe.py's plan (`asr.model.transcription.sampler`): each file its windows as rows (`rows`). Every file
+    once, in duration order; a batch's shape is its rows at a padded length that holds its widest file, within the
+    budget unless one file's windows alone exceed it."""
+    rng = np.random.default_rng(0)
+    widths = np.concatenate([rng.uniform(1, 20, 40), np.full(6, 30.0)])  # 30 s: the windows of longer files
+    rows = np.concatenate([np.ones(40, np.int64), [2, 3, 3, 5, 8, 1]])
+    sampler = DurationBatchSampler(widths, 120.0, max_batch_size=None, num_buckets=4, attention_q=None, seed=0,
+                                   shuffle=False, geometry=WAV2VEC2, rows=rows)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(46))
+    assert [i for b in batches for i in b] == np.argsort(widths, kind="stable").tolist()
+    for batch in batches:
+        count, samples = batch.shape
+        assert count == rows[batch].sum() and samples >= WAV2VEC2.padded(widths[batch]).max()
+        assert count * samples / audio.SAMPLE_RATE <= 120.0 or len(batch) == 1
+    assert [list(b) for b in batches if rows[b].max() >= 5] == [[43], [44]]  # 5 and 8 windows of 30 s: alone
+    with pytest.raises(ValueError, match="inference"):
+        DurationBatchSampler(widths, 120.0, max_batch_size=None, num_buckets=4, attention_q=None, seed=0,
+                             geometry=WAV2VEC2, rows=rows)

@@ -327,9 +327,9 @@ def test_ddp_ranks_of_a_mixed_run_train_on_the_batches_of_one_process(cv_corpus,
 
 
 def test_corpus_rates_are_each_corpus_s_and_their_dev_hour_weighted_mean():
-    """What validation logs and callbacks.average scores by (asr.model.module.corpus_rates): each corpus's own
+    """What validation logs and callbacks.average scores by (asr.model.metrics.corpus_rates): each corpus's own
     rates, not the pooled counts, weighted by dev hours; a corpus none of whose characters was scored is left out."""
-    from asr.model.module import corpus_rates
+    from asr.model.metrics import corpus_rates
 
     corpora = {"a": {"dev_seconds": 3600.0}, "b": {"dev_seconds": 1200.0}, "c": {"dev_seconds": 600.0}}
     rates = corpus_rates(corpora, [[2, 10, 5, 100], [3, 5, 20, 50], [0, 0, 0, 0]])
@@ -345,8 +345,7 @@ def test_corpus_rates_are_each_corpus_s_and_their_dev_hour_weighted_mean():
 def test_evaluate_weighs_each_corpus_test_cer_by_its_test_hours():
     """evaluate.py's hour_weighted: each corpus's counts (`ErrorRates.totals`, every language tag together)
     weighted by the split's hours, as validation weighs dev."""
-    from asr.model.metrics import ErrorRates
-    from asr.model.module import corpus_rates
+    from asr.model.metrics import ErrorRates, corpus_rates
 
     def edits(errors):
         return [*errors.totals("wer"), *errors.totals("cer")]

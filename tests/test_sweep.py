@@ -38,3 +38,18 @@ def test_a_directory_without_runs_is_named(tmp_path):
 
     with pytest.raises(SystemExit, match=f"no run \\(results.json\\) under dir={tmp_path}"):
         main([f"dir={tmp_path}"])
+
+
+def test_runs_of_several_corpora_show_and_rank_by_each_corpus_s_cer(tmp_path):
+    """results.json's `corpora` (each corpus's dev figures at the best evaluation): a column each, and
+    key=val/<name>/cer ranks by one corpus."""
+    _run(tmp_path, "0", ["data.temperature=1"], val_cer=0.30, val_wer=0.9, step=20,
+         corpora={"pt": {"val_wer": 0.8, "val_cer": 0.20}, "es": {"val_wer": 0.9, "val_cer": 0.40}})
+    _run(tmp_path, "1", ["data.temperature=5"], val_cer=0.35, val_wer=0.9, step=20,
+         corpora={"pt": {"val_wer": 0.9, "val_cer": 0.40}, "es": {"val_wer": 0.8, "val_cer": 0.30}})
+    found = sweep.ranked(sweep.jobs(tmp_path), "val/es/cer")
+    assert [j["run"] for j in found] == ["1", "0"]
+    assert [j["run"] for j in sweep.ranked(found, "val/pt/cer")] == ["0", "1"]
+    header, *rows = [line.split() for line in sweep.table(found).splitlines()]
+    assert header[7:11] == ["pt", "CER", "es", "CER"] and [r[5:7] for r in rows] == [["0.4000", "0.3000"],
+                                                                                   ["0.2000", "0.4000"]]

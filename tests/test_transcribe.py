@@ -161,3 +161,21 @@ def test_a_glob_transcribes_its_files_in_order_and_a_wrong_key_is_named(barely_t
     help_lines = run("transcribe.py", "--help").stdout.splitlines()
     assert any(line.split()[:2] == ["chunk_seconds", "30.0"] for line in help_lines)
     assert any(line.split()[:2] == ["model_path", "???"] for line in help_lines)
+
+
+def test_transcribe_plans_a_split_as_evaluation_plans_it():
+    """One planner: transcribe.py's batches of the demo test split (`transcription.sampler`, each clip one window)
+    are the data layer's evaluation batches (`SpeechDataModule.sampler`) for the same budget and buckets."""
+    from asr.core.frames import WAV2VEC2
+    from asr.model import transcription
+    from tests.conftest import data_module
+
+    data = data_module("data.max_batch_seconds=40", "data.num_buckets=4", "data.max_batch_size=null",
+                       "data.num_workers=0")
+    test = data.load("test")
+    evaluation = [[test[i].path for i in batch] for batch in data.sampler("test", whole=True)]
+    paths = test.column("path")
+    # the seconds Common Voice states for its clips (clip_durations.tsv); transcribe.py reads them from the headers
+    plan = transcription.sampler(test.seconds.tolist(), WAV2VEC2, chunk_seconds=30.0, stride_seconds=5.0,
+                                 batch_seconds=40.0, num_buckets=4)
+    assert len(evaluation) > 3 and [[paths[i] for i in batch] for batch in plan] == evaluation

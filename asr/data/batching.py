@@ -90,6 +90,11 @@ class DurationBatchSampler(Sampler[Planned]):
 
     geometry: the model's frame geometry (`asr.core.frames`): every padded length is a whole number of its hops.
 
+    Inference of files cut into windows (`asr.model.transcription`): `rows` gives each clip's windows, and
+    `durations` each clip's widest window. A clip takes its rows at its padded length in a batch's budget, and its
+    rows stay in one batch, to be joined; a clip of more rows than fit is a batch of its own. A batch's shape is
+    (rows, samples). Evaluation only (shuffle=False).
+
     Several corpora (`asr.data.mixing`): `corpus` gives each clip's corpus (0, 1, ...) and `draws` the clips an
     epoch draws from each. The buckets and their lengths come from every clip's duration; an epoch then holds a
     fixed count from each (corpus, bucket) stratum (`mixing.strata`), so the plan, its shapes and the batches per
@@ -101,7 +106,8 @@ class DurationBatchSampler(Sampler[Planned]):
 
     def __init__(self, durations, max_batch_seconds: float, *, max_batch_size: int | None, num_buckets: int,
                  attention_q: float | None, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0,
-                 tag_epoch: bool = False, audio_seconds=None, geometry: Geometry, corpus=None, draws=None):
+                 tag_epoch: bool = False, audio_seconds=None, geometry: Geometry, corpus=None, draws=None,
+                 rows=None):
         super().__init__()
         self.geometry, self.hop = geometry, geometry.hop
         self.durations = np.asarray(durations, dtype=np.float64)
@@ -114,6 +120,11 @@ class DurationBatchSampler(Sampler[Planned]):
         self.shuffle, self.seed, self.tag_epoch = shuffle, seed, tag_epoch
         self.audio_seconds = float((self.durations if audio_seconds is None else np.asarray(audio_seconds)).sum())
         self.num_replicas, self.rank = num_replicas, rank
+        self.rows = None  # inference: windows per clip (`rows`)
+        if rows is not None:
+            if shuffle:
+                raise ValueError("clips of several rows are for inference (shuffle=False)")
+            self.rows = np.asarray(rows, dtype=np.int64)
         self.bucket, self.upper = self._buckets(num_buckets)  # clip -> bucket; bucket -> padded samples
         self.strata = None  # several corpora: (corpora, buckets) clips an epoch draws from each
         if corpus is not None:
@@ -129,6 +140,7 @@ class DurationBatchSampler(Sampler[Planned]):
             self.audio_seconds = float(self._corpus_seconds.sum())  # an epoch's, expected
         self.sizes, self.lengths = self._plan()  # clips and padded samples per batch, in packing order
         self.ends = np.cumsum(self.sizes)
+        self.batch_rows = self._rows_per_batch()  # rows of audio per batch: its clips, or their windows
         self.epoch, self.position, self._start = 0, 0, 0
         self._length = len(self._rank_batches(np.arange(len(self.sizes))))
 
@@ -188,6 +200,8 @@ class DurationBatchSampler(Sampler[Planned]):
 
     def _plan(self) -> tuple[np.ndarray, np.ndarray]:
         """(clips, padded samples) of every batch of an epoch in packing order: the same every epoch."""
+        if self.rows is not None:
+            return self._plan_rows()
         counts = np.bincount(self.bucket, minlength=len(self.upper)) if self.strata is None else self.strata.sum(0)
         sizes, lengths = _pack(counts, self._fits(self.upper), self.upper)
         while 0 < len(sizes) < self.num_replicas and max(sizes) > 1:  # a rank without a batch would hang DDP
@@ -196,15 +210,37 @@ class DurationBatchSampler(Sampler[Planned]):
             lengths[i : i + 1] = [lengths[i]] * 2
         return np.array(sizes, dtype=np.int64), np.array(lengths, dtype=np.int64)
 
+    def _plan_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The plan of clips of several rows (`rows`), in evaluation order: the rows planned as `_pack` plans clips,
+        then each batch's end moved back to the end of a clip, so that a clip's rows stay in one batch (a clip
+        reaching past the end of its batch, a batch of its own). With one row a clip, the evaluation plan."""
+        order = np.argsort(self.durations, kind="stable")
+        per_bucket = np.bincount(self.bucket, weights=self.rows, minlength=len(self.upper)).astype(np.int64)
+        row_sizes, row_lengths = _pack(per_bucket, self._fits(self.upper), self.upper)
+        clip_ends = np.cumsum(self.rows[order])  # rows up to and including each clip
+        sizes, lengths, done = [], [], 0  # done: clips planned
+        for end, length in zip(np.cumsum(row_sizes).tolist(), row_lengths):
+            last = max(int(np.searchsorted(clip_ends, end, side="right")), done + 1)  # at least one clip
+            if last > done and done < len(order):
+                sizes.append(last - done)
+                lengths.append(max(length, int(self.upper[self.bucket[order[last - 1]]])))
+                done = last
+        return np.array(sizes, dtype=np.int64), np.array(lengths, dtype=np.int64)
+
+    def _rows_per_batch(self) -> np.ndarray:
+        if self.rows is None or not len(self.sizes):
+            return self.sizes
+        return np.add.reduceat(self.rows[np.argsort(self.durations, kind="stable")], self.ends - self.sizes)
+
     @property
     def shapes(self) -> list[tuple[int, int]]:
         """The (clips, samples) shapes of the epoch's batches, by length then clips: what collate pads to."""
-        return sorted(set(zip(self.sizes.tolist(), self.lengths.tolist())), key=lambda s: (s[1], s[0]))
+        return sorted(set(zip(self.batch_rows.tolist(), self.lengths.tolist())), key=lambda s: (s[1], s[0]))
 
     def padding(self) -> float:
         """Padded audio / all audio the encoder computes on, over an epoch: 1 - clips' seconds / padded seconds,
         the plan's figure from the durations (collate's padded_seconds vs audio_seconds)."""
-        padded = float((self.sizes * self.lengths).sum()) / SAMPLE_RATE
+        padded = float((self.batch_rows * self.lengths).sum()) / SAMPLE_RATE
         return 1 - self.audio_seconds / padded if padded else 0.0
 
     def summary(self) -> dict:
@@ -228,31 +264,34 @@ class DurationBatchSampler(Sampler[Planned]):
 
     def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(clip order, batch order, copies) of an epoch: batch j holds order[ends[j] - sizes[j] : ends[j]]; copies
-        (several corpora, else None) says which draw of its clip each place is (0: the first this epoch)."""
+        says which draw of its clip each place is (0: the first this epoch; None in evaluation)."""
         rng = np.random.default_rng([self.seed, epoch])
         if not self.shuffle:  # evaluation: plain duration order, the least padding
             return np.argsort(self.durations, kind="stable"), np.arange(len(self.sizes)), None
-        if self.strata is not None:
-            drawn, copies = self._drawn(rng)
-            placed = np.lexsort((rng.permutation(len(drawn)), self.bucket[drawn]))  # corpora shuffled together
-            order, copies = self._apart(drawn[placed], copies[placed])
-            return order, rng.permutation(len(self.sizes)), copies
-        order = np.lexsort((rng.permutation(len(self.durations)), self.bucket))  # buckets in duration order
-        return order, rng.permutation(len(self.sizes)), None
+        drawn, copies = self._drawn(rng)
+        # buckets in duration order, the clips of a bucket (of every corpus) shuffled together
+        placed = np.lexsort((rng.permutation(len(drawn)), self.bucket[drawn]))
+        order, copies = self._apart(drawn[placed], copies[placed])
+        return order, rng.permutation(len(self.sizes)), copies
 
     def _drawn(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """The clips of an epoch of several corpora, and which draw of its clip each is: each stratum's count,
-        without replacement up to the clips it holds (whole shuffled passes first where it draws more)."""
+        """The clips an epoch draws, in clip order, and which draw of its clip each is (0: the first). Without
+        corpora, or where a stratum draws as many clips as it holds, each clip once, drawing nothing from `rng`:
+        so a corpus that is a mix of one gets the batches of the plain sampler. A stratum drawing fewer takes a
+        sample without replacement; one drawing more, whole passes and then a sample."""
+        if self.strata is None:
+            return np.arange(len(self.durations)), np.zeros(len(self.durations), np.int64)
         picked, copies = [], []
         for row, members in zip(self.strata, self._members):
             for k, m in zip(row.tolist(), members):
-                if k:
-                    passes, rest = divmod(k, len(m))
-                    picked += [rng.permutation(m) for _ in range(passes)] + [rng.permutation(m)[:rest]]
-                    copies += [np.full(len(m), n) for n in range(passes)] + [np.full(rest, passes)]
+                passes, rest = divmod(k, len(m)) if len(m) else (0, 0)
+                picked += [m] * passes + ([rng.permutation(m)[:rest]] if rest else [])
+                copies += [np.full(len(m), n) for n in range(passes)] + [np.full(rest, passes)]
         if not picked:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(picked), np.concatenate(copies).astype(np.int64)
+        drawn, copies = np.concatenate(picked), np.concatenate(copies).astype(np.int64)
+        by_clip = np.argsort(drawn, kind="stable")
+        return drawn[by_clip], copies[by_clip]
 
     def _apart(self, order: np.ndarray, copies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`order` with no clip twice in one batch where its bucket allows it: a clip drawn again (an oversampled
@@ -304,12 +343,12 @@ class DurationBatchSampler(Sampler[Planned]):
     def batch_shapes(self, epoch: int) -> list[tuple[int, int]]:
         """The planned (clips, samples) of each batch of `batches(epoch)`, in the same order."""
         _, batch_order, _ = self._order(epoch)
-        return [(int(self.sizes[j]), int(self.lengths[j])) for j in batch_order]
+        return [(int(self.batch_rows[j]), int(self.lengths[j])) for j in batch_order]
 
     def _batch(self, order: np.ndarray, j: int) -> Planned:
         """Clip indices of batch j of an epoch whose clip order is `order`, with its planned shape."""
         return Planned(order[self.ends[j] - self.sizes[j] : self.ends[j]].tolist(),
-                       (int(self.sizes[j]), int(self.lengths[j])))
+                       (int(self.batch_rows[j]), int(self.lengths[j])))
 
     def _rank_batches(self, batch_order: np.ndarray) -> np.ndarray:
         if self.shuffle:  # training: equal counts per rank, the epoch's first batches again where short

@@ -92,7 +92,9 @@ class Clips:
 
     @staticmethod
     def concat(parts: list["Clips"]) -> "Clips":
-        """One split of several (their tables share the columns of the first)."""
+        """One split of several (their tables share the columns of the first); of one, that one."""
+        if len(parts) == 1:
+            return parts[0]
         names = parts[0].table.column_names
         tables = [p.table.select(names) for p in parts]
         offsets = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
@@ -103,6 +105,17 @@ class Clips:
         table = pa.concat_tables(tables, promote_options="permissive").replace_schema_metadata(malformed)
         # before any check: no seconds
         return Clips(table, np.concatenate([p.rows + o for p, o in zip(parts, offsets)]))
+
+    @staticmethod
+    def join(parts: list["Clips"]) -> "Clips":
+        """Checked clips of several corpora as one (the columns of the first, with their seconds); of one, that one,
+        sharing its table (a million clips mapped from the cache are not copied)."""
+        if len(parts) == 1:
+            return parts[0]
+        names = parts[0].table.column_names
+        tables = [p.table.take(p.rows).select(names) for p in parts]
+        table = pa.concat_tables(tables, promote_options="permissive").replace_schema_metadata(None)
+        return Clips(table, seconds=np.concatenate([p.seconds for p in parts]))
 
 
 LAYOUTS = {

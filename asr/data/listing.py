@@ -141,18 +141,18 @@ def format_report(report: dict[str, dict]) -> str:
     the encoder computes on). Several corpora: under each split a row per corpus (`<split>:<name>`), and a
     `share` column: each corpus's share of the clips a training epoch draws."""
     rows_of = list(report.items())
-    mixed = any("corpora" in r for r in report.values())
-    if mixed:
+    per_corpus = any("corpora" in r for r in report.values())  # data.corpora: each corpus's rows
+    if per_corpus:
         rows_of = [row for split, r in report.items()
                    for row in [(split, r), *((f"{split}:{name}", c) for name, c in r.get("corpora", {}).items())]]
     reasons = sorted({k for _, r in rows_of for k in r["dropped"]})
     header = ["split", "kept", "hours", *reasons, "[UNK] chars", "batches", "shapes", "padding",
-              *(["share"] if mixed else [])]
+              *(["share"] if per_corpus else [])]
     rows = [[split, r["kept"], f"{r['seconds'] / 3600:.2f}", *(r["dropped"].get(k, 0) for k in reasons),
              r["unk_characters"],
              *((r["batches"]["batches"], len(r["batches"]["shapes"]), f"{r['batches']['padding']:.1%}")
                if "batches" in r else ("-", "-", "-")),
-             *([f"{r['share']['of_clips']:.1%}" if "share" in r else "-"] if mixed else [])]
+             *([f"{r['share']['of_clips']:.1%}" if "share" in r else "-"] if per_corpus else [])]
             for split, r in rows_of]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     table = "\n".join("  ".join(str(x).rjust(w) for x, w in zip(line, widths)) for line in [header, *rows])

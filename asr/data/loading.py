@@ -36,13 +36,13 @@ class UtteranceDataset(Dataset):
     `noise_skipped` (counted in the data report, `SpeechDataModule.on_before_batch_transfer`).
     """
 
-    def __init__(self, clips: corpora.Clips, vocab: text.Vocabulary, augment: Augment | None = None):
+    def __init__(self, clips: corpora.Clips, vocab: text.Vocabulary, augment: Augment | None = None,
+                 corpus_of: tuple[list[str], np.ndarray] | None = None):
         self.clips, self.vocab = clips, vocab
         self.augment = augment if augment is not None and augment.active else None
         self.partners = augment.partners(clips.seconds) if self.augment else None  # those a clip may be followed by
         self._columns = {name: clips.table.column(name) for name in ("id", "path", "text", "language")}
-        if "corpus" in clips.table.column_names:  # several corpora (`SpeechDataModule(corpora=...)`): each clip's
-            self._columns["corpus"] = clips.table.column("corpus")
+        self.corpus_of = corpus_of  # (names, each clip's place in names) of a run's corpora: items name theirs
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -84,8 +84,9 @@ class UtteranceDataset(Dataset):
             seconds = None if seconds is None else seconds + choice.before + choice.after
         item = {"id": utt_id, "audio": wave, "text": transcript, "labels": self.vocab.encode(transcript),
                 "language": language, "seconds": seconds}
-        if "corpus" in self._columns:
-            item["corpus"] = self._columns["corpus"][row].as_py()
+        if self.corpus_of is not None:
+            names, index = self.corpus_of
+            item["corpus"] = names[index[i]]
         if choice != NONE:
             item["augment"] = choice.describe(self.augment)
             if choice.noise is not None:
@@ -179,7 +180,7 @@ def collate(items: list[dict], *, hop: int, ring: int = 0) -> dict:
         "ids": [item["id"] for item in items],
         "texts": [item["text"] for item in items],
         "languages": [item.get("language", "") for item in items],
-        **({"corpora": [item["corpus"] for item in items]} if "corpus" in items[0] else {}),  # several corpora
+        **({"corpora": [item["corpus"] for item in items]} if "corpus" in items[0] else {}),  # a run's corpora
         # seconds, as host floats so that logging them never waits on the GPU
         "audio_seconds": sum(lengths) / audio.SAMPLE_RATE,
         "padded_seconds": len(items) * samples / audio.SAMPLE_RATE,

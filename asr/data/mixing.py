@@ -4,7 +4,7 @@ each corpus an epoch draws.
 An entry names a corpus (`name`: the `val/<name>/cer` of its dev split), its reader by `lang` (conf/lang/<lang>.yaml:
 corpus, text rules, split names), and what differs: `root`, `corpus`, `language`, the split names, `columns`, and
 its `weight`. What an entry does not set comes from its lang file, then from conf/data/default.yaml: never from the
-run's own `lang=` (that is the single-corpus form).
+run's own `lang=`. Without `data.corpora` the run's own corpus (`lang=`, `data.root`) is a mix of one.
 
 Shares of an epoch, as Lhotse's `CutSet.mux` and NeMo's `input_cfg` weigh their sources: `weight` is a corpus's
 share of the clips an epoch draws (normalised over the corpora); `data.temperature=T` instead gives each corpus a
@@ -34,11 +34,19 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a name in a metric key: va
 
 @dataclass(frozen=True)
 class Source:
-    """One corpus of a mix: its name, weight (None: none given) and settings (`CORPUS_KEYS`)."""
+    """One corpus of a mix: its name, weight (None: none given) and settings (`CORPUS_KEYS`); `listed`: an entry
+    of `data.corpora`, whose figures reports and logs show on their own (the run's own `data.root` is the run's
+    whole: a one-corpus run reports, logs and scores without a per-corpus copy of its figures)."""
 
     name: str
     weight: float | None
     settings: dict
+    listed: bool = False
+
+    @property
+    def where(self) -> str:
+        """How its errors name it."""
+        return f"data.corpora ({self.name}): " if self.listed else ""
 
 
 def _conf(path: Path) -> dict:
@@ -50,10 +58,13 @@ def _conf(path: Path) -> dict:
             for k in CORPUS_KEYS if k in node}
 
 
-def sources(entries: list, temperature: float | None) -> list[Source]:
-    """The corpora of `data.corpora`, each with its settings complete; SetupError, in one line, for an entry
-    without a name, two of one name, an unknown key or lang, a weight of 0 or below, weights on some
-    corpora only, or weights beside a temperature."""
+def sources(entries: list | None, temperature: float | None, own: dict | None = None) -> list[Source]:
+    """The corpora of a run, each with its settings complete: those of `data.corpora`, or without it (`entries`
+    None) the run's own corpus (`own`: data.corpus, data.root, ... of its `lang=`), a mix of one named by its
+    lang. SetupError, in one line, for an entry without a name, two of one name, an unknown key or lang, a
+    weight of 0 or below, weights on some corpora only, or weights beside a temperature."""
+    if entries is None:
+        return [Source(own["lang"], None, {k: own[k] for k in CORPUS_KEYS})]
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
         raise SetupError("data.corpora: give a list of corpora, e.g. "
                          "'data.corpora=[{name:pt,lang:pt,root:/data/cv/pt,weight:0.8},{name:es,lang:es,root:...,weight:0.2}]'.")
@@ -94,7 +105,7 @@ def sources(entries: list, temperature: float | None) -> list[Source]:
         missing = [k for k in ("corpus", "language") if settings.get(k) in (None, "???")]
         if missing:
             raise SetupError(f"{where}: give its lang (conf/lang/<lang>.yaml), or its {' and '.join(missing)}.")
-        out.append(Source(name, None if weight is None else float(weight), settings))
+        out.append(Source(name, None if weight is None else float(weight), settings, listed=True))
     weighted = [s.weight is not None for s in out]
     if temperature is not None and any(weighted):
         raise SetupError(f"data.temperature={temperature} sets the shares from the hours: leave out the corpora's "
@@ -143,3 +154,21 @@ def strata(corpus: np.ndarray, bucket: np.ndarray, draws, buckets: int) -> np.nd
         if held.sum():
             out[c] = apportion(int(n), held)
     return out
+
+
+def merged(reports: dict[str, dict], listed: bool) -> dict:
+    """The data report of a split of a mix from its corpora's (`asr.data.listing.check_split`): the totals, with
+    each corpus's report under `corpora`; of the run's own corpus (not `listed` in data.corpora), its report."""
+    if not listed:
+        return next(iter(reports.values()))
+    report = {"kept": sum(r["kept"] for r in reports.values()), "dropped": {}, "examples": {},
+              "unk_characters": sum(r["unk_characters"] for r in reports.values()),
+              "unk_examples": list(dict.fromkeys(c for r in reports.values() for c in r["unk_examples"]))[:10],
+              "seconds": round(sum(r["seconds"] for r in reports.values()), 2)}
+    for name, r in reports.items():
+        for reason, n in r["dropped"].items():
+            report["dropped"][reason] = report["dropped"].get(reason, 0) + n
+            report["examples"].setdefault(reason, []).extend(f"{name}: {e}" for e in r["examples"].get(reason, []))
+    report["examples"] = {reason: e[:5] for reason, e in report["examples"].items()}
+    report["corpora"] = reports
+    return report

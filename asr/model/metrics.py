@@ -13,6 +13,7 @@ import torch
 from torchaudio.functional import edit_distance
 from torchmetrics import Metric
 
+from asr.core import text
 from asr.core.text import mixed_tokens
 
 UNITS = {"wer": str.split, "cer": list, "mer": mixed_tokens}
@@ -76,9 +77,10 @@ def utterance_cer(reference: str, hypothesis: str) -> float:
 
 
 class ErrorRates:
-    """WER, CER and MER over a whole split, and per language tag (evaluate.py)."""
+    """WER, CER and MER (or those of `units`) over a whole split, and per language tag (evaluate.py)."""
 
-    def __init__(self):
+    def __init__(self, units: tuple[str, ...] = tuple(UNITS)):
+        self.units = units
         # (tag, metric) -> [edits, reference units]
         self.counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
         self.utterances: dict[str, int] = defaultdict(int)
@@ -87,7 +89,7 @@ class ErrorRates:
         for i, (reference, hypothesis) in enumerate(zip(references, hypotheses, strict=True)):
             tag = tags[i] if tags else ""
             self.utterances[tag] += 1
-            for metric in UNITS:
+            for metric in self.units:
                 edits, units = count(reference, hypothesis, metric)
                 counts = self.counts[tag, metric]
                 counts[0] += edits
@@ -101,7 +103,7 @@ class ErrorRates:
     def rates(self, tag: str | None = None) -> dict[str, float]:
         """{"wer", "cer", "mer"} over every utterance, or over those of one language tag."""
         result = {}
-        for metric in UNITS:
+        for metric in self.units:
             edits, total = self.totals(metric, tag)
             result[metric] = edits / total if total else float("nan")
         return result
@@ -109,3 +111,49 @@ class ErrorRates:
     def by_tag(self) -> dict[str, dict]:
         """Rates and utterance count per language tag."""
         return {tag: {**self.rates(tag), "n_utterances": n} for tag, n in sorted(self.utterances.items())}
+
+
+def corpus_rates(corpora: dict[str, dict], counts: list[list[float]], seconds: str = "dev_seconds") -> dict:
+    """A run's dev scores as validation gives them: `by_corpus` {name: (WER, CER)} of each corpus
+    with a scored character, from its (word edits, words, character edits, characters) in `counts` (one row
+    per corpus of `corpora`, in order), and `wer` and `cer`, their means weighted by each corpus's dev hours
+    (`corpora[name][seconds]`: evaluate.py weighs a test split by its hours; equal weights when no corpus
+    states any). {} when no corpus was scored."""
+    by_corpus, hours = {}, {}
+    for (name, corpus), (word_edits, words, char_edits, chars) in zip(corpora.items(), counts, strict=True):
+        if chars:
+            by_corpus[name] = (word_edits / max(words, 1), char_edits / chars)
+            hours[name] = corpus[seconds] / 3600
+    if not by_corpus:
+        return {}
+    total = sum(hours.values())
+    weight = {name: hours[name] / total if total else 1 / len(by_corpus) for name in by_corpus}
+    return {"wer": sum(weight[n] * by_corpus[n][0] for n in by_corpus),
+            "cer": sum(weight[n] * by_corpus[n][1] for n in by_corpus), "by_corpus": by_corpus}
+
+
+class CorpusErrors:
+    """A split's error counts per corpus of a run (`corpora`: {name: {language, ...}}), each hypothesis under its
+    corpus's text rules, and their rates (`rates`): how validation, evaluate.py, checkpoint averaging and sweeps
+    score. A batch that names no corpus (`batch["corpora"]`) is the first corpus's. `units`: the rates counted
+    (`UNITS`)."""
+
+    def __init__(self, corpora: dict[str, dict], units: tuple[str, ...]):
+        self.corpora = corpora
+        self.errors = {name: ErrorRates(units) for name in corpora}
+
+    def update(self, batch: dict, hypotheses: list[str]) -> None:
+        names = batch.get("corpora") or [next(iter(self.corpora))] * len(batch["texts"])
+        tags = batch.get("languages") or [""] * len(batch["texts"])
+        for name, reference, hypothesis, tag in zip(names, batch["texts"], hypotheses, tags, strict=True):
+            self.errors[name].update([reference], [text.normalize(hypothesis, self.corpora[name]["language"])],
+                                     [tag])
+
+    def counts(self) -> torch.Tensor:
+        """(corpora, 4) float64: word edits, words, character edits and characters of each corpus, in order (to be
+        summed over ranks)."""
+        return torch.tensor([[*e.totals("wer"), *e.totals("cer")] for e in self.errors.values()], dtype=torch.float64)
+
+    def rates(self, seconds: str, counts: torch.Tensor | None = None) -> dict:
+        """`corpus_rates` of these counts (or of `counts`, these summed over ranks), weighted by `seconds`."""
+        return corpus_rates(self.corpora, (self.counts() if counts is None else counts).tolist(), seconds)

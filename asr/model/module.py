@@ -10,10 +10,10 @@ from asr import SetupError
 from asr.core import text
 from asr.core.frames import Geometry
 from asr.core.text import Vocabulary
-from asr.model import ctc, metrics, schedules, speed
+from asr.model import ctc, schedules, speed
 from asr.model import finetune as tuning
 from asr.model.encoder import SyncFreeWav2Vec2ForCTC, build_wav2vec2, init_head
-from asr.model.metrics import ErrorRate, Share
+from asr.model.metrics import CorpusErrors, ErrorRate, Share
 from asr.model.speed import PRECISION_DTYPE, LateRead
 
 COMPILE = {False: "false", True: "layers", "false": "false", "layers": "layers", "encoder": "encoder", "all": "all"}
@@ -56,38 +56,6 @@ def decoded(logits: torch.Tensor, frames: torch.Tensor, vocab: Vocabulary, langu
     # decode_beams, as Wav2Vec2ProcessorWithLM and the pipeline call it (decode() prunes history)
     beams = [decoder.decode_beams(lp[:n], beam_width=beam_width)[0] for lp, n in zip(log_probs, frames.tolist())]
     return Decoded(logits, frames, greedy, [text.normalize(b[0], language) for b in beams], [b[2] for b in beams])
-
-
-def corpus_counts(corpora: dict[str, dict], batch: dict, hypotheses: list[str]) -> torch.Tensor:
-    """(corpora, 4) float64: a dev batch's word edits, words, character edits and characters per corpus of
-    `corpora` (in order), each hypothesis under its corpus's text rules (the model's own are the first
-    corpus's)."""
-    counts = torch.zeros(len(corpora), 4, dtype=torch.float64)
-    index = {name: i for i, name in enumerate(corpora)}
-    for name, reference, hypothesis in zip(batch["corpora"], batch["texts"], hypotheses, strict=True):
-        hypothesis = text.normalize(hypothesis, corpora[name]["language"])
-        words, chars = metrics.count(reference, hypothesis, "wer"), metrics.count(reference, hypothesis, "cer")
-        counts[index[name]] += torch.tensor([*words, *chars], dtype=torch.float64)
-    return counts
-
-
-def corpus_rates(corpora: dict[str, dict], counts: list[list[float]], seconds: str = "dev_seconds") -> dict:
-    """Several corpora's dev scores as validation gives them: `by_corpus` {name: (WER, CER)} of each corpus
-    with a scored character, from its (word edits, words, character edits, characters) in `counts` (one row
-    per corpus of `corpora`, in order), and `wer` and `cer`, their means weighted by each corpus's dev hours
-    (`corpora[name][seconds]`: evaluate.py weighs a test split by its hours; equal weights when no corpus
-    states any). {} when no corpus was scored."""
-    by_corpus, hours = {}, {}
-    for (name, corpus), (word_edits, words, char_edits, chars) in zip(corpora.items(), counts, strict=True):
-        if chars:
-            by_corpus[name] = (word_edits / max(words, 1), char_edits / chars)
-            hours[name] = corpus[seconds] / 3600
-    if not by_corpus:
-        return {}
-    total = sum(hours.values())
-    weight = {name: hours[name] / total if total else 1 / len(by_corpus) for name in by_corpus}
-    return {"wer": sum(weight[n] * by_corpus[n][0] for n in by_corpus),
-            "cer": sum(weight[n] * by_corpus[n][1] for n in by_corpus), "by_corpus": by_corpus}
 
 
 class CTCModel(L.LightningModule):
@@ -150,7 +118,6 @@ class CTCModel(L.LightningModule):
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
             self.model.wav2vec2.feature_extractor.compile(dynamic=False)
         self._kept_in_compute_dtype: list[str] = []  # feature encoder parameters cast for the fit
-        self.val_wer, self.val_cer = ErrorRate("wer"), ErrorRate("cer")  # asr.model.metrics: equal to jiwer's
         # Mixed error rate (Mandarin by character, English by word): edits over `text.mixed_tokens`.
         self.val_mer = ErrorRate("mer") if text.is_chinese(language) else None
         # The CTC blank plateau (asr.run.plateau): dev clips whose greedy transcript is empty, dev frames whose
@@ -160,15 +127,16 @@ class CTCModel(L.LightningModule):
         self._skips: torch.Tensor | None = None  # on the device: [skipped since the start, skipped in a row]
         self._host_skips: LateRead | None = None
         self.stop_reason: str | None = None
-        # Several corpora (data.corpora): {name: {language, dev_seconds}} from the data module (`setup`), and the
-        # (corpora, 4) counts of an evaluation: word edits, words, character edits, characters.
-        self.corpora: dict[str, dict] | None = None
-        self._corpus_counts: torch.Tensor | None = None
+        # The run's corpora, {name: {language, dev_seconds}} from the data module (`setup`; without one, a corpus
+        # of the model's own text rules), and an evaluation's WER and CER counts per corpus (equal to jiwer's).
+        self.corpora: dict[str, dict] = {"": {"language": language, "dev_seconds": 0.0, "shown": False}}
+        self._dev_errors: CorpusErrors | None = None
 
     def setup(self, stage: str) -> None:
-        """Several corpora: each corpus's dev split is scored on its own (`SpeechDataModule.scoring`)."""
+        """Each corpus's dev split is scored on its own, under its own text rules (`SpeechDataModule.scoring`)."""
         data = self.trainer.datamodule
-        self.corpora = data.scoring() if data is not None and hasattr(data, "scoring") else None
+        if data is not None and hasattr(data, "scoring"):
+            self.corpora = data.scoring()
 
     def on_fit_start(self) -> None:
         """Under mixed precision, a frozen feature encoder's convolutions in the compute dtype for the fit
@@ -311,20 +279,13 @@ class CTCModel(L.LightningModule):
             return
         out = self.decode(batch)
         frames, hypotheses, loss = out.frames, out.hypotheses, self.ctc_loss(out.logits, out.frames, batch)
-        if self.corpora:  # WER and CER per corpus, logged at the end of the evaluation
-            self._count_per_corpus(batch, hypotheses)
-        else:
-            self.val_wer.update(batch["texts"], hypotheses)
-            self.val_cer.update(batch["texts"], hypotheses)
+        self._count_per_corpus(batch, hypotheses)  # WER and CER, logged at the end of the evaluation
         blank = out.logits.argmax(dim=-1) == self.vocab.blank_id  # (B, T)
         valid = torch.arange(blank.shape[1], device=blank.device) < frames.to(blank.device)[:, None]
         self.val_blank_frames.update((blank & valid).sum(), valid.sum())  # over the clips' own frames
         self.val_empty_hypotheses.update(sum(not h for h in hypotheses), len(hypotheses))
         size = len(batch["ids"])
         self.log("val/loss", loss, batch_size=size, sync_dist=True)
-        if not self.corpora:
-            self.log("val/wer", self.val_wer, batch_size=size)
-            self.log("val/cer", self.val_cer, batch_size=size, prog_bar=True)
         self.log("val/empty_hypotheses", self.val_empty_hypotheses, batch_size=size)
         self.log("val/blank_frames", self.val_blank_frames, batch_size=size)
         if self.val_mer is not None:
@@ -332,23 +293,23 @@ class CTCModel(L.LightningModule):
             self.log("val/mer", self.val_mer, batch_size=size)
 
     def _count_per_corpus(self, batch: dict, hypotheses: list[str]) -> None:
-        """Adds a dev batch's edits and reference units to its clips' corpora (`corpus_counts`)."""
-        counts = corpus_counts(self.corpora, batch, hypotheses)
-        self._corpus_counts = counts if self._corpus_counts is None else self._corpus_counts + counts
+        """Adds a dev batch's edits and reference units to its clips' corpora (`CorpusErrors`)."""
+        if self._dev_errors is None:
+            self._dev_errors = CorpusErrors(self.corpora, ("wer", "cer"))
+        self._dev_errors.update(batch, hypotheses)
 
     def on_validation_epoch_end(self) -> None:
-        """Several corpora: val/<name>/wer and val/<name>/cer of each corpus's dev split (counts summed over the
-        ranks), and val/wer and val/cer, their means weighted by each corpus's dev hours: the default model
-        selection (callbacks.checkpoint.monitor). A corpus none of whose clips was scored (the sanity check's
-        one batch) is left out of both."""
-        if not self.corpora:
-            return
-        counts = (torch.zeros(len(self.corpora), 4, dtype=torch.float64) if self._corpus_counts is None
-                  else self._corpus_counts)
-        counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
-        self._corpus_counts = None
-        rates = corpus_rates(self.corpora, counts.tolist())
+        """val/wer and val/cer: the means of each corpus's dev WER and CER (counts summed over the ranks) weighted
+        by its dev hours, the default model selection (callbacks.checkpoint.monitor); of one corpus, its own. With
+        the corpora of data.corpora also val/<name>/wer and val/<name>/cer of each (`shown`). A corpus none of
+        whose clips was scored (the sanity check's one batch) is left out of both."""
+        errors = self._dev_errors or CorpusErrors(self.corpora, ("wer", "cer"))  # a rank that scored no clip
+        self._dev_errors = None
+        counts = self.trainer.strategy.reduce(errors.counts().to(self.device), reduce_op="sum").cpu()
+        rates = errors.rates("dev_seconds", counts)
         for name, (wer, cer) in rates.get("by_corpus", {}).items():
+            if not self.corpora[name].get("shown"):
+                continue
             self.log(f"val/{name}/wer", wer, sync_dist=False)
             self.log(f"val/{name}/cer", cer, sync_dist=False)
         if "cer" in rates:

@@ -1,5 +1,6 @@
 """Transcribing audio files through the model path validation and evaluate.py take (`CTCModel.forward`, then
-`CTCModel.decoded`): files batched by duration, decoded by loader workers.
+`CTCModel.decoded`): files batched by duration by the data layer's sampler, as training and evaluation batch
+clips (`asr.data.batching.DurationBatchSampler`, each file its windows as rows), decoded by loader workers.
 
 A file longer than `chunk_seconds` is cut into overlapping windows as transformers' ASR pipeline cuts it
 (`chunk_iter`, `rescale_stride`): windows of chunk_seconds that overlap by stride_seconds on each side, each
@@ -22,8 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from asr import SetupError
 from asr.core import audio, text
 from asr.core.frames import Geometry
+from asr.data.batching import DurationBatchSampler, Planned
 
 
 @dataclass
@@ -77,40 +80,50 @@ class Files(Dataset):
         return {"index": i, "seconds": len(wave) / audio.SAMPLE_RATE,
                 "windows": windows(wave, self.chunk, self.left, self.right, self.geometry.hop)}
 
+    def __getitems__(self, batch: list) -> list[dict]:
+        """The files of a batch (a DataLoader's batched fetch); a `Planned` batch's shape goes on with them."""
+        items = [self[i] for i in batch]
+        return Planned(items, batch.shape) if isinstance(batch, Planned) else items
+
 
 def collate(items: list[dict]) -> dict:
     """The windows of a batch's files as rows padded with zeros, (rows, samples), with their `lengths`; `files`
-    are (item, its first row, its rows)."""
+    are (item, its first row, its rows). A `Planned` batch is padded to its planned samples (or, where a file's
+    header understated its length, to its longest window)."""
     files, rows = [], []
     for item in items:
         if "windows" in item:
             files.append((item, len(rows), len(item["windows"])))
             rows += item["windows"]
     lengths = [len(w.wave) for w in rows]
-    batch = np.zeros((len(rows), max(lengths, default=0)), np.float32)
+    planned = items.shape[1] if isinstance(items, Planned) else 0
+    batch = np.zeros((len(rows), max(planned, *lengths) if rows else 0), np.float32)
     for row, window in zip(batch, rows):
         row[: len(window.wave)] = window.wave
     return {"items": items, "files": files, "audio": torch.from_numpy(batch), "lengths": lengths, "windows": rows}
 
 
-def plan(seconds: list[float | None], batch_seconds: float, chunk_seconds: float) -> list[list[int]]:
-    """Batches of file indices in order of duration, each holding at most `batch_seconds` of padded audio
-    (windows x the longest window), at least one file. `seconds` from the headers (None: unknown, planned
-    as the shortest: its decoding then says why)."""
-    def rows(s: float) -> int:
-        return 1 if not chunk_seconds or s <= chunk_seconds else math.ceil(s / chunk_seconds) + 1
+def window_count(samples: int, chunk: int, left: int, right: int) -> int:
+    """How many windows `windows` cuts a file of `samples` samples into (at least 1)."""
+    if not chunk or samples <= chunk:
+        return 1
+    return math.ceil((samples - chunk) / (chunk - left - right)) + 1
 
-    order = sorted(range(len(seconds)), key=lambda i: seconds[i] or 0.0)
-    batches, batch, count, longest = [], [], 0, 0.0
-    for i in order:
-        s = seconds[i] or 0.0
-        width = min(s, chunk_seconds) if chunk_seconds else s
-        if batch and (count + rows(s)) * max(longest, width) > batch_seconds:
-            batches.append(batch)
-            batch, count, longest = [], 0, 0.0
-        batch.append(i)
-        count, longest = count + rows(s), max(longest, width)
-    return batches + ([batch] if batch else [])
+
+def sampler(seconds: list[float | None], geometry: Geometry, *, chunk_seconds: float, stride_seconds: float,
+            batch_seconds: float, num_buckets: int) -> DurationBatchSampler:
+    """The batch plan of files of these header `seconds` (None: unknown, planned as the shortest: its decoding then
+    says why): the data layer's sampler (`asr.data.batching.DurationBatchSampler`), in duration order, each file
+    its windows (`rows`) at the width of its widest, `batch_seconds` of padded audio a batch (windows x the
+    longest; a file wider than that is a batch of its own), at one of `num_buckets` padded lengths."""
+    chunk, stride = geometry.whole_hops(chunk_seconds), geometry.whole_hops(stride_seconds)
+    shortest = geometry.receptive_field
+    samples = [max(shortest, round((s or 0.0) * audio.SAMPLE_RATE)) for s in seconds]
+    widths = np.array([min(n, chunk) if chunk else n for n in samples]) / audio.SAMPLE_RATE
+    rows = [window_count(n, chunk, stride, stride) for n in samples]
+    budget = max(batch_seconds, float(widths.max(initial=0.0)))  # a file longer than the budget: alone
+    return DurationBatchSampler(widths, budget, max_batch_size=None, num_buckets=num_buckets, attention_q=None, seed=0,
+                                shuffle=False, geometry=geometry, rows=rows)
 
 
 def header_seconds(path: str) -> float | None:
@@ -196,19 +209,46 @@ def beam_spans(word_frames: list[tuple[str, tuple[int, int]]], confidence: np.nd
             for word, (first, end) in word_frames]
 
 
-def transcribe(model, paths: list[str], decoder=None, *, chunk_seconds: float, stride_seconds: float,
-               batch_seconds: float, num_workers: int, beam_width: int | None = None, timestamps: str,
-               progress=None, seconds: list[float | None] | None = None):
-    """Yields a `Transcript` for each of `paths`, in their order. `model`: a `CTCModel` in evaluation mode,
-    on its device; `decoder` (an exported LM's) keeps `beam_width` beams. timestamps: none, word or char
-    (char: greedy decoding only). progress: called with the header seconds of each batch as it is done (a
-    progress bar's update). seconds: each file's from its header (`header_seconds`), if the caller has them."""
-    geometry = model.geometry
+@dataclass
+class Recognizer:
+    """A loaded model and how it decodes, for transcribing. `model`: a `CTCModel` in evaluation mode on its device,
+    or `asr.model.onnx.OnnxModel` (`asr.model.inference.load`, `OnnxModel.load`); `decoder`: an exported LM's beam
+    search keeping `beam_width` beams, or None (greedy); `timestamps`: none, word or char (char: greedy decoding
+    only). `transcribe(batch)` is the one step from a batch of windows to each file's text: the forward pass,
+    each file's windows joined, decoding, timing."""
+
+    model: object
+    decoder: object | None
+    beam_width: int | None
+    timestamps: str
+
+    def __post_init__(self):
+        if self.timestamps == "char" and self.decoder is not None:
+            raise SetupError("timestamps=char comes from the greedy path; this model decodes with its language model "
+                             "(its words have timestamps: timestamps=word)")
+
+    def transcribe(self, batch: dict) -> list[tuple[str, list[dict] | None]]:
+        """(text, words or characters with their times, or None) of each file of a `collate`d batch."""
+        logits, frames = joined_logits(self.model, batch)
+        decoded = self.model.decoded(logits, frames, self.decoder, self.beam_width)
+        spans = _spans(self.model, logits, frames, decoded, self.timestamps) if self.timestamps != "none" else None
+        return [(hypothesis, spans[i] if spans else None) for i, hypothesis in enumerate(decoded.hypotheses)]
+
+
+def transcribe(recognizer: Recognizer, paths: list[str], *, chunk_seconds: float, stride_seconds: float,
+               batch_seconds: float, num_buckets: int, num_workers: int, progress=None,
+               seconds: list[float | None] | None = None):
+    """Yields a `Transcript` for each of `paths`, in their order: files batched by `sampler`, read and cut into
+    windows by `num_workers` loader processes, transcribed by `recognizer`. progress: called with the header
+    seconds of each batch as it is done (a progress bar's update). seconds: each file's from its header
+    (`header_seconds`), if the caller has them."""
+    geometry = recognizer.model.geometry
     chunk, stride = geometry.whole_hops(chunk_seconds), geometry.whole_hops(stride_seconds)
     seconds = seconds or [header_seconds(p) for p in paths]
-    loader = DataLoader(Files(paths, chunk, stride, stride, geometry),
-                        batch_sampler=plan(seconds, batch_seconds, chunk_seconds),
-                        collate_fn=collate, num_workers=num_workers, prefetch_factor=2 if num_workers else None)
+    plan = sampler(seconds, geometry, chunk_seconds=chunk_seconds, stride_seconds=stride_seconds,
+                   batch_seconds=batch_seconds, num_buckets=num_buckets)
+    loader = DataLoader(Files(paths, chunk, stride, stride, geometry), batch_sampler=plan, collate_fn=collate,
+                        num_workers=num_workers, prefetch_factor=2 if num_workers else None)
     done, turn = {}, 0
     with torch.inference_mode():
         for batch in loader:
@@ -216,12 +256,9 @@ def transcribe(model, paths: list[str], decoder=None, *, chunk_seconds: float, s
                 if "error" in item:
                     done[item["index"]] = Transcript(item["index"], paths[item["index"]], error=item["error"])
             if batch["files"]:
-                logits, frames = joined_logits(model, batch)
-                decoded = model.decoded(logits, frames, decoder, beam_width)
-                spans = _spans(model, logits, frames, decoded, timestamps) if timestamps != "none" else None
-                for i, ((item, _, _), hypothesis) in enumerate(zip(batch["files"], decoded.hypotheses)):
+                for (item, _, _), (hypothesis, spans) in zip(batch["files"], recognizer.transcribe(batch)):
                     done[item["index"]] = Transcript(item["index"], paths[item["index"]], item["seconds"], hypothesis,
-                                                     spans[i] if spans else None)
+                                                     spans)
             if progress is not None:  # in the headers' seconds, which the total is counted in
                 progress(sum(seconds[item["index"]] or 0.0 for item in batch["items"]))
             while turn in done:

@@ -187,9 +187,15 @@ class AverageBest(L.Callback):
         log.warning("dev CER %.4f (WER %.4f) for the average of the %d best checkpoints (%s), %.4f (WER %.4f) for "
                     "the best one (%s)", mean["cer"], mean["wer"], len(sources), out.name, single["cer"],
                     single["wer"], Path(best_single).name)
+        # the corpora of data.corpora: each one's dev figures too, as validation logs them (val/<name>/cer)
+        corpora = {name: {"val_wer": wer, "val_cer": cer, "best_single_val_wer": single["by_corpus"][name][0],
+                          "best_single_val_cer": single["by_corpus"][name][1]}
+                   for name, (wer, cer) in mean["by_corpus"].items()
+                   if name in data.shown and name in single["by_corpus"]}
         return {"checkpoint": str(out), "checkpoints": [{**asdict(s), "path": str(s.path)} for s in sources],
                 "val_cer": mean["cer"], "val_wer": mean["wer"], "best_single_checkpoint": str(best_single),
-                "best_single_val_cer": single["cer"], "best_single_val_wer": single["wer"]}
+                "best_single_val_cer": single["cer"], "best_single_val_wer": single["wer"],
+                **({"corpora": corpora} if corpora else {})}
 
 
 def check_kept(callbacks: dict) -> None:

@@ -14,8 +14,8 @@ from asr.core import checkpoints
 from asr.core.config import checked, command_line_changes
 from asr.data.module import SpeechDataModule
 from asr.model import inference, lm
-from asr.model.metrics import ErrorRates
-from asr.model.module import CTCModel, corpus_counts, corpus_rates
+from asr.model.metrics import CorpusErrors
+from asr.model.module import CTCModel
 from asr.run import provenance
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
         lm_path = cfg.lm_path
         if lm_path is None:
             lm_path = lm.build([u.text for u in data.raw("train")], run_dir / "lm", cfg.lm_order,
-                               data.hparams.language)
+                               data.language)
         elif not Path(lm_path).is_file():
             raise SetupError(f"lm_path={lm_path} does not exist (python -m asr.tools.lm text=<file> out=<dir> "
                              f"builds one)")
@@ -115,20 +115,14 @@ def build_decoder(cfg: DictConfig, model: CTCModel, data, run_dir: Path):
 
 
 def dev_rates(model: CTCModel, data: SpeechDataModule, device) -> dict:
-    """Greedy WER and CER (and MER) of `model` on the whole dev split of `data`, in this process on `device`:
-    decoded as validation and evaluate.py decode (`CTCModel.decode`, in float32) and counted as they count
-    (`asr.model.metrics`). A run's model scores here what its validation scored: with several corpora, each
-    corpus under its own text rules (`by_corpus`: {name: (WER, CER)}) and WER and CER their dev-hour-weighted
-    means (`asr.model.module.corpus_rates`)."""
-    errors, corpora = ErrorRates(), data.scoring()
-    counts = torch.zeros(len(corpora or ()), 4, dtype=torch.float64)
+    """Greedy WER and CER of `model` on the whole dev split of `data`, in this process on `device`: decoded as
+    validation and evaluate.py decode (`CTCModel.decode`, in float32) and scored as validation scores
+    (`asr.model.metrics.CorpusErrors`): each corpus under its own text rules (`by_corpus`:
+    {name: (WER, CER)}) and WER and CER their dev-hour-weighted means (of one corpus, its own)."""
+    errors = CorpusErrors(data.scoring(), ("wer", "cer"))
     model = model.to(device).eval()
     with torch.inference_mode():
         for batch in data.dataloader("dev", whole=True):
             if batch["ids"]:
-                hypotheses = model.decode(batch).hypotheses
-                if corpora:
-                    counts += corpus_counts(corpora, batch, hypotheses)
-                else:
-                    errors.update(batch["texts"], hypotheses, batch["languages"])
-    return corpus_rates(corpora, counts.tolist()) if corpora else errors.rates()
+                errors.update(batch, model.decode(batch).hypotheses)
+    return errors.rates("dev_seconds")

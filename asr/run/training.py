@@ -122,7 +122,7 @@ def check_monitor(cfg: DictConfig, data: SpeechDataModule) -> str:
     monitor = OmegaConf.select(cfg, "callbacks.checkpoint.monitor", default=None) or "val/cer"
     parts = monitor.split("/")
     if len(parts) == 3 and parts[0] == "val":
-        names = list(data.parts) if data.mixed else []
+        names = list(data.shown)  # logged per corpus: those of data.corpora
         if parts[1] not in names:
             raise SetupError(f"callbacks.checkpoint.monitor={monitor}: {parts[1]!r} is not a corpus of this run"
                              + (f"; give one of {', '.join(f'val/{n}/cer' for n in names)}, or val/cer (their "

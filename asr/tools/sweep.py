@@ -1,10 +1,10 @@
 """A sweep at a glance, without W&B: the jobs of a multirun (or any directory of runs) ranked by dev CER.
 
-    python -m asr.tools.sweep dir=<multirun dir> [key=val_cer]
+    python -m asr.tools.sweep dir=<multirun dir> [key=val_cer | key=val/<corpus>/cer]
 
-Prints one row per job (its overrides, best WER and CER, the update of the best (marked if a search
-pruned the job), wall time, audio-seconds per second) and writes <dir>/sweep.png: dev CER against
-update for every job.
+Prints one row per job (its overrides, best WER and CER, each corpus's CER in a run of several corpora, the
+update of the best (marked if a search pruned the job), wall time, audio-seconds per second) and writes
+<dir>/sweep.png: dev CER against update for every job.
 """
 
 import json
@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from asr.run import plots
+from asr.run.report import monitored
 from asr.tools import cli
 
 
@@ -35,8 +36,12 @@ def jobs(directory: Path) -> list[dict]:
 
 
 def ranked(found: list[dict], key: str) -> list[dict]:
+    """The jobs by `key` of results.json, lowest first: a figure of it (val_cer, val_wer), or a monitor (val/cer,
+    val/<name>/cer: one corpus's dev CER at the best evaluation, `asr.run.report.monitored`)."""
+    figure = monitored(key) if "/" in key else (lambda results: results.get(key))
+
     def value(job):
-        v = job["results"].get(key)
+        v = figure(job["results"])
         return v if isinstance(v, (int, float)) and not math.isnan(v) else math.inf
     return sorted(found, key=value)
 
@@ -48,12 +53,16 @@ def varying(found: list[dict]) -> list[list[str]]:
 
 
 def table(found: list[dict]) -> str:
-    header = ["#", "run", "overrides", "dev WER", "dev CER", "step", "wall s", "audio-s/s"]
+    """A row per job; runs of several corpora add each corpus's dev CER at the best evaluation (`<name> CER`)."""
+    corpora = list(dict.fromkeys(name for job in found for name in job["results"].get("corpora", {})))
+    header = ["#", "run", "overrides", "dev WER", "dev CER", *(f"{name} CER" for name in corpora), "step", "wall s",
+              "audio-s/s"]
     rows = []
     for i, (job, names) in enumerate(zip(found, varying(found)), 1):
         r = job["results"]
         rows.append([str(i), job["run"], " ".join(names) or "-", f"{r.get('val_wer', math.nan):.4f}",
                      f"{r.get('val_cer', math.nan):.4f}",
+                     *(f"{r.get('corpora', {}).get(name, {}).get('val_cer', math.nan):.4f}" for name in corpora),
                      str(r.get("step", "-")) + ("(pruned)" if r.get("pruned_at_step") is not None else ""),
                      f"{r.get('train_seconds') or 0:.0f}",
                      f"{job['audio_per_second']:.1f}"])
