@@ -16,7 +16,9 @@ timestamps=word|char give each word's (character's) start and end in seconds and
 CTC frames (`asr.model.transcription`); format=srt|vtt cuts the words into subtitle lines. out=<file.jsonl>
 appends a line per file as it is done, with a progress bar (audio-s/s, time left) on stderr, and a run
 started again skips the files already there. backend=onnx runs an ONNX export (python -m asr.tools.export format=onnx)
-in onnxruntime on the CPU, through the same path. Settings: conf/transcribe.yaml (`--help`).
+in onnxruntime on the CPU, through the same path. An out= that holds something else (not an archive, not
+subtitles transcribe.py wrote) is refused before the model loads; overwrite=true replaces it (`asr.core.outputs`).
+Settings: conf/transcribe.yaml (`--help`).
 
 A directory means its audio files, recursively, in sorted order. A file that does not exist, is empty or
 does not decode is named on stderr (and in out=, as a line with its error) and the others are transcribed;
@@ -30,6 +32,7 @@ import sys
 from pathlib import Path
 
 import asr
+from asr.core import outputs
 from asr.tools import cli
 
 
@@ -75,32 +78,39 @@ def check(args, files: list[str]) -> str | None:
     return None
 
 
-def subtitle_targets(out: Path, files: list[str], kind: str) -> dict[str, Path]:
-    """Where each file's subtitles go: `out` itself when it names a .srt/.vtt file; else under the directory
-    `out` at the file's path relative to the files' common folder (a/x.mp3 and b/x.mp3: a/x.srt and b/x.srt)."""
-    if out.suffix == f".{kind}":
-        return dict.fromkeys(files, out)
-    common = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    return {f: out / Path(os.path.relpath(os.path.abspath(f), common)).with_suffix(f".{kind}") for f in files}
+def is_archive(path: Path) -> bool:
+    """Whether `path` is an archive of out=: its first line names the model it was transcribed with (`resume`)."""
+    try:
+        with open(path, "rb") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and isinstance(first.get("transcribed_with"), dict)
 
 
-def resume(out: Path, model: str) -> set[str]:
+ARCHIVE = outputs.Output(tool="transcribe.py", purpose="a transcript archive", directory=False,
+                         example="<dir>/archive.jsonl", own=is_archive, appends=True)
+SUBTITLES = outputs.Output(tool="transcribe.py", purpose="subtitles", directory=False, example="<dir>/talk.srt",
+                           own=None, appends=False)
+SUBTITLE_DIRECTORY = outputs.Output(tool="transcribe.py", purpose="a directory of subtitles", directory=True,
+                                    example="<dir>/subtitles", own=None, appends=False)
+
+
+def resume(out: Path, model: str, fresh: bool) -> set[str]:
     """The files an earlier run already transcribed into the JSON lines file `out` (its lines after the first,
-    which names the model); a line cut short by a killed run is dropped, and a file whose line is an error is not
+    which names the model); a line cut short by a killed run is cut off, and a file whose line is an error is not
     done: this run tries it again (the archive keeps the error line, and a new line follows it). A file of
-    another model is refused. A new file gets its first line."""
-    header = {"transcribed_with": {"model": model}}
-    if not out.is_file() or out.stat().st_size == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(header, ensure_ascii=False) + "\n", encoding="utf-8")
+    another model is refused. A `fresh` archive (`asr.core.outputs.claim`) gets its first line, replacing what
+    was there."""
+    if fresh:
+        outputs.write(out, json.dumps({"transcribed_with": {"model": model}}, ensure_ascii=False) + "\n")
         return set()
     data = out.read_bytes()
     if not data.endswith(b"\n"):  # the last line was being written when the run stopped
         data = data[: data.rfind(b"\n") + 1]
-        out.write_bytes(data)
+        os.truncate(out, len(data))  # appended to, never rewritten
     lines = data.decode("utf-8").splitlines()
-    first = json.loads(lines[0]) if lines else {}
-    theirs = first.get("transcribed_with", {}).get("model")
+    theirs = json.loads(lines[0])["transcribed_with"].get("model")
     if theirs != model:
         raise asr.SetupError(f"out={out} holds transcripts of "
                              f"{theirs or 'something else (its first line names no model)'}, "
@@ -130,10 +140,13 @@ def main(argv: list[str]) -> None:
     hf_logging.disable_progress_bar()  # its "Loading weights" bar: transcripts only on stdout, errors on stderr
     subtitles = args.format in ("srt", "vtt")
     timestamps = "word" if subtitles else args.timestamps
-    archive = Path(args.out).expanduser() if args.out and not subtitles else None
-    targets = subtitle_targets(Path(args.out).expanduser(), files, args.format) if subtitles and args.out else {}
+    out = Path(args.out).expanduser() if args.out else None
+    archive = out if out and not subtitles else None
+    targets = outputs.targets(out, files, f".{args.format}") if subtitles and out else {}
+    written = ARCHIVE if archive else SUBTITLES if out and out.suffix == f".{args.format}" else SUBTITLE_DIRECTORY
     try:
         num_workers = loading.workers(args.num_workers)  # a bad setting stops before the model loads
+        ours = outputs.claim(out, written, args.overwrite) if out else False  # and an out= it may not write
         if backend == "onnx":
             from asr.model.onnx import OnnxModel  # onnxruntime: only for backend=onnx
 
@@ -144,7 +157,7 @@ def main(argv: list[str]) -> None:
             model, decoder = inference.load(args.model_path, args.target_lang)
             model = model.to(asr.device(args.device)).eval()
         recognizer = transcription.Recognizer(model, decoder, args.beam_width, timestamps)
-        done = resume(archive, str(Path(args.model_path).expanduser().resolve())) if archive else set()
+        done = resume(archive, str(Path(args.model_path).expanduser().resolve()), not ours) if archive else set()
     except asr.SetupError as error:
         sys.exit(f"error: {error}")
     todo = [f for f in files if f not in done]
@@ -155,6 +168,8 @@ def main(argv: list[str]) -> None:
     bar = tqdm(total=round(sum(s or 0 for s in seconds), 1), unit="audio-s", desc="transcribing", file=sys.stderr,
                disable=archive is None, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} audio-s [{elapsed}<{remaining}, "
                                                   "{rate_fmt}]")
+    if written is SUBTITLE_DIRECTORY and out:
+        outputs.mark(out, written)
     sink = archive.open("a", encoding="utf-8") if archive else sys.stdout
     failed = 0
     try:
@@ -169,13 +184,13 @@ def main(argv: list[str]) -> None:
                     sink.write(json.dumps({"path": result.path, "error": result.error}, ensure_ascii=False) + "\n")
             elif subtitles:
                 lines = transcription.subtitles(result.words, args.max_line_seconds, args.max_line_chars)
-                written = transcription.subtitle_file(lines, args.format)
+                subtitle = transcription.subtitle_file(lines, args.format)
                 if args.out:
-                    target = targets[result.path]
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_text(written, encoding="utf-8")
+                    outputs.write(targets[result.path], subtitle)
+                    if written is SUBTITLES:
+                        outputs.record(out, written)
                 else:
-                    sink.write(written)
+                    sink.write(subtitle)
             elif args.format == "json" or archive:
                 line = {"path": result.path, "seconds": round(result.seconds, 3), "text": result.text}
                 if result.words is not None:

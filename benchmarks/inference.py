@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
     num_workers = workers(args.num_workers)
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        export(model, Path(out), format="onnx", quantize="int8")
+        export(model, Path(out), format="onnx", quantize="int8", overwrite=False, source=None)
         exported = time.perf_counter() - started
         backends = {"torch fp32": model, **{f"onnx {kind}": OnnxModel(Path(out) / FILES[quantize], args.threads)
                                             for kind, quantize in (("fp32", None), ("int8", "int8"))}}

@@ -46,7 +46,8 @@ def demo_model(out_dir: Path) -> Path:
     data = SpeechDataModule.from_config(cfg.data, WAV2VEC2)
     data.load("train")  # the vocabulary of the training transcripts
     torch.manual_seed(cfg.seed)
-    return export(CTCModel.from_config(cfg, data.vocab.tokens), out_dir / "model", format="hf")
+    return export(CTCModel.from_config(cfg, data.vocab.tokens), out_dir / "model", format="hf", overwrite=False,
+                  source=None)
 
 
 def old_path(pipe, paths: list[str], language: str, chunk_seconds: float, stride_seconds: float) -> list[str]:

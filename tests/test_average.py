@@ -168,8 +168,8 @@ def test_an_out_this_tool_did_not_write_is_refused_and_its_own_average_replaced(
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     error = one_line_error(in_process(average_tool.main, [f"ckpts=[{a},{b}]", f"out={notes}"]))
-    assert error == (f"error: out={notes} exists and is not an average this tool wrote: give another out=, or "
-                     f"overwrite=true to replace it")
+    assert error == (f"error: out={notes} exists and is not an average of checkpoints that python -m "
+                     f"asr.tools.average wrote: give another out=, or overwrite=true to replace it")
     assert notes.read_text() == "my notes"
     error = one_line_error(in_process(average_tool.main, [f"ckpts=[{a},{b}]", f"out={tmp_path}"]))
     assert error.startswith(f"error: out={tmp_path} is a directory")

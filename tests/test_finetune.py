@@ -152,10 +152,19 @@ def test_mms_export_serves_both_languages_in_transformers_and_transcribe(runs, c
     assert pt.keys() == es.keys() and vocabularies["pt"] != vocabularies["es"]
     assert pt["lm_head.weight"].shape != es["lm_head.weight"].shape or not torch.equal(pt["lm_head.weight"],
                                                                                          es["lm_head.weight"])
-    # a directory serves one base: an export of adapters of another base into it is refused
+    # a language it holds is replaced only with overwrite=true; the refusal names the checkpoint it came from
     rules = json.loads((out / "asr.json").read_text())
+    ckpts = {lang: runs[lang] / "checkpoints" / "last.ckpt" for lang in ("pt", "es")}
+    assert {lang: a["checkpoint"] for lang, a in rules["adapters"].items()} == {k: str(v) for k, v in ckpts.items()}
+    again = in_process(export_tool.main, [f"ckpt_path={ckpts['pt']}", f"out={out}"])
+    assert again.returncode == 1 and again.stderr.strip() == (
+        f"error: out={out} holds the adapters of target_lang=pt already, exported from {ckpts['pt']}; this export is "
+        f"of {ckpts['pt']}: give another target_lang= (or out=), or overwrite=true to replace them")
+    assert in_process(export_tool.main, [f"ckpt_path={ckpts['pt']}", f"out={out}", "overwrite=true"]).returncode == 0
+    # a directory serves one base: an export of adapters of another base into it is refused, overwrite or not
     (out / "asr.json").write_text(json.dumps({**rules, "base_hash": "0" * 64}))
-    refused = in_process(export_tool.main, [f"ckpt_path={runs['es'] / 'checkpoints' / 'last.ckpt'}", f"out={out}"])
+    refused = in_process(export_tool.main, [f"ckpt_path={runs['es'] / 'checkpoints' / 'last.ckpt'}", f"out={out}",
+                                            "overwrite=true"])  # which replaces a language, never the base
     assert refused.returncode == 1 and "holds adapters of another base" in refused.stderr
     missing = in_process(transcribe.main, [f"model_path={out}", "target_lang=ko", f"audio={clips[0]}"])
     assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1] == \

@@ -121,7 +121,7 @@ def test_lm_command_names_a_missing_or_empty_text(tmp_path):
 
     (tmp_path / "empty.txt").write_text("?!\n", encoding="utf-8")
     for text_file in (tmp_path / "nope.txt", tmp_path / "empty.txt"):
-        result = subprocess.run([sys.executable, "-m", "asr.tools.lm", f"text={text_file}", f"out={tmp_path}"],
+        result = subprocess.run([sys.executable, "-m", "asr.tools.lm", f"text={text_file}", f"out={tmp_path / 'lm'}"],
                                 cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         assert "error: " in result.stderr and f"text={text_file}" in result.stderr

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import transcribe
+from asr.core.outputs import LEDGER
 from asr.model.transcription import frame_confidence, greedy_spans, subtitle_file, subtitles
 from tests.conftest import in_process
 from tests.test_transcribe import assert_same_transcripts, audio_list
@@ -90,7 +91,7 @@ def test_subtitles_of_one_file_and_of_several(barely_trained, cv_corpus, tmp_pat
     several = transcribe_py(f"model_path={model}", audio_list(clips), "format=vtt")
     assert several.returncode == 1 and "needs out=<directory>" in several.stderr
     assert transcribe_py(f"model_path={model}", audio_list(clips), "format=vtt", f"out={tmp_path}").returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c.stem}.vtt" for c in clips)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{c.stem}.vtt" for c in clips] + [LEDGER])
     assert (tmp_path / f"{clips[0].stem}.vtt").read_text().startswith("WEBVTT\n\n00:00:0")
     # one file to a .vtt file, not a directory of that name; two files of one name apart by their folders
     one = tmp_path / "one" / "talk.vtt"

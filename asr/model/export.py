@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
 from asr import SetupError
-from asr.core import audio, text
+from asr.core import audio, outputs, text
 from asr.model import finetune as tuning
 from asr.model import onnx
 from asr.model.lm import beam_decoder
@@ -42,7 +42,7 @@ def save_processor(out_dir: Path, target_lang: str | None = None) -> Wav2Vec2Pro
 
 def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = None, alpha: float | None = None,
            beta: float | None = None, *, format: str, quantize: str | None = None,
-           target_lang: str | None = None) -> Path:
+           target_lang: str | None = None, overwrite: bool, source: str | Path | None) -> Path:
     """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
     (the text rules, `language`, that transcripts follow: `asr.core.text.normalize`). With `lm_path`, the
     Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model, `alpha` and
@@ -51,21 +51,30 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
     and model.safetensors.
     A model of MMS adapters (finetune=adapters, format=hf) is written in the MMS layout (`export_adapters`), under
     `target_lang` (None: its text rules' language); a LoRA model (finetune=lora) as a plain Wav2Vec2ForCTC with
-    the LoRA updates merged, and peft's adapter files in lora/."""
+    the LoRA updates merged, and peft's adapter files in lora/. `source` (the checkpoint) is recorded for each
+    language of an MMS directory; `overwrite` replaces a language it holds already. Each file is written whole
+    and renamed into `out_dir` (`asr.core.outputs.staged`); the directory's other files stay."""
     out_dir = Path(out_dir)
     method = model.finetune_method
     if method == "adapters" and format == "hf":
         if lm_path is not None:
             raise SetupError("lm_path with an adapters model: one LM per language is not written yet; export "
                              "without lm_path and decode with evaluate.py decoder=beam_lm lm_path=<arpa>")
-        return export_adapters(model, out_dir, target_lang)
+        return export_adapters(model, out_dir, target_lang, overwrite=overwrite, source=source)
     if target_lang is not None:
         raise SetupError(f"target_lang={target_lang} names the language of an adapters model (finetune=adapters); "
                          f"this model is finetune={method}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with outputs.staged(out_dir) as staging:
+        write_model(model, staging, lm_path, alpha, beta, format, quantize)
+    return out_dir
+
+
+def write_model(model: CTCModel, out_dir: Path, lm_path: str | Path | None, alpha: float | None,
+                beta: float | None, format: str, quantize: str | None) -> None:
+    """`export`'s files of a model of one language into the (new) directory `out_dir`."""
     if format == "onnx":
         onnx.export(model, out_dir, quantize)
-    elif method == "lora":
+    elif model.finetune_method == "lora":
         tuning.without_lora(model.model, merge=True).save_pretrained(out_dir)
         tuning.lora_files(model.model, model.hparams.finetune, model.base["pretrained"], out_dir / "lora")
     else:
@@ -88,16 +97,31 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
         config = json.loads(nested.read_text())
         nested.write_text(json.dumps({**config, "feature_extractor": {**config["feature_extractor"], **named}},
                                      indent=2))
-    return out_dir
 
 
-def export_adapters(model: CTCModel, out_dir: Path, target_lang: str | None) -> Path:
+def adapters_clash(out_dir: Path, lang: str, source: str | Path | None, overwrite: bool) -> None:
+    """SetupError when the MMS directory `out_dir` holds `lang`'s adapters already and not `overwrite`, naming the
+    checkpoint each came from (asr.json records it per language; older exports did not)."""
+    rules_file = out_dir / "asr.json"
+    languages = (json.loads(rules_file.read_text()).get("adapters") or {}) if rules_file.is_file() else {}
+    if lang not in languages or overwrite:
+        return
+    earlier = languages[lang].get("checkpoint", "a checkpoint it did not record")
+    raise SetupError(f"out={out_dir} holds the adapters of target_lang={lang} already, exported from {earlier}; "
+                     f"this export is of {source}: give another target_lang= (or out=), or overwrite=true to "
+                     f"replace them")
+
+
+def export_adapters(model: CTCModel, out_dir: Path, target_lang: str | None, *, overwrite: bool,
+                    source: str | Path | None) -> Path:
     """The MMS layout (facebook/mms-1b-all's) of a model of attention adapters: the base's weights with
     `adapter_attn_dim` in config.json (model.safetensors holds the first language's adapters and head),
     adapter.<lang>.safetensors per language (its adapters and CTC head: `Wav2Vec2ForCTC.load_adapter`), and
     vocab.json as the tokenizer's nested {lang: vocabulary}. `Wav2Vec2ForCTC.from_pretrained(out_dir,
     target_lang=<lang>, ignore_mismatched_sizes=True)` loads a language. A directory that has a language
-    already gains this one when its base is the same (asr.json holds the base's hash); SetupError otherwise."""
+    already gains this one when its base is the same (asr.json holds the base's hash, and per language the
+    checkpoint, `source`, it came from); SetupError otherwise, and for a language it holds already unless
+    `overwrite` (`adapters_clash`)."""
     from safetensors.torch import save_file
 
     lang = target_lang or model.hparams.language
@@ -112,19 +136,21 @@ def export_adapters(model: CTCModel, out_dir: Path, target_lang: str | None) -> 
                          f"{rules['base_hash'][:12]}) "
                          f"than this model's ({model.base['pretrained']}, sha256 {model.base['hash'][:12]}): a "
                          f"directory serves the languages of one base")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if rules is None:
-        model.model.save_pretrained(out_dir)
-        rules = {"base": model.base["pretrained"], "base_hash": model.base["hash"], "adapters": {}}
-    adapters = {name: tensor.detach().cpu().contiguous() for name, tensor in model.model._get_adapters().items()}
-    save_file(adapters, out_dir / f"adapter.{lang}.safetensors")
+    adapters_clash(out_dir, lang, source, overwrite)
     vocab_file = out_dir / "vocab.json"
-    vocabularies = json.loads(vocab_file.read_text(encoding="utf-8")) if rules["adapters"] else {}
-    vocabularies[lang] = model.vocab.ids
-    vocab_file.write_text(json.dumps(vocabularies, ensure_ascii=False, indent=1), encoding="utf-8")
-    save_processor(out_dir, target_lang=lang)
-    rules["adapters"][lang] = {"language": model.hparams.language}
-    rules_file.write_text(json.dumps(rules, indent=1))
+    vocabularies = json.loads(vocab_file.read_text(encoding="utf-8")) if rules and rules["adapters"] else {}
+    with outputs.staged(out_dir) as staging:
+        if rules is None:
+            model.model.save_pretrained(staging)
+            rules = {"base": model.base["pretrained"], "base_hash": model.base["hash"], "adapters": {}}
+        adapters = {name: tensor.detach().cpu().contiguous() for name, tensor in model.model._get_adapters().items()}
+        save_file(adapters, staging / f"adapter.{lang}.safetensors")
+        vocabularies[lang] = model.vocab.ids
+        (staging / "vocab.json").write_text(json.dumps(vocabularies, ensure_ascii=False, indent=1), encoding="utf-8")
+        save_processor(staging, target_lang=lang)
+        rules["adapters"][lang] = {"language": model.hparams.language,
+                                   **({"checkpoint": str(source)} if source is not None else {})}
+        (staging / "asr.json").write_text(json.dumps(rules, indent=1))
     return out_dir
 
 

@@ -15,7 +15,7 @@ import subprocess
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from asr.core import text
+from asr.core import outputs, text
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 # lmplz --discount_fallback: used for an order whose count-of-counts cannot estimate discounts
@@ -118,19 +118,21 @@ def write_arpa(model: list[dict], path: str | Path) -> Path:
 
 def build(texts, out_dir: str | Path, order: int, language: str | None) -> Path:
     """An ARPA model (and KenLM's binary format when `build_binary` is on the PATH) of the normalised
-    `texts` in `out_dir`; returns the path decoders should load."""
+    `texts` in `out_dir`, with unigrams.txt; returns the path decoders should load. Each file is written whole
+    before it is renamed into `out_dir` (`asr.core.outputs.staged`)."""
     sentences = [s.split() for s in (text.normalize(t, language) for t in texts) if s]
     if not sentences:
         raise ValueError("no text to build a language model from")
     model = estimate(sentences, order)
-    arpa = write_arpa(model, Path(out_dir) / f"{order}gram.arpa")
-    # the words of the model, for decoders loading a binary (an ARPA file lists them itself)
-    (arpa.parent / "unigrams.txt").write_text("\n".join(g[0] for g in model[0] if g[0] not in (BOS, EOS, UNK)),
+    with outputs.staged(out_dir) as staging:  # each file renamed into out_dir once written whole
+        arpa = write_arpa(model, staging / f"{order}gram.arpa")
+        # the words of the model, for decoders loading a binary (an ARPA file lists them itself)
+        (staging / "unigrams.txt").write_text("\n".join(g[0] for g in model[0] if g[0] not in (BOS, EOS, UNK)),
                                               encoding="utf-8")
-    if binary := shutil.which("build_binary"):  # KenLM's tool: faster loading, less memory
-        subprocess.run([binary, str(arpa), str(arpa.with_suffix(".bin"))], check=True, capture_output=True)
-        return arpa.with_suffix(".bin")
-    return arpa
+        if binary := shutil.which("build_binary"):  # KenLM's tool: faster loading, less memory
+            subprocess.run([binary, str(arpa), str(arpa.with_suffix(".bin"))], check=True, capture_output=True)
+    written = Path(out_dir) / arpa.name
+    return written.with_suffix(".bin") if binary else written
 
 
 

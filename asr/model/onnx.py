@@ -20,6 +20,7 @@ import onnxruntime
 import torch
 
 from asr import SetupError
+from asr.core import checkpoints
 from asr.core.frames import Geometry
 from asr.core.text import Vocabulary
 from asr.model import finetune as tuning
@@ -116,6 +117,16 @@ def _quiet(logger: str | None):
         logger.setLevel(level)
 
 
+def export_command(path: Path) -> tuple[str, Path]:
+    """The ckpt_path= and out= of the export that makes `path` (a model_path of backend=onnx without its graph)
+    runnable: a checkpoint's graph goes to its run's onnx/ (else beside it, <name>-onnx), never onto the file; an
+    export directory (or a missing .onnx file's) gains one."""
+    if path.is_file():
+        run = checkpoints.run_dir_of(path)
+        return str(path), run / "onnx" if run else path.with_name(f"{path.stem}-onnx")
+    return "<checkpoint>", path.parent if path.suffix == ".onnx" else path
+
+
 class OnnxModel:
     """An exported graph in an onnxruntime session on the CPU, with what `asr.model.transcription.transcribe` needs
     of a CTCModel: `geometry`, `device`, a forward pass giving `Output` (logits, frames) and `decoded`.
@@ -144,9 +155,9 @@ class OnnxModel:
         path = Path(path).expanduser()
         file = path if path.suffix == ".onnx" else path / FILES[None]
         if not file.is_file():
-            out = path.parent if path.suffix == ".onnx" else path
+            ckpt, out = export_command(path)
             raise SetupError(f"model_path={path}: there is no {file.name} (python -m asr.tools.export "
-                             f"ckpt_path=<checkpoint> out={out} format=onnx writes model.onnx; quantize=int8 adds "
+                             f"ckpt_path={ckpt} out={out} format=onnx writes model.onnx; quantize=int8 adds "
                              "model.int8.onnx)")
         return cls(file, threads), exported_decoder(file.parent)
 

@@ -16,12 +16,14 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from asr import SetupError, slurm_job_id
+from asr.core import outputs
 
 log = logging.getLogger(__name__)
 LOCK = ".lock"  # in the run directory; it stays there, the lock itself ends with its process
@@ -59,7 +61,8 @@ def hold(run_dir: str | Path) -> None:
               f"process {os.getpid()} on {socket.gethostname()}{f' (SLURM job {job})' if job else ''}\n".encode(), 0)
     _held[run_dir] = fd
     for partial in [*run_dir.glob(".*.partial"), *run_dir.glob("checkpoints/.*.partial")]:
-        partial.unlink(missing_ok=True)  # what a killed writer left (`write`, checkpoints.AtomicCheckpointIO)
+        # what a killed writer left (`asr.core.outputs.partial_path`): a file, or the directory of model/'s export
+        shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
 
 
 def release() -> None:
@@ -71,12 +74,6 @@ def release() -> None:
 
 
 def write(path: str | Path, text: str) -> None:
-    """`text` into `path` through a temporary file beside it and a rename: a reader (or a process killed
-    while it writes) sees the previous content or the new, never part of it."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """`text` into `path` through a temporary file beside it and a rename (`asr.core.outputs.write`): a reader (or
+    a process killed while it writes) sees the previous content or the new, never part of it."""
+    outputs.write(path, text)

@@ -215,7 +215,8 @@ def conclude(run: Run) -> dict:
         run.data.write_report(run.dir / "data_report.json")
     best_by_cer = run.trainer.checkpoint_callback  # callbacks.checkpoint; without it, the final weights
     best = best_by_cer and (best_by_cer.best_model_path or best_by_cer.last_model_path)
-    export(inference.from_checkpoint(best) if best else run.model.cpu(), run.dir / "model", format="hf")
+    export(inference.from_checkpoint(best) if best else run.model.cpu(), run.dir / "model", format="hf",
+           overwrite=True, source=best or run.dir)  # the run's own model/: replaced at each end
     first = {} if run.report.rows else {"updates": run.trainer.global_step,
                                         "first_evaluation_at_update": run.first_evaluation()}
     size = {"checkpoint_bytes": Path(best).stat().st_size} if best else {}

@@ -9,7 +9,9 @@ The transcript follows the model's text rules (asr.core.text.normalize); charact
 named and left out, the rest aligns. The recording is read in the windows transcribe.py reads it in, so an
 hour aligns in the memory of 30 s. With segment=true the recording and its transcript become clips of at
 most max_seconds, cut between words, in the Common Voice layout (<out>/clips/*.wav and <out>/train.tsv)
-that train.py reads as its train split. Settings: conf/align.yaml (`--help`).
+that train.py reads as its train split. An out= that holds something this command did not write (an alignment,
+or a corpus of segment=true) is refused before the model loads; overwrite=true writes it (`asr.core.outputs`).
+Settings: conf/align.yaml (`--help`).
 """
 
 import json
@@ -21,7 +23,7 @@ import soundfile as sf
 import torch
 
 import asr
-from asr.core import audio, text
+from asr.core import audio, outputs, text
 from asr.data.listing import frames_needed
 from asr.tools import cli
 
@@ -97,6 +99,7 @@ def segments(words: list[dict], max_seconds: float) -> list[list[dict]]:
 
 
 SPLITS = ("train", "dev", "test")
+HEADER = "client_id\tpath\tsentence\n"  # of a corpus's TSV files (a Common Voice release's have more columns)
 
 
 def recordings_in(out: Path) -> set[str]:
@@ -106,6 +109,15 @@ def recordings_in(out: Path) -> set[str]:
         if (tsv := out / f"{split}.tsv").is_file():
             names |= {line.split("\t")[0] for line in tsv.read_text(encoding="utf-8").splitlines()[1:]}
     return names
+
+
+def _first_line(path: Path) -> str | None:
+    """A text file's first line, with its newline; None where it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, seconds: float,
@@ -122,8 +134,9 @@ def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, 
         end = ((run[-1]["end"] + runs[n + 1][0]["start"]) / 2 if n + 1 < len(runs)
                else min(seconds, run[-1]["end"] + 0.1))
         clip = f"{name}_{n:04d}.wav"
-        sf.write(out / "clips" / clip, wave[int(start * audio.SAMPLE_RATE) : int(end * audio.SAMPLE_RATE)],
-                 audio.SAMPLE_RATE)
+        with outputs.atomic(out / "clips" / clip, "wb") as f:
+            sf.write(f, wave[int(start * audio.SAMPLE_RATE) : int(end * audio.SAMPLE_RATE)], audio.SAMPLE_RATE,
+                     format="WAV")
         held_out = every and len(runs) > 1 and n % every == (every // 2) % len(runs)  # 5, 15, ... (1 of 2 to 5)
         rows.append({"client_id": name, "path": clip, "sentence": " ".join(w["word"] for w in run),
                      "start": round(start, 3), "end": round(end, 3), "split": "dev" if held_out else "train"})
@@ -132,9 +145,16 @@ def write_clips(wave: np.ndarray, runs: list[list[dict]], out: Path, name: str, 
         tsv_path = out / f"{split}.tsv"
         new = not tsv_path.is_file()
         with open(tsv_path, "a", encoding="utf-8") as tsv:  # appended: the corpus grows by a recording a run
-            tsv.write("client_id\tpath\tsentence\n" if new else "")
+            tsv.write(HEADER if new else "")
             tsv.writelines(f"{r['client_id']}\t{r['path']}\t{r['sentence']}\n" for r in listed)
     return rows
+
+
+TOOL = "python -m asr.tools.align"
+ALIGNMENT = outputs.Output(tool=TOOL, purpose="an alignment", directory=False, example="<dir>/talk.TextGrid", own=None,
+                           appends=False)
+CORPUS = outputs.Output(tool=TOOL, purpose="a corpus of segment=true", directory=True, example="<dir>/corpus",
+                        appends=True, own=lambda out: _first_line(out / "train.tsv") == HEADER)
 
 
 def main(argv: list[str]) -> None:
@@ -143,8 +163,14 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: format={args.format}: give json, textgrid or audacity")
     if args.segment and not args.out:
         sys.exit("error: segment=true writes clips: give out=<directory>")
-    name = Path(args.audio).stem
-    if args.segment and name in recordings_in(Path(args.out).expanduser()):
+    name, out = Path(args.audio).stem, args.out and Path(args.out).expanduser()
+    written = CORPUS if args.segment else ALIGNMENT
+    try:
+        if out:
+            outputs.claim(out, written, args.overwrite)  # a corpus of its own is appended to
+    except asr.SetupError as error:
+        sys.exit(f"error: {error}")
+    if args.segment and name in recordings_in(out):
         sys.exit(f"error: out={args.out} lists clips of {name} already (segment=true appends a recording a run): "
                  f"give another out=, or another name to the recording")
     transcript = str(args.text)
@@ -185,21 +211,21 @@ def main(argv: list[str]) -> None:
                  f"{args.audio} ({seconds:.2f} s) has {len(logits)}")
     words = align(torch.log_softmax(logits.float(), dim=-1), ids, model.vocab, model.geometry.seconds_per_frame)
     if args.segment:
-        out = Path(args.out).expanduser()
         wave = audio.load(str(Path(args.audio).expanduser()))
         rows = write_clips(wave, segments(words, args.max_seconds), out, name, seconds, args.dev_share)
         held = sum(r["split"] == "dev" for r in rows)
         print(f"{len(rows)} clips of at most {args.max_seconds:g} s in {out}/clips: {len(rows) - held} added to "
               f"{out}/train.tsv, {held} to dev.tsv and test.tsv")
         return
-    written = {"json": lambda: json.dumps({"audio": str(args.audio), "seconds": round(seconds, 3), "words": words},
+    alignment = {"json": lambda: json.dumps({"audio": str(args.audio), "seconds": round(seconds, 3), "words": words},
                                           ensure_ascii=False, indent=1) + "\n",
                "textgrid": lambda: textgrid(words, round(seconds, 3)),
                "audacity": lambda: audacity(words)}[args.format]()
-    if args.out:
-        Path(args.out).expanduser().write_text(written, encoding="utf-8")
+    if out:
+        outputs.write(out, alignment)
+        outputs.record(out, written)
     else:
-        sys.stdout.write(written)
+        sys.stdout.write(alignment)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 from asr import SetupError
-from asr.core import checkpoints
+from asr.core import checkpoints, outputs
 from asr.run.average import averaged, chosen, source, write
 from asr.tools import cli
+
+AVERAGE = outputs.Output(tool="python -m asr.tools.average", purpose="an average of checkpoints", directory=False,
+                         example="<dir>/average.ckpt", own=checkpoints.is_average, appends=False)
 
 
 def main(argv: list[str]) -> None:
@@ -32,12 +35,8 @@ def main(argv: list[str]) -> None:
     out = Path(args.out or Path(args.run) / "checkpoints" / f"average-{how}{args[how]}.ckpt").expanduser()
     if out.name in ("last.ckpt", checkpoints.REQUEUE_CHECKPOINT) or out.name.startswith("best-"):
         sys.exit(f"error: out={out}: train.py writes and reads that name; give another")
-    if out.is_dir():
-        sys.exit(f"error: out={out} is a directory: give the checkpoint file to write (<dir>/average.ckpt)")
-    if out.exists() and not args.overwrite and not checkpoints.is_average(out):
-        sys.exit(f"error: out={out} exists and is not an average this tool wrote: give another out=, or "
-                 f"overwrite=true to replace it")
     try:
+        outputs.claim(out, AVERAGE, args.overwrite)  # its own earlier average is replaced
         sources = ([source(p) for p in cli.values(args, "ckpts")] if how == "ckpts"
                    else chosen(args.run, **{how: args[how]}))
         if out.absolute() in {s.path.absolute() for s in sources}:

@@ -3,19 +3,48 @@
     python -m asr.tools.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> [lm_path=<arpa> alpha=... beta=...]
     python -m asr.tools.export ckpt_path=<run>/checkpoints/last.ckpt out=<directory> format=onnx [quantize=int8]
 
-alpha and beta default to evaluate.py's (conf/evaluate.yaml); pass the ones your sweep found. Settings:
-conf/export.yaml (`--help`).
+alpha and beta default to evaluate.py's (conf/evaluate.yaml); pass the ones your sweep found. An out= that holds
+something this command did not export is refused (overwrite=true writes into it), as is a language an MMS
+directory holds already (`asr.core.outputs`). Settings: conf/export.yaml (`--help`).
 """
 
+import json
 import sys
 from pathlib import Path
 
+import torch
+
 from asr import SetupError
-from asr.core import checkpoints
+from asr.core import checkpoints, outputs
 from asr.core.config import decoding_defaults
 from asr.model import inference
-from asr.model.export import export
+from asr.model.export import adapters_clash, export
 from asr.tools import cli
+
+
+def rules(out: Path) -> dict | None:
+    """The asr.json `asr.model.export` writes into every export (text rules; an MMS directory's languages)."""
+    try:
+        written = json.loads((out / "asr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return written if isinstance(written, dict) else None
+
+
+TOOL, EXAMPLE = "python -m asr.tools.export", "<dir>/model"
+MODEL = outputs.Output(tool=TOOL, purpose="an exported model", directory=True, example=EXAMPLE, appends=False,
+                       own=lambda out: (rules(out) or {}).keys() == {"language"})  # train.py's <run>/model too
+ADAPTERS = outputs.Output(tool=TOOL, purpose="an MMS directory of adapters", directory=True, example=EXAMPLE,
+                          appends=True, own=lambda out: "adapters" in (rules(out) or {}))
+
+
+def adapters_language(ckpt_path: Path, format: str, target_lang: str | None) -> str | None:
+    """The language an export of this checkpoint adds to an MMS directory (`asr.model.export.export_adapters`), or
+    None when it writes a model of its own (not finetune=adapters, or format=onnx); read without loading weights."""
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]
+    if format != "hf" or (hparams.get("finetune") or {}).get("method") != "adapters":
+        return None
+    return target_lang or hparams.get("language") or ""
 
 
 def main(argv: list[str]) -> None:
@@ -34,9 +63,15 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: lm_path={lm_path} does not exist (python -m asr.tools.lm text=<file> out=<dir> builds one)")
     defaults = decoding_defaults()  # alpha and beta as evaluate.py's
     alpha, beta = (defaults[k] if args[k] is None else args[k] for k in ("alpha", "beta"))
+    out, lang = Path(args.out).expanduser(), adapters_language(ckpt_path, format, args.target_lang)
+    written = MODEL if lang is None else ADAPTERS
     try:
-        out = export(inference.from_checkpoint(ckpt_path), Path(args.out).expanduser(), lm_path, float(alpha),
-                     float(beta), format=format, quantize=args.quantize, target_lang=args.target_lang)
+        outputs.claim(out, written, args.overwrite)  # before the model loads
+        if lang:
+            adapters_clash(out, lang, ckpt_path.absolute(), args.overwrite)
+        export(inference.from_checkpoint(ckpt_path), out, lm_path, float(alpha), float(beta), format=format,
+               quantize=args.quantize, target_lang=args.target_lang, overwrite=args.overwrite,
+               source=ckpt_path.absolute())
     except SetupError as error:
         sys.exit(f"error: {error}")
     print(f"exported to {out}")
