@@ -150,11 +150,14 @@ def main(argv: list[str]) -> None:
         if backend == "onnx":
             from asr.model.onnx import OnnxModel  # onnxruntime: only for backend=onnx
 
+            if args.base is not None:
+                raise asr.SetupError("base= points a checkpoint of adapters or LoRA at its moved base (backend=torch); "
+                                     "an ONNX export holds every weight")
             if args.target_lang is not None:
                 raise asr.SetupError("target_lang picks the adapters of an exported MMS directory (backend=torch)")
             model, decoder = OnnxModel.load(args.model_path)
         else:
-            model, decoder = inference.load(args.model_path, args.target_lang)
+            model, decoder = inference.load(args.model_path, args.target_lang, args.base)
             model = model.to(asr.device(args.device)).eval()
         recognizer = transcription.Recognizer(model, decoder, args.beam_width, timestamps)
         done = resume(archive, str(Path(args.model_path).expanduser().resolve()), not ours) if archive else set()

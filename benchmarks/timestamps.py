@@ -88,6 +88,8 @@ def main(argv: list[str]) -> dict:
         recording = Path(tmp) / "joined.wav"
         spans = joined(paths, recording, args.gap)
         model = inference.load(args.model_path)[0].eval()
+        if args.pause_seconds != "model":  # decode.pause_seconds to measure, in place of the model's own
+            model.hparams.pause_seconds = args.pause_seconds
         recognizer = transcription.Recognizer(model, None, None, "word")
         timed = next(transcription.transcribe(recognizer, [str(recording)], chunk_seconds=ALIGN.chunk_seconds,
                                               stride_seconds=ALIGN.stride_seconds,
@@ -100,7 +102,7 @@ def main(argv: list[str]) -> dict:
                               model.geometry.seconds_per_frame)
     print(f"{len(paths)} clips joined with {args.gap:g} s of silence; {args.model_path}\n")
     print(f"{'clip':<34} {'speech s':>13} {'words s':>13} {'start':>6} {'end':>6}  aligned outside")
-    starts, ends, with_echo, outside, at = [], [], [], 0, 0
+    starts, ends, with_echo, outside, at, placed = [], [], [], 0, 0, 0
     frame = model.geometry.seconds_per_frame
     for path, (start, end, speech_start, speech_end, echo_end) in zip(paths, spans):
         inside = [w for w in timed.words if start <= (w["start"] + w["end"]) / 2 <= end]
@@ -113,6 +115,7 @@ def main(argv: list[str]) -> dict:
             starts.append(inside[0]["start"] - speech_start)
             ends.append(inside[-1]["end"] - speech_end)
             with_echo.append(inside[-1]["end"] - echo_end)
+            placed += abs(starts[-1]) <= args.tolerance and abs(ends[-1]) <= args.tolerance
         first, last = (f"{inside[0]['start']:.2f}-{inside[-1]['end']:.2f}", f"{starts[-1]:+.2f} {ends[-1]:+.2f}") \
             if inside else ("none", "-")
         echo = f"  (its echo to {echo_end:.2f} left out)" if echo_end > speech_end else ""
@@ -120,10 +123,13 @@ def main(argv: list[str]) -> dict:
               f"{out} of {len(words)}{echo}")
     result = {"worst_start": max(map(abs, starts), default=None), "worst_end": max(map(abs, ends), default=None),
               "worst_end_with_echo": max(map(abs, with_echo), default=None),
-              "echoes": sum(b > e for *_, e, b in spans), "aligned_outside": outside, "aligned_words": len(aligned)}
+              "echoes": sum(b > e for *_, e, b in spans), "aligned_outside": outside, "aligned_words": len(aligned),
+              "placed": placed, "pause_seconds": model.hparams.pause_seconds}
     print(f"\nworst difference from the speech: first word's start {result['worst_start']:.2f} s, last word's end "
           f"{result['worst_end']:.2f} s ({result['worst_end_with_echo']:.2f} s to the end of the {result['echoes']} "
-          f"echoes left out); aligned words outside their clip: {outside} of {len(aligned)}")
+          f"echoes left out); aligned words outside their clip: {outside} of {len(aligned)}\n"
+          f"clips whose first word starts and last word ends within {args.tolerance:g} s of the speech: {placed} of "
+          f"{len(paths)} (decode.pause_seconds={model.hparams.pause_seconds})")
     return result
 
 

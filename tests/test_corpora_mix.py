@@ -140,6 +140,8 @@ def test_temperature_and_apportioned_draws():
     ([{"name": "a", "lang": "pt", "rooot": "/x"}], None, "rooot is not a setting of a corpus"),
     ([{"name": "a", "lang": "xx"}], None, "lang=xx is not one of"),
     ([{"name": "a"}], None, "give its lang"),
+    ([{"name": "a", "lang": "pt", "dev_speakers": "two"}], None,  # typed before any data is read
+     r"data.corpora\[0\].dev_speakers='two': .* \(asr.data.module.SpeechDataModule takes int\)"),
 ])
 def test_bad_corpora_stop_in_one_line(entries, temperature, message):
     with pytest.raises(SetupError, match=message) as error:

@@ -393,3 +393,32 @@ def test_sigkill_during_a_checkpoint_save_leaves_a_last_checkpoint_that_resumes(
     assert not list(folder.glob(".*.partial"))  # what the killed save left, removed once the lock was held
     results = json.loads((run / "results.json").read_text())
     assert results["state"] == "complete" and results["evaluations"][-1]["step"] == saved_at + 2
+
+
+@pytest.mark.slow  # evaluate, export and average in turn, ~10 s: make test stays under 8 minutes on 2 cores
+def test_a_run_copied_elsewhere_works_with_its_original_deleted(finished, tmp_path):
+    """A run directory is self-contained: copied elsewhere and the original deleted, evaluate.py scores the
+    copy's best checkpoint, asr.tools.export exports it and asr.tools.average averages the copy's checkpoints,
+    whatever paths its config.yaml and results.json recorded where it was written."""
+    from asr.core.config import compose
+    from asr.tools import average as average_tool
+    from asr.tools import export as export_tool
+    from tests.conftest import in_process
+
+    original = copy_of(finished, tmp_path)  # a run whose files record its own paths
+    copy = tmp_path / "elsewhere" / "run"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    recorded = Path(json.loads((copy / "results.json").read_text())["best_checkpoint"])
+    assert not recorded.exists() and (copy / "checkpoints" / recorded.name).is_file()
+    import evaluate
+
+    metrics = evaluate.evaluate(compose("evaluate", [f"ckpt_path={copy}", f"run_dir={tmp_path / 'eval'}",
+                                                     "data.num_workers=0"]))
+    assert metrics["checkpoint"] == str(copy / "checkpoints" / recorded.name)
+    exported = in_process(export_tool.main, [f"ckpt_path={copy}", f"out={tmp_path / 'model'}"])
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    averaged = in_process(average_tool.main, [f"run={copy}", "last=2"])
+    assert averaged.returncode == 0, averaged.stderr[-2000:]
+    assert str(copy / "checkpoints" / "average-last2.ckpt") in averaged.stdout + averaged.stderr

@@ -316,3 +316,28 @@ def test_finetune_settings_are_typed_before_any_data_or_weights_load(method, ove
                   f"model.pretrained={tmp_path / 'no-base'}", f"run_dir={tmp_path / 'run'}")
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # the module's runs: 3 trainings, about 45 s before the first test
+def test_a_checkpoint_whose_base_moved_is_pointed_at_its_new_place(runs, base, cv_corpus, tmp_path):
+    """The base of an adapters checkpoint moved: transcribe.py and evaluate.py say so and take base=<new place>
+    (its sha256 checked), and transcribe as before the move."""
+    ckpt = runs["pt"] / "checkpoints" / "last.ckpt"
+    clip = sorted((cv_corpus / "clips").iterdir())[0]
+    before = in_process(transcribe.main, [f"model_path={ckpt}", f"audio={clip}"])
+    moved = tmp_path / "moved"
+    base.rename(moved)
+    try:
+        lost = in_process(transcribe.main, [f"model_path={ckpt}", f"audio={clip}"])
+        found = in_process(transcribe.main, [f"model_path={ckpt}", f"audio={clip}", f"base={moved}"])
+        scored = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={ckpt}", f"data.root={cv_corpus}",
+                                 f"base={moved}", "split=dev", "data.num_workers=0", f"hydra.run.dir={tmp_path}/eval"],
+                                cwd=asr.REPO_DIR, capture_output=True, text=True, timeout=300)
+    finally:
+        moved.rename(base)
+    assert before.returncode == 0 and before.stdout.strip()
+    assert lost.returncode == 1 and "(if it moved: base=<where it is now>)" in lost.stderr
+    assert found.returncode == 0 and found.stdout == before.stdout
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    full = in_process(transcribe.main, [f"model_path={runs['pt'] / 'model'}", f"audio={clip}", f"base={moved}"])
+    assert full.returncode == 1 and "base= is for checkpoints of adapters or LoRA" in full.stderr

@@ -104,7 +104,7 @@ def test_lm_beam_search_beats_greedy_on_a_word_level_pattern(tmp_path):
     for sentence in test:
         log_probs = noisy_posteriors(sentence, vocab, rng, flip=0.15)
         frames = torch.tensor([len(log_probs)])
-        greedy.update([sentence], vocab.greedy_decode(torch.from_numpy(log_probs)[None], frames))
+        greedy.update([sentence], vocab.greedy_decode(torch.from_numpy(log_probs)[None], frames, None))
         beam.update([sentence], [text.normalize(plain.decode(log_probs), "pt")])
         with_lm.update([sentence], [text.normalize(decoder.decode(log_probs), "pt")])
     assert beam.rates()["wer"] == pytest.approx(greedy.rates()["wer"], abs=0.05)  # no LM: no help

@@ -43,7 +43,7 @@ def test_greedy_decode_matches_the_hf_tokenizer(tmp_path):
         for _ in range(rng.randint(1, 30)):
             ids += [rng.choice([vocab.blank_id, rng.randrange(len(vocab) - 2)])] * rng.randint(1, 3)
         logits = torch.nn.functional.one_hot(torch.tensor(ids), len(vocab)).float()[None]
-        ours = vocab.greedy_decode(logits, torch.tensor([len(ids)]))[0]
+        ours = vocab.greedy_decode(logits, torch.tensor([len(ids)]), None)[0]
         # HF keeps a double space where two delimiters sit either side of a blank; we collapse it,
         # as in the normalised references, so a stray space is not a character error.
         assert ours == " ".join(tokenizer.decode(ids).split())
@@ -54,7 +54,28 @@ def test_greedy_decode_collapses_repeats_but_not_across_blanks():
     a, b, blank = vocab.ids["a"], vocab.ids["b"], vocab.blank_id
     ids = [a, a, blank, a, b, b, blank, blank, vocab.ids["|"], b, blank]
     logits = torch.nn.functional.one_hot(torch.tensor([ids, ids]), len(vocab)).float()
-    assert vocab.greedy_decode(logits, torch.tensor([len(ids), 4])) == ["aab b", "aa"]
+    assert vocab.greedy_decode(logits, torch.tensor([len(ids), 4]), None) == ["aab b", "aa"]
+
+
+def test_a_pause_of_more_blank_frames_than_the_rule_is_a_word_boundary_greedy_and_by_beam_search():
+    """decode.pause_seconds: a run of more than `pause_frames` blank frames between two characters ends a word, in
+    the greedy path and, as frames of a certain delimiter, in pyctcdecode's beam search; a shorter run, or a
+    pause before the first character or after the last, changes nothing."""
+    from asr.model.lm import beam_decoder
+    from asr.model.module import decoded
+
+    vocab = Vocabulary.from_transcripts(["ab cd"])
+    a, b, c, d, blank = (*(vocab.ids[x] for x in "abcd"), vocab.blank_id)
+    ids = [blank] * 9 + [a, b] + [blank] * 6 + [c, d] + [blank] * 3 + [a] + [blank] * 9
+    logits = torch.nn.functional.one_hot(torch.tensor([ids]), len(vocab)).float() * 10
+    frames = torch.tensor([len(ids)])
+    assert vocab.greedy_decode(logits, frames, None) == ["abcda"]
+    assert vocab.greedy_decode(logits, frames, 5) == ["ab cda"]  # 6 blank frames > 5; 3 are not
+    assert vocab.greedy_decode(logits, frames, 2) == ["ab cd a"]
+    assert vocab.greedy_decode(logits, frames, 6) == ["abcda"]
+    beam = beam_decoder(vocab.tokens, None, 0.5, 1.0)
+    assert decoded(logits, frames, vocab, "pt", 5, beam, 20).hypotheses == ["ab cda"]
+    assert decoded(logits, frames, vocab, "pt", None, beam, 20).hypotheses == ["abcda"]
 
 
 def test_armenian_is_lower_cased_without_its_punctuation():

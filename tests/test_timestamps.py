@@ -30,6 +30,30 @@ def test_greedy_spans_time_each_character_and_word_from_its_frames():
         ("a", 0.02, 0.06), ("b", 0.08, 0.1), (" ", 0.1, 0.14), ("a", 0.14, 0.16), ("a", 0.18, 0.2)]
 
 
+def test_a_pause_ends_a_word_in_the_timestamps_as_in_the_transcript():
+    """decode.pause_seconds on transcribe.py's path (`Recognizer`'s timestamps): the words either side of a run of
+    more blank frames than the rule are two words, each timed by its own characters; the pause is the space."""
+    from types import SimpleNamespace
+
+    from asr.core.frames import WAV2VEC2
+    from asr.core.text import Vocabulary
+    from asr.model.module import decoded
+    from asr.model.transcription import _spans
+
+    vocab = Vocabulary(TOKENS)
+    best = [4, 0, 1, 4, 4, 4, 4, 4, 4, 1, 0, 4]  # "ab", 6 blank frames, "ba"
+    logits = torch.nn.functional.one_hot(torch.tensor([best]), len(TOKENS)).float() * 10
+    frames = torch.tensor([len(best)])
+    for pause_frames, words in ((5, [("ab", 0.02, 0.06), ("ba", 0.18, 0.22)]), (None, [("abba", 0.02, 0.22)])):
+        model = SimpleNamespace(vocab=vocab, pause_frames=pause_frames, geometry=WAV2VEC2)
+        out = decoded(logits, frames, vocab, "pt", pause_frames)
+        spans = _spans(model, logits, frames, out, "word")[0]
+        assert [(w["word"], w["start"], w["end"]) for w in spans] == words
+        assert out.hypotheses == [" ".join(w for w, *_ in words)]
+    chars = _spans(SimpleNamespace(vocab=vocab, pause_frames=5, geometry=WAV2VEC2), logits, frames, out, "char")[0]
+    assert [(c["char"], c["start"], c["end"]) for c in chars][2] == (" ", 0.06, 0.18)
+
+
 def test_a_frame_s_confidence_is_its_normalised_tsallis_entropy():
     """exp(-H), H the Tsallis entropy of order 1/3 of the frame's distribution, rescaled so that a one-hot frame
     gives 1 and a uniform one 0 (NeMo's entropy_tsallis_exp); a frame torn between two tokens scores lower than

@@ -22,7 +22,7 @@ from asr import REPO_DIR, SetupError, quote_numeric_choices, run_dir_name
 
 # Arguments the scripts pass at the call site (built from other nodes or from the data); never in the YAML.
 CALL_SITE = {
-    "asr.model.module.CTCModel": ("vocab", "language", "optim", "sched"),
+    "asr.model.module.CTCModel": ("vocab", "language", "optim", "sched", "pause_seconds"),
     "lightning.Trainer": ("callbacks", "logger", "plugins"),
     "asr.model.module.adamw": ("model",),
     "asr.model.schedules.linear": ("optimizer", "total_steps"),
@@ -37,13 +37,18 @@ def train_settings(seed: int, run_dir: str, ckpt_path: str | None, update_clips:
     """train.py's own top-level settings (conf/train.yaml); its nodes are checked against their code."""
 
 
+def decode_settings(pause_seconds: float | None):
+    """How CTC outputs become text on the one model path (conf/train.yaml's `decode`; saved with the model)."""
+
+
 def evaluate_settings(ckpt_path: str, seed: int, split: str, device: str, run_dir: str, decoder: str,
                       beam_width: int, alpha: float, beta: float, lm_path: str | None, lm_order: int,
-                      worst_utterances: int, corpus: str | None):
+                      worst_utterances: int, corpus: str | None, base: str | None):
     """evaluate.py's own top-level settings (conf/evaluate.yaml)."""
 
 
-NODES = {"train": ("data", "model", "optim", "sched", "trainer", "logger", "callbacks"), "evaluate": ("data", "logger")}
+NODES = {"train": ("data", "model", "optim", "sched", "trainer", "logger", "callbacks", "decode"),
+         "evaluate": ("data", "logger")}
 
 
 def _script_keys(script: str) -> list[str]:
@@ -107,10 +112,18 @@ def check_node(node: dict, path: str, target: str) -> dict:
     if missing:
         raise SetupError(f"{path} needs {', '.join(f'{path}.{k}' for k in missing)} ({target}); "
                          f"set it in the YAML or on the command line.")
+    converted = typed_values({k: v for k, v in given.items() if k in fields}, path, target)  # **kwargs: the target's
+    return {**({"_target_": node["_target_"]} if "_target_" in node else {}),
+            **{k: converted[k] if k in fields else v for k, v in given.items()}}
+
+
+def typed_values(values: dict, path: str, target: str) -> dict:
+    """`values`, some of `target`'s parameters, converted to their types; SetupError naming the key, the value and
+    the type expected otherwise."""
+    cls, _ = schema(target)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     typed = OmegaConf.structured(cls)
-    for key, value in given.items():
-        if key not in fields:
-            continue  # a **kwargs key: the target checks it
+    for key, value in values.items():
         try:
             typed[key] = value
         except OmegaConfBaseException as error:
@@ -118,8 +131,7 @@ def check_node(node: dict, path: str, target: str) -> dict:
             raise SetupError(f"{path}.{key}={value!r}: {str(error).splitlines()[0]} ({target} takes "
                              f"{expected}).") from None
     converted = OmegaConf.to_container(typed)
-    return {**({"_target_": node["_target_"]} if "_target_" in node else {}),
-            **{k: converted[k] if k in fields else v for k, v in given.items()}}
+    return {key: converted[key] for key in values}
 
 
 def _targeted(node: dict, path: str) -> dict:
@@ -148,6 +160,7 @@ def checked(cfg: DictConfig, script: str = "train") -> DictConfig:
         out["callbacks"] = {name: _targeted(node, f"callbacks.{name}")
                             for name, node in (plain.get("callbacks") or {}).items() if node is not None}
         out["optim"] = check_node(plain["optim"], "optim", "asr.model.module.adamw")
+        out["decode"] = check_node(plain["decode"], "decode", "asr.core.config.decode_settings")
         sched = dict(plain["sched"])
         name = sched.pop("name", None)
         if name not in (names := _options("sched")):
@@ -184,7 +197,7 @@ def check_overrides(argv: list[str], script: str) -> None:
     targets = {"data": OmegaConf.load(conf / "data" / "default.yaml")._target_}
     if script == "train":
         targets |= {"model": primary.model._target_, "trainer": primary.trainer._target_,
-                    "optim": "asr.model.module.adamw"}
+                    "optim": "asr.model.module.adamw", "decode": "asr.core.config.decode_settings"}
     top = sorted({*_script_keys(script), *NODES[script], *groups, "hydra"})
     parser, parsed = OverridesParser.create(), []
     for arg in [a for a in argv if "=" in a and not a.startswith("-")]:

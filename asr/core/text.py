@@ -109,11 +109,23 @@ class Vocabulary:
         """Text of already-collapsed CTC ids (blanks removed)."""
         return "".join(" " if self.tokens[i] == WORD_DELIMITER else self.tokens[i] for i in ids).strip()
 
-    def greedy_decode(self, logits: torch.Tensor, frames: torch.Tensor) -> list[str]:
-        """Best-path decoding. logits: (B, T, V); frames: (B,) valid frames per utterance."""
+    def paused(self, best: torch.Tensor, pause_frames: int | None) -> torch.Tensor:
+        """A best path (T,) with each run of more than `pause_frames` blank frames made word delimiters: a pause is
+        a word boundary (a CTC model trained on single clips rarely emits a delimiter in a long silence). None, or
+        a vocabulary without a delimiter: the path as it is."""
+        delimiter = self.ids.get(WORD_DELIMITER)
+        if pause_frames is None or delimiter is None or not len(best):
+            return best
+        ids, counts = torch.unique_consecutive(best, return_counts=True)
+        pause = (ids == self.blank_id) & (counts > pause_frames)
+        return torch.repeat_interleave(torch.where(pause, delimiter, ids), counts)
+
+    def greedy_decode(self, logits: torch.Tensor, frames: torch.Tensor, pause_frames: int | None) -> list[str]:
+        """Best-path decoding, a pause of more than `pause_frames` blank frames a word boundary (`paused`; None:
+        none). logits: (B, T, V); frames: (B,) valid frames per utterance."""
         best = logits.argmax(dim=-1).cpu()  # one host sync per batch
         texts = []
         for row, n in zip(best, frames.tolist()):
-            ids = torch.unique_consecutive(row[:n])
+            ids = torch.unique_consecutive(self.paused(row[:n], pause_frames))
             texts.append(_SPACES.sub(" ", self.decode_ids(ids[ids != self.blank_id].tolist())))
         return texts

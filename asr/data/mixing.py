@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from asr import REPO_DIR, SetupError
-from asr.core.config import register_resolvers
+from asr.core.config import register_resolvers, typed_values
 
 # What an entry may set beside name and weight: the settings of one corpus (SpeechDataModule's arguments).
 CORPUS_KEYS = ("corpus", "root", "language", "lang", "train_split", "dev_split", "test_split", "dev_speakers",
@@ -100,7 +100,9 @@ def sources(entries: list | None, temperature: float | None, own: dict | None = 
                 known = sorted(p.stem for p in path.parent.glob("*.yaml"))
                 raise SetupError(f"{where}: lang={lang} is not one of {', '.join(known)} (conf/lang/).")
             settings.update({k: v for k, v in _conf(path).items() if k in CORPUS_KEYS})
-        settings.update({k: v for k, v in entry.items() if k in CORPUS_KEYS})
+        # each setting of the entry typed as the data module takes it (a one-corpus run's, checked in the data node)
+        settings.update(typed_values({k: v for k, v in entry.items() if k in CORPUS_KEYS}, f"data.corpora[{i}]",
+                                     "asr.data.module.SpeechDataModule"))
         settings["lang"] = settings.get("lang") or name
         missing = [k for k in ("corpus", "language") if settings.get(k) in (None, "???")]
         if missing:

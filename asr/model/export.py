@@ -44,9 +44,9 @@ def export(model: CTCModel, out_dir: str | Path, lm_path: str | Path | None = No
            beta: float | None = None, *, format: str, quantize: str | None = None,
            target_lang: str | None = None, overwrite: bool, source: str | Path | None) -> Path:
     """config.json, model.safetensors, vocab.json, tokenizer and feature-extractor configs, and asr.json
-    (the text rules, `language`, that transcripts follow: `asr.core.text.normalize`). With `lm_path`, the
-    Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model, `alpha` and
-    `beta`, which it then needs): transformers' ASR pipeline then decodes by beam search with the LM.
+    (the text rules, `language`, that transcripts follow: `asr.core.text.normalize`, and decode.pause_seconds).
+    With `lm_path`, the Wav2Vec2ProcessorWithLM layout too (alphabet.json, language_model/ with the KenLM model,
+    `alpha` and `beta`, which it then needs): transformers' ASR pipeline then decodes by beam search with the LM.
     format=onnx: model.onnx (`asr.model.onnx.export`; with quantize=int8 model.int8.onnx too) in place of config.json
     and model.safetensors.
     A model of MMS adapters (finetune=adapters, format=hf) is written in the MMS layout (`export_adapters`), under
@@ -81,7 +81,8 @@ def write_model(model: CTCModel, out_dir: Path, lm_path: str | Path | None, alph
         model.model.save_pretrained(out_dir)
     model.vocab.save(out_dir / "vocab.json")
     both = save_processor(out_dir)
-    (out_dir / "asr.json").write_text(json.dumps({"language": model.hparams.language}))
+    (out_dir / "asr.json").write_text(json.dumps({"language": model.hparams.language,
+                                                  "pause_seconds": model.hparams.pause_seconds}))
     if lm_path is not None:
         from transformers import Wav2Vec2ProcessorWithLM
 
@@ -148,7 +149,7 @@ def export_adapters(model: CTCModel, out_dir: Path, target_lang: str | None, *, 
         vocabularies[lang] = model.vocab.ids
         (staging / "vocab.json").write_text(json.dumps(vocabularies, ensure_ascii=False, indent=1), encoding="utf-8")
         save_processor(staging, target_lang=lang)
-        rules["adapters"][lang] = {"language": model.hparams.language,
+        rules["adapters"][lang] = {"language": model.hparams.language, "pause_seconds": model.hparams.pause_seconds,
                                    **({"checkpoint": str(source)} if source is not None else {})}
         (staging / "asr.json").write_text(json.dumps(rules, indent=1))
     return out_dir

@@ -26,17 +26,22 @@ def settings() -> dict:
     return OmegaConf.to_container(OmegaConf.load(REPO_DIR / "conf" / "inference.yaml"))
 
 
-def from_checkpoint(path: str | Path, map_location="cpu") -> CTCModel:
+def from_checkpoint(path: str | Path, map_location="cpu", base: str | None = None) -> CTCModel:
     """The model a train.py checkpoint holds: its architecture from the checkpoint (not from the pretrained
-    weights it started from), adapters or LoRA completed with their base (its hash checked), its counters."""
+    weights it started from), adapters or LoRA completed with their base (its hash checked), its counters.
+    `base`: where the base of an adapters or LoRA checkpoint is now, when it moved (None: where it was)."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    base = checkpoint.get("base")  # adapters or LoRA: the base comes from its path, the rest from the file
-    hparams = {**settings()["older_checkpoints"], **checkpoint["hyper_parameters"],
-               "pretrained": base["pretrained"] if base else None,
+    written = checkpoint.get("base")  # adapters or LoRA: the base comes from its path, the rest from the file
+    if base is not None and not written:
+        raise SetupError(f"base={base}: {path} holds every weight of its model (finetune=full); base= is for "
+                         f"adapters or LoRA checkpoints: leave it out")
+    pretrained = (base or written["pretrained"]) if written else None
+    hparams = {**settings()["older_checkpoints"], **checkpoint["hyper_parameters"], "pretrained": pretrained,
                "arch": checkpoint["wav2vec2_config"], "compile": False}
-    if base and (problem := check_pretrained(base["pretrained"])):
-        raise SetupError(f"{path} holds adapters or LoRA weights of the base {base['pretrained']}, which cannot "
-                         f"be loaded: {problem}")
+    if written and (problem := check_pretrained(pretrained)):
+        moved = "" if base else " (if it moved: base=<where it is now>)"
+        raise SetupError(f"{path} holds adapters or LoRA weights of the base {pretrained}, which cannot "
+                         f"be loaded{moved}: {problem}")
     model = CTCModel(**hparams)
     if unknown := sorted(set(checkpoint["state_dict"]) - set(model.state_dict())):
         raise SetupError(f"{path} holds {len(unknown)} parameters this code's model does not have "
@@ -46,18 +51,22 @@ def from_checkpoint(path: str | Path, map_location="cpu") -> CTCModel:
     return model
 
 
-def load(path: str | Path, target_lang: str | None = None) -> tuple[CTCModel, object]:
+def load(path: str | Path, target_lang: str | None = None, base: str | None = None) -> tuple[CTCModel, object]:
     """(model, its beam decoder or None) from a checkpoint of train.py (verified: `asr.core.checkpoints`) or a
     directory `asr.model.export` wrote; an exported directory with an LM (language_model/) brings its
     pyctcdecode decoder, with the alpha and beta it was exported with. A directory of MMS adapters
     (`asr.model.export.export_adapters`) gives `target_lang`'s (None: its one language). SetupError for anything
-    else."""
+    else. `base`: where a checkpoint's base now is (`from_checkpoint`); an export holds its base.
+    """
     path = Path(path).expanduser()
     if path.is_file() or path.suffix == ".ckpt":
         if target_lang is not None:
             raise SetupError(f"target_lang={target_lang} picks a language of an exported adapters directory; "
                              f"{path} is a checkpoint of one language")
-        return from_checkpoint(checkpoints.verified(str(path), "model_path")), None
+        return from_checkpoint(checkpoints.verified(str(path), "model_path"), base=base), None
+    if base is not None:
+        raise SetupError(f"base={base}: {path} is an export, which holds its base; base= is for checkpoints of "
+                         f"adapters or LoRA")
     if not (path / "config.json").is_file():
         if (path / "model.onnx").is_file():
             raise SetupError(f"model_path={path} is an ONNX export (model.onnx): backend=onnx runs it")
@@ -75,8 +84,10 @@ def load(path: str | Path, target_lang: str | None = None) -> tuple[CTCModel, ob
         vocab, rules = vocab[target_lang], languages[target_lang]
     elif target_lang is not None:
         raise SetupError(f"target_lang={target_lang}: {path} is a model of one language, without adapters")
+    written = {k: rules[k] for k in ("pause_seconds",) if k in rules}  # asr.json's, over an older export's defaults
     model = CTCModel(vocab=sorted(vocab, key=vocab.get), pretrained=str(path), arch={}, config={},
-                     language=rules.get("language"), optim={}, sched={}, finetune=None, **settings()["export"])
+                     language=rules.get("language"), optim={}, sched={}, finetune=None,
+                     **{**settings()["export"], **written})
     if target_lang is not None:
         model.model.load_adapter(target_lang)  # its adapters and CTC head (adapter.<lang>.safetensors)
     return model, exported_decoder(path)

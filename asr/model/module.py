@@ -4,6 +4,7 @@ steps, the CTC loss, WER/CER/MER, the guard against non-finite updates, AdamW an
 from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
 import torch
 
 from asr import SetupError
@@ -28,6 +29,14 @@ class Output:
     loss: torch.Tensor | None = None
 
 
+def certain_delimiter(size: int, delimiter: int) -> np.ndarray:
+    """(size,) log-probabilities of a frame that is certainly a word delimiter, for the beam search: the
+    delimiter at 0, every other token far below pyctcdecode's pruning threshold (-10)."""
+    frame = np.full(size, -1000.0, dtype=np.float32)
+    frame[delimiter] = 0.0
+    return frame
+
+
 @dataclass
 class Decoded:
     """A batch as `CTCModel.decode` transcribed it: logits (B, T, V), frames (B,) of each clip, the greedy
@@ -41,18 +50,25 @@ class Decoded:
     word_frames: list[list[tuple[str, tuple[int, int]]]] | None = None
 
 
-def decoded(logits: torch.Tensor, frames: torch.Tensor, vocab: Vocabulary, language: str | None, decoder=None,
-            beam_width: int | None = None) -> Decoded:
+def decoded(logits: torch.Tensor, frames: torch.Tensor, vocab: Vocabulary, language: str | None,
+            pause_frames: int | None, decoder=None, beam_width: int | None = None) -> Decoded:
     """The transcripts of logits (B, T, V) of clips of `frames` (B,) frames under the text rules of `language`
     (`asr.core.text.normalize`): greedy, and by `decoder` (`asr.model.lm.beam_decoder`) keeping `beam_width` beams
-    (the tool's setting: conf/evaluate.yaml, conf/transcribe.yaml). `CTCModel.decoded`, and the ONNX model's
-    (`asr.model.onnx.OnnxModel`)."""
-    greedy = [text.normalize(h, language) for h in vocab.greedy_decode(logits, frames)]
+    (the tool's setting: conf/evaluate.yaml, conf/transcribe.yaml). A run of more than `pause_frames` blank frames
+    (decode.pause_seconds) is a word boundary (`Vocabulary.paused`): in the greedy path, and for the beam search
+    as frames of a certain word delimiter. `CTCModel.decoded`, and the ONNX model's (`asr.model.onnx.OnnxModel`)."""
+    greedy = [text.normalize(h, language) for h in vocab.greedy_decode(logits, frames, pause_frames)]
     if decoder is None:
         return Decoded(logits, frames, greedy, greedy)
     if beam_width is None:
         raise ValueError("a beam decoder needs beam_width (conf/evaluate.yaml, conf/transcribe.yaml)")
     log_probs = torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+    if pause_frames is not None and text.WORD_DELIMITER in vocab.ids:
+        best = logits.argmax(dim=-1).cpu()
+        delimiter = vocab.ids[text.WORD_DELIMITER]
+        for row, n in enumerate(frames.tolist()):
+            pause = ((vocab.paused(best[row, :n], pause_frames) == delimiter) & (best[row, :n] == vocab.blank_id))
+            log_probs[row, :n][pause.numpy()] = certain_delimiter(log_probs.shape[-1], delimiter)
     # decode_beams, as Wav2Vec2ProcessorWithLM and the pipeline call it (decode() prunes history)
     beams = [decoder.decode_beams(lp[:n], beam_width=beam_width)[0] for lp, n in zip(log_probs, frames.tolist())]
     return Decoded(logits, frames, greedy, [text.normalize(b[0], language) for b in beams], [b[2] for b in beams])
@@ -88,8 +104,12 @@ class CTCModel(L.LightningModule):
     def __init__(self, vocab: list[str], pretrained: str | None, arch: dict, config: dict, language: str | None,
                  freeze_feature_encoder: bool, freeze_finetune_updates: int, gradient_checkpointing: bool,
                  attn_implementation: str, compile: bool | str, ctc_loss: str, max_consecutive_skips: int,
-                 expandable_segments: bool, optim: dict, sched: dict, head_init: str, finetune: dict | None):
+                 expandable_segments: bool, optim: dict, sched: dict, head_init: str, finetune: dict | None,
+                 pause_seconds: float | None):
         finetune = tuning.check(dict(finetune or {"method": "full"}))
+        if pause_seconds is not None and not pause_seconds > 0:
+            raise SetupError(f"decode.pause_seconds={pause_seconds}: give the seconds of blank frames that end a word "
+                             f"(above 0), or null for no such rule")
         super().__init__()
         self.save_hyperparameters(logger=False)  # the logger gets the whole run config (train.py)
         self.vocab = Vocabulary(vocab)
@@ -189,13 +209,14 @@ class CTCModel(L.LightningModule):
     def from_config(cls, cfg, vocab: list[str], language: str | None = None) -> "CTCModel":
         """The model of a checked train config (`asr.core.config.checked`) for `vocab`: the model node, with
         the text rules of the data (`language`: the data module's, where it differs from data.language: the
-        first corpus's of data.corpora) and the optim and sched nodes passed at the call site."""
+        first corpus's of data.corpora), the optim and sched nodes and decode.pause_seconds passed at the call
+        site."""
         from hydra.errors import InstantiationException
         from hydra.utils import instantiate
 
         try:
             return instantiate(cfg.model, vocab=vocab, language=language or cfg.data.language, optim=cfg.optim,
-                               sched=cfg.sched, _convert_="all")
+                               sched=cfg.sched, pause_seconds=cfg.decode.pause_seconds, _convert_="all")
         except InstantiationException as error:  # a setting the model refuses: its one line, not Hydra's wrapping
             if isinstance(error.__cause__, SetupError):
                 raise error.__cause__ from None
@@ -256,7 +277,13 @@ class CTCModel(L.LightningModule):
                 beam_width: int | None = None) -> Decoded:
         """The transcripts of logits (B, T, V) of clips of `frames` (B,) frames: `decode`'s second half, for
         logits put together otherwise (transcribe.py joins a long file's windows)."""
-        return decoded(logits, frames, self.vocab, self.hparams.language, decoder, beam_width)
+        return decoded(logits, frames, self.vocab, self.hparams.language, self.pause_frames, decoder, beam_width)
+
+    @property
+    def pause_frames(self) -> int | None:
+        """decode.pause_seconds in frames: a longer run of blank frames is a word boundary (None: no rule)."""
+        seconds = self.hparams.pause_seconds
+        return None if seconds is None else round(seconds / self.geometry.seconds_per_frame)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if not batch["ids"]:  # no clip of the batch could be read (each logged and counted by the loader)

@@ -145,7 +145,11 @@ class OnnxModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.geometry = Geometry(tuple(json.loads(meta["conv_kernel"])), tuple(json.loads(meta["conv_stride"])))
         self.vocab = Vocabulary.load(path.parent / "vocab.json")
-        self.language = json.loads((path.parent / "asr.json").read_text())["language"]
+        rules = json.loads((path.parent / "asr.json").read_text())
+        self.language = rules["language"]
+        # decode.pause_seconds in frames (an export written before it: none)
+        pause = rules.get("pause_seconds")
+        self.pause_frames = None if pause is None else round(pause / self.geometry.seconds_per_frame)
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> tuple["OnnxModel", object]:
@@ -170,4 +174,4 @@ class OnnxModel:
     def decoded(self, logits: torch.Tensor, frames: torch.Tensor, decoder=None,
                 beam_width: int | None = None) -> Decoded:
         """As `CTCModel.decoded`: greedy transcripts, or `decoder`'s, under the export's text rules."""
-        return decoded(logits, frames, self.vocab, self.language, decoder, beam_width)
+        return decoded(logits, frames, self.vocab, self.language, self.pause_frames, decoder, beam_width)

@@ -290,15 +290,17 @@ def file_logits(model, path: str, chunk_seconds: float, stride_seconds: float) -
 
 
 def _spans(model, logits: torch.Tensor, frames: torch.Tensor, decoded, level: str) -> list[list[dict]]:
-    """Each file's words or characters with their times (`greedy_spans`, `beam_spans`)."""
-    confidence, best = frame_confidence(logits).cpu().numpy(), logits.argmax(dim=-1).cpu().numpy()
+    """Each file's words or characters with their times (`greedy_spans` of the best path with its pauses made word
+    boundaries, `Vocabulary.paused`; `beam_spans`)."""
+    confidence, best = frame_confidence(logits).cpu().numpy(), logits.argmax(dim=-1).cpu()
     seconds_per_frame = model.geometry.seconds_per_frame
     out = []
     for i, n in enumerate(frames.tolist()):
         if decoded.word_frames is not None:
             out.append(beam_spans(decoded.word_frames[i], confidence[i, :n], seconds_per_frame))
         else:
-            out.append(greedy_spans(best[i, :n], confidence[i, :n], model.vocab.tokens, model.vocab.blank_id, level,
+            path = model.vocab.paused(best[i, :n], model.pause_frames).numpy()
+            out.append(greedy_spans(path, confidence[i, :n], model.vocab.tokens, model.vocab.blank_id, level,
                                     seconds_per_frame))
     return out
 

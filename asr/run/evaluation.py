@@ -56,7 +56,7 @@ def assemble_evaluation(cfg: DictConfig) -> Evaluation:
     role, split = split_role(cfg.split, cfg.data)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = inference.from_checkpoint(ckpt).to(asr.device(cfg.device)).eval()
+    model = inference.from_checkpoint(ckpt, base=cfg.base).to(asr.device(cfg.device)).eval()
     # labels, [UNK] counts and frames: the model's own
     data = SpeechDataModule.from_config(cfg.data, model.geometry, model.vocab)
     if problem := data.check():

@@ -30,7 +30,7 @@ KEY_SETTINGS = {"train": (
     "data.max_seconds", "data.num_workers", "data.decode_cache", "data.corpora", "data.temperature", "update_clips",
     "update_seconds", "val_every_updates", "optim.lr", "optim.head_lr", "sched.warmup_steps", "trainer.max_steps",
     "trainer.max_time", "trainer.devices", "model.pretrained", "model.finetune.method",
-    "model.freeze_finetune_updates", "model.gradient_checkpointing", "model.compile"),
+    "model.freeze_finetune_updates", "model.gradient_checkpointing", "model.compile", "decode.pause_seconds"),
     "evaluate": (
     "ckpt_path", "split", "corpus", "decoder", "beam_width", "alpha", "beta", "lm_path", "lm_order",
     "worst_utterances", "device", "data.max_batch_seconds", "data.num_workers")}

@@ -55,6 +55,11 @@ def main(argv: list[str]) -> None:
     if args.quantize and format != "onnx":
         sys.exit(f"error: quantize={args.quantize} quantises the ONNX graph: add format=onnx")
     ckpt_path, lm_path = Path(args.ckpt_path).expanduser(), args.lm_path and Path(args.lm_path).expanduser()
+    if ckpt_path.is_dir():  # a run (or its checkpoints/): its best checkpoint, found under it as evaluate.py finds it
+        try:
+            ckpt_path = Path(checkpoints.best_checkpoint(str(ckpt_path)))
+        except SetupError as error:
+            sys.exit(f"error: {error}")
     if not ckpt_path.is_file():
         sys.exit(f"error: ckpt_path={ckpt_path} does not exist (train.py writes <run>/checkpoints/*.ckpt)")
     if why := checkpoints.problem(ckpt_path):
