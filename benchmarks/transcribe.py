@@ -36,7 +36,7 @@ from asr.data.module import SpeechDataModule  # noqa: E402
 from asr.model import inference  # noqa: E402
 from asr.model.export import export  # noqa: E402
 from asr.model.module import CTCModel  # noqa: E402
-from asr.model.transcription import transcribe  # noqa: E402
+from asr.model.transcription import Recognizer, transcribe  # noqa: E402
 from asr.tools import cli  # noqa: E402
 
 
@@ -64,9 +64,9 @@ def old_path(pipe, paths: list[str], language: str, chunk_seconds: float, stride
 
 def new_path(model, paths: list[str], args) -> list[str]:
     """transcribe.py's loop: `asr.model.transcription.transcribe`, transcripts in the files' order."""
-    out = transcribe(model, paths, timestamps="none", chunk_seconds=args.chunk_seconds,
+    out = transcribe(Recognizer(model, None, None, "none"), paths, chunk_seconds=args.chunk_seconds,
                      stride_seconds=args.stride_seconds, batch_seconds=args.batch_seconds,
-                     num_workers=workers(args.num_workers))
+                     num_buckets=args.num_buckets, num_workers=workers(args.num_workers))
     return [result.text for result in out]
 
 

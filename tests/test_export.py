@@ -26,7 +26,7 @@ def test_export_writes_what_transformers_loads_and_computes_the_checkpoints_logi
     assert result.stdout.strip() == f"exported to {out}"
     model = inference.from_checkpoint(ckpt).eval()
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Wav2Vec2ForCTC"]
-    assert json.loads((out / "asr.json").read_text()) == {"language": "hy"}  # the run's text rules
+    assert json.loads((out / "asr.json").read_text()) == {"language": "hy", "pause_seconds": 0.6}  # text rules, pauses
     assert Wav2Vec2Processor.from_pretrained(out).tokenizer.get_vocab() == model.vocab.ids
     hf = Wav2Vec2ForCTC.from_pretrained(out).eval()
     wave = audio.normalize(audio.load(next((trained_run.root / "clips").glob("*.mp3"))))

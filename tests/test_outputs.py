@@ -181,7 +181,8 @@ def test_export_refuses_a_checkpoint_or_a_directory_it_did_not_write_and_replace
     for _ in range(2):  # its own export, replaced
         result = in_process(export_tool.main, [f"ckpt_path={ckpt}", f"out={out}"])
         assert result.returncode == 0, result.stderr
-    assert (out / "config.json").is_file() and list(json.loads((out / "asr.json").read_text())) == ["language"]
+    assert (out / "config.json").is_file()
+    assert list(json.loads((out / "asr.json").read_text())) == ["language", "pause_seconds"]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]  # staged, then renamed in
 
 

@@ -211,20 +211,25 @@ class DurationBatchSampler(Sampler[Planned]):
         return np.array(sizes, dtype=np.int64), np.array(lengths, dtype=np.int64)
 
     def _plan_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """The plan of clips of several rows (`rows`), in evaluation order: the rows planned as `_pack` plans clips,
-        then each batch's end moved back to the end of a clip, so that a clip's rows stay in one batch (a clip
-        reaching past the end of its batch, a batch of its own). With one row a clip, the evaluation plan."""
+        """The plan of clips of several rows (`rows`), in evaluation order, as `_pack` plans clips of one: bucket by
+        bucket, the clips left over from shorter buckets first, a batch of the clips whose rows fit at the bucket's
+        length (a clip of more rows than fit alone), the last leftovers the one partial batch. A clip's rows stay
+        in one batch. With one row a clip, `_pack`'s plan."""
         order = np.argsort(self.durations, kind="stable")
-        per_bucket = np.bincount(self.bucket, weights=self.rows, minlength=len(self.upper)).astype(np.int64)
-        row_sizes, row_lengths = _pack(per_bucket, self._fits(self.upper), self.upper)
-        clip_ends = np.cumsum(self.rows[order])  # rows up to and including each clip
-        sizes, lengths, done = [], [], 0  # done: clips planned
-        for end, length in zip(np.cumsum(row_sizes).tolist(), row_lengths):
-            last = max(int(np.searchsorted(clip_ends, end, side="right")), done + 1)  # at least one clip
-            if last > done and done < len(order):
-                sizes.append(last - done)
-                lengths.append(max(length, int(self.upper[self.bucket[order[last - 1]]])))
-                done = last
+        fits, sizes, lengths, pool = self._fits(self.upper), [], [], []
+        for b, fit, length in zip(range(len(self.upper)), fits.tolist(), self.upper.tolist()):
+            pool += [int(self.rows[i]) for i in order[self.bucket[order] == b]]
+            while sum(pool) >= fit:  # a batch of the first clips whose rows fit, at least one
+                taken, used = 0, 0
+                while taken < len(pool) and (taken == 0 or used + pool[taken] <= fit):
+                    used += pool[taken]
+                    taken += 1
+                sizes.append(taken)
+                lengths.append(length)
+                pool = pool[taken:]
+        if pool:
+            sizes.append(len(pool))
+            lengths.append(int(self.upper[-1]))
         return np.array(sizes, dtype=np.int64), np.array(lengths, dtype=np.int64)
 
     def _rows_per_batch(self) -> np.ndarray:

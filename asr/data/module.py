@@ -111,10 +111,10 @@ class SpeechDataModule(L.LightningDataModule):
         return self.sources[0].settings["language"]
 
     def scoring(self) -> dict[str, dict]:
-        """{name: {language, dev_seconds, shown}} of each corpus, for scoring each under its own text rules
-        (validation, `asr.model.metrics.CorpusErrors`) and showing its figures (`shown`)."""
-        return {name: {"language": part.language, "dev_seconds": part.report.get("dev", {}).get("seconds", 0.0),
-                       "shown": part.listed} for name, part in self.parts.items()}
+        """{name: {language, dev_seconds}} of each corpus, for scoring each under its own text rules (validation,
+        `asr.model.metrics.CorpusErrors`)."""
+        return {name: {"language": part.language, "dev_seconds": part.report.get("dev", {}).get("seconds", 0.0)}
+                for name, part in self.parts.items()}
 
     def check(self) -> str | None:
         """Why this data cannot load (with the override that fixes it), or None: each corpus, then the noise

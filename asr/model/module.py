@@ -149,14 +149,15 @@ class CTCModel(L.LightningModule):
         self.stop_reason: str | None = None
         # The run's corpora, {name: {language, dev_seconds}} from the data module (`setup`; without one, a corpus
         # of the model's own text rules), and an evaluation's WER and CER counts per corpus (equal to jiwer's).
-        self.corpora: dict[str, dict] = {"": {"language": language, "dev_seconds": 0.0, "shown": False}}
+        self.corpora: dict[str, dict] = {"": {"language": language, "dev_seconds": 0.0}}
+        self.shown: set[str] = set()  # the corpora whose dev figures are logged on their own (data.corpora)
         self._dev_errors: CorpusErrors | None = None
 
     def setup(self, stage: str) -> None:
         """Each corpus's dev split is scored on its own, under its own text rules (`SpeechDataModule.scoring`)."""
         data = self.trainer.datamodule
         if data is not None and hasattr(data, "scoring"):
-            self.corpora = data.scoring()
+            self.corpora, self.shown = data.scoring(), set(data.shown)
 
     def on_fit_start(self) -> None:
         """Under mixed precision, a frozen feature encoder's convolutions in the compute dtype for the fit
@@ -335,7 +336,7 @@ class CTCModel(L.LightningModule):
         counts = self.trainer.strategy.reduce(errors.counts().to(self.device), reduce_op="sum").cpu()
         rates = errors.rates("dev_seconds", counts)
         for name, (wer, cer) in rates.get("by_corpus", {}).items():
-            if not self.corpora[name].get("shown"):
+            if name not in self.shown:
                 continue
             self.log(f"val/{name}/wer", wer, sync_dist=False)
             self.log(f"val/{name}/cer", cer, sync_dist=False)

@@ -33,7 +33,8 @@ def rules(out: Path) -> dict | None:
 
 TOOL, EXAMPLE = "python -m asr.tools.export", "<dir>/model"
 MODEL = outputs.Output(tool=TOOL, purpose="an exported model", directory=True, example=EXAMPLE, appends=False,
-                       own=lambda out: (rules(out) or {}).keys() == {"language"})  # train.py's <run>/model too
+                       # train.py's <run>/model too: the text rules of one language, not an MMS directory
+                       own=lambda out: "language" in (rules(out) or {}) and "adapters" not in rules(out))
 ADAPTERS = outputs.Output(tool=TOOL, purpose="an MMS directory of adapters", directory=True, example=EXAMPLE,
                           appends=True, own=lambda out: "adapters" in (rules(out) or {}))
 
