@@ -17,7 +17,7 @@ from asr.model import inference
 from asr.model import onnx as asr_onnx
 from asr.model.metrics import ErrorRates
 from asr.model.onnx import OnnxModel
-from asr.model.transcription import transcribe
+from asr.model.transcription import Recognizer, transcribe
 from tests.test_transcribe import audio_list, run
 
 
@@ -125,9 +125,9 @@ def test_int8_transcribes_within_a_cer_point_of_float32(learned_run, tmp_path):
     cers = {}
     for name in ("model.onnx", "model.int8.onnx"):
         model = OnnxModel(tmp_path / name)
-        hypotheses = [out.text for out in transcribe(model, [row.path for row in rows], timestamps="none",
+        hypotheses = [out.text for out in transcribe(Recognizer(model, None, None, "none"), [row.path for row in rows],
                                                      chunk_seconds=30, stride_seconds=5, batch_seconds=60,
-                                                     num_workers=0)]
+                                                     num_buckets=19, num_workers=0)]
         rates = ErrorRates()
         rates.update(references, hypotheses)
         cers[name] = rates.rates()["cer"]
