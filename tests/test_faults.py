@@ -351,6 +351,7 @@ def test_resuming_a_finished_run_says_it_is_complete_and_changes_nothing(finishe
     assert (run / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # 9-13 s of processes: make test stays under 8 minutes on 2 cores
 def test_a_run_at_the_end_of_its_epochs_is_complete_and_one_with_more_goes_on(cv_corpus, tmp_path):
     """max_epochs counts the epoch whose last batch the checkpoint trained, saved before the epoch closed."""
     from asr.run.training import nothing_left

@@ -113,6 +113,7 @@ def test_lm_beam_search_beats_greedy_on_a_word_level_pattern(tmp_path):
     assert with_lm.rates()["cer"] < 0.3 * greedy.rates()["cer"]
 
 
+@pytest.mark.slow  # 9-13 s of processes: make test stays under 8 minutes on 2 cores
 def test_lm_command_names_a_missing_or_empty_text(tmp_path):
     import subprocess
     import sys

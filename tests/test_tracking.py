@@ -95,6 +95,7 @@ def test_no_secret_reaches_a_file(sweep):
     assert not leaks
 
 
+@pytest.mark.slow  # 9-13 s of processes: make test stays under 8 minutes on 2 cores
 def test_a_failed_job_marks_its_wandb_run_failed(cv_corpus, tmp_path):
     """lr 1e30: every gradient after the first update is non-finite; the run stops with exit code 1."""
     result = subprocess.run(

@@ -139,6 +139,7 @@ def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, b
                              for c in clips], expected, max_cer=0.05)
 
 
+@pytest.mark.slow  # 9-13 s of processes: make test stays under 8 minutes on 2 cores
 def test_alpha_beta_sweep_is_a_hydra_multirun(cv_corpus, barely_trained, tmp_path):
     run("evaluate.py", "-m", f"ckpt_path={barely_trained / 'checkpoints' / 'last.ckpt'}", f"data.root={cv_corpus}",
         "split=dev", "data.num_workers=0", "decoder=beam_lm", "lm_order=2", "alpha=0.2,1.5", "beta=0.0",
