@@ -288,18 +288,20 @@ def test_train_py_names_the_valid_keys(tmp_path):
 def test_no_python_default_for_a_setting_a_tool_yaml_gives():
     """Beyond the Hydra targets: the functions the tools' settings reach take those settings without a default
     of their own (None, "not given", aside), so conf/<tool>.yaml stays their one home."""
+    from asr.data import pseudo
     from asr.model import export, lm, transcription
     from asr.model.module import decoded
     from asr.model.onnx import OnnxModel
     from asr.run import average
     from asr.tools import align, synth
 
-    tools = ("transcribe", "align", "export", "average", "lm", "synth", "memory", "evaluate", "sweep")
+    tools = ("transcribe", "align", "export", "average", "lm", "synth", "memory", "evaluate", "sweep", "pseudo")
     settings = {key for tool in tools for key in OmegaConf.load(asr.REPO_DIR / "conf" / f"{tool}.yaml")}
     settings |= {"n_train", "n_dev", "n_test", "seed"}  # synth's corpora.<name>: train, dev, test, seed
     reached = [transcription.transcribe, transcription.file_logits, transcription.subtitles, export.export,
                lm.build, lm.beam_decoder, decoded, CTCModel.decode, CTCModel.decoded, OnnxModel.decoded,
-               average.chosen, align.segments, synth.make_demo, synth.make_short, synth.make_spanish]
+               average.chosen, align.segments, synth.make_demo, synth.make_short, synth.make_spanish,
+               pseudo.utterance_confidence, pseudo.why_dropped, pseudo.repeated_ngram, pseudo.speaking_rate_range]
     found = {f.__qualname__: names for f in reached
              if (names := [p.name for p in inspect.signature(f).parameters.values()
                            if p.name in settings and p.default is not p.empty and p.default is not None])}
