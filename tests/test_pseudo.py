@@ -41,6 +41,7 @@ def test_each_line_is_kept_or_dropped_for_one_reason(line, reason):
     assert pseudo.why_dropped(line, **RULES) == reason
 
 
+@pytest.mark.slow  # two transcribe.py processes, ~20 s: make test stays under 8 minutes on 2 cores
 def test_the_tool_writes_a_corpus_that_train_py_reads_and_a_rerun_resumes_its_archive(barely_trained, cv_corpus,
                                                                                         tmp_path):
     from tests.conftest import data_module
