@@ -54,7 +54,8 @@ def evaluate(cfg: DictConfig) -> dict:
         scored = {"split": split, "checkpoint": scoring.checkpoint}
     loader = data.dataloader(role)
     errors, greedy_errors = ErrorRates(), ErrorRates()
-    by_corpus = CorpusErrors(data.scoring(), tuple(UNITS))
+    # the corpora of data.corpora, each on its own (a single data.root's figures are the whole's: not counted twice)
+    by_corpus = CorpusErrors(data.scoring(), tuple(UNITS)) if corpora else None
     seconds, skipped = 0.0, 0
     worst = []  # with a W&B logger: (CER, line) of the worst_utterances highest, as a min-heap
     with open(run_dir / "predictions.jsonl", "w", encoding="utf-8") as out, torch.inference_mode():
@@ -66,7 +67,8 @@ def evaluate(cfg: DictConfig) -> dict:
             greedy, hypotheses = decoded.greedy, decoded.hypotheses
             errors.update(batch["texts"], hypotheses, batch["languages"])
             greedy_errors.update(batch["texts"], greedy, batch["languages"])
-            by_corpus.update(batch, hypotheses)
+            if by_corpus is not None:
+                by_corpus.update(batch, hypotheses)
             for i, (utt_id, tag, reference, hypothesis, best_path) in enumerate(zip(
                     batch["ids"], batch["languages"], batch["texts"], hypotheses, greedy)):
                 line = {"id": utt_id, "language": tag, "reference": reference, "hypothesis": hypothesis, **scored,

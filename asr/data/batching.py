@@ -216,19 +216,21 @@ class DurationBatchSampler(Sampler[Planned]):
         length (a clip of more rows than fit alone), the last leftovers the one partial batch. A clip's rows stay
         in one batch. With one row a clip, `_pack`'s plan."""
         order = np.argsort(self.durations, kind="stable")
-        fits, sizes, lengths, pool = self._fits(self.upper), [], [], []
-        for b, fit, length in zip(range(len(self.upper)), fits.tolist(), self.upper.tolist()):
-            pool += [int(self.rows[i]) for i in order[self.bucket[order] == b]]
-            while sum(pool) >= fit:  # a batch of the first clips whose rows fit, at least one
-                taken, used = 0, 0
-                while taken < len(pool) and (taken == 0 or used + pool[taken] <= fit):
-                    used += pool[taken]
+        rows, ends = self.rows[order].tolist(), np.searchsorted(self.bucket[order], np.arange(len(self.upper)),
+                                                                 side="right").tolist()
+        sizes, lengths, first, start, pooled = [], [], 0, 0, 0  # the pool: clips first..end, its rows pooled
+        for end, fit, length in zip(ends, self._fits(self.upper).tolist(), self.upper.tolist()):
+            pooled, start = pooled + sum(rows[start:end]), end  # this bucket's clips join the leftovers
+            while pooled >= fit:  # a batch of the first clips whose rows fit, at least one
+                taken, used = first, 0
+                while taken < end and (taken == first or used + rows[taken] <= fit):
+                    used += rows[taken]
                     taken += 1
-                sizes.append(taken)
+                sizes.append(taken - first)
                 lengths.append(length)
-                pool = pool[taken:]
-        if pool:
-            sizes.append(len(pool))
+                first, pooled = taken, pooled - used
+        if first < len(rows):
+            sizes.append(len(rows) - first)
             lengths.append(int(self.upper[-1]))
         return np.array(sizes, dtype=np.int64), np.array(lengths, dtype=np.int64)
 

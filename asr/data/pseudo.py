@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from asr.core import outputs
+
 REASONS = ("failed", "empty", "low_confidence", "speaking_rate", "repeated_ngram")
 HOW = ("mean", "min", "chars")  # chars: the mean weighted by each word's characters (length-normalised)
 HEADER = "client_id\tpath\tsentence\n"
@@ -102,10 +104,10 @@ def select(lines: list[dict], **rules) -> tuple[list[dict], dict]:
                   "examples": examples}
 
 
-def write_corpus(out: Path, kept: list[dict], report: dict, write) -> None:
+def write_corpus(out: Path, kept: list[dict], report: dict) -> None:
     """The Common Voice layout of the kept lines under `out`: clips/ (links to the files, named by their place in
-    the list and their suffix), train.tsv, dev.tsv and test.tsv (headers), pseudo_report.json. `write(path, text)`
-    writes a file whole (`asr.core.outputs.write`). Links of an earlier corpus here are replaced."""
+    the list and their suffix), train.tsv, clip_durations.tsv, dev.tsv and test.tsv (headers), pseudo_report.json,
+    each written whole (`asr.core.outputs.write`). Links of an earlier corpus here are replaced."""
     clips = out / "clips"
     clips.mkdir(parents=True, exist_ok=True)
     for old in clips.glob("pseudo_*"):
@@ -117,8 +119,8 @@ def write_corpus(out: Path, kept: list[dict], report: dict, write) -> None:
         os.symlink(source, clips / name)
         rows.append(f"{source.parent.name}\t{name}\t{line['text']}\n")
         durations.append(f"{name}\t{round(line['seconds'] * 1000)}\n")
-    write(out / "train.tsv", HEADER + "".join(rows))
-    write(out / "clip_durations.tsv", "clip\tduration[ms]\n" + "".join(durations))  # as Common Voice states them
+    outputs.write(out / "train.tsv", HEADER + "".join(rows))
+    outputs.write(out / "clip_durations.tsv", "clip\tduration[ms]\n" + "".join(durations))  # as Common Voice has it
     for split in ("dev", "test"):
-        write(out / f"{split}.tsv", HEADER)
-    write(out / "pseudo_report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        outputs.write(out / f"{split}.tsv", HEADER)
+    outputs.write(out / "pseudo_report.json", json.dumps(report, indent=1, ensure_ascii=False) + "\n")

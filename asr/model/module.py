@@ -29,6 +29,11 @@ class Output:
     loss: torch.Tensor | None = None
 
 
+def frames_of_pause(seconds: float | None, geometry: Geometry) -> int | None:
+    """decode.pause_seconds in frames of `geometry`: a longer run of blank frames is a word boundary (None: none)."""
+    return None if seconds is None else round(seconds / geometry.seconds_per_frame)
+
+
 def certain_delimiter(size: int, delimiter: int) -> np.ndarray:
     """(size,) log-probabilities of a frame that is certainly a word delimiter, for the beam search: the
     delimiter at 0, every other token far below pyctcdecode's pruning threshold (-10)."""
@@ -283,8 +288,7 @@ class CTCModel(L.LightningModule):
     @property
     def pause_frames(self) -> int | None:
         """decode.pause_seconds in frames: a longer run of blank frames is a word boundary (None: no rule)."""
-        seconds = self.hparams.pause_seconds
-        return None if seconds is None else round(seconds / self.geometry.seconds_per_frame)
+        return frames_of_pause(self.hparams.pause_seconds, self.geometry)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if not batch["ids"]:  # no clip of the batch could be read (each logged and counted by the loader)

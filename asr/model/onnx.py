@@ -25,7 +25,7 @@ from asr.core.frames import Geometry
 from asr.core.text import Vocabulary
 from asr.model import finetune as tuning
 from asr.model.lm import exported_decoder
-from asr.model.module import CTCModel, Decoded, Output, decoded
+from asr.model.module import CTCModel, Decoded, Output, decoded, frames_of_pause
 
 FILES = {None: "model.onnx", "int8": "model.int8.onnx"}  # by `quantize`
 # quantize=int8: the weights of the matrix products (the transformer's and the CTC head's) as signed int8, one
@@ -147,9 +147,7 @@ class OnnxModel:
         self.vocab = Vocabulary.load(path.parent / "vocab.json")
         rules = json.loads((path.parent / "asr.json").read_text())
         self.language = rules["language"]
-        # decode.pause_seconds in frames (an export written before it: none)
-        pause = rules.get("pause_seconds")
-        self.pause_frames = None if pause is None else round(pause / self.geometry.seconds_per_frame)
+        self.pause_frames = frames_of_pause(rules.get("pause_seconds"), self.geometry)  # an older export's: none
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> tuple["OnnxModel", object]:

@@ -10,6 +10,7 @@ out= that holds something this command did not write is refused (overwrite=true 
 `asr.core.outputs`). Settings: conf/pseudo.yaml (`--help`).
 """
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -19,29 +20,28 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from asr import REPO_DIR, SetupError
-from asr.core import audio, outputs, text
+from asr.core import outputs
 from asr.data import corpora, pseudo
+from asr.data.listing import durations, prepare
+from asr.data.loading import workers
 from asr.tools import cli
 
 PSEUDO = outputs.Output(tool="python -m asr.tools.pseudo", purpose="a corpus of pseudo-labels", directory=True,
                         example="<dir>/pseudo", own=None, appends=False)
-PROBED = 2000  # labelled clips whose header is read for the speaking rate where the release states no duration
 
 
-def labelled_rate(root: Path, language: str, quantiles: tuple[float, float]) -> tuple[float, float]:
-    """The characters-per-second range of the labelled corpus's train split (`pseudo.speaking_rate_range`):
-    durations as the release states them, else from the headers of up to `PROBED` clips."""
-    clips = corpora.read_split("common_voice", str(root), "train", language,
-                               cache_dir=Path(tempfile.gettempdir()) / "asr-pseudo")
-    texts = [text.normalize(t, language) for t in clips.column("text")]
-    seconds = clips.column("duration").tolist()
-    paths = clips.column("path")
-    for i in [i for i, s in enumerate(seconds) if s != s][:PROBED]:  # NaN: not stated
-        try:
-            seconds[i] = audio.duration(paths[i])
-        except Exception:  # noqa: BLE001 (an unreadable clip has no rate)
-            seconds[i] = None
-    return pseudo.speaking_rate_range(texts, [s if s == s else None for s in seconds], quantiles)
+def labelled_rate(root: Path, language: str, quantiles: tuple[float, float], num_workers: int) -> tuple[float, float]:
+    """The characters-per-second range of the labelled corpus's train split (`pseudo.speaking_rate_range`), read
+    as training reads it (`asr.data.listing`: transcripts under the text rules, durations as the release states
+    them, else from the headers, read by `num_workers` processes and cached); clips that cannot be used left out."""
+    cache_dir = Path(tempfile.gettempdir()) / "asr-pseudo"
+    clips = corpora.Clips(prepare(corpora.read_split("common_voice", str(root), "train", language,
+                                                     cache_dir=cache_dir), language))
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    seconds, problems = durations(clips, cache_dir / "durations" / f"{key}.json", num_workers)
+    usable = [i for i in range(len(clips)) if i not in problems]
+    texts = clips.column("text")
+    return pseudo.speaking_rate_range([texts[i] for i in usable], [float(seconds[i]) for i in usable], quantiles)
 
 
 def transcribed(args, archive: Path) -> list[dict]:
@@ -64,9 +64,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: labelled={labelled} is not a Common Voice locale directory (no train.tsv): its speaking "
                  f"rate bounds the pseudo-labels'")
     try:
-        if outputs.claim(out, PSEUDO, args.overwrite) is False:
+        if not outputs.claim(out, PSEUDO, args.overwrite):  # a new corpus: marked as this command's
             outputs.mark(out, PSEUDO)
-        rate = labelled_rate(labelled, args.language, tuple(OmegaConf.to_container(args.rate_quantiles)))
+        rate = labelled_rate(labelled, args.language, tuple(OmegaConf.to_container(args.rate_quantiles)),
+                             workers(args.num_workers))
     except (SetupError, ValueError) as error:
         sys.exit(f"error: {error}")
     lines = transcribed(args, out / "archive.jsonl")
@@ -75,7 +76,7 @@ def main(argv: list[str]) -> None:
     report["rules"] = {"min_confidence": args.min_confidence, "confidence": how,
                        "chars_per_second": [round(r, 2) for r in rate], "max_repeats": args.max_repeats,
                        "model": str(args.model_path), "labelled": str(labelled)}
-    pseudo.write_corpus(out, kept, report, outputs.write)
+    pseudo.write_corpus(out, kept, report)
     dropped = ", ".join(f"{reason} {n}" for reason, n in report["dropped"].items() if n) or "none"
     print(f"kept {report['kept']} of {report['files']} files ({report['kept_hours']:.2f} h) -> {out}; dropped: "
           f"{dropped} ({out / 'pseudo_report.json'})")
