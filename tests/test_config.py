@@ -306,3 +306,15 @@ def test_no_python_default_for_a_setting_a_tool_yaml_gives():
              if (names := [p.name for p in inspect.signature(f).parameters.values()
                            if p.name in settings and p.default is not p.empty and p.default is not None])}
     assert found == {}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("abc", r"decode.pause_seconds='abc': .* \(asr.core.config.decode_settings takes"),  # typed when composed
+    ("0", r"decode.pause_seconds=0.0: give the seconds of blank frames that end a word \(above 0\), or null"),
+])
+def test_a_pause_that_is_not_a_positive_number_of_seconds_stops_in_one_line(value, message):
+    with pytest.raises(SetupError, match=message):
+        cfg = compose_config(overrides=[f"decode.pause_seconds={value}"])
+        CTCModel.from_config(cfg, ["a", "|", "[UNK]", "[PAD]"])
+    assert CTCModel.from_config(compose_config(overrides=["decode.pause_seconds=null"]),
+                                ["a", "|", "[UNK]", "[PAD]"]).pause_frames is None
