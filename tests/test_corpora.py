@@ -179,6 +179,7 @@ def broken_cv(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # 11-14 s of processes: make test stays under 8 minutes on 2 cores
 def test_broken_rows_are_counted_and_the_good_ones_all_train(broken_cv, tmp_path):
     run = tmp_path / "run"
     result = subprocess.run(

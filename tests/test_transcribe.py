@@ -105,6 +105,7 @@ def test_transcribe_reports_a_bad_file_and_goes_on(barely_trained, cv_corpus, tm
     assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith("error: 1 of 2 files failed")
 
 
+@pytest.mark.slow  # 11-14 s of processes: make test stays under 8 minutes on 2 cores
 def test_lm_decoding_in_evaluate_and_in_the_exported_pipeline_agree(cv_corpus, barely_trained, tmp_path):
     ckpt = barely_trained / "checkpoints" / "last.ckpt"
     run("evaluate.py", f"ckpt_path={ckpt}", f"data.root={cv_corpus}", "split=test", "data.num_workers=0",
